@@ -1,0 +1,265 @@
+"""Configuration: read once from the environment into frozen dataclasses, validated at start-up.
+
+Every service calls `Settings.from_env()` at its edge and passes the result down. Nothing else in
+the project reads `os.environ`.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TypeVar
+from urllib.parse import urlsplit
+
+T = TypeVar("T")
+
+OUTPUT_FORMATS = ("png", "jpeg", "webp")
+
+
+class ConfigError(ValueError):
+    """A configuration value is missing or malformed; the message names the variable."""
+
+
+class _Env:
+    """Typed reads from an environment mapping, each error naming its variable.
+
+    A variable `NAME_FILE` holding a path is read instead of `NAME` when set, so secrets can come
+    from mounted files (Docker/Kubernetes secrets).
+    """
+
+    def __init__(self, environ: Mapping[str, str]) -> None:
+        self._environ = environ
+
+    def raw(self, name: str, default: str) -> str:
+        file_path = self._environ.get(f"{name}_FILE")
+        if file_path:
+            try:
+                return Path(file_path).read_text(encoding="utf-8").strip()
+            except OSError as exc:
+                raise ConfigError(f"{name}_FILE: cannot read {file_path!r}: {exc.strerror}") from exc
+        value = self._environ.get(name)
+        return default if value is None or value == "" else value
+
+    def text(self, name: str, default: str) -> str:
+        return self.raw(name, default)
+
+    def url(self, name: str, default: str, schemes: tuple[str, ...]) -> str:
+        value = self.raw(name, default)
+        parts = urlsplit(value)
+        if parts.scheme not in schemes or not parts.hostname:
+            allowed = ", ".join(f"{s}://" for s in schemes)
+            raise ConfigError(f"{name}={value!r} is not a URL starting with {allowed}")
+        return value
+
+    def boolean(self, name: str, default: bool) -> bool:
+        value = self.raw(name, "true" if default else "false").strip().lower()
+        if value in ("1", "true", "yes", "on"):
+            return True
+        if value in ("0", "false", "no", "off"):
+            return False
+        raise ConfigError(f"{name}={value!r} is not a boolean (use true or false)")
+
+    def number(self, name: str, default: T, parse: Callable[[str], T], minimum: float) -> T:
+        value = self.raw(name, str(default))
+        try:
+            parsed = parse(value)
+        except ValueError:
+            raise ConfigError(f"{name}={value!r} is not a number") from None
+        if parsed < minimum:  # type: ignore[operator]
+            raise ConfigError(f"{name}={value!r} must be at least {minimum}")
+        return parsed
+
+    def integer(self, name: str, default: int, minimum: int = 0) -> int:
+        return self.number(name, default, int, minimum)
+
+    def decimal(self, name: str, default: float, minimum: float = 0.0) -> float:
+        return self.number(name, default, float, minimum)
+
+    def choice(self, name: str, default: str, choices: tuple[str, ...]) -> str:
+        value = self.raw(name, default).strip().lower()
+        if value not in choices:
+            raise ConfigError(f"{name}={value!r} must be one of {', '.join(choices)}")
+        return value
+
+    def host_port(self, name: str, default: str) -> str:
+        value = self.raw(name, default)
+        host, sep, port = value.rpartition(":")
+        if not sep or not host or not port.isdigit() or "/" in value:
+            raise ConfigError(f"{name}={value!r} must be host:port (no scheme)")
+        return value
+
+    def names(self, name: str, default: str) -> tuple[str, ...]:
+        return tuple(item.strip() for item in self.raw(name, default).split(",") if item.strip())
+
+
+@dataclass(frozen=True)
+class StorageSettings:
+    """S3-compatible object storage (MinIO in production, SeaweedFS locally)."""
+
+    endpoint: str = "127.0.0.1:8333"
+    access_key: str = "pixelmill"
+    secret_key: str = "pixelmill-secret"
+    secure: bool = False
+    region: str = "us-east-1"
+    raw_bucket: str = "raw-images"
+    processed_bucket: str = "processed-images"
+    public_endpoint: str = ""
+    presign_seconds: int = 900
+
+
+@dataclass(frozen=True)
+class QueueSettings:
+    """RabbitMQ connection and the names of the job queue and its dead-letter queue."""
+
+    url: str = "amqp://guest:guest@127.0.0.1:5672/%2F"
+    queue: str = "image-jobs"
+    dead_letter_queue: str = "image-jobs.dead"
+    delivery_limit: int = 5
+
+
+@dataclass(frozen=True)
+class AuthSettings:
+    """OIDC resource-server settings: where the issuer lives and what tokens must carry."""
+
+    keycloak_url: str = "http://127.0.0.1:8180"
+    realm: str = "ImageProcessor"
+    client_id: str = "api-gateway-client"
+    algorithms: tuple[str, ...] = ("RS256",)
+    leeway_seconds: int = 30
+    jwks_refresh_seconds: int = 60
+    max_token_bytes: int = 8192
+
+    @property
+    def issuer(self) -> str:
+        return f"{self.keycloak_url.rstrip('/')}/realms/{self.realm}"
+
+    @property
+    def discovery_url(self) -> str:
+        return f"{self.issuer}/.well-known/openid-configuration"
+
+
+@dataclass(frozen=True)
+class ApiSettings:
+    """Limits and behaviour of the HTTP API."""
+
+    max_upload_bytes: int = 10 * 1024 * 1024
+    cache_ttl_seconds: int = 30
+    cors_origins: tuple[str, ...] = ()
+    uploads_per_minute: int = 600
+
+
+@dataclass(frozen=True)
+class EngineSettings:
+    """How a worker node processes images."""
+
+    target_width: int = 800
+    output_format: str = "png"
+    max_pixels: int = 100_000_000
+    processes: int = field(default_factory=lambda: os.cpu_count() or 1)
+    prefetch: int = 64
+    batch_size: int = 16
+    batch_wait_ms: int = 50
+    memory_mb: int = 512
+
+
+@dataclass(frozen=True)
+class Settings:
+    """Everything a pixelmill process needs, read once at start-up."""
+
+    postgres_url: str = "postgresql://postgres@127.0.0.1:5432/postgres"
+    redis_url: str = "redis://127.0.0.1:6379/0"
+    redis_prefix: str = "pixelmill:"
+    storage: StorageSettings = field(default_factory=StorageSettings)
+    queue: QueueSettings = field(default_factory=QueueSettings)
+    auth: AuthSettings = field(default_factory=AuthSettings)
+    api: ApiSettings = field(default_factory=ApiSettings)
+    engine: EngineSettings = field(default_factory=EngineSettings)
+    log_format: str = "text"
+
+    @classmethod
+    def from_env(cls, environ: Mapping[str, str] | None = None) -> Settings:
+        env = _Env(os.environ if environ is None else environ)
+        defaults = cls()
+        return cls(
+            postgres_url=env.url("POSTGRES_URL", defaults.postgres_url, ("postgresql", "postgres")),
+            redis_url=env.url("REDIS_URL", defaults.redis_url, ("redis", "rediss")),
+            redis_prefix=env.text("REDIS_PREFIX", defaults.redis_prefix),
+            storage=_storage_from(env),
+            queue=_queue_from(env),
+            auth=_auth_from(env),
+            api=_api_from(env),
+            engine=_engine_from(env),
+            log_format=env.choice("LOG_FORMAT", defaults.log_format, ("text", "json")),
+        )
+
+
+def _storage_from(env: _Env) -> StorageSettings:
+    d = StorageSettings()
+    return StorageSettings(
+        endpoint=env.host_port("MINIO_ENDPOINT", d.endpoint),
+        access_key=env.text("MINIO_ACCESS_KEY", d.access_key),
+        secret_key=env.text("MINIO_SECRET_KEY", d.secret_key),
+        secure=env.boolean("MINIO_SECURE", d.secure),
+        region=env.text("MINIO_REGION", d.region),
+        raw_bucket=env.text("MINIO_RAW_BUCKET", d.raw_bucket),
+        processed_bucket=env.text("MINIO_PROCESSED_BUCKET", d.processed_bucket),
+        public_endpoint=env.text("MINIO_PUBLIC_ENDPOINT", d.public_endpoint),
+        presign_seconds=env.integer("PRESIGN_SECONDS", d.presign_seconds, minimum=1),
+    )
+
+
+def _queue_from(env: _Env) -> QueueSettings:
+    d = QueueSettings()
+    queue = env.text("RABBITMQ_QUEUE", d.queue)
+    return QueueSettings(
+        url=env.url("RABBITMQ_URL", d.url, ("amqp", "amqps")),
+        queue=queue,
+        dead_letter_queue=env.text("RABBITMQ_DEAD_LETTER_QUEUE", f"{queue}.dead"),
+        delivery_limit=env.integer("RABBITMQ_DELIVERY_LIMIT", d.delivery_limit, minimum=1),
+    )
+
+
+def _auth_from(env: _Env) -> AuthSettings:
+    d = AuthSettings()
+    algorithms = env.names("JWT_ALGORITHMS", ",".join(d.algorithms))
+    unsafe = [a for a in algorithms if a.upper() == "NONE" or a.upper().startswith("HS")]
+    if unsafe or not algorithms:
+        raise ConfigError(
+            f"JWT_ALGORITHMS={','.join(algorithms)!r} must list only asymmetric algorithms "
+            "(RS256, PS256, ES256, ...)"
+        )
+    return AuthSettings(
+        keycloak_url=env.url("KEYCLOAK_URL", d.keycloak_url, ("http", "https")),
+        realm=env.text("KEYCLOAK_REALM", d.realm),
+        client_id=env.text("KEYCLOAK_CLIENT_ID", d.client_id),
+        algorithms=algorithms,
+        leeway_seconds=env.integer("JWT_LEEWAY_SECONDS", d.leeway_seconds),
+        jwks_refresh_seconds=env.integer("JWKS_REFRESH_SECONDS", d.jwks_refresh_seconds, 1),
+        max_token_bytes=env.integer("MAX_TOKEN_BYTES", d.max_token_bytes, minimum=256),
+    )
+
+
+def _api_from(env: _Env) -> ApiSettings:
+    d = ApiSettings()
+    return ApiSettings(
+        max_upload_bytes=env.integer("MAX_UPLOAD_BYTES", d.max_upload_bytes, minimum=1),
+        cache_ttl_seconds=env.integer("CACHE_TTL_SECONDS", d.cache_ttl_seconds, minimum=1),
+        cors_origins=env.names("CORS_ORIGINS", ""),
+        uploads_per_minute=env.integer("UPLOADS_PER_MINUTE", d.uploads_per_minute),
+    )
+
+
+def _engine_from(env: _Env) -> EngineSettings:
+    d = EngineSettings()
+    return EngineSettings(
+        target_width=env.integer("TARGET_WIDTH", d.target_width, minimum=1),
+        output_format=env.choice("OUTPUT_FORMAT", d.output_format, OUTPUT_FORMATS),
+        max_pixels=env.integer("MAX_PIXELS", d.max_pixels, minimum=1),
+        processes=env.integer("WORKER_PROCESSES", d.processes, minimum=1),
+        prefetch=env.integer("WORKER_PREFETCH", d.prefetch, minimum=1),
+        batch_size=env.integer("WORKER_BATCH_SIZE", d.batch_size, minimum=1),
+        batch_wait_ms=env.integer("WORKER_BATCH_WAIT_MS", d.batch_wait_ms),
+        memory_mb=env.integer("WORKER_MEMORY_MB", d.memory_mb, minimum=16),
+    )

@@ -1,0 +1,216 @@
+"""Data access for the `images` table: every SQL statement the API and the engine run on it."""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Sequence
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any
+
+import psycopg
+from psycopg.rows import class_row
+
+TERMINAL_STATUSES = ("completed", "failed")
+STATUSES = ("pending", "processing", *TERMINAL_STATUSES)
+
+
+@dataclass(frozen=True)
+class ImageRecord:
+    id: uuid.UUID
+    owner: str
+    filename: str
+    content_type: str
+    size_bytes: int
+    sha256: str
+    source_width: int
+    source_height: int
+    status: str
+    error: str | None
+    original_key: str
+    result_key: str | None
+    result_content_type: str | None
+    result_width: int | None
+    result_height: int | None
+    enqueued_at: datetime | None
+    attempts: int
+    created_at: datetime
+    updated_at: datetime
+
+    @property
+    def is_terminal(self) -> bool:
+        return self.status in TERMINAL_STATUSES
+
+
+@dataclass(frozen=True)
+class NewImage:
+    id: uuid.UUID
+    owner: str
+    filename: str
+    content_type: str
+    size_bytes: int
+    sha256: str
+    source_width: int
+    source_height: int
+    original_key: str
+
+
+@dataclass(frozen=True)
+class Outcome:
+    """The result of processing one image: `completed` with a result, or `failed` with an error."""
+
+    id: uuid.UUID
+    status: str
+    error: str | None = None
+    result_key: str | None = None
+    result_content_type: str | None = None
+    result_width: int | None = None
+    result_height: int | None = None
+
+
+_COLUMNS = ", ".join(ImageRecord.__dataclass_fields__)
+
+
+def insert_image(conn: psycopg.Connection[Any], new: NewImage) -> ImageRecord:
+    with conn.cursor(row_factory=class_row(ImageRecord)) as cur:
+        cur.execute(
+            f"""INSERT INTO images (id, owner, filename, content_type, size_bytes, sha256,
+                                    source_width, source_height, original_key)
+                VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s)
+                RETURNING {_COLUMNS}""",
+            (
+                new.id,
+                new.owner,
+                new.filename,
+                new.content_type,
+                new.size_bytes,
+                new.sha256,
+                new.source_width,
+                new.source_height,
+                new.original_key,
+            ),
+        )
+        row = cur.fetchone()
+    assert row is not None
+    return row
+
+
+def mark_enqueued(conn: psycopg.Connection[Any], ids: Sequence[uuid.UUID]) -> None:
+    """Record that the broker confirmed the job messages of `ids` (the outbox marker)."""
+    conn.execute(
+        "UPDATE images SET enqueued_at = now() WHERE id = ANY(%s) AND enqueued_at IS NULL",
+        (list(ids),),
+    )
+
+
+def delete_image(conn: psycopg.Connection[Any], image_id: uuid.UUID) -> ImageRecord | None:
+    with conn.cursor(row_factory=class_row(ImageRecord)) as cur:
+        cur.execute(f"DELETE FROM images WHERE id = %s RETURNING {_COLUMNS}", (image_id,))
+        return cur.fetchone()
+
+
+def get_image(conn: psycopg.Connection[Any], image_id: uuid.UUID) -> ImageRecord | None:
+    with conn.cursor(row_factory=class_row(ImageRecord)) as cur:
+        cur.execute(f"SELECT {_COLUMNS} FROM images WHERE id = %s", (image_id,))
+        return cur.fetchone()
+
+
+def get_images(conn: psycopg.Connection[Any], ids: Sequence[uuid.UUID]) -> list[ImageRecord]:
+    with conn.cursor(row_factory=class_row(ImageRecord)) as cur:
+        cur.execute(f"SELECT {_COLUMNS} FROM images WHERE id = ANY(%s)", (list(ids),))
+        return cur.fetchall()
+
+
+def list_images(
+    conn: psycopg.Connection[Any],
+    *,
+    owner: str | None,
+    status: str | None,
+    limit: int,
+    after: tuple[datetime, uuid.UUID] | None,
+) -> list[ImageRecord]:
+    """Images newest first; `after` is the (created_at, id) of the last row of the previous page."""
+    clauses: list[str] = []
+    params: list[Any] = []
+    if owner is not None:
+        clauses.append("owner = %s")
+        params.append(owner)
+    if status is not None:
+        clauses.append("status = %s")
+        params.append(status)
+    if after is not None:
+        clauses.append("(created_at, id) < (%s, %s)")
+        params.extend(after)
+    where = f"WHERE {' AND '.join(clauses)}" if clauses else ""
+    params.append(limit)
+    with conn.cursor(row_factory=class_row(ImageRecord)) as cur:
+        cur.execute(
+            f"SELECT {_COLUMNS} FROM images {where} ORDER BY created_at DESC, id DESC LIMIT %s",
+            params,
+        )
+        return cur.fetchall()
+
+
+def claim_batch(conn: psycopg.Connection[Any], ids: Sequence[uuid.UUID]) -> list[ImageRecord]:
+    """Mark the non-terminal images among `ids` as `processing`, in one statement.
+
+    Images already `completed` or `failed` (a redelivered message) and unknown ids (deleted) are not
+    returned: their messages are acknowledged without work.
+    """
+    with conn.cursor(row_factory=class_row(ImageRecord)) as cur:
+        cur.execute(
+            f"""UPDATE images SET status = 'processing', attempts = attempts + 1, updated_at = now()
+                WHERE id = ANY(%s) AND status IN ('pending', 'processing')
+                RETURNING {_COLUMNS}""",
+            (list(ids),),
+        )
+        return cur.fetchall()
+
+
+def commit_batch(conn: psycopg.Connection[Any], outcomes: Sequence[Outcome]) -> set[uuid.UUID]:
+    """Write the terminal status of a whole batch in one statement; returns the ids changed.
+
+    Statuses only move forward: a row already terminal is left as it is.
+    """
+    if not outcomes:
+        return set()
+    cur = conn.execute(
+        """UPDATE images AS i
+           SET status = o.status, error = o.error, result_key = o.result_key,
+               result_content_type = o.result_content_type, result_width = o.result_width,
+               result_height = o.result_height, updated_at = now()
+           FROM unnest(%s::uuid[], %s::text[], %s::text[], %s::text[], %s::text[],
+                       %s::int[], %s::int[])
+                AS o(id, status, error, result_key, result_content_type, result_width,
+                     result_height)
+           WHERE i.id = o.id AND i.status NOT IN ('completed', 'failed')
+           RETURNING i.id""",
+        (
+            [o.id for o in outcomes],
+            [o.status for o in outcomes],
+            [o.error for o in outcomes],
+            [o.result_key for o in outcomes],
+            [o.result_content_type for o in outcomes],
+            [o.result_width for o in outcomes],
+            [o.result_height for o in outcomes],
+        ),
+    )
+    return {row[0] for row in cur.fetchall()}
+
+
+def find_unenqueued(
+    conn: psycopg.Connection[Any], older_than_seconds: float, limit: int
+) -> list[ImageRecord]:
+    """Rows whose job message was never confirmed by the broker (the outbox sweeper's input).
+
+    Locked for the caller's transaction and skipped by concurrent sweepers on other nodes."""
+    with conn.cursor(row_factory=class_row(ImageRecord)) as cur:
+        cur.execute(
+            f"""SELECT {_COLUMNS} FROM images
+                WHERE enqueued_at IS NULL AND status = 'pending'
+                  AND created_at < now() - make_interval(secs => %s)
+                ORDER BY created_at LIMIT %s
+                FOR UPDATE SKIP LOCKED""",
+            (older_than_seconds, limit),
+        )
+        return cur.fetchall()

@@ -1,0 +1,49 @@
+"""Connection pooling for PostgreSQL, with outages reported as `DependencyUnavailable`."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Any
+
+import psycopg
+from psycopg_pool import ConnectionPool, PoolTimeout
+
+from common.errors import DependencyUnavailable
+
+DEPENDENCY = "database"
+
+
+class Database:
+    """A small pool of connections; create it in the process that uses it (after fork).
+
+    `transaction()` yields a connection inside a transaction that commits on success and rolls
+    back on error; a lost connection is discarded by the pool and replaced on next use.
+    """
+
+    def __init__(self, conninfo: str, *, min_size: int = 1, max_size: int = 8) -> None:
+        self._pool = ConnectionPool(
+            conninfo,
+            min_size=min_size,
+            max_size=max_size,
+            timeout=5.0,
+            open=False,
+            check=ConnectionPool.check_connection,
+            kwargs={"connect_timeout": 3},
+        )
+        self._pool.open(wait=False)
+
+    @contextmanager
+    def transaction(self) -> Iterator[psycopg.Connection[Any]]:
+        try:
+            with self._pool.connection() as conn, conn.transaction():
+                yield conn
+        except (psycopg.OperationalError, PoolTimeout) as exc:
+            raise DependencyUnavailable(DEPENDENCY) from exc
+
+    def check(self) -> None:
+        with self.transaction() as conn:
+            conn.execute("SELECT 1")
+
+    def close(self) -> None:
+        self._pool.close()
