@@ -1,0 +1,160 @@
+"""Object storage: originals and results in S3-compatible buckets, keyed by image id."""
+
+from __future__ import annotations
+
+import io
+import uuid
+from datetime import timedelta
+
+import urllib3
+from minio import Minio
+from minio.error import S3Error
+
+from common.config import StorageSettings
+from common.errors import DependencyUnavailable
+
+RESULT_EXTENSIONS = {"image/png": "png", "image/jpeg": "jpg", "image/webp": "webp"}
+
+
+def original_key(image_id: uuid.UUID) -> str:
+    """Where an upload's original bytes live; never derived from the client's filename."""
+    return f"originals/{image_id}"
+
+
+def result_key(image_id: uuid.UUID, content_type: str) -> str:
+    """Deterministic, so a redelivered job overwrites rather than duplicates its result."""
+    return f"results/{image_id}.{RESULT_EXTENSIONS[content_type]}"
+
+
+def _client(endpoint: str, settings: StorageSettings) -> Minio:
+    http = urllib3.PoolManager(
+        timeout=urllib3.Timeout(connect=3.0, read=30.0),
+        maxsize=32,
+        retries=urllib3.Retry(total=2, backoff_factor=0.2, status_forcelist=(500, 502, 503, 504)),
+    )
+    return Minio(
+        endpoint,
+        access_key=settings.access_key,
+        secret_key=settings.secret_key,
+        secure=settings.secure,
+        region=settings.region,
+        http_client=http,
+    )
+
+
+class ObjectStore:
+    """The two buckets of pixelmill behind one small interface.
+
+    Create one per process (after fork): the underlying HTTP pool is not fork-safe.
+    Network failures surface as `DependencyUnavailable("object storage")`.
+    """
+
+    dependency = "object storage"
+
+    def __init__(self, settings: StorageSettings) -> None:
+        self.settings = settings
+        self._client = _client(settings.endpoint, settings)
+        # Presigned URLs must name the host clients reach, which may differ from the internal one.
+        public = settings.public_endpoint or settings.endpoint
+        self._presigner = _client(public, settings)
+
+    def ensure_buckets(self) -> None:
+        for bucket in (self.settings.raw_bucket, self.settings.processed_bucket):
+            try:
+                if not self._client.bucket_exists(bucket):
+                    self._client.make_bucket(bucket)
+            except S3Error as exc:
+                if exc.code not in ("BucketAlreadyOwnedByYou", "BucketAlreadyExists"):
+                    raise
+
+    def put_original(self, key: str, data: bytes, content_type: str) -> None:
+        self._put(self.settings.raw_bucket, key, data, content_type)
+
+    def put_result(self, key: str, data: bytes | memoryview, content_type: str) -> None:
+        self._put(self.settings.processed_bucket, key, data, content_type)
+
+    def get_original(self, key: str) -> bytes:
+        return self._get(self.settings.raw_bucket, key)
+
+    def read_original_into(self, key: str, buffer: memoryview) -> int:
+        """Stream an original into `buffer`; returns its length. Raises ValueError if it does not fit."""
+        try:
+            response = self._client.get_object(self.settings.raw_bucket, key)
+            try:
+                filled = 0
+                for chunk in response.stream(256 * 1024):
+                    end = filled + len(chunk)
+                    if end > len(buffer):
+                        raise ValueError(f"object {key} is larger than its {len(buffer)}-byte slot")
+                    buffer[filled:end] = chunk
+                    filled = end
+                return filled
+            finally:
+                response.close()
+                response.release_conn()
+        except (urllib3.exceptions.HTTPError, OSError) as exc:
+            raise DependencyUnavailable(self.dependency) from exc
+
+    def get_result(self, key: str) -> bytes:
+        return self._get(self.settings.processed_bucket, key)
+
+    def delete_image_objects(self, original: str, result: str | None) -> None:
+        try:
+            self._client.remove_object(self.settings.raw_bucket, original)
+            if result:
+                self._client.remove_object(self.settings.processed_bucket, result)
+        except (urllib3.exceptions.HTTPError, OSError) as exc:
+            raise DependencyUnavailable(self.dependency) from exc
+
+    def delete_result(self, key: str) -> None:
+        try:
+            self._client.remove_object(self.settings.processed_bucket, key)
+        except (urllib3.exceptions.HTTPError, OSError) as exc:
+            raise DependencyUnavailable(self.dependency) from exc
+
+    def delete_original(self, key: str) -> None:
+        self.delete_image_objects(key, None)
+
+    def presigned_result_url(self, key: str) -> str:
+        return self._presigner.presigned_get_object(
+            self.settings.processed_bucket,
+            key,
+            expires=timedelta(seconds=self.settings.presign_seconds),
+        )
+
+    def object_exists(self, bucket: str, key: str) -> bool:
+        try:
+            self._client.stat_object(bucket, key)
+            return True
+        except S3Error as exc:
+            if exc.code in ("NoSuchKey", "NoSuchObject", "ResourceNotFound"):
+                return False
+            raise
+        except (urllib3.exceptions.HTTPError, OSError) as exc:
+            raise DependencyUnavailable(self.dependency) from exc
+
+    def check(self) -> None:
+        """Raise DependencyUnavailable unless the raw bucket answers (readiness probe)."""
+        try:
+            self._client.bucket_exists(self.settings.raw_bucket)
+        except (urllib3.exceptions.HTTPError, OSError, S3Error) as exc:
+            raise DependencyUnavailable(self.dependency) from exc
+
+    def _put(self, bucket: str, key: str, data: bytes | memoryview, content_type: str) -> None:
+        try:
+            self._client.put_object(
+                bucket, key, io.BytesIO(data), length=len(data), content_type=content_type
+            )
+        except (urllib3.exceptions.HTTPError, OSError) as exc:
+            raise DependencyUnavailable(self.dependency) from exc
+
+    def _get(self, bucket: str, key: str) -> bytes:
+        try:
+            response = self._client.get_object(bucket, key)
+            try:
+                return response.read()
+            finally:
+                response.close()
+                response.release_conn()
+        except (urllib3.exceptions.HTTPError, OSError) as exc:
+            raise DependencyUnavailable(self.dependency) from exc

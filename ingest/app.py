@@ -1,0 +1,101 @@
+"""The Falcon application: `create_app` wires resources to the clients it is given;
+`get_app` builds those clients from the environment (gunicorn calls it in each worker)."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+import falcon
+from falcon.media.multipart import MultipartParseOptions
+
+from common.broker import JobPublisher
+from common.cache import ImageCache
+from common.config import Settings
+from common.storage import ObjectStore
+from db.pool import Database
+from ingest import errors
+from ingest.auth import TokenVerifier
+from ingest.intake import ImageIntake
+from ingest.middleware import AuthMiddleware, RequestIdMiddleware, SecurityHeadersMiddleware
+from ingest.rate_limit import UploadRateLimiter
+from ingest.routes.health import HealthResource, ReadinessResource
+from ingest.routes.images import ImageCollectionResource, ImageResource
+from ingest.routes.upload import UploadResource
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Dependencies:
+    """The clients the API talks through, built once per process."""
+
+    db: Database
+    store: ObjectStore
+    publisher: JobPublisher
+    cache: ImageCache
+    verifier: TokenVerifier
+
+    @classmethod
+    def connect(cls, settings: Settings) -> Dependencies:
+        return cls(
+            db=Database(settings.postgres_url),
+            store=ObjectStore(settings.storage),
+            publisher=JobPublisher(settings.queue),
+            cache=ImageCache.from_url(settings.redis_url, settings.redis_prefix),
+            verifier=TokenVerifier(settings.auth),
+        )
+
+    def close(self) -> None:
+        self.publisher.close()
+        self.db.close()
+
+
+def create_app(settings: Settings, deps: Dependencies) -> falcon.App:
+    middleware: list[object] = [
+        RequestIdMiddleware(),
+        SecurityHeadersMiddleware(),
+        AuthMiddleware(deps.verifier),
+    ]
+    if settings.api.cors_origins:
+        middleware.insert(0, falcon.CORSMiddleware(allow_origins=list(settings.api.cors_origins)))
+    app = falcon.App(middleware=middleware)
+    _configure_multipart(app)
+    errors.install(app)
+
+    intake = ImageIntake(deps.db, deps.store, deps.publisher)
+    limiter = UploadRateLimiter(
+        deps.cache.client, settings.redis_prefix, settings.api.uploads_per_minute
+    )
+    app.add_route("/health", HealthResource())
+    app.add_route(
+        "/ready",
+        ReadinessResource(
+            {
+                "database": deps.db.check,
+                "message broker": deps.publisher.check,
+                "object storage": deps.store.check,
+            }
+        ),
+    )
+    app.add_route("/api/v1/upload", UploadResource(intake, limiter, settings.api, settings.engine))
+    app.add_route("/api/v1/images", ImageCollectionResource(deps.db, deps.store))
+    app.add_route(
+        "/api/v1/images/{image_id}",
+        ImageResource(deps.db, deps.store, deps.cache, settings.api.cache_ttl_seconds),
+    )
+    return app
+
+
+def _configure_multipart(app: falcon.App) -> None:
+    options = MultipartParseOptions()
+    options.max_body_part_count = 16
+    options.max_body_part_headers_size = 8192
+    handler = falcon.media.MultipartFormHandler(options)
+    app.req_options.media_handlers[falcon.MEDIA_MULTIPART] = handler
+
+
+def get_app() -> falcon.App:
+    """Entry point for gunicorn (`ingest.app:get_app()`), called after fork in each worker."""
+    settings = Settings.from_env()
+    return create_app(settings, Dependencies.connect(settings))

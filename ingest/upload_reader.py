@@ -1,0 +1,102 @@
+"""Reads the `image` part of a multipart upload: bounded in size, recognised by content."""
+
+from __future__ import annotations
+
+import hashlib
+import re
+from dataclasses import dataclass
+
+import falcon
+from falcon.media.multipart import MultipartParseError
+
+from common.errors import BadRequest, PayloadTooLarge, UnprocessableImage, UnsupportedMediaType
+from common.imageinfo import ImageHeader, probe
+
+IMAGE_FIELD = "image"
+CONTENT_TYPES = {"jpeg": "image/jpeg", "png": "image/png"}
+# Room for the boundaries and part headers around the file itself.
+MULTIPART_OVERHEAD = 64 * 1024
+MAX_FILENAME_CHARS = 255
+_UNSAFE_FILENAME_CHARS = re.compile(r"[\x00-\x1f\x7f]")
+
+
+@dataclass(frozen=True)
+class UploadedImage:
+    filename: str
+    data: bytes
+    header: ImageHeader
+    sha256: str
+
+    @property
+    def content_type(self) -> str:
+        return CONTENT_TYPES[self.header.format]
+
+
+def clean_filename(raw: str | None) -> str:
+    """The client's filename made safe to store and show: last path segment, no control
+    characters, at most 255 characters. Only ever metadata: object keys come from the image id."""
+    name = (raw or "").replace("\\", "/").rsplit("/", 1)[-1]
+    name = _UNSAFE_FILENAME_CHARS.sub("", name).strip()
+    if name in ("", ".", ".."):
+        name = "upload"
+    return name[:MAX_FILENAME_CHARS]
+
+
+def check_declared_length(req: falcon.Request, max_bytes: int, max_parts: int = 1) -> None:
+    """Refuse a body whose Content-Length is already too large, before reading any of it."""
+    if req.content_length is not None and req.content_length > max_parts * (
+        max_bytes + MULTIPART_OVERHEAD
+    ):
+        raise PayloadTooLarge(f"request body exceeds the {max_bytes}-byte upload limit")
+    if not req.content_type or not req.content_type.lower().startswith("multipart/form-data"):
+        raise UnsupportedMediaType("send the image as multipart/form-data in a field named 'image'")
+
+
+def read_image_part(stream: falcon.media.multipart.BodyPart, max_bytes: int) -> UploadedImage:
+    """Read one file part, at most `max_bytes`, and check that it is a JPEG or PNG by content."""
+    if stream.filename is None:
+        raise BadRequest("the 'image' field must be a file, not a text value")
+    data = stream.stream.read(max_bytes + 1)
+    if len(data) > max_bytes:
+        raise PayloadTooLarge(f"image exceeds the {max_bytes}-byte upload limit")
+    if not data:
+        raise BadRequest("the uploaded file is empty")
+    header = probe(data)
+    if header is None:
+        raise UnsupportedMediaType("the file is not a JPEG or PNG image")
+    return UploadedImage(
+        filename=clean_filename(stream.filename),
+        data=data,
+        header=header,
+        sha256=hashlib.sha256(data).hexdigest(),
+    )
+
+
+def check_pixel_limit(header: ImageHeader, max_pixels: int) -> None:
+    if header.width * header.height > max_pixels:
+        raise UnprocessableImage(
+            f"image is {header.width}x{header.height} pixels, above the limit of "
+            f"{max_pixels} pixels"
+        )
+
+
+def read_single_upload(req: falcon.Request, max_bytes: int, max_pixels: int) -> UploadedImage:
+    """The one `image` part of a single-image upload; every other field is ignored."""
+    check_declared_length(req, max_bytes)
+    found: UploadedImage | None = None
+    try:
+        form = req.get_media()
+        for part in form:
+            if part.name != IMAGE_FIELD:
+                continue
+            if found is not None:
+                raise BadRequest("send exactly one 'image' part (use /api/v1/uploads for many)")
+            found = read_image_part(part, max_bytes)
+    except MultipartParseError as exc:
+        raise BadRequest(f"malformed multipart body: {exc.description}") from exc
+    except falcon.HTTPInvalidHeader as exc:
+        raise BadRequest(f"malformed multipart body: {exc.description}") from exc
+    if found is None:
+        raise BadRequest("the form has no 'image' file field")
+    check_pixel_limit(found.header, max_pixels)
+    return found
