@@ -1,0 +1,201 @@
+"""The consumer: the one thread that talks to RabbitMQ.
+
+It prefetches job messages, groups them into batches (up to `batch_size` messages or
+`batch_wait_ms` after the first), hands each batch to a batch thread, and applies the verdicts
+(ack, requeue, dead-letter) when they come back. pika's connection is not thread-safe, so every
+channel operation happens here; the loop keeps serving heartbeats while batches run.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
+
+import pika
+from pika.adapters.blocking_connection import BlockingChannel
+from pika.spec import Basic, BasicProperties
+
+from common.broker import BROKER_ERRORS, connection_parameters, declare_topology
+from common.config import EngineSettings, QueueSettings
+from engine.batch import Delivery, Verdict
+
+log = logging.getLogger(__name__)
+
+MAX_BATCHES_IN_FLIGHT = 2
+MAX_BACKOFF_SECONDS = 30.0
+
+
+class Backoff:
+    """Exponential delay after consecutive failures, reset by a success."""
+
+    def __init__(self, first: float = 0.5, cap: float = MAX_BACKOFF_SECONDS) -> None:
+        self._first, self._cap, self._failures = first, cap, 0
+
+    def failed(self) -> float:
+        self._failures += 1
+        return float(min(self._cap, self._first * 2 ** (self._failures - 1)))
+
+    def succeeded(self) -> None:
+        self._failures = 0
+
+
+class BatchConsumer:
+    """Turns a stream of deliveries into batches and their verdicts into acks."""
+
+    def __init__(
+        self,
+        queue: QueueSettings,
+        engine: EngineSettings,
+        process_batch: Callable[[list[Delivery]], Verdict],
+    ) -> None:
+        self._queue = queue
+        self._engine = engine
+        self._process_batch = process_batch
+        self._batches = ThreadPoolExecutor(MAX_BATCHES_IN_FLIGHT, thread_name_prefix="batch")
+        self._stop = threading.Event()
+        self.completed = 0
+        self.failed = 0
+
+    def stop(self) -> None:
+        """Ask the loop to drain: stop receiving, finish and commit what was received, return."""
+        self._stop.set()
+
+    def run(self) -> None:
+        backoff = Backoff()
+        while not self._stop.is_set():
+            try:
+                connection = pika.BlockingConnection(connection_parameters(self._queue))
+            except BROKER_ERRORS as exc:
+                delay = backoff.failed()
+                log.warning("cannot reach RabbitMQ (%s); retrying in %.1fs", exc, delay)
+                self._stop.wait(delay)
+                continue
+            backoff.succeeded()
+            try:
+                _Session(connection, self).serve()
+            except BROKER_ERRORS as exc:
+                log.warning("lost RabbitMQ connection (%s); reconnecting", exc)
+            finally:
+                if connection.is_open:
+                    try:
+                        connection.close()
+                    except BROKER_ERRORS:
+                        pass
+        self._batches.shutdown(wait=True)
+
+
+class _Session:
+    """One connection's worth of consuming; ends on stop (after draining) or on a broker error."""
+
+    def __init__(self, connection: pika.BlockingConnection, owner: BatchConsumer) -> None:
+        self._connection = connection
+        self._owner = owner
+        self._engine = owner._engine
+        self._channel: BlockingChannel = connection.channel()
+        self._buffer: list[Delivery] = []
+        self._first_at = 0.0
+        self._in_flight: list[tuple[list[int], Future[Verdict]]] = []
+        self._outstanding: set[int] = set()
+        self._paused_until = 0.0
+        self._backoff = Backoff()
+
+    def serve(self) -> None:
+        declare_topology(self._channel, self._owner._queue)
+        self._channel.basic_qos(prefetch_count=self._engine.prefetch)
+        tag = self._channel.basic_consume(self._owner._queue.queue, self._on_message)
+        log.info("consuming from %s", self._owner._queue.queue)
+        try:
+            while not self._owner._stop.is_set():
+                self._connection.process_data_events(time_limit=0.005)
+                self._start_ready_batch(force=False)
+                self._apply_finished(block=False)
+        finally:
+            self._drain(tag)
+
+    def _on_message(
+        self, channel: BlockingChannel, method: Basic.Deliver, props: BasicProperties, body: bytes
+    ) -> None:
+        if not self._buffer:
+            self._first_at = time.monotonic()
+        self._buffer.append(Delivery(method.delivery_tag, body))
+        self._outstanding.add(method.delivery_tag)
+
+    def _start_ready_batch(self, *, force: bool) -> None:
+        if not self._buffer or len(self._in_flight) >= MAX_BATCHES_IN_FLIGHT:
+            return
+        if not force and time.monotonic() < self._paused_until:
+            return
+        full = len(self._buffer) >= self._engine.batch_size
+        waited = (time.monotonic() - self._first_at) * 1000 >= self._engine.batch_wait_ms
+        if not (force or full or waited):
+            return
+        batch = self._buffer[: self._engine.batch_size]
+        del self._buffer[: self._engine.batch_size]
+        if self._buffer:
+            self._first_at = time.monotonic()
+        future = self._owner._batches.submit(self._owner._process_batch, batch)
+        self._in_flight.append(([d.tag for d in batch], future))
+
+    def _apply_finished(self, *, block: bool) -> None:
+        still_running = []
+        for tags, future in self._in_flight:
+            if not block and not future.done():
+                still_running.append((tags, future))
+                continue
+            try:
+                verdict = future.result()
+            except Exception:
+                log.exception("batch failed unexpectedly; requeueing its %d messages", len(tags))
+                verdict = Verdict(requeue=list(tags))
+            self._apply(verdict)
+        self._in_flight = still_running
+
+    def _apply(self, verdict: Verdict) -> None:
+        self._ack(verdict.ack)
+        for tag in verdict.requeue:
+            self._channel.basic_nack(tag, requeue=True)
+        for tag in verdict.dead_letter:
+            self._channel.basic_nack(tag, requeue=False)
+        self._outstanding.difference_update(verdict.requeue)
+        self._outstanding.difference_update(verdict.dead_letter)
+        self._owner.completed += verdict.completed
+        self._owner.failed += verdict.failed
+        if verdict.requeue:
+            delay = self._backoff.failed()
+            self._paused_until = time.monotonic() + delay
+            log.warning("%d messages requeued; pausing %.1fs", len(verdict.requeue), delay)
+        else:
+            self._backoff.succeeded()
+
+    def _ack(self, tags: list[int]) -> None:
+        """Ack with one `multiple=True` frame when the tags are exactly the oldest outstanding."""
+        if not tags:
+            return
+        highest = max(tags)
+        if all(t in tags for t in self._outstanding if t <= highest) and len(set(tags)) == sum(
+            1 for t in self._outstanding if t <= highest
+        ):
+            self._channel.basic_ack(highest, multiple=True)
+        else:
+            for tag in tags:
+                self._channel.basic_ack(tag)
+        self._outstanding.difference_update(tags)
+
+    def _drain(self, consumer_tag: str) -> None:
+        """Stop receiving, process what was already received, commit, ack, return."""
+        if not self._connection.is_open:
+            self._in_flight_wait_only()
+            return
+        self._channel.basic_cancel(consumer_tag)
+        while self._buffer or self._in_flight:
+            self._start_ready_batch(force=True)
+            self._connection.process_data_events(time_limit=0.05)
+            self._apply_finished(block=False)
+        log.info("drained: every received message was processed and acknowledged")
+
+    def _in_flight_wait_only(self) -> None:
+        for _, future in self._in_flight:
+            future.exception()

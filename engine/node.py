@@ -1,0 +1,113 @@
+"""A worker node: the arenas, the CPU pool, the batch pipeline, the consumer and the sweeper,
+started together and stopped together (SIGTERM drains)."""
+
+from __future__ import annotations
+
+import logging
+import signal
+import threading
+from types import FrameType
+
+from common.broker import JobPublisher
+from common.cache import ImageCache
+from common.config import Settings
+from common.storage import ObjectStore
+from db.pool import Database
+from engine.batch import BatchProcessor, Delivery, Verdict
+from engine.consumer import BatchConsumer
+from engine.cpu_pool import KernelOptions, KernelPool
+from engine.outbox import OutboxSweeper
+from engine.slots import SlotArena, sweep_stale_segments
+
+log = logging.getLogger(__name__)
+
+MIB = 1024 * 1024
+# A rendered 800 px grayscale image is far below this; larger results travel by pickling.
+OUTPUT_SLOT_BYTES = 4 * MIB
+
+
+def slot_count(memory_mb: int, input_slot_bytes: int) -> int:
+    """How many image pairs (original + result) fit the memory budget; at least two."""
+    return max(2, (memory_mb * MIB) // (input_slot_bytes + OUTPUT_SLOT_BYTES))
+
+
+class WorkerNode:
+    """Everything one `pixelmill-worker` process runs."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        engine = settings.engine
+        removed = sweep_stale_segments()
+        if removed:
+            log.info("removed %d shared-memory segments left by dead nodes", len(removed))
+        input_slot_bytes = settings.api.max_upload_bytes
+        count = slot_count(engine.memory_mb, input_slot_bytes)
+        self.inputs = SlotArena(count, input_slot_bytes)
+        self.outputs = SlotArena(count, OUTPUT_SLOT_BYTES)
+        self.pool = KernelPool(
+            engine.processes,
+            (self.inputs.name, self.inputs.slot_bytes),
+            (self.outputs.name, self.outputs.slot_bytes),
+            KernelOptions(engine.target_width, engine.output_format, engine.max_pixels),
+        )
+        self.db = Database(settings.postgres_url, max_size=4)
+        self.store = ObjectStore(settings.storage)
+        self.processor = BatchProcessor(
+            self.db,
+            self.store,
+            ImageCache.from_url(settings.redis_url, settings.redis_prefix),
+            self.pool,
+            self.inputs,
+            self.outputs,
+            io_threads=min(count, max(4, engine.processes * 3)),
+        )
+        self.consumer = BatchConsumer(settings.queue, engine, self._process_batch)
+        self.sweeper = OutboxSweeper(self.db, JobPublisher(settings.queue))
+        log.info(
+            "worker node: processes=%d prefetch=%d batch_size=%d batch_wait_ms=%d "
+            "memory_mb=%d (%d slots) output=%s target_width=%d",
+            engine.processes, engine.prefetch, engine.batch_size, engine.batch_wait_ms,
+            engine.memory_mb, count, engine.output_format, engine.target_width,
+        )
+
+    def _process_batch(self, deliveries: list[Delivery]) -> Verdict:
+        verdict = self.processor.process(deliveries)
+        stages = self.processor.last_stage_times.seconds
+        log.info(
+            "batch of %d: completed=%d failed=%d requeued=%d stages=%s",
+            len(deliveries), verdict.completed, verdict.failed, len(verdict.requeue),
+            {k: round(v, 4) for k, v in stages.items()},
+        )
+        return verdict
+
+    def run(self) -> None:
+        """Consume until SIGTERM/SIGINT, then drain and release everything."""
+        self._install_signal_handlers()
+        self.sweeper.start()
+        try:
+            self.consumer.run()
+        finally:
+            self.close()
+
+    def stop(self) -> None:
+        self.consumer.stop()
+
+    def close(self) -> None:
+        self.sweeper.stop()
+        self.processor.close()
+        self.pool.close()
+        self.db.close()
+        self.inputs.close()
+        self.outputs.close()
+        log.info("worker node stopped; shared memory released")
+
+    def _install_signal_handlers(self) -> None:
+        if threading.current_thread() is not threading.main_thread():
+            return
+
+        def on_signal(signum: int, frame: FrameType | None) -> None:
+            log.info("signal %d: draining", signum)
+            self.stop()
+
+        signal.signal(signal.SIGTERM, on_signal)
+        signal.signal(signal.SIGINT, on_signal)
