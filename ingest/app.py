@@ -90,7 +90,7 @@ def create_app(settings: Settings, deps: Dependencies) -> falcon.App:
 def _configure_multipart(app: falcon.App) -> None:
     options = MultipartParseOptions()
     options.max_body_part_count = 16
-    options.max_body_part_headers_size = 8192
+    options.max_body_part_headers_size = 32 * 1024
     handler = falcon.media.MultipartFormHandler(options)
     app.req_options.media_handlers[falcon.MEDIA_MULTIPART] = handler
 

@@ -7,6 +7,7 @@ Project exceptions map to their own status; Falcon's HTTP errors keep theirs; an
 from __future__ import annotations
 
 import logging
+from http import HTTPStatus
 from typing import Any
 
 import falcon
@@ -21,8 +22,12 @@ def error_body(code: str, message: str) -> dict[str, Any]:
 
 
 def _falcon_code(error: falcon.HTTPError) -> str:
-    title = error.title or "error"
-    return title.lower().replace(" ", "_").replace("-", "_")
+    """`not_found`, `method_not_allowed`...: the status phrase in the project's code style."""
+    try:
+        phrase = HTTPStatus(error.status_code).phrase
+    except ValueError:
+        return "error"
+    return phrase.lower().replace(" ", "_").replace("-", "_")
 
 
 def handle_pixelmill_error(
@@ -54,7 +59,7 @@ def handle_unexpected(
 
 def serialize_http_error(req: falcon.Request, resp: falcon.Response, ex: falcon.HTTPError) -> None:
     resp.content_type = falcon.MEDIA_JSON
-    resp.media = error_body(_falcon_code(ex), ex.description or ex.title or "error")
+    resp.media = error_body(_falcon_code(ex), ex.description or _falcon_code(ex).replace("_", " "))
     for name, value in (ex.headers or {}).items():
         resp.set_header(name, value)
 

@@ -7,7 +7,7 @@ import re
 from dataclasses import dataclass
 
 import falcon
-from falcon.media.multipart import MultipartParseError
+from falcon.media.multipart import BodyPart, MultipartParseError
 
 from common.errors import BadRequest, PayloadTooLarge, UnprocessableImage, UnsupportedMediaType
 from common.imageinfo import ImageHeader, probe
@@ -52,23 +52,36 @@ def check_declared_length(req: falcon.Request, max_bytes: int, max_parts: int = 
         raise UnsupportedMediaType("send the image as multipart/form-data in a field named 'image'")
 
 
-def read_image_part(stream: falcon.media.multipart.BodyPart, max_bytes: int) -> UploadedImage:
-    """Read one file part, at most `max_bytes`, and check that it is a JPEG or PNG by content."""
-    if stream.filename is None:
-        raise BadRequest("the 'image' field must be a file, not a text value")
-    data = stream.stream.read(max_bytes + 1)
+@dataclass(frozen=True)
+class RawPart:
+    """A file part read off the wire, not yet validated."""
+
+    filename: str | None
+    data: bytes
+
+
+def read_file_part(part: BodyPart, max_bytes: int) -> RawPart:
+    """Read at most `max_bytes` of one part; a larger part is refused without reading the rest."""
+    data = part.stream.read(max_bytes + 1)
     if len(data) > max_bytes:
         raise PayloadTooLarge(f"image exceeds the {max_bytes}-byte upload limit")
-    if not data:
+    return RawPart(part.filename, data)
+
+
+def validate_image(raw: RawPart) -> UploadedImage:
+    """Check that a complete part is a JPEG or PNG file, by content."""
+    if raw.filename is None:
+        raise BadRequest("the 'image' field must be a file, not a text value")
+    if not raw.data:
         raise BadRequest("the uploaded file is empty")
-    header = probe(data)
+    header = probe(raw.data)
     if header is None:
         raise UnsupportedMediaType("the file is not a JPEG or PNG image")
     return UploadedImage(
-        filename=clean_filename(stream.filename),
-        data=data,
+        filename=clean_filename(raw.filename),
+        data=raw.data,
         header=header,
-        sha256=hashlib.sha256(data).hexdigest(),
+        sha256=hashlib.sha256(raw.data).hexdigest(),
     )
 
 
@@ -83,20 +96,22 @@ def check_pixel_limit(header: ImageHeader, max_pixels: int) -> None:
 def read_single_upload(req: falcon.Request, max_bytes: int, max_pixels: int) -> UploadedImage:
     """The one `image` part of a single-image upload; every other field is ignored."""
     check_declared_length(req, max_bytes)
-    found: UploadedImage | None = None
+    found: RawPart | None = None
     try:
-        form = req.get_media()
-        for part in form:
+        # The whole form is walked before the image is judged, so a truncated body is
+        # reported as such rather than as a bad image.
+        for part in req.get_media():
             if part.name != IMAGE_FIELD:
                 continue
             if found is not None:
                 raise BadRequest("send exactly one 'image' part (use /api/v1/uploads for many)")
-            found = read_image_part(part, max_bytes)
+            found = read_file_part(part, max_bytes)
     except MultipartParseError as exc:
         raise BadRequest(f"malformed multipart body: {exc.description}") from exc
     except falcon.HTTPInvalidHeader as exc:
         raise BadRequest(f"malformed multipart body: {exc.description}") from exc
     if found is None:
         raise BadRequest("the form has no 'image' file field")
-    check_pixel_limit(found.header, max_pixels)
-    return found
+    upload = validate_image(found)
+    check_pixel_limit(upload.header, max_pixels)
+    return upload

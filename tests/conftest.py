@@ -1,0 +1,183 @@
+"""Session fixtures: real PostgreSQL, Redis, RabbitMQ, a SeaweedFS S3 server and a local OIDC
+issuer. Each test session gets its own database schema, queue, buckets and Redis prefix, and each
+test its own user, so tests never see each other's data."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pika
+import psycopg
+import pytest
+import redis
+
+from common.config import Settings
+from db.migrate import apply_migrations
+from ops.issuer import LocalIssuer, running
+from ops.s3server import LocalS3Server, pick_free_s3_port
+from tests.support import ApiClient, StackProbe
+
+ROOT = Path(__file__).resolve().parent.parent
+BASE_POSTGRES_URL = os.environ.get("TEST_POSTGRES_URL", "postgresql://postgres@127.0.0.1:5432/test")
+REDIS_URL = os.environ.get("TEST_REDIS_URL", "redis://127.0.0.1:6379/0")
+RABBITMQ_URL = os.environ.get("TEST_RABBITMQ_URL", "amqp://guest:guest@127.0.0.1:5672/%2F")
+S3_ACCESS_KEY = "pixelmill-test"
+S3_SECRET_KEY = "pixelmill-test-secret"
+
+
+@pytest.fixture(scope="session")
+def run_id() -> str:
+    return uuid.uuid4().hex[:10]
+
+
+@pytest.fixture(scope="session")
+def s3_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalS3Server]:
+    server = LocalS3Server(
+        tmp_path_factory.mktemp("s3"),
+        port=pick_free_s3_port(),
+        access_key=S3_ACCESS_KEY,
+        secret_key=S3_SECRET_KEY,
+    )
+    server.start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture(scope="session")
+def issuer(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalIssuer]:
+    with running(tmp_path_factory.mktemp("issuer")) as served:
+        yield served
+
+
+@pytest.fixture(scope="session")
+def schema(run_id: str) -> Iterator[str]:
+    name = f"pm_test_{run_id}"
+    with psycopg.connect(BASE_POSTGRES_URL, autocommit=True) as conn:
+        conn.execute(f"CREATE SCHEMA {name}")
+    yield name
+    with psycopg.connect(BASE_POSTGRES_URL, autocommit=True) as conn:
+        conn.execute(f"DROP SCHEMA {name} CASCADE")
+
+
+@pytest.fixture(scope="session")
+def env(
+    run_id: str, schema: str, s3_server: LocalS3Server, issuer: LocalIssuer
+) -> dict[str, str]:
+    """The environment a pixelmill process of this test session runs with."""
+    separator = "&" if "?" in BASE_POSTGRES_URL else "?"
+    return {
+        "POSTGRES_URL": f"{BASE_POSTGRES_URL}{separator}options=-csearch_path%3D{schema}",
+        "REDIS_URL": REDIS_URL,
+        "REDIS_PREFIX": f"pmtest:{run_id}:",
+        "RABBITMQ_URL": RABBITMQ_URL,
+        "RABBITMQ_QUEUE": f"pm-test-{run_id}",
+        "MINIO_ENDPOINT": s3_server.endpoint,
+        "MINIO_ACCESS_KEY": S3_ACCESS_KEY,
+        "MINIO_SECRET_KEY": S3_SECRET_KEY,
+        "MINIO_RAW_BUCKET": f"raw-{run_id}",
+        "MINIO_PROCESSED_BUCKET": f"processed-{run_id}",
+        "KEYCLOAK_URL": issuer.base_url,
+        "WORKER_PROCESSES": "2",
+        "WORKER_BATCH_WAIT_MS": "20",
+        "WORKER_MEMORY_MB": "128",
+        "UPLOADS_PER_MINUTE": "100000",
+    }
+
+
+@pytest.fixture(scope="session")
+def settings(env: dict[str, str]) -> Iterator[Settings]:
+    settings = Settings.from_env(env)
+    apply_migrations(settings.postgres_url)
+    from common.storage import ObjectStore
+
+    ObjectStore(settings.storage).ensure_buckets()
+    yield settings
+    _delete_queues(settings)
+    _delete_redis_keys(settings)
+
+
+def _delete_queues(settings: Settings) -> None:
+    connection = pika.BlockingConnection(pika.URLParameters(settings.queue.url))
+    channel = connection.channel()
+    for queue in (settings.queue.queue, settings.queue.dead_letter_queue):
+        channel.queue_delete(queue)
+    connection.close()
+
+
+def _delete_redis_keys(settings: Settings) -> None:
+    client = redis.Redis.from_url(settings.redis_url)
+    keys = list(client.scan_iter(f"{settings.redis_prefix}*"))
+    if keys:
+        client.delete(*keys)
+
+
+@pytest.fixture(scope="session")
+def worker(env: dict[str, str], settings: Settings, tmp_path_factory: pytest.TempPathFactory):
+    """A real worker node (`python -m engine`) consuming this session's queue."""
+    log_path = tmp_path_factory.mktemp("worker") / "worker.log"
+    process = start_worker(env, log_path)
+    yield process
+    stop_worker(process)
+
+
+def start_worker(env: dict[str, str], log_path: Path, *args: str) -> subprocess.Popen[bytes]:
+    with log_path.open("ab") as log:
+        return subprocess.Popen(
+            [sys.executable, "-m", "engine", *args],
+            cwd=ROOT,
+            env={**os.environ, **env},
+            stdout=log,
+            stderr=subprocess.STDOUT,
+        )
+
+
+def stop_worker(process: subprocess.Popen[bytes], timeout: float = 30) -> int:
+    process.terminate()
+    try:
+        return process.wait(timeout)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        return process.wait()
+
+
+@pytest.fixture(scope="session")
+def app(settings: Settings) -> Iterator[Any]:
+    """The Falcon app built exactly as gunicorn builds it, on this session's services."""
+    from ingest.app import Dependencies, create_app
+
+    deps = Dependencies.connect(settings)
+    yield create_app(settings, deps)
+    deps.close()
+
+
+@pytest.fixture
+def user_id() -> str:
+    return f"user-{uuid.uuid4()}"
+
+
+@pytest.fixture
+def api(app: Any, issuer: LocalIssuer, user_id: str) -> ApiClient:
+    return ApiClient(app, issuer.mint_token(user_id, ("user",)))
+
+
+@pytest.fixture
+def probe(settings: Settings) -> StackProbe:
+    return StackProbe(settings)
+
+
+def wait_for(predicate: Any, timeout: float = 60.0, interval: float = 0.1) -> Any:
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"condition not met within {timeout}s")
+        time.sleep(interval)

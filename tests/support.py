@@ -1,0 +1,126 @@
+"""Test helpers: building multipart bodies and images, calling the API, inspecting the stack."""
+
+from __future__ import annotations
+
+import uuid
+from typing import Any
+
+import cv2
+import falcon.testing
+import numpy as np
+import psycopg
+from minio import Minio
+
+from common.config import Settings
+
+
+def multipart(parts: list[tuple[str, str | None, bytes, str]], boundary: str = "pmboundary42"):
+    """Encode (field, filename, data, content type) parts; filename None makes a plain field."""
+    chunks: list[bytes] = []
+    for name, filename, data, content_type in parts:
+        disposition = f'form-data; name="{name}"'
+        if filename is not None:
+            disposition += f'; filename="{filename}"'
+        chunks.append(
+            f"--{boundary}\r\nContent-Disposition: {disposition}\r\n"
+            f"Content-Type: {content_type}\r\n\r\n".encode()
+            + data
+            + b"\r\n"
+        )
+    chunks.append(f"--{boundary}--\r\n".encode())
+    return b"".join(chunks), f"multipart/form-data; boundary={boundary}"
+
+
+def photo(width: int, height: int, seed: int = 1) -> np.ndarray:
+    """A BGR image with gradients, shapes and texture, so codecs behave as on photos."""
+    rng = np.random.default_rng(seed)
+    y, x = np.mgrid[0:height, 0:width].astype(np.float32)
+    image = np.stack(
+        [x / max(width, 1) * 255, y / max(height, 1) * 255, (x + y) / max(width + height, 1) * 255],
+        axis=-1,
+    )
+    image += rng.normal(0, 6, image.shape)
+    out = np.clip(image, 0, 255).astype(np.uint8)
+    cv2.circle(out, (width // 2, height // 2), max(1, min(width, height) // 4), (20, 200, 60), -1)
+    return out
+
+
+def jpeg(width: int, height: int, seed: int = 1) -> bytes:
+    ok, encoded = cv2.imencode(".jpg", photo(width, height, seed), [cv2.IMWRITE_JPEG_QUALITY, 90])
+    assert ok
+    return encoded.tobytes()
+
+
+def png(width: int, height: int, *, alpha: bool = False, seed: int = 1) -> bytes:
+    image = photo(width, height, seed)
+    if alpha:
+        transparency = np.full((height, width, 1), 255, np.uint8)
+        transparency[:, : width // 2] = 0
+        image = np.concatenate([image, transparency], axis=-1)
+    ok, encoded = cv2.imencode(".png", image)
+    assert ok
+    return encoded.tobytes()
+
+
+class ApiClient:
+    """The Falcon app driven through falcon.testing, with a bearer token."""
+
+    def __init__(self, app: Any, token: str | None) -> None:
+        self.client = falcon.testing.TestClient(app)
+        self.token = token
+
+    def headers(self, extra: dict[str, str] | None = None) -> dict[str, str]:
+        headers = {"Authorization": f"Bearer {self.token}"} if self.token else {}
+        return {**headers, **(extra or {})}
+
+    def upload(self, data: bytes, filename: str = "photo.jpg", field: str = "image"):
+        body, content_type = multipart([(field, filename, data, "application/octet-stream")])
+        return self.post_raw("/api/v1/upload", body, content_type)
+
+    def post_raw(self, path: str, body: bytes, content_type: str, **headers: str):
+        return self.client.simulate_post(
+            path, body=body, headers=self.headers({"Content-Type": content_type, **headers})
+        )
+
+    def get(self, path: str, **params: Any):
+        return self.client.simulate_get(path, headers=self.headers(), params=params or None)
+
+    def delete(self, path: str):
+        return self.client.simulate_delete(path, headers=self.headers())
+
+
+class StackProbe:
+    """Looks directly at the database, buckets and queue, as a test's witness."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        s = settings.storage
+        self.s3 = Minio(s.endpoint, s.access_key, s.secret_key, secure=s.secure, region=s.region)
+
+    def rows_for(self, owner: str) -> list[tuple[Any, ...]]:
+        with psycopg.connect(self.settings.postgres_url) as conn:
+            return conn.execute(
+                "SELECT id, status, error, result_key FROM images WHERE owner = %s", (owner,)
+            ).fetchall()
+
+    def status(self, image_id: str | uuid.UUID) -> str | None:
+        with psycopg.connect(self.settings.postgres_url) as conn:
+            row = conn.execute("SELECT status FROM images WHERE id = %s", (image_id,)).fetchone()
+        return None if row is None else row[0]
+
+    def object_keys(self, bucket: str) -> set[str]:
+        return {o.object_name for o in self.s3.list_objects(bucket, recursive=True)}
+
+    def originals(self) -> set[str]:
+        return self.object_keys(self.settings.storage.raw_bucket)
+
+    def results(self) -> set[str]:
+        return self.object_keys(self.settings.storage.processed_bucket)
+
+    def result_bytes(self, key: str) -> bytes:
+        response = self.s3.get_object(self.settings.storage.processed_bucket, key)
+        try:
+            return response.read()
+        finally:
+            response.close()
+            response.release_conn()
