@@ -108,6 +108,11 @@ class StackProbe:
             row = conn.execute("SELECT status FROM images WHERE id = %s", (image_id,)).fetchone()
         return None if row is None else row[0]
 
+    def updated_at(self, image_id: str | uuid.UUID) -> Any:
+        with psycopg.connect(self.settings.postgres_url) as conn:
+            row = conn.execute("SELECT updated_at FROM images WHERE id = %s", (image_id,)).fetchone()
+        return None if row is None else row[0]
+
     def object_keys(self, bucket: str) -> set[str]:
         return {o.object_name for o in self.s3.list_objects(bucket, recursive=True)}
 

@@ -1,0 +1,200 @@
+"""A worker node under faults: a CPU process killed, the node stopped or killed, bad messages.
+
+Each test runs its own node on its own queue, so faults do not reach other tests' work."""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import signal
+import subprocess
+import time
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+import pika
+import pytest
+
+from common.broker import declare_topology
+from common.config import QueueSettings, Settings
+from common.jobs import JobMessage
+from engine.slots import SHM_DIR
+from tests.conftest import start_worker, stop_worker, wait_for
+from tests.support import ApiClient, StackProbe, jpeg
+
+pytestmark = pytest.mark.slow
+
+
+@dataclasses.dataclass
+class IsolatedStack:
+    """An API and worker nodes bound to a queue of their own."""
+
+    env: dict[str, str]
+    settings: Settings
+    api: ApiClient
+    logs: Path
+    nodes: list[subprocess.Popen[bytes]] = dataclasses.field(default_factory=list)
+
+    def start_node(self, *args: str) -> subprocess.Popen[bytes]:
+        node = start_worker(self.env, self.logs, *args)
+        self.nodes.append(node)
+        return node
+
+    def upload_many(self, count: int, width: int = 1600, height: int = 1200) -> list[str]:
+        ids = []
+        for i in range(count):
+            response = self.api.upload(jpeg(width, height, seed=i), f"img-{i}.jpg")
+            assert response.status_code == 201, response.text
+            ids.append(response.json["id"])
+        return ids
+
+    def queue_depth(self, queue: str | None = None) -> int:
+        connection = pika.BlockingConnection(pika.URLParameters(self.settings.queue.url))
+        try:
+            declared = connection.channel().queue_declare(
+                queue or self.settings.queue.queue, passive=True
+            )
+            return int(declared.method.message_count)
+        finally:
+            connection.close()
+
+    def publish_raw(self, body: bytes) -> None:
+        connection = pika.BlockingConnection(pika.URLParameters(self.settings.queue.url))
+        try:
+            channel = connection.channel()
+            declare_topology(channel, self.settings.queue)
+            channel.basic_publish("", self.settings.queue.queue, body)
+        finally:
+            connection.close()
+
+
+@pytest.fixture
+def stack(env, settings, issuer, user_id, tmp_path) -> Iterator[IsolatedStack]:
+    from ingest.app import Dependencies, create_app
+
+    queue = f"{settings.queue.queue}-{uuid.uuid4().hex[:6]}"
+    isolated_env = {**env, "RABBITMQ_QUEUE": queue}
+    isolated = Settings.from_env(isolated_env)
+    deps = Dependencies.connect(isolated)
+    api = ApiClient(create_app(isolated, deps), issuer.mint_token(user_id, ("user",)))
+    stack = IsolatedStack(isolated_env, isolated, api, tmp_path / "worker.log")
+    yield stack
+    for node in stack.nodes:
+        if node.poll() is None:
+            stop_worker(node)
+    deps.close()
+    _delete_queues(isolated.queue)
+
+
+def _delete_queues(queue: QueueSettings) -> None:
+    connection = pika.BlockingConnection(pika.URLParameters(queue.url))
+    channel = connection.channel()
+    channel.queue_delete(queue.queue)
+    channel.queue_delete(queue.dead_letter_queue)
+    connection.close()
+
+
+def assert_all_completed_once(probe: StackProbe, owner: str, ids: list[str]) -> None:
+    rows = {str(r[0]): r for r in probe.rows_for(owner)}
+    assert sorted(rows) == sorted(ids)
+    assert {r[1] for r in rows.values()} == {"completed"}, [r for r in rows.values()]
+    results = probe.results()
+    for image_id in ids:
+        assert [k for k in results if image_id in k] == [f"results/{image_id}.png"]
+
+
+def descendants(pid: int) -> list[int]:
+    found, frontier = [], [pid]
+    while frontier:
+        current = frontier.pop()
+        for task in Path(f"/proc/{current}/task").glob("*"):
+            children = (task / "children").read_text().split()
+            found.extend(int(c) for c in children)
+            frontier.extend(int(c) for c in children)
+    return found
+
+
+def cpu_processes(node_pid: int) -> list[int]:
+    """The pool's processes: children of the node's forkserver."""
+    for pid in descendants(node_pid):
+        cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
+        if b"forkserver" in cmdline:
+            return [int(c) for c in Path(f"/proc/{pid}/task/{pid}/children").read_text().split()]
+    return []
+
+
+def node_segments(pid: int) -> list[str]:
+    return [p.name for p in SHM_DIR.glob(f"pixelmill-{pid}-*")]
+
+
+def test_killing_a_cpu_process_mid_run_loses_nothing(
+    stack: IsolatedStack, probe: StackProbe, user_id: str
+) -> None:
+    ids = stack.upload_many(24)
+    node = stack.start_node("--processes", "2", "--batch-size", "8")
+    victims = wait_for(lambda: cpu_processes(node.pid), timeout=30)
+    wait_for(lambda: any(probe.status(i) == "completed" for i in ids), timeout=60, interval=0.02)
+    os.kill(victims[0], signal.SIGKILL)
+    wait_for(lambda: all(probe.status(i) == "completed" for i in ids), timeout=120)
+    assert node.poll() is None, "the node must survive the loss of a CPU process"
+    assert_all_completed_once(probe, user_id, ids)
+    assert stack.queue_depth() == 0
+
+
+def test_sigterm_drains_in_flight_work_and_releases_shared_memory(
+    stack: IsolatedStack, probe: StackProbe, user_id: str
+) -> None:
+    ids = stack.upload_many(16)
+    node = stack.start_node("--processes", "2", "--batch-size", "4", "--prefetch", "8")
+    wait_for(lambda: node_segments(node.pid), timeout=30)
+    wait_for(lambda: any(probe.status(i) == "completed" for i in ids), timeout=60, interval=0.02)
+    assert stop_worker(node, timeout=60) == 0
+    assert node_segments(node.pid) == []
+    # What the node had not started is still queued, never half-done.
+    statuses = [probe.status(i) for i in ids]
+    assert "processing" not in statuses
+    assert stack.queue_depth() == statuses.count("pending")
+    stack.start_node("--processes", "2")
+    wait_for(lambda: all(probe.status(i) == "completed" for i in ids), timeout=120)
+    assert_all_completed_once(probe, user_id, ids)
+
+
+def test_sigkilled_node_is_replaced_without_loss_and_its_memory_swept(
+    stack: IsolatedStack, probe: StackProbe, user_id: str
+) -> None:
+    ids = stack.upload_many(16)
+    node = stack.start_node("--processes", "2", "--batch-size", "4")
+    wait_for(lambda: node_segments(node.pid), timeout=30)
+    wait_for(lambda: any(probe.status(i) == "completed" for i in ids), timeout=60, interval=0.02)
+    node.kill()
+    node.wait()
+    for child in descendants(node.pid):
+        os.kill(child, signal.SIGKILL)
+    leaked = node_segments(node.pid)
+    stack.start_node("--processes", "2")
+    wait_for(lambda: all(probe.status(i) == "completed" for i in ids), timeout=120)
+    assert_all_completed_once(probe, user_id, ids)
+    for name in leaked:
+        assert not (SHM_DIR / name).exists()
+
+
+def test_malformed_message_is_dead_lettered_not_retried(stack: IsolatedStack) -> None:
+    stack.publish_raw(b"this is not json")
+    stack.start_node("--processes", "1")
+    wait_for(lambda: stack.queue_depth(stack.settings.queue.dead_letter_queue) == 1, timeout=30)
+    assert stack.queue_depth() == 0
+
+
+def test_redelivered_job_for_completed_image_is_acked_without_work(
+    stack: IsolatedStack, probe: StackProbe
+) -> None:
+    [image_id] = stack.upload_many(1, 900, 600)
+    stack.start_node("--processes", "1")
+    wait_for(lambda: probe.status(image_id) == "completed", timeout=60)
+    before = probe.updated_at(image_id)
+    stack.publish_raw(JobMessage(uuid.UUID(image_id)).encode())
+    time.sleep(0.5)
+    wait_for(lambda: stack.queue_depth() == 0, timeout=30)
+    assert probe.status(image_id) == "completed"
+    assert probe.updated_at(image_id) == before
