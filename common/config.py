@@ -116,7 +116,7 @@ class QueueSettings:
     url: str = "amqp://guest:guest@127.0.0.1:5672/%2F"
     queue: str = "image-jobs"
     dead_letter_queue: str = "image-jobs.dead"
-    delivery_limit: int = 5
+    delivery_limit: int = 10
 
 
 @dataclass(frozen=True)

@@ -38,6 +38,8 @@ class Delivery:
 
     tag: int
     body: bytes
+    # Earlier deliveries of this message (RabbitMQ quorum queues' `x-delivery-count`).
+    previous_deliveries: int = 0
 
 
 @dataclass
@@ -81,6 +83,7 @@ class BatchProcessor:
         inputs: SlotArena,
         outputs: SlotArena,
         io_threads: int,
+        delivery_limit: int,
     ) -> None:
         self._db = db
         self._store = store
@@ -88,6 +91,7 @@ class BatchProcessor:
         self._pool = pool
         self._inputs = inputs
         self._outputs = outputs
+        self._delivery_limit = delivery_limit
         self._io = ThreadPoolExecutor(max_workers=io_threads, thread_name_prefix="engine-io")
         self.last_stage_times = StageTimes()
 
@@ -97,6 +101,7 @@ class BatchProcessor:
     def process(self, deliveries: list[Delivery]) -> Verdict:
         verdict = Verdict()
         tags_by_image = self._decode(deliveries, verdict)
+        last_chance = self._on_last_delivery(deliveries, tags_by_image)
         if not tags_by_image:
             return verdict
         times = StageTimes()
@@ -114,6 +119,7 @@ class BatchProcessor:
             if image_id not in claimed_ids:  # already terminal or deleted: nothing to do
                 verdict.ack.extend(tags)
         outcomes, transient = self._run(claimed, times)
+        outcomes.extend(self._give_up(transient, last_chance))
         self._commit(outcomes, transient, tags_by_image, verdict, times)
         self.last_stage_times = times
         return verdict
@@ -129,6 +135,27 @@ class BatchProcessor:
                 continue
             tags_by_image[job.image_id].append(delivery.tag)
         return tags_by_image
+
+    def _on_last_delivery(
+        self, deliveries: list[Delivery], tags_by_image: dict[uuid.UUID, list[int]]
+    ) -> set[uuid.UUID]:
+        """Images whose message will be dead-lettered by the broker if it is requeued again."""
+        final_tags = {
+            d.tag for d in deliveries if d.previous_deliveries + 1 >= self._delivery_limit
+        }
+        return {i for i, tags in tags_by_image.items() if final_tags.intersection(tags)}
+
+    def _give_up(self, transient: list[uuid.UUID], last_chance: set[uuid.UUID]) -> list[Outcome]:
+        """Fail, with a reason, the images that failed transiently on their last delivery."""
+        given_up = [i for i in transient if i in last_chance]
+        for image_id in given_up:
+            transient.remove(image_id)
+            log.error("image %s: giving up after %d deliveries", image_id, self._delivery_limit)
+        reason = (
+            f"gave up after {self._delivery_limit} attempts: a dependency (storage, database) "
+            "kept failing; upload the image again"
+        )
+        return [Outcome(i, "failed", error=reason) for i in given_up]
 
     def _run(
         self, records: list[ImageRecord], times: StageTimes

@@ -73,11 +73,15 @@ class BatchConsumer:
                 log.warning("cannot reach RabbitMQ (%s); retrying in %.1fs", exc, delay)
                 self._stop.wait(delay)
                 continue
-            backoff.succeeded()
+            session = _Session(connection, self)
             try:
-                _Session(connection, self).serve()
+                session.serve()
             except BROKER_ERRORS as exc:
-                log.warning("lost RabbitMQ connection (%s); reconnecting", exc)
+                if session.batches_done:
+                    backoff.succeeded()
+                delay = backoff.failed()
+                log.warning("lost RabbitMQ channel (%s); reconnecting in %.1fs", exc, delay)
+                self._stop.wait(delay)
             finally:
                 if connection.is_open:
                     try:
@@ -101,6 +105,7 @@ class _Session:
         self._outstanding: set[int] = set()
         self._paused_until = 0.0
         self._backoff = Backoff()
+        self.batches_done = 0
 
     def serve(self) -> None:
         declare_topology(self._channel, self._owner._queue)
@@ -120,7 +125,9 @@ class _Session:
     ) -> None:
         if not self._buffer:
             self._first_at = time.monotonic()
-        self._buffer.append(Delivery(method.delivery_tag, body))
+        headers = props.headers or {}
+        previous = int(headers.get("x-delivery-count", 0) or 0)
+        self._buffer.append(Delivery(method.delivery_tag, body, previous))
         self._outstanding.add(method.delivery_tag)
 
     def _start_ready_batch(self, *, force: bool) -> None:
@@ -151,6 +158,7 @@ class _Session:
                 log.exception("batch failed unexpectedly; requeueing its %d messages", len(tags))
                 verdict = Verdict(requeue=list(tags))
             self._apply(verdict)
+            self.batches_done += 1
         self._in_flight = still_running
 
     def _apply(self, verdict: Verdict) -> None:

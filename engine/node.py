@@ -60,6 +60,7 @@ class WorkerNode:
             self.inputs,
             self.outputs,
             io_threads=min(count, max(4, engine.processes * 3)),
+            delivery_limit=settings.queue.delivery_limit,
         )
         self.consumer = BatchConsumer(settings.queue, engine, self._process_batch)
         self.sweeper = OutboxSweeper(self.db, JobPublisher(settings.queue))

@@ -11,7 +11,7 @@ import os
 import re
 import secrets
 import threading
-from multiprocessing import resource_tracker, shared_memory
+from multiprocessing import shared_memory
 from pathlib import Path
 
 SEGMENT_PREFIX = "pixelmill"
@@ -67,14 +67,12 @@ class SlotArena:
 
 
 def attach_segment(name: str) -> shared_memory.SharedMemory:
-    """Open an arena created by another process without adopting its cleanup.
+    """Open an arena created by the node, from one of its CPU processes.
 
-    Python's resource tracker would otherwise unlink the segment when this child exits.
+    The processes share the node's resource tracker, so attaching registers nothing new, and
+    the node alone unlinks the segment.
     """
-    segment = shared_memory.SharedMemory(name=name)
-    with contextlib.suppress(Exception):
-        resource_tracker.unregister(segment._name, "shared_memory")  # type: ignore[attr-defined]
-    return segment
+    return shared_memory.SharedMemory(name=name)
 
 
 def sweep_stale_segments(shm_dir: Path = SHM_DIR) -> list[str]:

@@ -70,11 +70,13 @@ class IsolatedStack:
 
 
 @pytest.fixture
-def stack(env, settings, issuer, user_id, tmp_path) -> Iterator[IsolatedStack]:
+def stack(request, env, settings, issuer, user_id, tmp_path) -> Iterator[IsolatedStack]:
+    """`@pytest.mark.stack_env(NAME=value)` adds settings for this stack's API and nodes."""
     from ingest.app import Dependencies, create_app
 
     queue = f"{settings.queue.queue}-{uuid.uuid4().hex[:6]}"
-    isolated_env = {**env, "RABBITMQ_QUEUE": queue}
+    marker = request.node.get_closest_marker("stack_env")
+    isolated_env = {**env, "RABBITMQ_QUEUE": queue, **(marker.kwargs if marker else {})}
     isolated = Settings.from_env(isolated_env)
     deps = Dependencies.connect(isolated)
     api = ApiClient(create_app(isolated, deps), issuer.mint_token(user_id, ("user",)))
@@ -198,3 +200,18 @@ def test_redelivered_job_for_completed_image_is_acked_without_work(
     wait_for(lambda: stack.queue_depth() == 0, timeout=30)
     assert probe.status(image_id) == "completed"
     assert probe.updated_at(image_id) == before
+
+
+@pytest.mark.stack_env(RABBITMQ_DELIVERY_LIMIT="3")
+def test_image_whose_storage_keeps_failing_ends_failed_with_a_reason(
+    stack: IsolatedStack, probe: StackProbe
+) -> None:
+    [image_id] = stack.upload_many(1, 900, 600)
+    # The node reaches a storage endpoint where nothing listens: every download is transient.
+    stack.env["MINIO_ENDPOINT"] = "127.0.0.1:9"
+    stack.start_node("--processes", "1")
+    wait_for(lambda: probe.status(image_id) == "failed", timeout=90)
+    error = stack.api.get(f"/api/v1/images/{image_id}").json["error"]
+    assert "gave up after 3 attempts" in error
+    wait_for(lambda: stack.queue_depth() == 0, timeout=10)
+    assert stack.queue_depth(stack.settings.queue.dead_letter_queue) == 0
