@@ -6,13 +6,18 @@ crashing on it) is moved to the dead-letter queue instead of looping forever.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import threading
 from collections.abc import Sequence
+from typing import Any
 
 import pika
 import pika.exceptions
+import pika.frame
+import pika.spec
 from pika.adapters.blocking_connection import BlockingChannel
+from pika.channel import Channel
 
 from common.config import QueueSettings
 from common.errors import DependencyUnavailable
@@ -20,7 +25,7 @@ from common.jobs import JobMessage
 
 log = logging.getLogger(__name__)
 
-BROKER_ERRORS = (pika.exceptions.AMQPError, OSError)
+BROKER_ERRORS: tuple[type[Exception], ...] = (pika.exceptions.AMQPError, OSError)
 
 
 def connection_parameters(settings: QueueSettings, heartbeat: int = 30) -> pika.URLParameters:
@@ -32,95 +37,224 @@ def connection_parameters(settings: QueueSettings, heartbeat: int = 30) -> pika.
     return params
 
 
+def dead_letter_queue_arguments() -> dict[str, Any]:
+    return {"x-queue-type": "quorum"}
+
+
+def job_queue_arguments(settings: QueueSettings) -> dict[str, Any]:
+    return {
+        "x-queue-type": "quorum",
+        "x-delivery-limit": settings.delivery_limit,
+        "x-dead-letter-exchange": "",
+        "x-dead-letter-routing-key": settings.dead_letter_queue,
+    }
+
+
 def declare_topology(channel: BlockingChannel, settings: QueueSettings) -> None:
     """Declare the job queue and its dead-letter queue (idempotent, same arguments everywhere)."""
     channel.queue_declare(
-        settings.dead_letter_queue, durable=True, arguments={"x-queue-type": "quorum"}
+        settings.dead_letter_queue, durable=True, arguments=dead_letter_queue_arguments()
     )
-    channel.queue_declare(
-        settings.queue,
-        durable=True,
-        arguments={
-            "x-queue-type": "quorum",
-            "x-delivery-limit": settings.delivery_limit,
-            "x-dead-letter-exchange": "",
-            "x-dead-letter-routing-key": settings.dead_letter_queue,
-        },
-    )
+    channel.queue_declare(settings.queue, durable=True, arguments=job_queue_arguments(settings))
+
+
+class _PendingBatch:
+    """Jobs published together; done when the broker has confirmed (or refused) every one."""
+
+    def __init__(self, jobs: Sequence[JobMessage]) -> None:
+        self.jobs = jobs
+        self.unconfirmed: set[int] = set()
+        self.error: str | None = None
+        self.done = threading.Event()
+
+    def settle(self, tag: int, ok: bool) -> None:
+        self.unconfirmed.discard(tag)
+        if not ok and self.error is None:
+            self.error = "the broker refused a message"
+        if not self.unconfirmed:
+            self.done.set()
+
+    def fail(self, reason: str) -> None:
+        self.error = self.error or reason
+        self.done.set()
 
 
 class JobPublisher:
-    """Publishes persistent job messages and waits for the broker's confirms.
+    """Publishes persistent job messages and waits until the broker confirms all of them.
 
-    One connection per process, opened on first use and reopened after a failure; a lock makes it
-    safe to share between the threads of one gunicorn worker.
+    Publisher confirms are awaited per batch, not per message: one I/O thread owns an
+    asynchronous connection, sends a whole batch back to back and settles it from the broker's
+    (often `multiple`) acks. Safe to share between threads; create it after fork. The connection
+    is opened on first use and reopened after a failure.
     """
 
     dependency = "message broker"
 
-    def __init__(self, settings: QueueSettings) -> None:
+    def __init__(self, settings: QueueSettings, confirm_timeout: float = 10.0) -> None:
         self.settings = settings
+        self._confirm_timeout = confirm_timeout
         self._lock = threading.Lock()
-        self._connection: pika.BlockingConnection | None = None
-        self._channel: BlockingChannel | None = None
+        self._connection: pika.SelectConnection | None = None
+        self._channel: Channel | None = None
+        self._ready = threading.Event()
+        self._open_error: str | None = None
+        self._thread: threading.Thread | None = None
+        self._next_tag = 0
+        self._by_tag: dict[int, _PendingBatch] = {}
 
     def publish(self, jobs: Sequence[JobMessage]) -> None:
-        """Publish `jobs`; returns only once the broker has confirmed every one of them."""
-        with self._lock:
-            try:
-                self._publish_locked(jobs)
-            except BROKER_ERRORS as first:
-                log.info("broker publish failed (%s); reconnecting once", first)
-                self._close_locked()
-                try:
-                    self._publish_locked(jobs)
-                except BROKER_ERRORS as exc:
-                    self._close_locked()
-                    raise DependencyUnavailable(self.dependency) from exc
+        """Publish `jobs`; returns once the broker has confirmed every one of them."""
+        if not jobs:
+            return
+        batch = _PendingBatch(jobs)
+        connection = self._ensure_open()
+        try:
+            connection.ioloop.add_callback_threadsafe(lambda: self._send(batch))
+        except BROKER_ERRORS as exc:
+            raise DependencyUnavailable(self.dependency) from exc
+        if not batch.done.wait(self._confirm_timeout):
+            self._reset("confirms did not arrive in time")
+            raise DependencyUnavailable(self.dependency, "message broker did not confirm in time")
+        if batch.error is not None:
+            raise DependencyUnavailable(self.dependency, f"message broker: {batch.error}")
 
     def check(self) -> None:
-        with self._lock:
-            try:
-                self._ensure_channel()
-            except BROKER_ERRORS as exc:
-                self._close_locked()
-                raise DependencyUnavailable(self.dependency) from exc
+        self._ensure_open()
 
     def close(self) -> None:
-        with self._lock:
-            self._close_locked()
+        self._reset("publisher closed")
 
-    def _publish_locked(self, jobs: Sequence[JobMessage]) -> None:
-        channel = self._ensure_channel()
+    def _ensure_open(self) -> pika.SelectConnection:
+        with self._lock:
+            if (
+                self._connection is not None
+                and self._channel is not None
+                and (self._channel.is_open)
+            ):
+                return self._connection
+            self._reset_locked("reconnecting")
+            self._ready.clear()
+            self._open_error = None
+            self._connection = pika.SelectConnection(
+                connection_parameters(self.settings),
+                on_open_callback=self._on_connection_open,
+                on_open_error_callback=self._on_open_error,
+                on_close_callback=self._on_connection_closed,
+            )
+            self._thread = threading.Thread(
+                target=self._connection.ioloop.start, name="job-publisher", daemon=True
+            )
+            self._thread.start()
+            if not self._ready.wait(self._confirm_timeout) or self._open_error is not None:
+                reason = self._open_error or "timed out connecting"
+                self._reset_locked(reason)
+                raise DependencyUnavailable(self.dependency, f"message broker: {reason}")
+            return self._connection
+
+    # Everything below runs on the I/O thread, except the _reset helpers.
+
+    def _on_connection_open(self, connection: pika.SelectConnection) -> None:
+        connection.channel(on_open_callback=self._on_channel_open)
+
+    def _on_channel_open(self, channel: Channel) -> None:
+        channel.add_on_close_callback(self._on_channel_closed)
+        channel.add_on_return_callback(self._on_returned)
+        channel.confirm_delivery(self._on_confirm, callback=lambda _: self._declare(channel))
+
+    def _declare(self, channel: Channel) -> None:
+        channel.queue_declare(
+            self.settings.dead_letter_queue,
+            durable=True,
+            arguments=dead_letter_queue_arguments(),
+            callback=lambda _: channel.queue_declare(
+                self.settings.queue,
+                durable=True,
+                arguments=job_queue_arguments(self.settings),
+                callback=lambda _: self._on_ready(channel),
+            ),
+        )
+
+    def _on_ready(self, channel: Channel) -> None:
+        self._channel = channel
+        self._next_tag = 0
+        self._ready.set()
+
+    def _send(self, batch: _PendingBatch) -> None:
+        channel = self._channel
+        if channel is None or not channel.is_open:
+            batch.fail("channel closed")
+            return
         properties = pika.BasicProperties(
             delivery_mode=pika.DeliveryMode.Persistent, content_type="application/json"
         )
-        for job in jobs:
-            channel.basic_publish(
-                exchange="",
-                routing_key=self.settings.queue,
-                body=job.encode(),
-                properties=properties,
-                mandatory=True,
-            )
+        for job in batch.jobs:
+            self._next_tag += 1
+            batch.unconfirmed.add(self._next_tag)
+            self._by_tag[self._next_tag] = batch
+            channel.basic_publish("", self.settings.queue, job.encode(), properties, mandatory=True)
 
-    def _ensure_channel(self) -> BlockingChannel:
+    def _on_confirm(self, frame: pika.frame.Method) -> None:
+        method = frame.method
+        ok = isinstance(method, pika.spec.Basic.Ack)
+        tags = (
+            [t for t in self._by_tag if t <= method.delivery_tag]
+            if method.multiple
+            else [method.delivery_tag]
+        )
+        for tag in tags:
+            batch = self._by_tag.pop(tag, None)
+            if batch is not None:
+                batch.settle(tag, ok)
+
+    def _on_returned(self, channel: Channel, method: Any, props: Any, body: bytes) -> None:
+        # An unroutable message is still acked afterwards; mark its batch failed first.
+        for batch in set(self._by_tag.values()):
+            if any(job.encode() == body for job in batch.jobs):
+                batch.error = batch.error or "a job could not be routed to the queue"
+
+    def _on_open_error(self, connection: pika.SelectConnection, error: BaseException) -> None:
+        self._open_error = str(error) or type(error).__name__
+        self._ready.set()
+        connection.ioloop.stop()
+
+    def _on_channel_closed(self, channel: Channel, reason: BaseException) -> None:
+        self._fail_pending(f"channel closed: {reason}")
+        self._open_error = self._open_error or f"channel closed: {reason}"
+        self._ready.set()
         if self._connection is not None and self._connection.is_open:
-            # Serve heartbeats that came due while the API was idle.
-            self._connection.process_data_events(0)
-        if self._channel is None or not self._channel.is_open:
-            self._close_locked()
-            self._connection = pika.BlockingConnection(connection_parameters(self.settings))
-            channel = self._connection.channel()
-            declare_topology(channel, self.settings)
-            channel.confirm_delivery()
-            self._channel = channel
-        return self._channel
+            self._connection.close()
 
-    def _close_locked(self) -> None:
-        connection, self._connection, self._channel = self._connection, None, None
-        if connection is not None and connection.is_open:
-            try:
-                connection.close()
-            except BROKER_ERRORS:
-                pass
+    def _on_connection_closed(
+        self, connection: pika.SelectConnection, reason: BaseException
+    ) -> None:
+        self._fail_pending(f"connection closed: {reason}")
+        self._channel = None
+        connection.ioloop.stop()
+
+    def _fail_pending(self, reason: str) -> None:
+        pending, self._by_tag = set(self._by_tag.values()), {}
+        for batch in pending:
+            batch.fail(reason)
+
+    def _reset(self, reason: str) -> None:
+        with self._lock:
+            self._reset_locked(reason)
+
+    def _reset_locked(self, reason: str) -> None:
+        connection, thread = self._connection, self._thread
+        self._connection, self._channel, self._thread = None, None, None
+        if connection is None:
+            return
+        if not connection.is_closed:
+            with contextlib.suppress(*BROKER_ERRORS):
+                connection.ioloop.add_callback_threadsafe(lambda: _close_quietly(connection))
+        if thread is not None and thread is not threading.current_thread():
+            thread.join(timeout=5)
+        log.debug("job publisher reset: %s", reason)
+
+
+def _close_quietly(connection: pika.SelectConnection) -> None:
+    try:
+        connection.close()
+    except BROKER_ERRORS:
+        connection.ioloop.stop()

@@ -38,7 +38,9 @@ class _Env:
             try:
                 return Path(file_path).read_text(encoding="utf-8").strip()
             except OSError as exc:
-                raise ConfigError(f"{name}_FILE: cannot read {file_path!r}: {exc.strerror}") from exc
+                raise ConfigError(
+                    f"{name}_FILE: cannot read {file_path!r}: {exc.strerror}"
+                ) from exc
         value = self._environ.get(name)
         return default if value is None or value == "" else value
 

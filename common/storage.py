@@ -77,7 +77,7 @@ class ObjectStore:
         return self._get(self.settings.raw_bucket, key)
 
     def read_original_into(self, key: str, buffer: memoryview) -> int:
-        """Stream an original into `buffer`; returns its length. Raises ValueError if it does not fit."""
+        """Stream an original into `buffer` and return its length; ValueError if it does not fit."""
         try:
             response = self._client.get_object(self.settings.raw_bucket, key)
             try:

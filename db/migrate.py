@@ -33,7 +33,7 @@ class Migration:
 
 
 def discover(directory: Path = MIGRATIONS_DIR) -> list[Migration]:
-    """The migrations in `directory`, ordered by version; a malformed or duplicate name is an error."""
+    """The migrations in `directory` by version; a malformed or duplicate name is an error."""
     found: dict[int, Migration] = {}
     for path in sorted(directory.glob("*.sql")):
         match = _NAME.match(path.name)

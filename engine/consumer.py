@@ -8,6 +8,7 @@ channel operation happens here; the loop keeps serving heartbeats while batches 
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import threading
 import time
@@ -84,10 +85,8 @@ class BatchConsumer:
                 self._stop.wait(delay)
             finally:
                 if connection.is_open:
-                    try:
+                    with contextlib.suppress(*BROKER_ERRORS):
                         connection.close()
-                    except BROKER_ERRORS:
-                        pass
         self._batches.shutdown(wait=True)
 
 

@@ -60,7 +60,10 @@ _options: KernelOptions | None = None
 
 
 def _init_process(
-    input_name: str, input_slot_bytes: int, output_name: str, output_slot_bytes: int,
+    input_name: str,
+    input_slot_bytes: int,
+    output_name: str,
+    output_slot_bytes: int,
     options: KernelOptions,
 ) -> None:
     import cv2
@@ -76,6 +79,7 @@ def render_slot(task: RenderTask) -> RenderResult:
     """Runs in a CPU process: render the image in `task.input_slot` into `task.output_slot`."""
     assert _input is not None and _output is not None and _options is not None
     started_wall, started_cpu = time.perf_counter(), time.process_time()
+    assert _input.buf is not None and _output.buf is not None
     offset = task.input_slot * _input_slot_bytes
     source = np.frombuffer(_input.buf, dtype=np.uint8, count=task.input_length, offset=offset)
     try:

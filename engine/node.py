@@ -67,8 +67,14 @@ class WorkerNode:
         log.info(
             "worker node: processes=%d prefetch=%d batch_size=%d batch_wait_ms=%d "
             "memory_mb=%d (%d slots) output=%s target_width=%d",
-            engine.processes, engine.prefetch, engine.batch_size, engine.batch_wait_ms,
-            engine.memory_mb, count, engine.output_format, engine.target_width,
+            engine.processes,
+            engine.prefetch,
+            engine.batch_size,
+            engine.batch_wait_ms,
+            engine.memory_mb,
+            count,
+            engine.output_format,
+            engine.target_width,
         )
 
     def _process_batch(self, deliveries: list[Delivery]) -> Verdict:
@@ -76,7 +82,10 @@ class WorkerNode:
         stages = self.processor.last_stage_times.seconds
         log.info(
             "batch of %d: completed=%d failed=%d requeued=%d stages=%s",
-            len(deliveries), verdict.completed, verdict.failed, len(verdict.requeue),
+            len(deliveries),
+            verdict.completed,
+            verdict.failed,
+            len(verdict.requeue),
             {k: round(v, 4) for k, v in stages.items()},
         )
         return verdict

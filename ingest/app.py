@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
+from typing import Any
 
 import falcon
 from falcon.media.multipart import MultipartParseOptions
@@ -52,7 +53,7 @@ class Dependencies:
 
 
 def create_app(settings: Settings, deps: Dependencies) -> falcon.App:
-    middleware: list[object] = [
+    middleware: list[Any] = [
         RequestIdMiddleware(),
         SecurityHeadersMiddleware(),
         AuthMiddleware(deps.verifier),

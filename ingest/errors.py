@@ -60,8 +60,6 @@ def handle_unexpected(
 def serialize_http_error(req: falcon.Request, resp: falcon.Response, ex: falcon.HTTPError) -> None:
     resp.content_type = falcon.MEDIA_JSON
     resp.media = error_body(_falcon_code(ex), ex.description or _falcon_code(ex).replace("_", " "))
-    for name, value in (ex.headers or {}).items():
-        resp.set_header(name, value)
 
 
 def install(app: falcon.App) -> None:

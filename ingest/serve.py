@@ -13,7 +13,7 @@ from common.config import ConfigError, Settings
 from common.logs import configure_logging
 
 
-class PixelmillGunicorn(BaseApplication):  # type: ignore[misc]
+class PixelmillGunicorn(BaseApplication):
     """Gunicorn with the app built after fork, in each worker (no connections cross a fork)."""
 
     def __init__(self, options: dict[str, Any]) -> None:

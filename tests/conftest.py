@@ -67,9 +67,7 @@ def schema(run_id: str) -> Iterator[str]:
 
 
 @pytest.fixture(scope="session")
-def env(
-    run_id: str, schema: str, s3_server: LocalS3Server, issuer: LocalIssuer
-) -> dict[str, str]:
+def env(run_id: str, schema: str, s3_server: LocalS3Server, issuer: LocalIssuer) -> dict[str, str]:
     """The environment a pixelmill process of this test session runs with."""
     separator = "&" if "?" in BASE_POSTGRES_URL else "?"
     return {

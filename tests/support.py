@@ -110,7 +110,9 @@ class StackProbe:
 
     def updated_at(self, image_id: str | uuid.UUID) -> Any:
         with psycopg.connect(self.settings.postgres_url) as conn:
-            row = conn.execute("SELECT updated_at FROM images WHERE id = %s", (image_id,)).fetchone()
+            row = conn.execute(
+                "SELECT updated_at FROM images WHERE id = %s", (image_id,)
+            ).fetchone()
         return None if row is None else row[0]
 
     def object_keys(self, bucket: str) -> set[str]:

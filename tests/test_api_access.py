@@ -25,14 +25,24 @@ def client_for(app, issuer: LocalIssuer, roles=("user",), sub: str | None = None
 
 
 def unsigned_token(issuer: LocalIssuer) -> str:
-    claims = {"iss": issuer.issuer, "sub": "mallory", "azp": issuer.client_id,
-              "exp": int(time.time()) + 300, "realm_access": {"roles": ["admin", "user"]}}
+    claims = {
+        "iss": issuer.issuer,
+        "sub": "mallory",
+        "azp": issuer.client_id,
+        "exp": int(time.time()) + 300,
+        "realm_access": {"roles": ["admin", "user"]},
+    }
     return jwt.encode(claims, key=None, algorithm="none", headers={"kid": issuer.kid})
 
 
 def hs256_with_public_key(issuer: LocalIssuer) -> str:
-    claims = {"iss": issuer.issuer, "sub": "mallory", "azp": issuer.client_id,
-              "exp": int(time.time()) + 300, "realm_access": {"roles": ["admin"]}}
+    claims = {
+        "iss": issuer.issuer,
+        "sub": "mallory",
+        "azp": issuer.client_id,
+        "exp": int(time.time()) + 300,
+        "realm_access": {"roles": ["admin"]},
+    }
     header = {"alg": "HS256", "typ": "JWT", "kid": issuer.kid}
     signing_input = (
         jwt.utils.base64url_encode(jwt.api_jws.json.dumps(header).encode())
@@ -122,8 +132,9 @@ def test_admin_delete_removes_objects_row_and_cache(
 ) -> None:
     owner = client_for(app, issuer)
     image_id = owner.upload(jpeg(900, 600)).json["id"]
-    done = wait_for(lambda: (b := owner.get(f"/api/v1/images/{image_id}").json)["status"]
-                    == "completed" and b)
+    done = wait_for(
+        lambda: (b := owner.get(f"/api/v1/images/{image_id}").json)["status"] == "completed" and b
+    )
     result_key = done["result"]["key"]
     assert result_key in probe.results()
 

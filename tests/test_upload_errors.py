@@ -40,7 +40,12 @@ BAD_BODIES = {
     "gif": (b"GIF89a\x01\x00\x01\x00\x00\x00\x00;", "anim.jpg", 415, "unsupported_media_type"),
     "pdf": (b"%PDF-1.7\n%\xe2\xe3\xcf\xd3\n", "doc.png", 415, "unsupported_media_type"),
     "empty_file": (b"", "empty.jpg", 400, "bad_request"),
-    "bomb_65535_square": (jpeg_header_claiming(65535, 65535), "bomb.jpg", 422, "unprocessable_image"),
+    "bomb_65535_square": (
+        jpeg_header_claiming(65535, 65535),
+        "bomb.jpg",
+        422,
+        "unprocessable_image",
+    ),
 }
 
 
@@ -60,9 +65,7 @@ def test_declared_length_over_limit_is_413_before_reading(api: ApiClient, nothin
     response = api.client.simulate_post(
         "/api/v1/upload",
         body=body,
-        headers=api.headers(
-            {"Content-Type": content_type, "Content-Length": str(TEN_MB * 100)}
-        ),
+        headers=api.headers({"Content-Type": content_type, "Content-Length": str(TEN_MB * 100)}),
     )
     assert_rejected(response, 413, "payload_too_large")
 

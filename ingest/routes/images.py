@@ -75,7 +75,9 @@ class ImageResource:
         if record is None:
             return None
         document = image_document(record)
-        self._cache.put(image_id, document, self._ttl if record.is_terminal else PENDING_CACHE_SECONDS)
+        self._cache.put(
+            image_id, document, self._ttl if record.is_terminal else PENDING_CACHE_SECONDS
+        )
         return document
 
     def _with_download_url(self, document: dict[str, Any]) -> dict[str, Any]:
@@ -106,7 +108,9 @@ class ImageCollectionResource:
         after = decode_cursor(req.get_param("cursor"))
         with self._db.transaction() as conn:
             rows = images.list_images(conn, owner=owner, status=status, limit=limit, after=after)
-        next_cursor = encode_cursor(rows[-1].created_at, rows[-1].id) if len(rows) == limit else None
+        next_cursor = (
+            encode_cursor(rows[-1].created_at, rows[-1].id) if len(rows) == limit else None
+        )
         resp.media = {"items": [image_document(r) for r in rows], "next_cursor": next_cursor}
 
     def _owner_filter(self, req: falcon.Request, principal: Any) -> str | None:
