@@ -18,7 +18,7 @@ from minio.error import S3Error
 
 from common.config import QueueSettings, Settings, StorageSettings
 from ops.__main__ import main as ops_main
-from ops.background import BackgroundProcess, command_line
+from ops.background import BackgroundProcess, Stopped, command_line
 from ops.s3server import LocalS3Server, WeedPorts, pick_free_s3_port, port_is_open
 from ops.services import ServicesUnavailable, ensure_services
 from ops.stack import LocalStack, StatePaths
@@ -182,7 +182,7 @@ def test_background_stop_kills_a_process_that_ignores_sigterm(tmp_path: Path) ->
     pid = stubborn.start()
     _wait_for_text(stubborn.log_path, "ready")
 
-    assert stubborn.stop(timeout=1.0) is True
+    assert stubborn.stop(timeout=1.0) is Stopped.KILLED
 
     assert command_line(pid) is None
     assert not stubborn.pid_path.exists()
@@ -198,7 +198,7 @@ def test_background_stop_also_ends_children_left_behind(tmp_path: Path) -> None:
     parent.start()
     child_pid = int(_wait_for_text(parent.log_path, "child ").split()[1])
 
-    parent.stop(timeout=5.0)
+    assert parent.stop(timeout=5.0) is Stopped.TERMINATED
 
     deadline = time.monotonic() + 5
     while command_line(child_pid) is not None and time.monotonic() < deadline:
@@ -214,7 +214,7 @@ def test_background_ignores_a_pid_file_naming_someone_elses_process(tmp_path: Pa
         ours.pid_path.write_text(f"{stranger.pid}\n")
 
         assert ours.is_running() is False
-        assert ours.stop(timeout=1.0) is False
+        assert ours.stop(timeout=1.0) is Stopped.NOT_RUNNING
         assert stranger.poll() is None
     finally:
         stranger.kill()

@@ -1,0 +1,70 @@
+# Every target first makes sure .venv holds the project (re-installed when pyproject.toml changes).
+
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.pixelmill-installed
+
+# `make token USER=alice ROLES=user,admin`. USER from the environment is the login name, not a
+# token subject, so only a command-line USER counts.
+ifeq ($(origin USER),command line)
+TOKEN_USER := $(USER)
+else
+TOKEN_USER := user
+endif
+ROLES ?= user
+BENCH_PROFILE ?= quick
+
+.PHONY: up down logs ps token test lint bench clean compose-tool
+
+$(STAMP): pyproject.toml
+	@test -x $(PY) || python3 -m venv $(VENV) >&2
+	@echo "installing pixelmill into $(VENV)" >&2
+	@$(PY) -m pip install -q -e '.[test,bench]' >&2
+	@touch $@
+
+up: $(STAMP)
+	$(PY) -m ops up
+
+down: $(STAMP)
+	$(PY) -m ops down
+
+logs: $(STAMP)
+	$(PY) -m ops logs
+
+ps: $(STAMP)
+	$(PY) -m ops ps
+
+# Prints only the token: TOKEN=$$(make -s token)
+token: $(STAMP)
+	@$(PY) -m ops token --user '$(TOKEN_USER)' --roles '$(ROLES)'
+
+test: $(STAMP) compose-tool
+	$(PY) -m ops services
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+	$(VENV)/bin/mypy
+	$(VENV)/bin/pytest
+
+lint: $(STAMP)
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+	$(VENV)/bin/mypy
+
+bench: $(STAMP)
+	$(PY) -m bench $(BENCH_PROFILE)
+
+# Stops the local stack first: its data lives in .state.
+clean: $(STAMP)
+	$(PY) -m ops down
+	rm -rf .state .pytest_cache .mypy_cache .ruff_cache build
+	find . -path ./$(VENV) -prune -o -name __pycache__ -type d -exec rm -rf {} +
+
+# docker-compose validates compose.yaml in the tests; on Debian as root it is installed here so
+# that CI runs that test instead of skipping it.
+compose-tool:
+	@if ! command -v docker-compose >/dev/null 2>&1 \
+	    && [ -f /etc/debian_version ] && [ "$$(id -u)" = 0 ]; then \
+	  echo "installing docker-compose (apt-get)" >&2; \
+	  apt-get update -q >&2 && DEBIAN_FRONTEND=noninteractive \
+	    apt-get install -y -q --no-install-recommends docker-compose >&2; \
+	fi
