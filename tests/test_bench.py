@@ -64,6 +64,7 @@ def test_manifest_records_size_digest_and_dimensions(tmp_path: Path) -> None:
     (entry,) = read_manifest(tmp_path)
     assert entry == entries[0]
     decoded = cv2.imread(str(tmp_path / entry.file), cv2.IMREAD_UNCHANGED)
+    assert decoded is not None
     assert decoded.shape == (768, 1024, 4)
     assert entry.bytes == (tmp_path / entry.file).stat().st_size
 

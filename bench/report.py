@@ -1,0 +1,260 @@
+"""Presentation of benchmark results: Markdown summary tables and PNG plots (matplotlib, Agg).
+
+Kernel results get a throughput bar chart and a throughput-vs-processes chart. End-to-end results
+of the shape {"latency_ms": {"upload": {"p50": ..}, "completed": {..}}, "stages_ms": {stage: ms}}
+get a latency-percentile chart and a per-stage breakdown.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.figure import Figure
+
+from bench.corpus import IMAGE_CLASSES
+from bench.kernel_bench import ALL_CLASSES, SIZE_BASELINE, SUBJECT
+from bench.results import markdown_table, read_results
+
+Summary = list[dict[str, Any]]
+
+
+def _class_order(summary: Summary) -> list[str]:
+    present = {row["image_class"] for row in summary}
+    ordered = [name for name in IMAGE_CLASSES if name in present]
+    return ordered + sorted(present - set(ordered) - {ALL_CLASSES}) + [ALL_CLASSES]
+
+
+def _speedups(result: dict[str, Any]) -> dict[tuple[str, str, int], dict[str, float | None]]:
+    return {
+        (row["image_class"], row["format"], row["processes"]): row["speedup"]
+        for row in result["comparisons"]
+    }
+
+
+def kernel_throughput_table(result: dict[str, Any]) -> str:
+    """One row per format, processes, class and implementation, medians over repeats."""
+    speedups = _speedups(result)
+    order = {name: index for index, name in enumerate(_class_order(result["summary"]))}
+    impls = {name: index for index, name in enumerate(result["implementations"])}
+    rows = []
+    for row in sorted(
+        result["summary"],
+        key=lambda r: (
+            r["format"],
+            r["processes"],
+            order[r["image_class"]],
+            impls.get(r["implementation"], 99),
+        ),
+    ):
+        key = (row["image_class"], row["format"], row["processes"])
+        speedup = speedups.get(key, {}).get(row["implementation"])
+        out_kb = row["out_bytes_per_image"] / 1024 if row["out_bytes_per_image"] else None
+        rows.append(
+            [
+                row["format"],
+                row["processes"],
+                row["image_class"],
+                row["implementation"],
+                row["images_per_s"],
+                row["megapixels_per_s"],
+                row["cpu_ms_per_image"],
+                out_kb,
+                row["images_failed"],
+                f"{speedup:.2f}x" if speedup else "-",
+            ]
+        )
+    headers = [
+        "format",
+        "P",
+        "class",
+        "impl",
+        "images/s",
+        "MP/s",
+        "CPU ms/img",
+        "out KB",
+        "failed",
+        f"{SUBJECT} speed-up",
+    ]
+    return markdown_table(headers, rows)
+
+
+def kernel_comparison_table(result: dict[str, Any]) -> str:
+    """pixelmill's speed over each reference and its output size relative to vips, per class."""
+    references = [name for name in result["implementations"] if name != SUBJECT]
+    order = {name: index for index, name in enumerate(_class_order(result["summary"]))}
+    rows = []
+    for row in sorted(
+        result["comparisons"], key=lambda r: (r["format"], r["processes"], order[r["image_class"]])
+    ):
+        speedups = [row["speedup"].get(name) for name in references]
+        rows.append(
+            [
+                row["format"],
+                row["processes"],
+                row["image_class"],
+                *[f"{s:.2f}x" if s else "-" for s in speedups],
+                row["size_vs_vips"],
+            ]
+        )
+    headers = [
+        "format",
+        "P",
+        "class",
+        *[f"vs {name}" for name in references],
+        f"bytes vs {SIZE_BASELINE}",
+    ]
+    return markdown_table(headers, rows)
+
+
+def kernel_summary_markdown(document: dict[str, Any]) -> str:
+    """The Markdown summary of a kernel results document."""
+    machine = document["machine"]
+    lines = [
+        f"# Kernel benchmark ({document['timestamp']}, commit {document['git_commit'][:12]})",
+        "",
+        f"{machine['cpu_model']}, {machine['cores']} cores, {machine['memory_gib']} GiB; "
+        "one thread per process; medians of "
+        f"{document['settings']['repeat']} repeats; images/s counts successful images only.",
+        "",
+    ]
+    for name, reason in document["skipped"].items():
+        lines.append(f"Skipped {name}: {reason}")
+    lines += ["", kernel_throughput_table(document), kernel_comparison_table(document)]
+    return "\n".join(lines)
+
+
+def _new_figure(size: tuple[float, float]) -> Figure:
+    """A figure on the Agg canvas: no pyplot, so no global GUI backend state."""
+    figure = Figure(figsize=size)
+    FigureCanvasAgg(figure)
+    return figure
+
+
+def _save(figure: Figure, path: Path) -> Path:
+    figure.tight_layout()
+    figure.savefig(path, dpi=100)
+    return path
+
+
+def _grouped_bars(axis: Any, groups: Sequence[str], series: dict[str, list[float]]) -> None:
+    width = 0.8 / max(len(series), 1)
+    for index, (label, values) in enumerate(series.items()):
+        positions = [g + (index - (len(series) - 1) / 2) * width for g in range(len(groups))]
+        axis.bar(positions, values, width, label=label)
+    axis.set_xticks(range(len(groups)), groups, rotation=20, ha="right")
+    axis.legend(fontsize="small")
+
+
+def plot_kernel_throughput(
+    document: dict[str, Any], path: Path, processes: int = 1, fmt: str = "png"
+) -> Path:
+    """Bar chart: images/s per class (log scale), one bar per implementation, P processes."""
+    rows = [r for r in document["summary"] if r["processes"] == processes and r["format"] == fmt]
+    classes = _class_order(rows)
+    lookup = {(r["implementation"], r["image_class"]): r["images_per_s"] for r in rows}
+    series = {
+        impl: [lookup.get((impl, name), 0.0) for name in classes]
+        for impl in document["implementations"]
+    }
+    figure = _new_figure((10, 5))
+    axis = figure.subplots()
+    _grouped_bars(axis, classes, series)
+    axis.set_yscale("log")
+    axis.set_ylabel("images/s (median)")
+    axis.set_title(f"Kernel throughput, {processes} process(es), {fmt} output")
+    return _save(figure, path)
+
+
+def plot_kernel_scaling(document: dict[str, Any], path: Path, fmt: str = "png") -> Path:
+    """Line charts: images/s against number of processes, one panel per class."""
+    rows = [r for r in document["summary"] if r["format"] == fmt]
+    classes = _class_order(rows)
+    columns = 3
+    figure = _new_figure((12, 3.2 * ((len(classes) + columns - 1) // columns)))
+    axes = figure.subplots(
+        (len(classes) + columns - 1) // columns,
+        columns,
+        squeeze=False,
+    )
+    for axis, name in zip(axes.flat, classes, strict=False):
+        for impl in document["implementations"]:
+            points = sorted(
+                (r["processes"], r["images_per_s"])
+                for r in rows
+                if r["implementation"] == impl and r["image_class"] == name
+            )
+            axis.plot([p for p, _ in points], [v for _, v in points], marker="o", label=impl)
+        axis.set_title(name, fontsize="medium")
+        axis.set_xticks(sorted({r["processes"] for r in rows}))
+        axis.set_xlabel("processes")
+        axis.set_ylabel("images/s")
+    for axis in list(axes.flat)[len(classes) :]:
+        axis.set_visible(False)
+    axes.flat[0].legend(fontsize="small")
+    return _save(figure, path)
+
+
+def plot_latency_percentiles(e2e: dict[str, Any], path: Path) -> Path:
+    """Grouped bars of latency percentiles (ms) for each measured latency (upload, completed)."""
+    latencies: dict[str, dict[str, float]] = e2e["latency_ms"]
+    percentile_names = sorted(
+        {p for values in latencies.values() for p in values}, key=lambda p: float(p.lstrip("p"))
+    )
+    series = {p: [latencies[name].get(p, 0.0) for name in latencies] for p in percentile_names}
+    figure = _new_figure((8, 4.5))
+    axis = figure.subplots()
+    _grouped_bars(axis, list(latencies), series)
+    axis.set_ylabel("latency (ms)")
+    axis.set_title("End-to-end latency percentiles")
+    return _save(figure, path)
+
+
+def plot_stage_breakdown(e2e: dict[str, Any], path: Path) -> Path:
+    """Horizontal bars: median milliseconds spent in each pipeline stage."""
+    stages: dict[str, float] = e2e["stages_ms"]
+    figure = _new_figure((8, 0.5 * len(stages) + 1.5))
+    axis = figure.subplots()
+    axis.barh(list(stages), list(stages.values()))
+    axis.invert_yaxis()
+    axis.set_xlabel("median ms per image")
+    axis.set_title("Per-stage breakdown")
+    return _save(figure, path)
+
+
+def kernel_plots(document: dict[str, Any], out_dir: Path, prefix: str) -> list[Path]:
+    """Throughput bars for every format and process count; scaling lines per format."""
+    written = []
+    settings = document["settings"]
+    for fmt in settings["formats"]:
+        for processes in settings["processes"]:
+            target = out_dir / f"{prefix}-kernel-{fmt}-throughput-p{processes}.png"
+            written.append(plot_kernel_throughput(document, target, processes, fmt))
+        if len(settings["processes"]) > 1:
+            target = out_dir / f"{prefix}-kernel-{fmt}-scaling.png"
+            written.append(plot_kernel_scaling(document, target, fmt))
+    return written
+
+
+def plots_for(document: dict[str, Any], out_dir: Path, prefix: str) -> list[Path]:
+    """The plots that fit one results document (kernel, end-to-end, or both parts)."""
+    written = []
+    if document.get("kind") == "kernel":
+        written += kernel_plots(document, out_dir, prefix)
+    if "latency_ms" in document:
+        written.append(plot_latency_percentiles(document, out_dir / f"{prefix}-latency.png"))
+    if "stages_ms" in document:
+        written.append(plot_stage_breakdown(document, out_dir / f"{prefix}-stages.png"))
+    return written
+
+
+def generate_report(result_paths: Sequence[Path], out_dir: Path) -> list[Path]:
+    """Write the plots for every results file into out_dir; return the files written."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    written = []
+    for path in result_paths:
+        prefix = path.parent.name if path.name == "results.json" else path.stem
+        written += plots_for(read_results(path), out_dir, prefix)
+    return written
