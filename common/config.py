@@ -147,6 +147,10 @@ class ApiSettings:
     """Limits and behaviour of the HTTP API."""
 
     max_upload_bytes: int = 10 * 1024 * 1024
+    max_bulk_parts: int = 100
+    max_bulk_bytes: int = 100 * 1024 * 1024
+    idempotency_ttl_seconds: int = 24 * 3600
+    max_wait_seconds: int = 30
     cache_ttl_seconds: int = 30
     cors_origins: tuple[str, ...] = ()
     uploads_per_minute: int = 600
@@ -247,6 +251,12 @@ def _api_from(env: _Env) -> ApiSettings:
     d = ApiSettings()
     return ApiSettings(
         max_upload_bytes=env.integer("MAX_UPLOAD_BYTES", d.max_upload_bytes, minimum=1),
+        max_bulk_parts=env.integer("MAX_BULK_PARTS", d.max_bulk_parts, minimum=1),
+        max_bulk_bytes=env.integer("MAX_BULK_BYTES", d.max_bulk_bytes, minimum=1),
+        idempotency_ttl_seconds=env.integer(
+            "IDEMPOTENCY_TTL_SECONDS", d.idempotency_ttl_seconds, minimum=1
+        ),
+        max_wait_seconds=env.integer("MAX_WAIT_SECONDS", d.max_wait_seconds),
         cache_ttl_seconds=env.integer("CACHE_TTL_SECONDS", d.cache_ttl_seconds, minimum=1),
         cors_origins=env.names("CORS_ORIGINS", ""),
         uploads_per_minute=env.integer("UPLOADS_PER_MINUTE", d.uploads_per_minute),

@@ -24,6 +24,16 @@ class NotFound(PixelmillError):
     code = "not_found"
 
 
+class Conflict(PixelmillError):
+    status = 409
+    code = "conflict"
+
+
+class LengthRequired(PixelmillError):
+    status = 411
+    code = "length_required"
+
+
 class PayloadTooLarge(PixelmillError):
     status = 413
     code = "payload_too_large"

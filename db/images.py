@@ -71,28 +71,39 @@ class Outcome:
 _COLUMNS = ", ".join(ImageRecord.__dataclass_fields__)
 
 
-def insert_image(conn: psycopg.Connection[Any], new: NewImage) -> ImageRecord:
+def insert_images(conn: psycopg.Connection[Any], new: Sequence[NewImage]) -> list[ImageRecord]:
+    """Insert many images in one statement; rows come back in the order given."""
+    columns = list(NewImage.__dataclass_fields__)
+    types = ("uuid", "text", "text", "text", "bigint", "text", "int", "int", "text")
+    arrays = [[getattr(image, column) for image in new] for column in columns]
+    unnest = ", ".join(f"%s::{t}[]" for t in types)
     with conn.cursor(row_factory=class_row(ImageRecord)) as cur:
         cur.execute(
-            f"""INSERT INTO images (id, owner, filename, content_type, size_bytes, sha256,
-                                    source_width, source_height, original_key)
-                VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s)
+            f"""INSERT INTO images ({", ".join(columns)})
+                SELECT * FROM unnest({unnest})
                 RETURNING {_COLUMNS}""",
-            (
-                new.id,
-                new.owner,
-                new.filename,
-                new.content_type,
-                new.size_bytes,
-                new.sha256,
-                new.source_width,
-                new.source_height,
-                new.original_key,
-            ),
+            arrays,
         )
-        row = cur.fetchone()
-    assert row is not None
-    return row
+        rows = {row.id: row for row in cur.fetchall()}
+    return [rows[image.id] for image in new]
+
+
+def find_by_digest(
+    conn: psycopg.Connection[Any], owner: str, digests: Sequence[str]
+) -> dict[str, ImageRecord]:
+    """The owner's newest image for each digest, leaving out failed ones (de-duplication)."""
+    with conn.cursor(row_factory=class_row(ImageRecord)) as cur:
+        cur.execute(
+            f"""SELECT DISTINCT ON (sha256) {_COLUMNS} FROM images
+                WHERE owner = %s AND sha256 = ANY(%s) AND status <> 'failed'
+                ORDER BY sha256, created_at DESC""",
+            (owner, list(digests)),
+        )
+        return {row.sha256: row for row in cur.fetchall()}
+
+
+def delete_images(conn: psycopg.Connection[Any], ids: Sequence[uuid.UUID]) -> None:
+    conn.execute("DELETE FROM images WHERE id = ANY(%s)", (list(ids),))
 
 
 def mark_enqueued(conn: psycopg.Connection[Any], ids: Sequence[uuid.UUID]) -> None:

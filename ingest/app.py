@@ -22,7 +22,7 @@ from ingest.middleware import AuthMiddleware, RequestIdMiddleware, SecurityHeade
 from ingest.rate_limit import UploadRateLimiter
 from ingest.routes.health import HealthResource, ReadinessResource
 from ingest.routes.images import ImageCollectionResource, ImageResource
-from ingest.routes.upload import UploadResource
+from ingest.routes.upload import BulkUploadResource, UploadResource
 
 log = logging.getLogger(__name__)
 
@@ -64,7 +64,7 @@ def create_app(settings: Settings, deps: Dependencies) -> falcon.App:
     _configure_multipart(app)
     errors.install(app)
 
-    intake = ImageIntake(deps.db, deps.store, deps.publisher)
+    intake = ImageIntake(deps.db, deps.store, deps.publisher, settings.api.idempotency_ttl_seconds)
     limiter = UploadRateLimiter(
         deps.cache.client, settings.redis_prefix, settings.api.uploads_per_minute
     )
@@ -80,6 +80,9 @@ def create_app(settings: Settings, deps: Dependencies) -> falcon.App:
         ),
     )
     app.add_route("/api/v1/upload", UploadResource(intake, limiter, settings.api, settings.engine))
+    app.add_route(
+        "/api/v1/uploads", BulkUploadResource(intake, limiter, settings.api, settings.engine)
+    )
     app.add_route("/api/v1/images", ImageCollectionResource(deps.db, deps.store))
     app.add_route(
         "/api/v1/images/{image_id}",

@@ -7,9 +7,16 @@ import re
 from dataclasses import dataclass
 
 import falcon
-from falcon.media.multipart import BodyPart, MultipartParseError
+from falcon.media.multipart import BodyPart, MultipartParseError, MultipartParseOptions
 
-from common.errors import BadRequest, PayloadTooLarge, UnprocessableImage, UnsupportedMediaType
+from common.errors import (
+    BadRequest,
+    LengthRequired,
+    PayloadTooLarge,
+    PixelmillError,
+    UnprocessableImage,
+    UnsupportedMediaType,
+)
 from common.imageinfo import ImageHeader, probe
 
 IMAGE_FIELD = "image"
@@ -42,14 +49,14 @@ def clean_filename(raw: str | None) -> str:
     return name[:MAX_FILENAME_CHARS]
 
 
-def check_declared_length(req: falcon.Request, max_bytes: int, max_parts: int = 1) -> None:
-    """Refuse a body whose Content-Length is already too large, before reading any of it."""
-    if req.content_length is not None and req.content_length > max_parts * (
-        max_bytes + MULTIPART_OVERHEAD
-    ):
-        raise PayloadTooLarge(f"request body exceeds the {max_bytes}-byte upload limit")
+def check_declared_length(req: falcon.Request, max_body_bytes: int) -> None:
+    """Refuse a body that is not multipart, has no length, or is too large, before reading it."""
     if not req.content_type or not req.content_type.lower().startswith("multipart/form-data"):
         raise UnsupportedMediaType("send the image as multipart/form-data in a field named 'image'")
+    if req.content_length is None:
+        raise LengthRequired("send a Content-Length header with the upload")
+    if req.content_length > max_body_bytes + MULTIPART_OVERHEAD:
+        raise PayloadTooLarge(f"request body exceeds the {max_body_bytes}-byte limit")
 
 
 @dataclass(frozen=True)
@@ -115,3 +122,71 @@ def read_single_upload(req: falcon.Request, max_bytes: int, max_pixels: int) -> 
     upload = validate_image(found)
     check_pixel_limit(upload.header, max_pixels)
     return upload
+
+
+@dataclass(frozen=True)
+class BulkLimits:
+    max_parts: int
+    max_body_bytes: int
+    max_part_bytes: int
+    max_pixels: int
+
+
+@dataclass(frozen=True)
+class BulkPart:
+    """One `image` part of a bulk upload: validated, or refused with its own error."""
+
+    index: int
+    filename: str
+    upload: UploadedImage | None = None
+    error: PixelmillError | None = None
+
+
+def bulk_form_handler(max_parts: int) -> falcon.media.MultipartFormHandler:
+    options = MultipartParseOptions()
+    # Room for a few non-image fields beside the images.
+    options.max_body_part_count = max_parts + 8
+    options.max_body_part_headers_size = 32 * 1024
+    return falcon.media.MultipartFormHandler(options)
+
+
+def read_bulk_upload(req: falcon.Request, limits: BulkLimits) -> list[BulkPart]:
+    """Every `image` part, each read and judged on its own; other fields are ignored.
+
+    Only the whole request can fail here: not multipart, too large, too many parts, malformed.
+    """
+    check_declared_length(req, limits.max_body_bytes)
+    handler = bulk_form_handler(limits.max_parts)
+    raw_parts: list[tuple[str | None, RawPart | PixelmillError]] = []
+    try:
+        form = handler.deserialize(req.bounded_stream, req.content_type, req.content_length)
+        for part in form:
+            if part.name != IMAGE_FIELD:
+                continue
+            if len(raw_parts) == limits.max_parts:
+                raise PayloadTooLarge(f"send at most {limits.max_parts} images per request")
+            try:
+                raw_parts.append((part.filename, read_file_part(part, limits.max_part_bytes)))
+            except PayloadTooLarge as exc:
+                raw_parts.append((part.filename, exc))
+    except MultipartParseError as exc:
+        raise BadRequest(f"malformed multipart body: {exc.description}") from exc
+    except falcon.HTTPInvalidHeader as exc:
+        raise BadRequest(f"malformed multipart body: {exc.description}") from exc
+    if not raw_parts:
+        raise BadRequest("the form has no 'image' file field")
+    return [_judge(index, name, raw, limits) for index, (name, raw) in enumerate(raw_parts)]
+
+
+def _judge(
+    index: int, raw_name: str | None, raw: RawPart | PixelmillError, limits: BulkLimits
+) -> BulkPart:
+    filename = clean_filename(raw_name)
+    if isinstance(raw, PixelmillError):
+        return BulkPart(index, filename, error=raw)
+    try:
+        upload = validate_image(raw)
+        check_pixel_limit(upload.header, limits.max_pixels)
+    except PixelmillError as exc:
+        return BulkPart(index, filename, error=exc)
+    return BulkPart(index, filename, upload=upload)

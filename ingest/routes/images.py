@@ -98,7 +98,9 @@ class ImageCollectionResource:
         principal = req.context.principal
         ids = req.get_param_as_list("ids")
         if ids is not None:
-            resp.media = {"items": self._by_ids(ids, principal)}
+            # `?ids=a,b` and `?ids=a&ids=b` both work.
+            split = [i.strip() for value in ids for i in value.split(",") if i.strip()]
+            resp.media = {"items": self._by_ids(split, principal)}
             return
         owner = self._owner_filter(req, principal)
         status = req.get_param("status")

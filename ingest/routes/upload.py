@@ -1,20 +1,41 @@
-"""`POST /api/v1/upload`: one image in, one `pending` image record out."""
+"""`POST /api/v1/upload` (one image) and `POST /api/v1/uploads` (many, answered per part)."""
 
 from __future__ import annotations
+
+import hashlib
+import re
 
 import falcon
 
 from common.config import ApiSettings, EngineSettings
+from common.errors import BadRequest
 from ingest.documents import image_document
-from ingest.intake import ImageIntake
+from ingest.intake import Accepted, Answer, IdempotencyClaim, ImageIntake
 from ingest.rate_limit import UploadRateLimiter
-from ingest.upload_reader import read_single_upload
+from ingest.upload_reader import BulkLimits, BulkPart, read_bulk_upload, read_single_upload
 
 UPLOAD_ROLE = "user"
+_IDEMPOTENCY_KEY = re.compile(r"^[\x21-\x7e]{1,200}$")
+
+
+def idempotency_claim(req: falcon.Request, *fingerprint: str) -> IdempotencyClaim | None:
+    """The request's Idempotency-Key, bound to a digest of what the request asks for."""
+    key = req.get_header("Idempotency-Key")
+    if key is None:
+        return None
+    if not _IDEMPOTENCY_KEY.match(key):
+        raise BadRequest("Idempotency-Key must be 1-200 visible ASCII characters")
+    digest = hashlib.sha256("\n".join((req.path, *fingerprint)).encode()).hexdigest()
+    return IdempotencyClaim(key, digest)
+
+
+def send(resp: falcon.Response, answer: Answer) -> None:
+    resp.status = falcon.code_to_http_status(answer.status_code)
+    resp.media = answer.body
 
 
 class UploadResource:
-    """Validates the multipart upload at the edge, then hands it to the intake."""
+    """One image per request; 201 with its document (200 with an earlier copy when de-duplicated)."""
 
     required_role = UPLOAD_ROLE
 
@@ -35,7 +56,95 @@ class UploadResource:
         # Charged before the body is read, so a flood of uploads costs the API little.
         self._limiter.charge(principal.subject)
         upload = read_single_upload(req, self._max_bytes, self._max_pixels)
-        record = self._intake.accept(principal.subject, upload, req.context.request_id)
-        resp.status = falcon.HTTP_201
-        resp.location = f"/api/v1/images/{record.id}"
-        resp.media = image_document(record)
+        dedupe = req.get_param_as_bool("dedupe", default=False)
+        claim = idempotency_claim(req, str(dedupe), upload.filename, upload.sha256)
+
+        def render(accepted: list[Accepted]) -> Answer:
+            [only] = accepted
+            document = {**image_document(only.record), "deduplicated": only.deduplicated}
+            return Answer(200 if only.deduplicated else 201, document)
+
+        answer = self._intake.accept(
+            principal.subject, [upload], req.context.request_id, render, dedupe=dedupe, claim=claim
+        )
+        resp.location = f"/api/v1/images/{answer.body['id']}"
+        send(resp, answer)
+
+
+class BulkUploadResource:
+    """Many `image` parts per request; 207 with one entry per part, accepted or refused."""
+
+    required_role = UPLOAD_ROLE
+
+    def __init__(
+        self,
+        intake: ImageIntake,
+        limiter: UploadRateLimiter,
+        api: ApiSettings,
+        engine: EngineSettings,
+    ) -> None:
+        self._intake = intake
+        self._limiter = limiter
+        self._limits = BulkLimits(
+            max_parts=api.max_bulk_parts,
+            max_body_bytes=api.max_bulk_bytes,
+            max_part_bytes=api.max_upload_bytes,
+            max_pixels=engine.max_pixels,
+        )
+
+    def on_post(self, req: falcon.Request, resp: falcon.Response) -> None:
+        principal = req.context.principal
+        self._limiter.charge(principal.subject)
+        parts = read_bulk_upload(req, self._limits)
+        good = [p for p in parts if p.upload is not None]
+        if len(good) > 1:
+            self._limiter.charge(principal.subject, len(good) - 1)
+        dedupe = req.get_param_as_bool("dedupe", default=False)
+        claim = idempotency_claim(req, str(dedupe), *map(_fingerprint, parts))
+
+        def render(accepted: list[Accepted]) -> Answer:
+            return Answer(207, bulk_answer(parts, accepted))
+
+        uploads = [p.upload for p in good if p.upload is not None]
+        answer = self._intake.accept(
+            principal.subject, uploads, req.context.request_id, render, dedupe=dedupe, claim=claim
+        )
+        send(resp, answer)
+
+
+def _fingerprint(part: BulkPart) -> str:
+    outcome = part.upload.sha256 if part.upload else part.error.code if part.error else ""
+    return f"{part.index}|{part.filename}|{outcome}"
+
+
+def bulk_answer(parts: list[BulkPart], accepted: list[Accepted]) -> dict[str, object]:
+    """Per-part entries in request order: refused parts with their error, accepted with ids."""
+    remaining = iter(accepted)
+    items: list[dict[str, object]] = []
+    for part in parts:
+        if part.error is not None:
+            items.append(
+                {
+                    "index": part.index,
+                    "filename": part.filename,
+                    "status": part.error.status,
+                    "error": {"code": part.error.code, "message": part.error.message},
+                }
+            )
+            continue
+        outcome = next(remaining)
+        items.append(
+            {
+                "index": part.index,
+                "filename": part.filename,
+                "status": 200 if outcome.deduplicated else 201,
+                "id": str(outcome.record.id),
+                "deduplicated": outcome.deduplicated,
+                "image": image_document(outcome.record),
+            }
+        )
+    return {
+        "items": items,
+        "accepted": len(accepted),
+        "rejected": len(parts) - len(accepted),
+    }
