@@ -79,7 +79,9 @@ def own_s3(tmp_path) -> Iterator:
     from tests.conftest import S3_ACCESS_KEY, S3_SECRET_KEY
 
     server = LocalS3Server(
-        tmp_path / "s3", port=pick_free_s3_port(), access_key=S3_ACCESS_KEY,
+        tmp_path / "s3",
+        port=pick_free_s3_port(),
+        access_key=S3_ACCESS_KEY,
         secret_key=S3_SECRET_KEY,
     )
     server.start()

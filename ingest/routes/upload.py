@@ -35,7 +35,7 @@ def send(resp: falcon.Response, answer: Answer) -> None:
 
 
 class UploadResource:
-    """One image per request; 201 with its document (200 with an earlier copy when de-duplicated)."""
+    """One image per request: 201 with its document, or 200 with an earlier copy (dedupe)."""
 
     required_role = UPLOAD_ROLE
 
