@@ -277,7 +277,7 @@ class BatchProcessor:
             return
         times.add("commit", started)
         self._remove_orphans(outcomes, updated)
-        self._cache.invalidate(o.id for o in outcomes)
+        self._cache.invalidate((o.id for o in outcomes), announce=True)
         for outcome in outcomes:
             verdict.ack.extend(tags_by_image[outcome.id])
             if outcome.status == "completed":

@@ -86,7 +86,13 @@ def create_app(settings: Settings, deps: Dependencies) -> falcon.App:
     app.add_route("/api/v1/images", ImageCollectionResource(deps.db, deps.store))
     app.add_route(
         "/api/v1/images/{image_id}",
-        ImageResource(deps.db, deps.store, deps.cache, settings.api.cache_ttl_seconds),
+        ImageResource(
+            deps.db,
+            deps.store,
+            deps.cache,
+            settings.api.cache_ttl_seconds,
+            settings.api.max_wait_seconds,
+        ),
     )
     return app
 

@@ -141,3 +141,8 @@ def test_malformed_idempotency_key_is_400(key: str, api: ApiClient, user_id: str
     response = bulk(api, [("a.jpg", jpeg(32, 32))], **{"Idempotency-Key": key})
     assert response.status_code == 400
     assert probe.rows_for(user_id) == []
+
+
+def test_long_poll_longer_than_allowed_is_400(api: ApiClient) -> None:
+    image_id = api.upload(jpeg(64, 64, seed=31)).json["id"]
+    assert api.get(f"/api/v1/images/{image_id}", wait=3600).status_code == 400

@@ -215,3 +215,23 @@ def test_image_whose_storage_keeps_failing_ends_failed_with_a_reason(
     assert "gave up after 3 attempts" in error
     wait_for(lambda: stack.queue_depth() == 0, timeout=10)
     assert stack.queue_depth(stack.settings.queue.dead_letter_queue) == 0
+
+
+def test_long_poll_waits_for_the_engine_and_returns_the_terminal_status(
+    stack: IsolatedStack, probe: StackProbe
+) -> None:
+    import threading
+
+    [image_id] = stack.upload_many(1, 900, 600)
+    answers: list = []
+    poll = threading.Thread(
+        target=lambda: answers.append(stack.api.get(f"/api/v1/images/{image_id}", wait=30))
+    )
+    poll.start()
+    poll.join(timeout=1.0)
+    assert poll.is_alive(), "with no worker running the long poll must still be waiting"
+    stack.start_node("--processes", "1")
+    poll.join(timeout=60)
+    assert answers and answers[0].status_code == 200
+    assert answers[0].json["status"] == "completed"
+    assert answers[0].json["download_url"]

@@ -41,22 +41,43 @@ class ImageResource:
     required_role_delete = "admin"
 
     def __init__(
-        self, db: Database, store: ObjectStore, cache: ImageCache, cache_ttl_seconds: int
+        self,
+        db: Database,
+        store: ObjectStore,
+        cache: ImageCache,
+        cache_ttl_seconds: int,
+        max_wait_seconds: int,
     ) -> None:
         self._db = db
         self._store = store
         self._cache = cache
         self._ttl = cache_ttl_seconds
+        self._max_wait = max_wait_seconds
 
     def on_get(self, req: falcon.Request, resp: falcon.Response, image_id: str) -> None:
         parsed = parse_image_id(image_id)
+        wait = req.get_param_as_int("wait", min_value=0, max_value=self._max_wait, default=0)
         document = self._cache.get(parsed)
         resp.set_header("X-Cache", "miss" if document is None else "hit")
         if document is None:
             document = self._load(parsed)
         if document is None or not visible_to(document, req.context.principal):
             raise NotFound("no such image")
+        if wait and document["status"] not in images.TERMINAL_STATUSES:
+            document = self._wait_until_terminal(parsed, wait) or document
         resp.media = self._with_download_url(document)
+
+    def _wait_until_terminal(self, image_id: uuid.UUID, seconds: int) -> dict[str, Any] | None:
+        """Long poll: woken by the engine's announcement, not by re-reading PostgreSQL."""
+        latest: dict[str, Any] | None = None
+
+        def still_waiting() -> bool:
+            nonlocal latest
+            latest = self._load(image_id)
+            return latest is not None and latest["status"] not in images.TERMINAL_STATUSES
+
+        self._cache.wait_for_announcement(image_id, seconds, still_waiting)
+        return self._load(image_id)
 
     def on_delete(self, req: falcon.Request, resp: falcon.Response, image_id: str) -> None:
         parsed = parse_image_id(image_id)
