@@ -19,6 +19,7 @@ from ingest import errors
 from ingest.auth import TokenVerifier
 from ingest.intake import ImageIntake
 from ingest.middleware import AuthMiddleware, RequestIdMiddleware, SecurityHeadersMiddleware
+from ingest.openapi import OpenApiResource, openapi_document
 from ingest.rate_limit import UploadRateLimiter
 from ingest.routes.health import HealthResource, ReadinessResource
 from ingest.routes.images import ImageCollectionResource, ImageResource
@@ -69,6 +70,7 @@ def create_app(settings: Settings, deps: Dependencies) -> falcon.App:
         deps.cache.client, settings.redis_prefix, settings.api.uploads_per_minute
     )
     app.add_route("/health", HealthResource())
+    app.add_route("/openapi.json", OpenApiResource(openapi_document(settings)))
     app.add_route(
         "/ready",
         ReadinessResource(
