@@ -144,7 +144,7 @@ IDEMPOTENCY_KEY = {
     "schema": {"type": "string", "minLength": 1, "maxLength": 200},
 }
 DEDUPE = {"name": "dedupe", "in": "query", "required": False, "schema": {"type": "boolean"}}
-SECURED = [{"bearer": []}]
+SECURED: list[dict[str, list[str]]] = [{"bearer": []}]
 
 
 def _paths(settings: Settings) -> dict[str, Any]:
