@@ -168,6 +168,7 @@ class EngineSettings:
     batch_size: int = 16
     batch_wait_ms: int = 50
     memory_mb: int = 512
+    metrics_port: int = 9102
 
 
 @dataclass(frozen=True)
@@ -274,4 +275,5 @@ def _engine_from(env: _Env) -> EngineSettings:
         batch_size=env.integer("WORKER_BATCH_SIZE", d.batch_size, minimum=1),
         batch_wait_ms=env.integer("WORKER_BATCH_WAIT_MS", d.batch_wait_ms),
         memory_mb=env.integer("WORKER_MEMORY_MB", d.memory_mb, minimum=16),
+        metrics_port=env.integer("METRICS_PORT", d.metrics_port),
     )

@@ -24,6 +24,7 @@ from common.storage import ObjectStore, result_key
 from db import images
 from db.images import ImageRecord, Outcome
 from db.pool import Database
+from engine import metrics
 from engine.cpu_pool import KernelPool, RenderResult, RenderTask
 from engine.slots import SlotArena
 
@@ -68,7 +69,9 @@ class StageTimes:
     seconds: dict[str, float] = field(default_factory=lambda: defaultdict(float))
 
     def add(self, stage: str, started: float) -> None:
-        self.seconds[stage] += time.perf_counter() - started
+        elapsed = time.perf_counter() - started
+        self.seconds[stage] += elapsed
+        metrics.STAGE_SECONDS.labels(stage).observe(elapsed)
 
 
 class BatchProcessor:
@@ -100,6 +103,7 @@ class BatchProcessor:
 
     def process(self, deliveries: list[Delivery]) -> Verdict:
         verdict = Verdict()
+        metrics.BATCH_SIZE.observe(len(deliveries))
         tags_by_image = self._decode(deliveries, verdict)
         last_chance = self._on_last_delivery(deliveries, tags_by_image)
         if not tags_by_image:
@@ -208,6 +212,7 @@ class BatchProcessor:
                 raise ProcessCrashed(str(record.id)) from exc
             times.add("render", started)
             times.seconds["kernel_cpu"] += result.cpu_seconds
+            metrics.KERNEL_CPU_SECONDS.inc(result.cpu_seconds)
             if result.error is not None:
                 log.info("image %s failed: %s", record.id, result.error)
                 return Outcome(record.id, "failed", error=result.error)
@@ -280,10 +285,12 @@ class BatchProcessor:
         self._cache.invalidate((o.id for o in outcomes), announce=True)
         for outcome in outcomes:
             verdict.ack.extend(tags_by_image[outcome.id])
+            metrics.IMAGES.labels(outcome.status).inc()
             if outcome.status == "completed":
                 verdict.completed += 1
             else:
                 verdict.failed += 1
+                metrics.FAILURES.labels(metrics.failure_reason(outcome.error or "")).inc()
 
     def _remove_orphans(self, outcomes: list[Outcome], updated: set[uuid.UUID]) -> None:
         """Delete results stored for images whose row was deleted while they were processed."""

@@ -21,6 +21,7 @@ from pika.spec import Basic, BasicProperties
 
 from common.broker import BROKER_ERRORS, connection_parameters, declare_topology
 from common.config import EngineSettings, QueueSettings
+from engine import metrics
 from engine.batch import Delivery, Verdict
 
 log = logging.getLogger(__name__)
@@ -59,6 +60,7 @@ class BatchConsumer:
         self._stop = threading.Event()
         self.completed = 0
         self.failed = 0
+        self.batches = 0
 
     def stop(self) -> None:
         """Ask the loop to drain: stop receiving, finish and commit what was received, return."""
@@ -166,10 +168,12 @@ class _Session:
             self._channel.basic_nack(tag, requeue=True)
         for tag in verdict.dead_letter:
             self._channel.basic_nack(tag, requeue=False)
+        metrics.REQUEUED.inc(len(verdict.requeue))
         self._outstanding.difference_update(verdict.requeue)
         self._outstanding.difference_update(verdict.dead_letter)
         self._owner.completed += verdict.completed
         self._owner.failed += verdict.failed
+        self._owner.batches += 1
         if verdict.requeue:
             delay = self._backoff.failed()
             self._paused_until = time.monotonic() + delay

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import multiprocessing
 import os
+import threading
 import time
 from concurrent.futures import Future, ProcessPoolExecutor
 from dataclasses import dataclass
@@ -127,6 +128,8 @@ class KernelPool:
         self._initargs = (*input_arena, *output_arena, options)
         # forkserver: children start from a clean process, not from this threaded one.
         self._context = multiprocessing.get_context("forkserver")
+        # Guards swapping the executor (restart, resize) against concurrent submits.
+        self._swap = threading.Lock()
         self._executor = self._start()
 
     def _start(self) -> ProcessPoolExecutor:
@@ -142,21 +145,25 @@ class KernelPool:
         return executor
 
     def submit(self, task: RenderTask) -> Future[RenderResult]:
-        return self._executor.submit(render_slot, task)
+        with self._swap:
+            return self._executor.submit(render_slot, task)
 
     def child_pids(self) -> list[int]:
         return list(getattr(self._executor, "_processes", {}) or {})
 
     def restart(self) -> None:
         """Replace a broken executor (a process died) with a fresh set of processes."""
-        self._executor.shutdown(wait=False, cancel_futures=True)
-        self._executor = self._start()
+        fresh = self._start()
+        with self._swap:
+            broken, self._executor = self._executor, fresh
+        broken.shutdown(wait=False, cancel_futures=True)
 
     def resize(self, processes: int) -> None:
-        """Change the number of processes; work already submitted finishes first."""
-        old = self._executor
+        """Change the number of processes; work already submitted finishes on the old ones."""
         self.processes = processes
-        self._executor = self._start()
+        fresh = self._start()
+        with self._swap:
+            old, self._executor = self._executor, fresh
         old.shutdown(wait=True)
 
     def close(self) -> None:

@@ -8,13 +8,17 @@ import signal
 import threading
 from types import FrameType
 
+from prometheus_client import start_http_server
+
 from common.broker import JobPublisher
 from common.cache import ImageCache
 from common.config import Settings
 from common.storage import ObjectStore
 from db.pool import Database
+from engine import metrics
 from engine.batch import BatchProcessor, Delivery, Verdict
 from engine.consumer import BatchConsumer
+from engine.control import NodeControl, NodeCounters
 from engine.cpu_pool import KernelOptions, KernelPool
 from engine.outbox import OutboxSweeper
 from engine.slots import SlotArena, sweep_stale_segments
@@ -52,10 +56,11 @@ class WorkerNode:
         )
         self.db = Database(settings.postgres_url, max_size=4)
         self.store = ObjectStore(settings.storage)
+        cache = ImageCache.from_url(settings.redis_url, settings.redis_prefix)
         self.processor = BatchProcessor(
             self.db,
             self.store,
-            ImageCache.from_url(settings.redis_url, settings.redis_prefix),
+            cache,
             self.pool,
             self.inputs,
             self.outputs,
@@ -64,6 +69,11 @@ class WorkerNode:
         )
         self.consumer = BatchConsumer(settings.queue, engine, self._process_batch)
         self.sweeper = OutboxSweeper(self.db, JobPublisher(settings.queue))
+        self.control = NodeControl(
+            cache.client, settings.redis_prefix, settings.queue, self._counters, self.pool.resize
+        )
+        metrics.PROCESSES.set(engine.processes)
+        metrics.SLOTS_IN_USE.set_function(lambda: self.inputs.in_use)
         log.info(
             "worker node: processes=%d prefetch=%d batch_size=%d batch_wait_ms=%d "
             "memory_mb=%d (%d slots) output=%s target_width=%d",
@@ -90,19 +100,41 @@ class WorkerNode:
         )
         return verdict
 
+    def _counters(self) -> NodeCounters:
+        return NodeCounters(
+            processes=self.pool.processes,
+            completed=self.consumer.completed,
+            failed=self.consumer.failed,
+            batches=self.consumer.batches,
+        )
+
     def run(self) -> None:
         """Consume until SIGTERM/SIGINT, then drain and release everything."""
         self._install_signal_handlers()
+        self._serve_metrics(self.settings.engine.metrics_port)
         self.sweeper.start()
+        self.control.start()
         try:
             self.consumer.run()
         finally:
             self.close()
 
+    def _serve_metrics(self, port: int) -> None:
+        if not port:
+            return
+        try:
+            start_http_server(port)
+        except OSError as exc:
+            # A second node on the same machine: it still works, only without its own metrics.
+            log.warning("metrics port %d unavailable (%s); metrics not served", port, exc)
+            return
+        log.info("metrics on :%d/metrics", port)
+
     def stop(self) -> None:
         self.consumer.stop()
 
     def close(self) -> None:
+        self.control.stop()
         self.sweeper.stop()
         self.processor.close()
         self.pool.close()

@@ -18,6 +18,7 @@ from db.pool import Database
 from ingest import errors
 from ingest.auth import TokenVerifier
 from ingest.intake import ImageIntake
+from ingest.metrics import MetricsMiddleware, MetricsResource
 from ingest.middleware import AuthMiddleware, RequestIdMiddleware, SecurityHeadersMiddleware
 from ingest.openapi import OpenApiResource, openapi_document
 from ingest.rate_limit import UploadRateLimiter
@@ -55,6 +56,7 @@ class Dependencies:
 
 def create_app(settings: Settings, deps: Dependencies) -> falcon.App:
     middleware: list[Any] = [
+        MetricsMiddleware(),
         RequestIdMiddleware(),
         SecurityHeadersMiddleware(),
         AuthMiddleware(deps.verifier),
@@ -71,6 +73,7 @@ def create_app(settings: Settings, deps: Dependencies) -> falcon.App:
     )
     app.add_route("/health", HealthResource())
     app.add_route("/openapi.json", OpenApiResource(openapi_document(settings)))
+    app.add_route("/metrics", MetricsResource())
     app.add_route(
         "/ready",
         ReadinessResource(

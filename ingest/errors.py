@@ -41,6 +41,7 @@ def handle_pixelmill_error(
         log.warning("%s %s: %s unavailable", req.method, req.path, ex.dependency)
     elif isinstance(ex, TooManyRequests):
         resp.set_header("Retry-After", str(ex.retry_after))
+
     challenge = getattr(ex, "www_authenticate", None)
     if challenge:
         resp.set_header("WWW-Authenticate", challenge)

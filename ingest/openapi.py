@@ -167,6 +167,13 @@ def _paths(settings: Settings) -> dict[str, Any]:
                 },
             }
         },
+        "/metrics": {
+            "get": {
+                "summary": "Prometheus metrics",
+                "security": [],
+                "responses": {"200": {"description": "text exposition format"}},
+            }
+        },
         "/openapi.json": {
             "get": {
                 "summary": "This document",

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+import tempfile
 from typing import Any
 
 from gunicorn.app.base import BaseApplication
@@ -45,7 +46,20 @@ def gunicorn_options(args: argparse.Namespace) -> dict[str, Any]:
         "accesslog": "-" if args.access_log else None,
         "errorlog": "-",
         "proc_name": "pixelmill-api",
+        "child_exit": _forget_worker_metrics,
     }
+
+
+def _forget_worker_metrics(server: Any, worker: Any) -> None:
+    from prometheus_client import multiprocess
+
+    multiprocess.mark_process_dead(worker.pid)
+
+
+def prepare_metrics_dir() -> None:
+    """Give the workers a fresh shared directory for multiprocess metrics (before they fork)."""
+    if not os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
+        os.environ["PROMETHEUS_MULTIPROC_DIR"] = tempfile.mkdtemp(prefix="pixelmill-metrics-")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -61,6 +75,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"configuration error: {exc}", file=sys.stderr)
         return 2
     configure_logging(settings.log_format)
+    prepare_metrics_dir()
     PixelmillGunicorn(gunicorn_options(args)).run()
     return 0
 

@@ -86,6 +86,7 @@ def env(run_id: str, schema: str, s3_server: LocalS3Server, issuer: LocalIssuer)
         "WORKER_BATCH_WAIT_MS": "20",
         "WORKER_MEMORY_MB": "128",
         "UPLOADS_PER_MINUTE": "100000",
+        "METRICS_PORT": "0",
     }
 
 

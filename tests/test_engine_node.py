@@ -76,7 +76,12 @@ def stack(request, env, settings, issuer, user_id, tmp_path) -> Iterator[Isolate
 
     queue = f"{settings.queue.queue}-{uuid.uuid4().hex[:6]}"
     marker = request.node.get_closest_marker("stack_env")
-    isolated_env = {**env, "RABBITMQ_QUEUE": queue, **(marker.kwargs if marker else {})}
+    isolated_env = {
+        **env,
+        "RABBITMQ_QUEUE": queue,
+        "REDIS_PREFIX": f"{settings.redis_prefix}{queue[-6:]}:",
+        **(marker.kwargs if marker else {}),
+    }
     isolated = Settings.from_env(isolated_env)
     deps = Dependencies.connect(isolated)
     api = ApiClient(create_app(isolated, deps), issuer.mint_token(user_id, ("user",)))
@@ -235,3 +240,59 @@ def test_long_poll_waits_for_the_engine_and_returns_the_terminal_status(
     assert answers and answers[0].status_code == 200
     assert answers[0].json["status"] == "completed"
     assert answers[0].json["download_url"]
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def scrape(port: int) -> str:
+    import urllib.request
+
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as response:
+        return response.read().decode()
+
+
+def metric_value(text: str, name: str, **labels: str) -> float:
+    wanted = ",".join(f'{k}="{v}"' for k, v in labels.items())
+    prefix = f"{name}{{{wanted}}}" if labels else name
+    for line in text.splitlines():
+        if line.startswith(prefix + " "):
+            return float(line.split()[-1])
+    return 0.0
+
+
+def test_node_scales_its_cpu_processes_on_command_and_reports_metrics(
+    stack: IsolatedStack, probe: StackProbe, user_id: str
+) -> None:
+    import redis
+
+    from engine.control import desired_processes_key, heartbeat_key
+
+    port = free_port()
+    stack.env["METRICS_PORT"] = str(port)
+    client = redis.Redis.from_url(stack.settings.redis_url, decode_responses=True)
+    prefix = stack.settings.redis_prefix
+    node = stack.start_node("--processes", "1")
+    beat = heartbeat_key(prefix, __import__("socket").gethostname(), node.pid)
+    wait_for(lambda: client.hget(beat, "processes") == "1", timeout=30)
+    try:
+        client.set(desired_processes_key(prefix), "2")
+        wait_for(lambda: client.hget(beat, "processes") == "2", timeout=30)
+        wait_for(lambda: len(cpu_processes(node.pid)) == 2, timeout=30)
+        ids = stack.upload_many(8, 900, 600)
+        client.set(desired_processes_key(prefix), "1")
+        wait_for(lambda: all(probe.status(i) == "completed" for i in ids), timeout=90)
+        wait_for(lambda: client.hget(beat, "processes") == "1", timeout=30)
+    finally:
+        client.delete(desired_processes_key(prefix))
+    assert_all_completed_once(probe, user_id, ids)
+    text = scrape(port)
+    assert metric_value(text, "pixelmill_engine_images_total", outcome="completed") == 8
+    assert metric_value(text, "pixelmill_engine_stage_seconds_count", stage="render") == 8
+    assert metric_value(text, "pixelmill_engine_processes") == 1
+    assert int(client.hget(beat, "completed") or 0) == 8

@@ -1,0 +1,141 @@
+"""The node's control loop: heartbeat for operators, desired process count, queue-depth gauge.
+
+Operators set `{prefix}engine:processes` (`python -m ops scale`); every node reads it every two
+seconds and resizes its CPU pool. Each node publishes a heartbeat hash that `python -m ops status`
+reads; it expires on its own when the node dies.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import socket
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import pika
+import redis
+
+from common.broker import BROKER_ERRORS, connection_parameters
+from common.config import QueueSettings
+from engine import metrics
+
+log = logging.getLogger(__name__)
+
+INTERVAL_SECONDS = 2.0
+HEARTBEAT_TTL_SECONDS = 10
+QUEUE_DEPTH_EVERY = 5  # control ticks
+
+
+def desired_processes_key(prefix: str) -> str:
+    return f"{prefix}engine:processes"
+
+
+def heartbeat_key(prefix: str, host: str, pid: int) -> str:
+    return f"{prefix}engine:nodes:{host}:{pid}"
+
+
+@dataclass
+class NodeCounters:
+    processes: int
+    completed: int = 0
+    failed: int = 0
+    batches: int = 0
+
+
+class NodeControl:
+    """A daemon thread: heartbeat, scaling commands and the queue-depth gauge."""
+
+    def __init__(
+        self,
+        client: redis.Redis,
+        prefix: str,
+        queue: QueueSettings,
+        counters: Callable[[], NodeCounters],
+        resize: Callable[[int], None],
+    ) -> None:
+        self._client = client
+        self._prefix = prefix
+        self._queue = queue
+        self._counters = counters
+        self._resize = resize
+        self._started_at = int(time.time())
+        self._key = heartbeat_key(prefix, socket.gethostname(), os.getpid())
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._loop, name="node-control", daemon=True)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join(timeout=5)
+        with contextlib.suppress(redis.RedisError):
+            self._client.delete(self._key)
+
+    def tick(self, tick_number: int = 0) -> None:
+        self._apply_desired_processes()
+        self._beat()
+        if tick_number % QUEUE_DEPTH_EVERY == 0:
+            self._measure_queue()
+
+    def _loop(self) -> None:
+        tick = 0
+        while not self._stop.wait(INTERVAL_SECONDS if tick else 0):
+            try:
+                self.tick(tick)
+            except redis.RedisError as exc:
+                log.warning("control loop: Redis unavailable (%s)", exc)
+            except Exception:
+                log.exception("control loop failed")
+            tick += 1
+
+    def _apply_desired_processes(self) -> None:
+        raw = self._client.get(desired_processes_key(self._prefix))
+        if raw is None:
+            return
+        try:
+            desired = int(raw)
+        except ValueError:
+            log.warning("ignoring a desired process count that is not a number: %r", raw)
+            return
+        current = self._counters().processes
+        if desired >= 1 and desired != current:
+            log.info("scaling CPU processes %d -> %d", current, desired)
+            self._resize(desired)
+            metrics.PROCESSES.set(desired)
+
+    def _beat(self) -> None:
+        counters = self._counters()
+        pipe = self._client.pipeline(transaction=True)
+        pipe.hset(
+            self._key,
+            mapping={
+                "processes": counters.processes,
+                "completed": counters.completed,
+                "failed": counters.failed,
+                "batches": counters.batches,
+                "started_at": self._started_at,
+                "heartbeat": int(time.time()),
+                "queue": self._queue.queue,
+            },
+        )
+        pipe.expire(self._key, HEARTBEAT_TTL_SECONDS)
+        pipe.execute()
+
+    def _measure_queue(self) -> None:
+        try:
+            connection = pika.BlockingConnection(connection_parameters(self._queue))
+        except BROKER_ERRORS:
+            return
+        try:
+            declared = connection.channel().queue_declare(self._queue.queue, passive=True)
+            metrics.QUEUE_DEPTH.set(declared.method.message_count)
+        except BROKER_ERRORS:
+            pass
+        finally:
+            if connection.is_open:
+                connection.close()

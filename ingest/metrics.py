@@ -1,0 +1,71 @@
+"""Prometheus metrics of the API: requests by route and status, latency, upload bytes.
+
+Under gunicorn the metrics of all worker processes are merged through prometheus_client's
+multiprocess mode (`PROMETHEUS_MULTIPROC_DIR`, set by `pixelmill-api`).
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from typing import Any
+
+import falcon
+from prometheus_client import (
+    CONTENT_TYPE_LATEST,
+    REGISTRY,
+    CollectorRegistry,
+    Counter,
+    Histogram,
+    generate_latest,
+    multiprocess,
+)
+
+REQUESTS = Counter(
+    "pixelmill_http_requests",
+    "HTTP requests by route, method and status.",
+    ["route", "method", "status"],
+)
+LATENCY = Histogram(
+    "pixelmill_http_request_seconds",
+    "HTTP request latency by route and method.",
+    ["route", "method"],
+    buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30),
+)
+UPLOAD_BYTES = Counter("pixelmill_upload_bytes", "Bytes of request bodies on upload routes.")
+
+_UPLOAD_ROUTES = ("/api/v1/upload", "/api/v1/uploads")
+
+
+class MetricsMiddleware:
+    """Counts and times every request, labelled by route template (never by raw path)."""
+
+    def process_request(self, req: falcon.Request, resp: falcon.Response) -> None:
+        req.context.started = time.perf_counter()
+
+    def process_response(
+        self, req: falcon.Request, resp: falcon.Response, resource: Any, req_succeeded: bool
+    ) -> None:
+        route = req.uri_template or "unmatched"
+        status = str(resp.status_code)
+        REQUESTS.labels(route, req.method, status).inc()
+        started = getattr(req.context, "started", None)
+        if started is not None:
+            LATENCY.labels(route, req.method).observe(time.perf_counter() - started)
+        if route in _UPLOAD_ROUTES and req.content_length:
+            UPLOAD_BYTES.inc(req.content_length)
+
+
+class MetricsResource:
+    """`GET /metrics` in Prometheus' text format (unauthenticated, like /health)."""
+
+    auth_required = False
+
+    def on_get(self, req: falcon.Request, resp: falcon.Response) -> None:
+        if os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
+            registry = CollectorRegistry()
+            multiprocess.MultiProcessCollector(registry)
+        else:
+            registry = REGISTRY
+        resp.content_type = CONTENT_TYPE_LATEST
+        resp.data = generate_latest(registry)
