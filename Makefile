@@ -14,7 +14,7 @@ endif
 ROLES ?= user
 BENCH_PROFILE ?= quick
 
-.PHONY: up down logs ps token test lint bench clean compose-tool
+.PHONY: up down logs ps token scale test lint bench clean compose-tool
 
 $(STAMP): pyproject.toml
 	@test -x $(PY) || python3 -m venv $(VENV) >&2
@@ -37,6 +37,10 @@ ps: $(STAMP)
 # Prints only the token: TOKEN=$$(make -s token)
 token: $(STAMP)
 	@$(PY) -m ops token --user '$(TOKEN_USER)' --roles '$(ROLES)'
+
+# `make scale N=4`: every worker node resizes its CPU pool within 2 s.
+scale: $(STAMP)
+	$(PY) -m ops scale --processes '$(N)'
 
 test: $(STAMP) compose-tool
 	$(PY) -m ops services

@@ -16,9 +16,12 @@ from minio.error import S3Error
 
 from common.config import ConfigError, Settings
 from ops import issuer
+from ops.dlq import dlq_command
 from ops.s3server import S3ServerError
+from ops.scale import autoscale_command, scale_command
 from ops.services import ServicesUnavailable, ensure_services
 from ops.stack import NEXT_STEPS, LocalStack, StackError, StatePaths, project_root
+from ops.status import node_check_command, status_command
 
 Command = Callable[[list[str]], int]
 
@@ -90,11 +93,15 @@ COMMANDS: dict[str, Command] = {
     "up": up_command,
     "down": down_command,
     "ps": ps_command,
-    "status": ps_command,
+    "status": status_command,
     "logs": logs_command,
     "services": services_command,
     "issuer": issuer_command,
     "token": token_command,
+    "scale": scale_command,
+    "autoscale": autoscale_command,
+    "dlq": dlq_command,
+    "node-check": node_check_command,
 }
 
 
