@@ -1,18 +1,40 @@
-"""Command line of the benchmarks: `python -m bench {corpus,kernel,report,quick,full}`."""
+"""The benchmarks' command line: `python -m bench COMMAND`.
+
+Commands: corpus, kernel, engine, e2e, sweep, report, quick, full.
+
+This is a CLI edge: `engine` and `sweep` read the environment (Settings) for where PostgreSQL,
+RabbitMQ and Redis live; everything they create there is their own and removed afterwards.
+"""
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
+import subprocess
 import sys
 import time
-from collections.abc import Sequence
+import uuid
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
+from typing import Any
 
 from bench.corpus import IMAGE_CLASSES, MANIFEST_NAME, bpp_by_class, is_photo_like, write_corpus
+from bench.e2e import E2EConfig, compare_single_and_bulk, e2e_images, e2e_statistics, mint_token
+from bench.e2e import run_upload as run_e2e_upload
+from bench.engine_bench import EngineRunSpec, NodeSettings, run_engine_benchmark
 from bench.kernel_bench import IMPLEMENTATIONS, REPO_ROOT, KernelBenchConfig, run_kernel_benchmark
-from bench.report import generate_report, kernel_summary_markdown
+from bench.report import (
+    e2e_summary_markdown,
+    engine_summary_markdown,
+    generate_report,
+    kernel_summary_markdown,
+    sweep_summary_markdown,
+)
 from bench.results import build_document, new_run_dir, write_results
+from bench.sweep import engine_grid, sweep_e2e, sweep_engine
+from common.config import Settings
+from ops.stack import http_ok
 
 DEFAULT_RESULTS_ROOT = REPO_ROOT / "bench" / "results"
 DEFAULT_SEED = 20240601
@@ -76,7 +98,8 @@ def _profile(args: argparse.Namespace, count: int, defaults: dict[str, object]) 
 
 
 def command_quick(args: argparse.Namespace) -> None:
-    """One image per class, 3 repeats, 1 and all processes, PNG only: under 2 minutes on 2 cores."""
+    """Kernel: one image per class, 3 repeats, 1 and all processes, PNG only. Engine: 12 MP JPEGs
+    (N=12, P=2) and 640x480 JPEGs with batch 1 against 16. About 2.5 minutes on 2 cores."""
     cores = os.cpu_count() or 1
     defaults = {
         "repeat": 3,
@@ -85,6 +108,12 @@ def command_quick(args: argparse.Namespace) -> None:
         "min_batch_images": 1,
     }
     _profile(args, count=1, defaults=defaults)
+    specs = [
+        EngineRunSpec("jpeg-12mp", 12, NodeSettings(processes=2)),
+        EngineRunSpec("jpeg-small", 96, NodeSettings(processes=2, batch_size=1)),
+        EngineRunSpec("jpeg-small", 96, NodeSettings(processes=2, batch_size=16)),
+    ]
+    run_engine(specs, args.results_dir / "corpus", args.results_dir, "quick-engine")
 
 
 def command_full(args: argparse.Namespace) -> None:
@@ -97,6 +126,131 @@ def command_full(args: argparse.Namespace) -> None:
         "min_batch_images": 8,
     }
     _profile(args, count=8, defaults=defaults)
+    corpus = args.results_dir / "corpus-full"
+    specs = [
+        *[EngineRunSpec("jpeg-12mp", 48, NodeSettings(processes=p)) for p in range(1, cores + 1)],
+        EngineRunSpec("jpeg-2mp", 96, NodeSettings(processes=cores)),
+        EngineRunSpec("png-2mp", 48, NodeSettings(processes=cores)),
+        EngineRunSpec("jpeg-small", 256, NodeSettings(processes=cores, batch_size=1)),
+        EngineRunSpec("jpeg-small", 256, NodeSettings(processes=cores, batch_size=16)),
+    ]
+    run_engine(specs, corpus, args.results_dir, "full-engine")
+
+
+def _write(
+    command: str,
+    settings: dict[str, Any],
+    payload: dict[str, Any],
+    results_root: Path,
+    markdown: Callable[[dict[str, Any]], str],
+) -> Path:
+    document = build_document(command, settings, payload, REPO_ROOT)
+    run_dir = new_run_dir(results_root, command)
+    path = write_results(run_dir, document, markdown(document))
+    generate_report([path], run_dir)
+    print(markdown(document))
+    print(f"results: {path}")
+    return path
+
+
+def run_engine(
+    specs: Sequence[EngineRunSpec], corpus_dir: Path, results_root: Path, command: str
+) -> Path:
+    """Engine runs on isolated services; results.json + summary.md + plots."""
+    log_dir = results_root / ".cache" / "engine-logs" / command
+    payload = run_engine_benchmark(Settings.from_env(), corpus_dir.resolve(), specs, log_dir)
+    payload["stages_ms"] = payload["runs"][0]["stages_ms"] if payload["runs"] else {}
+    settings = {"corpus_dir": str(corpus_dir), "runs": [_spec_settings(s) for s in specs]}
+    return _write(command, settings, payload, results_root, engine_summary_markdown)
+
+
+def _spec_settings(spec: EngineRunSpec) -> dict[str, Any]:
+    return {"image_class": spec.image_class, "count": spec.count, **spec.node.__dict__}
+
+
+def command_engine(args: argparse.Namespace) -> None:
+    specs = [
+        EngineRunSpec(
+            args.image_class,
+            args.count,
+            NodeSettings(args.processes, args.prefetch, size, args.batch_wait_ms, args.memory_mb),
+            args.timeout,
+        )
+        for size in args.batch_size
+    ]
+    run_engine(specs, args.corpus, args.results_dir, "engine")
+
+
+@contextlib.contextmanager
+def _stack(url: str, start: bool) -> Iterator[None]:
+    """With --start-stack: `python -m ops up` when nothing answers, and `down` afterwards."""
+    started = False
+    if start and not http_ok(f"{url.rstrip('/')}/health"):
+        subprocess.run([sys.executable, "-m", "ops", "up"], cwd=REPO_ROOT, check=True)
+        started = True
+    try:
+        yield
+    finally:
+        if started:
+            subprocess.run([sys.executable, "-m", "ops", "down"], cwd=REPO_ROOT, check=False)
+
+
+def _e2e_config(args: argparse.Namespace, batch_size: int) -> E2EConfig:
+    token = args.token or mint_token(sys.executable, REPO_ROOT, f"bench-{uuid.uuid4().hex[:8]}")
+    return E2EConfig(
+        url=args.url,
+        token=token,
+        count=args.count,
+        concurrency=args.concurrency,
+        batch_size=batch_size,
+        image_class=args.image_class,
+        wait_timeout_s=args.timeout,
+    )
+
+
+def command_e2e(args: argparse.Namespace) -> None:
+    cache = args.results_dir / ".cache"
+    with _stack(args.url, args.start_stack):
+        config = _e2e_config(args, args.batch_size)
+        if args.compare_single:
+            single_paths = e2e_images(cache, args.image_class, args.count, seed=1)
+            bulk_paths = e2e_images(cache, args.image_class, args.count, seed=2)
+            payload = compare_single_and_bulk(config, single_paths, bulk_paths, args.state_dir)
+            payload["latency_ms"] = payload["bulk"]["latency_ms"]
+        else:
+            paths = e2e_images(cache, args.image_class, args.count, seed=1)
+            stats = e2e_statistics(run_e2e_upload(config, paths, single=args.single))
+            payload = {"run": stats, "latency_ms": stats["latency_ms"]}
+    payload["kind"] = "e2e"
+    _write("e2e", config.settings(), payload, args.results_dir, e2e_summary_markdown)
+
+
+def command_sweep(args: argparse.Namespace) -> None:
+    if args.mode == "engine":
+        specs = engine_grid(
+            args.image_class,
+            args.count,
+            args.processes,
+            args.prefetch,
+            args.batch_size,
+            args.memory_mb,
+        )
+        log_dir = args.results_dir / ".cache" / "engine-logs" / "sweep"
+        payload = sweep_engine(Settings.from_env(), args.corpus.resolve(), specs, log_dir)
+        settings = {"mode": "engine", "runs": [_spec_settings(s) for s in specs]}
+    else:
+        with _stack(args.url, args.start_stack):
+            config = _e2e_config(args, args.batch_size[0])
+            payload = sweep_e2e(
+                config, args.results_dir / ".cache", args.batch_size, args.concurrency
+            )
+        settings = {
+            "mode": "e2e",
+            **config.settings(),
+            "batch_sizes": args.batch_size,
+            "concurrency": args.concurrency,
+        }
+    _write("sweep", settings, payload, args.results_dir, sweep_summary_markdown)
 
 
 def _add_kernel_options(parser: argparse.ArgumentParser) -> None:
@@ -107,6 +261,57 @@ def _add_kernel_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--min-batch-images", type=int, default=8, help="cycle a class's files to this many"
     )
+
+
+def _add_node_options(parser: argparse.ArgumentParser, many: bool) -> None:
+    parser.add_argument("--corpus", type=Path, default=DEFAULT_RESULTS_ROOT / "corpus")
+    parser.add_argument("--class", dest="image_class", default="jpeg-12mp", choices=IMAGE_CLASSES)
+    parser.add_argument("--count", type=int, default=24, help="images per run")
+    parser.add_argument("--memory-mb", type=int, default=512)
+    parser.add_argument("--timeout", type=float, default=600.0, help="longest run, s")
+    if many:
+        parser.add_argument("--processes", type=int, nargs="+", default=[1, 2])
+        parser.add_argument("--prefetch", type=int, nargs="+", default=[64])
+    else:
+        parser.add_argument("--processes", type=int, default=os.cpu_count() or 1)
+        parser.add_argument("--prefetch", type=int, default=64)
+        parser.add_argument("--batch-wait-ms", type=int, default=50)
+
+
+def _add_engine_parser(commands: Any) -> None:
+    engine = commands.add_parser("engine", help="one worker node alone, on isolated services")
+    _add_node_options(engine, many=False)
+    engine.add_argument(
+        "--batch-size", type=int, nargs="+", default=[16], help="one run per size (e.g. 1 16)"
+    )
+
+
+def _add_stack_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--url", default="http://127.0.0.1:3000")
+    parser.add_argument("--token", help="bearer token (default: mint one with python -m ops token)")
+    parser.add_argument("--start-stack", action="store_true", help="make up if nothing answers")
+    parser.add_argument("--state-dir", type=Path, default=REPO_ROOT / ".state")
+
+
+def _add_e2e_parser(commands: Any) -> None:
+    e2e = commands.add_parser("e2e", help="the running stack over HTTP, as clients use it")
+    _add_stack_options(e2e)
+    e2e.add_argument("--count", type=int, default=200)
+    e2e.add_argument("--concurrency", type=int, default=4)
+    e2e.add_argument("--batch-size", type=int, default=16)
+    e2e.add_argument("--class", dest="image_class", default="jpeg-small", choices=IMAGE_CLASSES)
+    e2e.add_argument("--single", action="store_true", help="the single-image route only")
+    e2e.add_argument("--compare-single", action="store_true", help="single vs bulk route")
+    e2e.add_argument("--timeout", type=float, default=600.0, help="longest wait for completion")
+
+
+def _add_sweep_parser(commands: Any) -> None:
+    sweep = commands.add_parser("sweep", help="a grid of engine or end-to-end settings")
+    sweep.add_argument("--mode", choices=["engine", "e2e"], default="engine")
+    _add_node_options(sweep, many=True)
+    sweep.add_argument("--batch-size", type=int, nargs="+", default=[1, 16])
+    sweep.add_argument("--concurrency", type=int, nargs="+", default=[4], help="e2e clients")
+    _add_stack_options(sweep)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -131,6 +336,10 @@ def build_parser() -> argparse.ArgumentParser:
     report.add_argument("--results", type=Path, nargs="+", required=True)
     report.add_argument("--out", type=Path, required=True)
 
+    _add_engine_parser(commands)
+    _add_e2e_parser(commands)
+    _add_sweep_parser(commands)
+
     for name in ("quick", "full"):
         _add_kernel_options(commands.add_parser(name, help=f"the {name} benchmark profile"))
     return parser
@@ -145,6 +354,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     elif args.command == "report":
         for path in generate_report(args.results, args.out):
             print(path)
+    elif args.command in ("engine", "e2e", "sweep"):
+        {"engine": command_engine, "e2e": command_e2e, "sweep": command_sweep}[args.command](args)
     elif args.command == "quick":
         command_quick(args)
     else:

@@ -224,6 +224,198 @@ def plot_stage_breakdown(e2e: dict[str, Any], path: Path) -> Path:
     return _save(figure, path)
 
 
+def plot_sweep_throughput(document: dict[str, Any], path: Path) -> Path:
+    """Lines: images/s against processes, one line per (batch size, prefetch) of an engine sweep."""
+    figure = _new_figure((8, 4.5))
+    axis = figure.subplots()
+    series: dict[str, list[tuple[int, float]]] = {}
+    for row in document["rows"]:
+        label = f"batch {row['batch_size']}, prefetch {row['prefetch']}"
+        series.setdefault(label, []).append((row["processes"], row["images_per_s"]))
+    for label, points in series.items():
+        points.sort()
+        axis.plot([p for p, _ in points], [v for _, v in points], marker="o", label=label)
+    axis.set_xlabel("processes")
+    axis.set_ylabel("images/s")
+    axis.set_title(f"Engine sweep: {document['rows'][0]['image_class']}")
+    axis.legend(fontsize="small")
+    return _save(figure, path)
+
+
+def _engine_rows(runs: list[dict[str, Any]]) -> list[list[object]]:
+    rows = []
+    for run in runs:
+        services = run["services_cpu_s_per_image"]
+        rows.append(
+            [
+                run["image_class"],
+                run["count"],
+                run["processes"],
+                run["prefetch"],
+                run["batch_size"],
+                run["images_per_s"],
+                run["failed"],
+                run["node_cpu_s_per_image"] * 1000,
+                run.get("kernel_cpu_s_per_image", 0.0) * 1000,
+                run.get("cpu_ratio"),
+                services.get("seaweedfs", 0.0) * 1000,
+                services.get("rabbitmq", 0.0) * 1000,
+                services.get("postgresql", 0.0) * 1000,
+                run["node_peak_pss_mib"],
+                run["node_peak_rss_sum_mib"],
+                run["memory_mb"],
+            ]
+        )
+    return rows
+
+
+ENGINE_HEADERS = [
+    "class",
+    "N",
+    "P",
+    "prefetch",
+    "batch",
+    "images/s",
+    "failed",
+    "node CPU ms/img",
+    "kernel CPU ms/img",
+    "node/kernel",
+    "weed ms/img",
+    "rabbitmq ms/img",
+    "postgres ms/img",
+    "node PSS MiB",
+    "node RSS sum MiB",
+    "memory-mb",
+]
+
+
+def engine_summary_markdown(document: dict[str, Any]) -> str:
+    """Runs table, batch-size comparisons and per-stage medians of an engine results document."""
+    lines = [
+        f"# Engine benchmark ({document['timestamp']}, commit {document['git_commit'][:12]})",
+        "",
+        "images/s counts completed images only; CPU per image from /proc (node = the node process "
+        "and all its descendants); node/kernel target <= 1.15; service CPU is machine-wide for "
+        "RabbitMQ and PostgreSQL. PSS splits shared memory among processes; RSS sums count "
+        "the shared arenas once per process.",
+        "",
+        markdown_table(ENGINE_HEADERS, _engine_rows(document["runs"])),
+    ]
+    for row in document.get("batch_comparison", []):
+        verdict = "meets" if row["meets_target"] else "misses"
+        lines.append(
+            f"- {row['image_class']}: batch {row['batch_size']} is "
+            f"{row['speedup_vs_batch_1'] or 0:.2f}x batch 1 ({verdict} the {row['target']}x target)"
+        )
+    lines += ["", "Median ms per image per stage:", "", _stage_table(document["runs"])]
+    return "\n".join(lines)
+
+
+def _stage_table(runs: list[dict[str, Any]]) -> str:
+    stages = sorted({stage for run in runs for stage in run["stages_ms"]})
+    rows = [
+        [f"{r['image_class']} P{r['processes']} B{r['batch_size']}"]
+        + [r["stages_ms"].get(stage) for stage in stages]
+        for r in runs
+    ]
+    return markdown_table(["run", *stages], rows)
+
+
+E2E_HEADERS = [
+    "route",
+    "images",
+    "requests",
+    "requests/s",
+    "accepted img/s",
+    "completed img/s",
+    "upload p50 ms",
+    "upload p95 ms",
+    "upload p99 ms",
+    "to completed p50 ms",
+    "p95 ms",
+    "p99 ms",
+    "failures",
+]
+
+
+def _e2e_row(stats: dict[str, Any]) -> list[object]:
+    upload = stats["latency_ms"].get("upload", {})
+    done = stats["latency_ms"].get("completed", {})
+    return [
+        stats["route"],
+        stats["images"],
+        stats["requests"],
+        stats["upload_requests_per_s"],
+        stats["accepted_images_per_s"],
+        stats["completed_images_per_s"],
+        upload.get("p50"),
+        upload.get("p95"),
+        upload.get("p99"),
+        done.get("p50"),
+        done.get("p95"),
+        done.get("p99"),
+        stats["failures"],
+    ]
+
+
+def e2e_summary_markdown(document: dict[str, Any]) -> str:
+    """One row per run (single and bulk when compared), the ratio and the API's peak memory."""
+    runs = [document[name] for name in ("single", "bulk") if name in document]
+    runs = runs or [document["run"]]
+    settings = document["settings"]
+    lines = [
+        f"# End-to-end benchmark ({document['timestamp']}, commit {document['git_commit'][:12]})",
+        "",
+        f"{settings['count']} x {settings['image_class']} per run, {settings['concurrency']} "
+        f"concurrent clients, batch size {settings['batch_size']}; failed or rejected images "
+        "count as failures, never as throughput.",
+        "",
+        markdown_table(E2E_HEADERS, [_e2e_row(stats) for stats in runs]),
+    ]
+    if "bulk_vs_single_accepted" in document:
+        speedup = document["bulk_vs_single_accepted"] or 0.0
+        verdict = "meets" if document["meets_target"] else "misses"
+        memory = document["api_memory_during_bulk"]
+        lines += [
+            f"Bulk accepts {speedup:.2f}x the images/s of single ({verdict} the "
+            f"{document['target']}x target).",
+            f"API peak RSS during the bulk run: {memory['peak_rss_mib_max']} MiB max over "
+            f"{memory['processes']} processes ({memory['method']}).",
+        ]
+    for stats in runs:
+        for reason, count in stats["failure_reasons"].items():
+            lines.append(f"- {stats['route']}: {count} x {reason}")
+    return "\n".join(lines) + "\n"
+
+
+def sweep_summary_markdown(document: dict[str, Any]) -> str:
+    """The grid as a table and the best setting named."""
+    best = document.get("best")
+    if document["mode"] == "engine":
+        table = markdown_table(ENGINE_HEADERS, _engine_rows(document["rows"]))
+        named = (
+            f"P={best['processes']} prefetch={best['prefetch']} batch={best['batch_size']} "
+            f"({best['images_per_s']:.1f} images/s)"
+            if best
+            else "none (every setting had failures)"
+        )
+    else:
+        table = markdown_table(
+            ["batch", "clients", *E2E_HEADERS],
+            [[r["batch_size"], r["concurrency"], *_e2e_row(r)] for r in document["rows"]],
+        )
+        named = (
+            f"batch={best['batch_size']} clients={best['concurrency']} "
+            f"({best['completed_images_per_s']:.1f} completed images/s)"
+            if best
+            else "none (every setting had failures)"
+        )
+    return (
+        f"# Sweep ({document['mode']}, {document['timestamp']}, commit "
+        f"{document['git_commit'][:12]})\n\n{table}\nBest: {named}\n"
+    )
+
+
 def kernel_plots(document: dict[str, Any], out_dir: Path, prefix: str) -> list[Path]:
     """Throughput bars for every format and process count; scaling lines per format."""
     written = []
@@ -245,8 +437,10 @@ def plots_for(document: dict[str, Any], out_dir: Path, prefix: str) -> list[Path
         written += kernel_plots(document, out_dir, prefix)
     if "latency_ms" in document:
         written.append(plot_latency_percentiles(document, out_dir / f"{prefix}-latency.png"))
-    if "stages_ms" in document:
+    if document.get("stages_ms"):
         written.append(plot_stage_breakdown(document, out_dir / f"{prefix}-stages.png"))
+    if document.get("kind") == "sweep" and document.get("mode") == "engine" and document["rows"]:
+        written.append(plot_sweep_throughput(document, out_dir / f"{prefix}-sweep.png"))
     return written
 
 

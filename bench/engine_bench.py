@@ -1,0 +1,489 @@
+"""Engine benchmark: one worker node (`python -m engine`) alone, on services of its own.
+
+Each run gets its own SeaweedFS (on free ports), PostgreSQL schema, RabbitMQ queue and Redis
+prefix, like the tests. Originals and `pending` rows are preloaded; the node is started and
+waits on an empty queue; then all jobs are published at once and the clock runs until every row
+is terminal. CPU comes from /proc (bench.procstat): the node and all its descendants, and the
+SeaweedFS, RabbitMQ (beam.smp), PostgreSQL and Redis processes. The kernel's own CPU per image is
+measured in-process on the same files with one OpenCV thread, for the node/kernel ratio.
+"""
+
+from __future__ import annotations
+
+import ast
+import contextlib
+import hashlib
+import os
+import re
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+import uuid
+from collections.abc import Iterable, Iterator, Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import pika
+import psycopg
+
+from bench.corpus import read_manifest
+from bench.procstat import MemorySampler, descendants, group_cpu_seconds, pids_named
+from bench.stats import median, ratio
+from common.broker import JobPublisher, declare_topology
+from common.config import Settings
+from common.imageinfo import probe
+from common.jobs import JobMessage
+from common.storage import ObjectStore, original_key
+from db import images
+from db.images import NewImage
+from db.migrate import apply_migrations
+from db.pool import Database
+from ops.s3server import LocalS3Server, pick_free_s3_port
+
+# The product's wishes: node CPU within 15 % of the kernel's, and small images batched 16 at a
+# time at least 3x as fast as one at a time.
+CPU_RATIO_TARGET = 1.15
+SMALL_BATCH_SPEEDUP_TARGET = 3.0
+S3_ACCESS_KEY = "pixelmill-bench"
+S3_SECRET_KEY = "pixelmill-bench-secret"
+BENCH_OWNER = "bench"
+STAGE_LINE = re.compile(
+    r"batch of (\d+): completed=(\d+) failed=(\d+) requeued=(\d+) stages=(\{[^}]*\})"
+)
+SERVICE_PROCESSES = {
+    "rabbitmq": lambda name: name == "beam.smp",
+    "postgresql": lambda name: name.startswith("postgres"),
+    "redis": lambda name: name.startswith("redis-server"),
+}
+
+
+@dataclass(frozen=True)
+class NodeSettings:
+    """The flags of one node run."""
+
+    processes: int = 2
+    prefetch: int = 64
+    batch_size: int = 16
+    batch_wait_ms: int = 50
+    memory_mb: int = 512
+
+    def flags(self) -> list[str]:
+        return [
+            f"--processes={self.processes}",
+            f"--prefetch={self.prefetch}",
+            f"--batch-size={self.batch_size}",
+            f"--batch-wait-ms={self.batch_wait_ms}",
+            f"--memory-mb={self.memory_mb}",
+        ]
+
+
+@dataclass(frozen=True)
+class BatchLog:
+    """One `batch of N: ... stages={...}` line of the node's log."""
+
+    size: int
+    completed: int
+    failed: int
+    requeued: int
+    stages: dict[str, float]
+
+
+def parse_stage_lines(lines: Iterable[str]) -> list[BatchLog]:
+    """Every batch line in a node log; other lines (and malformed stage dicts) are skipped."""
+    batches = []
+    for line in lines:
+        match = STAGE_LINE.search(line)
+        if match is None:
+            continue
+        try:
+            stages = ast.literal_eval(match.group(5))
+        except (ValueError, SyntaxError):
+            continue
+        if not isinstance(stages, dict):
+            continue
+        size, completed, failed, requeued = (int(match.group(i)) for i in range(1, 5))
+        floats = {str(k): float(v) for k, v in stages.items()}
+        batches.append(BatchLog(size, completed, failed, requeued, floats))
+    return batches
+
+
+def stage_medians_ms(batches: Sequence[BatchLog]) -> dict[str, float]:
+    """Per stage: the median over batches of (stage seconds / batch size), in milliseconds."""
+    per_image: dict[str, list[float]] = {}
+    for batch in batches:
+        if batch.size < 1:
+            continue
+        for stage, seconds in batch.stages.items():
+            per_image.setdefault(stage, []).append(seconds / batch.size * 1000)
+    return {stage: median(values) for stage, values in per_image.items()}
+
+
+# ---------------------------------------------------------------------------------------------
+# Isolated services
+
+
+class IsolatedServices:
+    """SeaweedFS on free ports plus a schema, Redis prefix and queue names of our own."""
+
+    def __init__(self, base: Settings, work_dir: Path) -> None:
+        self.base = base
+        self.run_id = uuid.uuid4().hex[:10]
+        self.schema = f"pm_bench_{self.run_id}"
+        self.s3 = LocalS3Server(
+            work_dir / "s3",
+            port=pick_free_s3_port(),
+            access_key=S3_ACCESS_KEY,
+            secret_key=S3_SECRET_KEY,
+        )
+        self.queues: list[str] = []
+
+    def env(self, run_index: int) -> dict[str, str]:
+        """The environment of a node for run `run_index` (each run has its own queue)."""
+        separator = "&" if "?" in self.base.postgres_url else "?"
+        search_path = f"options=-csearch_path%3D{self.schema}"
+        queue = f"pm-bench-{self.run_id}-{run_index}"
+        return {
+            "POSTGRES_URL": f"{self.base.postgres_url}{separator}{search_path}",
+            "REDIS_URL": self.base.redis_url,
+            "REDIS_PREFIX": f"pmbench:{self.run_id}:",
+            "RABBITMQ_URL": self.base.queue.url,
+            "RABBITMQ_QUEUE": queue,
+            "MINIO_ENDPOINT": self.s3.endpoint,
+            "MINIO_ACCESS_KEY": S3_ACCESS_KEY,
+            "MINIO_SECRET_KEY": S3_SECRET_KEY,
+            "MINIO_RAW_BUCKET": f"raw-{self.run_id}",
+            "MINIO_PROCESSED_BUCKET": f"processed-{self.run_id}",
+            "LOG_FORMAT": "text",
+        }
+
+    def start(self) -> None:
+        self.s3.start()
+        with psycopg.connect(self.base.postgres_url, autocommit=True) as conn:
+            conn.execute(f"CREATE SCHEMA {self.schema}")
+        settings = Settings.from_env(self.env(0))
+        apply_migrations(settings.postgres_url)
+        ObjectStore(settings.storage).ensure_buckets()
+
+    def stop(self) -> None:
+        with (
+            contextlib.suppress(psycopg.Error),
+            psycopg.connect(self.base.postgres_url, autocommit=True) as conn,
+        ):
+            conn.execute(f"DROP SCHEMA IF EXISTS {self.schema} CASCADE")
+        with contextlib.suppress(pika.exceptions.AMQPError, OSError):
+            connection = pika.BlockingConnection(pika.URLParameters(self.base.queue.url))
+            channel = connection.channel()
+            for queue in self.queues:
+                channel.queue_delete(queue)
+                channel.queue_delete(f"{queue}.dead")
+            connection.close()
+        self.s3.stop()
+
+
+@contextlib.contextmanager
+def isolated_services(base: Settings) -> Iterator[IsolatedServices]:
+    with tempfile.TemporaryDirectory(prefix="pixelmill-bench-") as work_dir:
+        services = IsolatedServices(base, Path(work_dir))
+        try:
+            services.start()
+            yield services
+        finally:
+            services.stop()
+
+
+# ---------------------------------------------------------------------------------------------
+# One run
+
+
+def corpus_files(corpus_dir: Path, image_class: str) -> list[Path]:
+    files = [corpus_dir / e.file for e in read_manifest(corpus_dir) if e.image_class == image_class]
+    if not files:
+        raise ValueError(f"the corpus in {corpus_dir} has no {image_class} images")
+    return files
+
+
+def preload(settings: Settings, payloads: Sequence[bytes], count: int) -> list[uuid.UUID]:
+    """`count` originals in S3 (cycling through payloads) and `pending` rows marked enqueued."""
+    store = ObjectStore(settings.storage)
+    rows = [_new_image(payloads[i % len(payloads)], i) for i in range(count)]
+    data = [payloads[i % len(payloads)] for i in range(count)]
+    with ThreadPoolExecutor(8) as pool:
+        list(
+            pool.map(lambda r, d: store.put_original(r.original_key, d, r.content_type), rows, data)
+        )
+    database = Database(settings.postgres_url, max_size=1)
+    try:
+        with database.transaction() as conn:
+            images.insert_images(conn, rows)
+            images.mark_enqueued(conn, [r.id for r in rows])
+    finally:
+        database.close()
+    return [r.id for r in rows]
+
+
+def _new_image(payload: bytes, index: int) -> NewImage:
+    header = probe(payload)
+    if header is None:
+        raise ValueError("corpus file is not a JPEG or PNG")
+    image_id = uuid.uuid4()
+    return NewImage(
+        id=image_id,
+        owner=BENCH_OWNER,
+        filename=f"bench-{index:05d}.{header.format}",
+        content_type=f"image/{header.format}",
+        size_bytes=len(payload),
+        sha256=hashlib.sha256(payload).hexdigest(),
+        source_width=header.width,
+        source_height=header.height,
+        original_key=original_key(image_id),
+    )
+
+
+def _consumers(queue_url: str, queue: str) -> int:
+    connection = pika.BlockingConnection(pika.URLParameters(queue_url))
+    try:
+        return int(connection.channel().queue_declare(queue, passive=True).method.consumer_count)
+    finally:
+        connection.close()
+
+
+def _declare(settings: Settings) -> None:
+    connection = pika.BlockingConnection(pika.URLParameters(settings.queue.url))
+    try:
+        declare_topology(connection.channel(), settings.queue)
+    finally:
+        connection.close()
+
+
+def _terminal_count(conninfo: str, ids: list[uuid.UUID]) -> dict[str, int]:
+    with psycopg.connect(conninfo) as conn:
+        rows = conn.execute(
+            "SELECT status, count(*) FROM images WHERE id = ANY(%s) GROUP BY status", (ids,)
+        ).fetchall()
+    return {str(status): int(n) for status, n in rows}
+
+
+def _wait_until(predicate: Any, timeout_s: float, what: str, interval_s: float = 0.05) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"{what} within {timeout_s:.0f}s")
+        time.sleep(interval_s)
+
+
+def _service_pids(services: IsolatedServices) -> dict[str, list[int]]:
+    pids = {name: pids_named(test) for name, test in SERVICE_PROCESSES.items()}
+    weed = services.s3.pid()
+    pids["seaweedfs"] = descendants(weed) if weed else []
+    return pids
+
+
+def kernel_cpu_per_image(payloads: Sequence[bytes], settings: Settings, repeat: int = 3) -> float:
+    """Mean CPU seconds of engine.kernel.render_grayscale per image, one OpenCV thread."""
+    import cv2
+
+    from engine.kernel import render_grayscale
+
+    cv2.setNumThreads(1)
+    engine = settings.engine
+    samples = []
+    for _ in range(repeat):
+        for payload in payloads:
+            started = time.process_time()
+            render_grayscale(
+                payload,
+                target_width=engine.target_width,
+                output_format=engine.output_format,
+                max_pixels=engine.max_pixels,
+            )
+            samples.append(time.process_time() - started)
+    return sum(samples) / len(samples)
+
+
+@dataclass(frozen=True)
+class EngineRunSpec:
+    image_class: str
+    count: int
+    node: NodeSettings
+    timeout_s: float = 600.0
+
+
+def run_engine_once(
+    services: IsolatedServices,
+    spec: EngineRunSpec,
+    payloads: Sequence[bytes],
+    run_index: int,
+    log_dir: Path,
+) -> dict[str, Any]:
+    """Preload, start the node, publish everything, time it to the last terminal row."""
+    env = services.env(run_index)
+    settings = Settings.from_env(env)
+    services.queues.append(settings.queue.queue)
+    ids = preload(settings, payloads, spec.count)
+    _declare(settings)
+    log_path = log_dir / f"node-{run_index}.log"
+    node = _start_node(env, spec.node, log_path)
+    try:
+        _wait_until(
+            lambda: (
+                _consumers(settings.queue.url, settings.queue.queue) > 0 or node.poll() is not None
+            ),
+            60,
+            "the node did not consume",
+            interval_s=0.2,
+        )
+        if node.poll() is not None:
+            raise RuntimeError(f"the node exited: {log_path.read_text()[-2000:]}")
+        return _measure(services, settings, spec, ids, node, log_path)
+    finally:
+        _stop_node(node)
+
+
+def _measure(
+    services: IsolatedServices,
+    settings: Settings,
+    spec: EngineRunSpec,
+    ids: list[uuid.UUID],
+    node: subprocess.Popen[bytes],
+    log_path: Path,
+) -> dict[str, Any]:
+    service_pids = _service_pids(services)
+    cpu_before = _cpu_snapshot(node.pid, service_pids)
+    sampler = MemorySampler(node.pid).start()
+    started = time.monotonic()
+    publisher = JobPublisher(settings.queue)
+    try:
+        publisher.publish([JobMessage(image_id, "bench") for image_id in ids])
+    finally:
+        publisher.close()
+    _wait_until(
+        lambda: _done(settings.postgres_url, ids) >= len(ids),
+        spec.timeout_s,
+        f"not every image was terminal ({_terminal_count(settings.postgres_url, ids)})",
+    )
+    wall = time.monotonic() - started
+    cpu_after = _cpu_snapshot(node.pid, service_pids)
+    sampler.stop()
+    _stop_node(node)
+    statuses = _terminal_count(settings.postgres_url, ids)
+    batches = parse_stage_lines(log_path.read_text(errors="replace").splitlines())
+    return _run_row(spec, wall, statuses, cpu_before, cpu_after, sampler, batches)
+
+
+def _done(conninfo: str, ids: list[uuid.UUID]) -> int:
+    counts = _terminal_count(conninfo, ids)
+    return counts.get("completed", 0) + counts.get("failed", 0)
+
+
+def _cpu_snapshot(node_pid: int, service_pids: Mapping[str, list[int]]) -> dict[str, float]:
+    from bench.procstat import tree_cpu_seconds
+
+    snapshot = {"node": tree_cpu_seconds(node_pid)}
+    snapshot.update({name: group_cpu_seconds(pids) for name, pids in service_pids.items()})
+    return snapshot
+
+
+def _run_row(
+    spec: EngineRunSpec,
+    wall: float,
+    statuses: dict[str, int],
+    before: dict[str, float],
+    after: dict[str, float],
+    sampler: MemorySampler,
+    batches: list[BatchLog],
+) -> dict[str, Any]:
+    completed = statuses.get("completed", 0)
+    cpu = {name: (after[name] - before[name]) / spec.count for name in after}
+    return {
+        "image_class": spec.image_class,
+        "count": spec.count,
+        **asdict(spec.node),
+        "wall_s": wall,
+        "completed": completed,
+        "failed": statuses.get("failed", 0),
+        # Failed images are not throughput.
+        "images_per_s": completed / wall,
+        "node_cpu_s_per_image": cpu.pop("node"),
+        "services_cpu_s_per_image": cpu,
+        "node_peak_pss_mib": sampler.peak_pss_sum_mib,
+        "node_peak_rss_sum_mib": sampler.peak_rss_sum_mib,
+        "node_peak_single_rss_mib": sampler.peak_single_rss_mib,
+        "batches": len(batches),
+        "stages_ms": stage_medians_ms(batches),
+    }
+
+
+def _start_node(
+    env: Mapping[str, str], node: NodeSettings, log_path: Path
+) -> subprocess.Popen[bytes]:
+    with log_path.open("ab") as log:
+        return subprocess.Popen(
+            [sys.executable, "-m", "engine", *node.flags()],
+            env={**os.environ, **env},
+            stdout=log,
+            stderr=subprocess.STDOUT,
+        )
+
+
+def _stop_node(node: subprocess.Popen[bytes]) -> None:
+    if node.poll() is not None:
+        return
+    node.send_signal(signal.SIGTERM)
+    try:
+        node.wait(30)
+    except subprocess.TimeoutExpired:
+        node.kill()
+        node.wait()
+
+
+# ---------------------------------------------------------------------------------------------
+# Several runs on one set of services
+
+
+def run_engine_benchmark(
+    base: Settings, corpus_dir: Path, specs: Sequence[EngineRunSpec], log_dir: Path
+) -> dict[str, Any]:
+    """Every spec, one after another, each with a fresh node and queue; plus the kernel's CPU."""
+    log_dir.mkdir(parents=True, exist_ok=True)
+    payloads = {
+        name: [p.read_bytes() for p in corpus_files(corpus_dir, name)]
+        for name in {spec.image_class for spec in specs}
+    }
+    runs = []
+    with isolated_services(base) as services:
+        for index, spec in enumerate(specs):
+            print(f"engine: {spec.image_class} x{spec.count} {spec.node}", file=sys.stderr)
+            row = run_engine_once(services, spec, payloads[spec.image_class], index, log_dir)
+            runs.append(row)
+    kernel = {name: kernel_cpu_per_image(data, base) for name, data in payloads.items()}
+    for row in runs:
+        row["kernel_cpu_s_per_image"] = kernel[row["image_class"]]
+        row["cpu_ratio"] = ratio(row["node_cpu_s_per_image"], kernel[row["image_class"]])
+    return {"kind": "engine", "runs": runs, "batch_comparison": batch_comparison(runs)}
+
+
+def batch_comparison(runs: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
+    """For each class run with batch size 1 and a larger size: the larger's images/s ratio."""
+    comparisons = []
+    for row in runs:
+        if row["batch_size"] == 1:
+            continue
+        for one in runs:
+            same = all(one[k] == row[k] for k in ("image_class", "processes", "prefetch"))
+            if one["batch_size"] == 1 and same:
+                speedup = ratio(row["images_per_s"], one["images_per_s"])
+                comparisons.append(
+                    {
+                        "image_class": row["image_class"],
+                        "batch_size": row["batch_size"],
+                        "speedup_vs_batch_1": speedup,
+                        "target": SMALL_BATCH_SPEEDUP_TARGET,
+                        "meets_target": speedup is not None
+                        and speedup >= SMALL_BATCH_SPEEDUP_TARGET,
+                    }
+                )
+    return comparisons

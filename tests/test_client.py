@@ -1,0 +1,200 @@
+"""The upload client (`ingest.client`) against a real gunicorn API and a real worker node:
+folders with good and bad files, restarts that upload nothing twice, waiting and downloading."""
+
+from __future__ import annotations
+
+import os
+import socket
+import struct
+import subprocess
+import sys
+import zlib
+from collections.abc import Iterator
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pytest
+
+from ingest.client import JOURNAL_NAME, UploadOptions, UploadReport, upload_files
+from ops.issuer import LocalIssuer
+from tests.conftest import ROOT, wait_for
+from tests.support import StackProbe, jpeg, png
+
+GOOD_FILES = ("a.jpg", "b.png", "sub/c.jpeg")
+
+
+def _free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def _answers(url: str) -> bool:
+    import urllib.request
+
+    try:
+        with urllib.request.urlopen(url, timeout=1) as response:
+            return bool(response.status == 200)
+    except OSError:
+        return False
+
+
+@pytest.fixture(scope="module")
+def api_url(
+    env: dict[str, str], settings, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[str]:
+    """A real gunicorn (`python -m ingest.serve`) on a free port with this session's services."""
+    port = _free_port()
+    log_path = tmp_path_factory.mktemp("api") / "api.log"
+    with log_path.open("ab") as log:
+        process = subprocess.Popen(
+            [sys.executable, "-m", "ingest.serve", "--bind", f"127.0.0.1:{port}"],
+            cwd=ROOT,
+            env={**os.environ, **env},
+            stdout=log,
+            stderr=subprocess.STDOUT,
+        )
+    url = f"http://127.0.0.1:{port}"
+    try:
+        wait_for(lambda: _answers(f"{url}/health") or process.poll() is not None, timeout=60)
+        assert process.poll() is None, log_path.read_text()
+        yield url
+    finally:
+        process.terminate()
+        process.wait(30)
+
+
+@pytest.fixture
+def token(issuer: LocalIssuer, user_id: str) -> str:
+    return issuer.mint_token(user_id, ("user",), expires_in=600)
+
+
+def _bomb_png(width: int = 20000, height: int = 20000) -> bytes:
+    """A PNG whose header claims far more pixels than MAX_PIXELS allows."""
+    ihdr = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
+    chunk = b"IHDR" + ihdr
+    return (
+        b"\x89PNG\r\n\x1a\n"
+        + struct.pack(">I", len(ihdr))
+        + chunk
+        + struct.pack(">I", zlib.crc32(chunk))
+    )
+
+
+@pytest.fixture
+def folder(tmp_path: Path) -> Path:
+    """Three good images, one undecodable JPEG, one bomb, one text file named .jpg, one .txt."""
+    root = tmp_path / "photos"
+    (root / "sub").mkdir(parents=True)
+    (root / "a.jpg").write_bytes(jpeg(1000, 600, seed=11))
+    (root / "b.png").write_bytes(png(300, 200, seed=12))
+    (root / "sub" / "c.jpeg").write_bytes(jpeg(1200, 900, seed=13))
+    (root / "broken.jpg").write_bytes(jpeg(1600, 1200, seed=14)[:600])
+    (root / "bomb.png").write_bytes(_bomb_png())
+    (root / "fake.jpg").write_bytes(b"this is not a photo\n")
+    (root / "notes.txt").write_text("ignored: not an image by name")
+    return root
+
+
+def _options(api_url: str, token: str, state: Path, **overrides: object) -> UploadOptions:
+    base: dict[str, object] = {
+        "url": api_url,
+        "token": token,
+        "concurrency": 2,
+        "batch_size": 2,
+        "wait_timeout_s": 90.0,
+        "poll_interval_s": 0.2,
+        "out_dir": state / "out",
+        "journal_path": state / JOURNAL_NAME,
+        "backoff_base_s": 0.1,
+    }
+    base.update(overrides)
+    return UploadOptions(**base)  # type: ignore[arg-type]
+
+
+def _by_name(report: UploadReport) -> dict[str, object]:
+    return {item.path.name: item for item in report.files}
+
+
+def _assert_folder_outcome(report: UploadReport) -> None:
+    counts = report.counts()
+    assert counts["files"] == 6  # notes.txt is not considered at all
+    assert (counts["completed"], counts["failed"], counts["rejected"]) == (3, 1, 2)
+    items = _by_name(report)
+    assert items["broken.jpg"].outcome == "failed" and items["broken.jpg"].reason  # type: ignore[attr-defined]
+    assert items["bomb.png"].http_status == 422  # type: ignore[attr-defined]
+    assert items["fake.jpg"].http_status is None  # refused locally, never sent
+    assert "not a JPEG or PNG" in items["fake.jpg"].reason  # type: ignore[attr-defined,operator]
+    assert not report.ok
+
+
+def _assert_downloads(out_dir: Path) -> None:
+    assert sorted(p.name for p in out_dir.iterdir()) == ["a.png", "b.png", "c.png"]
+    wide = cv2.imdecode(np.fromfile(out_dir / "a.png", np.uint8), cv2.IMREAD_UNCHANGED)
+    small = cv2.imdecode(np.fromfile(out_dir / "b.png", np.uint8), cv2.IMREAD_UNCHANGED)
+    assert wide.shape == (480, 800) and wide.dtype == np.uint8  # grayscale, 800 px wide
+    assert small.shape == (200, 300)  # never upscaled
+
+
+def test_folder_through_single_route_completes_good_files_and_explains_bad_ones(
+    api_url: str, token: str, worker, folder: Path, tmp_path: Path, probe: StackProbe, user_id: str
+) -> None:
+    state = tmp_path / "state"
+    report = upload_files([folder], _options(api_url, token, state, single=True))
+
+    assert report.route == "single"
+    _assert_folder_outcome(report)
+    assert len(report.requests) == 5  # one per file sent: 3 good, broken, bomb
+    _assert_downloads(state / "out")
+    assert len(probe.rows_for(user_id)) == 4  # 3 completed + 1 failed; nothing for rejects
+
+
+def test_folder_through_bulk_route_reports_each_part(
+    api_url: str, token: str, worker, folder: Path, tmp_path: Path, probe: StackProbe, user_id: str
+) -> None:
+    state = tmp_path / "state"
+    report = upload_files([folder], _options(api_url, token, state, batch_size=3))
+
+    # Fails with route "single (bulk route not found)" while POST /api/v1/uploads is missing.
+    assert report.route == "bulk"
+    _assert_folder_outcome(report)
+    assert len(report.requests) == 2  # 5 files sent in batches of 3
+    _assert_downloads(state / "out")
+    assert len(probe.rows_for(user_id)) == 4
+
+
+def test_restarted_run_skips_journaled_files_and_uploads_nothing_twice(
+    api_url: str, token: str, worker, folder: Path, tmp_path: Path, probe: StackProbe, user_id: str
+) -> None:
+    state = tmp_path / "state"
+    first = upload_files([folder], _options(api_url, token, state))
+    first_ids = {i.path.name: i.image_id for i in first.files if i.image_id}
+    assert len(first_ids) == 4
+
+    command = [sys.executable, "-m", "ingest.client", "upload", str(folder), "--url", api_url]
+    command += ["--token", token, "--state-dir", str(state), "--out", str(state / "out")]
+    again = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=120)
+
+    assert again.returncode == 1, again.stderr  # the bad files still make the run fail
+    assert "uploaded now:      0" in again.stdout
+    assert "accepted earlier:  4" in again.stdout
+    assert "completed:         3" in again.stdout
+    assert len(probe.rows_for(user_id)) == 4
+
+
+def test_lost_journal_is_recovered_by_idempotency_keys(
+    api_url: str, token: str, worker, folder: Path, tmp_path: Path, probe: StackProbe, user_id: str
+) -> None:
+    """A run killed after the server accepted a batch but before the journal was written."""
+    state = tmp_path / "state"
+    first = upload_files([folder], _options(api_url, token, state, wait=False))
+    (state / JOURNAL_NAME).unlink()
+
+    second = upload_files([folder], _options(api_url, token, state, wait=False))
+
+    ids = {i.path.name: i.image_id for i in first.files if i.image_id}
+    assert ids == {i.path.name: i.image_id for i in second.files if i.image_id}
+    assert len(ids) == 4
+    assert second.counts()["from_journal"] == 0
+    assert len(probe.rows_for(user_id)) == 4
