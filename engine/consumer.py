@@ -115,11 +115,25 @@ class _Session:
         log.info("consuming from %s", self._owner._queue.queue)
         try:
             while not self._owner._stop.is_set():
-                self._connection.process_data_events(time_limit=0.005)
+                self._connection.process_data_events(time_limit=self._poll_seconds())
                 self._start_ready_batch(force=False)
                 self._apply_finished(block=False)
         finally:
             self._drain(tag)
+
+    def _poll_seconds(self) -> float:
+        """How long to wait for broker events: briefly while batches run (their completion is
+        no socket event), until the batch deadline while one fills, longer when idle. A message
+        arriving ends the wait at once."""
+        if self._in_flight:
+            return 0.005
+        paused = self._paused_until - time.monotonic()
+        if paused > 0:
+            return min(paused, 0.1)
+        if self._buffer:
+            waited_ms = (time.monotonic() - self._first_at) * 1000
+            return max(0.001, (self._engine.batch_wait_ms - waited_ms) / 1000)
+        return 0.1
 
     def _on_message(
         self, channel: BlockingChannel, method: Basic.Deliver, props: BasicProperties, body: bytes
