@@ -1,11 +1,40 @@
-"""Log output: a human format for terminals or one JSON object per line for collectors."""
+"""Log output: a human format for terminals or one JSON object per line for collectors, both with
+credentials (bearer tokens, presigned-URL signatures) masked whatever library logged them."""
 
 from __future__ import annotations
 
 import json
 import logging
+import re
 import sys
 from datetime import UTC, datetime
+
+REDACTED = "[redacted]"
+_SECRETS = (
+    # A bearer credential, whatever its format.
+    re.compile(r"(?i)(\bbearer\s+)[^\s\"',;]+"),
+    # A JWT anywhere: three base64url segments, the first a JSON header ("{" is "ey").
+    re.compile(r"()\beyJ[\w-]+\.[\w-]+\.[\w-]*"),
+    # The parts of a presigned S3 URL that let its holder read the object.
+    re.compile(r"(?i)(\bX-Amz-(?:Signature|Credential|Security-Token)=)[^&\s\"'<>]+"),
+)
+
+
+def redact_secrets(text: str) -> str:
+    """`text` with every bearer token, JWT and presigned-URL signature replaced by REDACTED."""
+    for pattern in _SECRETS:
+        text = pattern.sub(rf"\1{REDACTED}", text)
+    return text
+
+
+class TextFormatter(logging.Formatter):
+    """One human-readable line per event (plus any traceback), credentials masked."""
+
+    def __init__(self) -> None:
+        super().__init__("%(asctime)s %(levelname)-7s %(process)d %(name)s: %(message)s")
+
+    def format(self, record: logging.LogRecord) -> str:
+        return redact_secrets(super().format(record))
 
 
 class JsonFormatter(logging.Formatter):
@@ -23,17 +52,12 @@ class JsonFormatter(logging.Formatter):
         event.update({k: v for k, v in vars(record).items() if k not in self._RESERVED})
         if record.exc_info:
             event["exception"] = self.formatException(record.exc_info)
-        return json.dumps(event, default=str)
+        return redact_secrets(json.dumps(event, default=str))
 
 
 def configure_logging(log_format: str = "text", level: int = logging.INFO) -> None:
     handler = logging.StreamHandler(sys.stderr)
-    if log_format == "json":
-        handler.setFormatter(JsonFormatter())
-    else:
-        handler.setFormatter(
-            logging.Formatter("%(asctime)s %(levelname)-7s %(process)d %(name)s: %(message)s")
-        )
+    handler.setFormatter(JsonFormatter() if log_format == "json" else TextFormatter())
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level)

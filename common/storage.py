@@ -145,7 +145,9 @@ class ObjectStore:
             self._client.put_object(
                 bucket, key, io.BytesIO(data), length=len(data), content_type=content_type
             )
-        except (urllib3.exceptions.HTTPError, OSError) as exc:
+        except (urllib3.exceptions.HTTPError, OSError, S3Error) as exc:
+            # An S3 error on a write (refused credentials, missing bucket) is the store's
+            # problem, not the client's: it is reported as the dependency failing.
             raise DependencyUnavailable(self.dependency) from exc
 
     def _get(self, bucket: str, key: str) -> bytes:

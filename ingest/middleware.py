@@ -46,6 +46,10 @@ class AuthMiddleware:
     ) -> None:
         if resource is None or not getattr(resource, "auth_required", True):
             return
+        if req.method == "OPTIONS" and not hasattr(resource, "on_options"):
+            # Browsers send CORS preflights without credentials; Falcon's own OPTIONS answer
+            # (the Allow header) reveals nothing, and a 401 there would block every CORS call.
+            return
         principal = self._verifier.verify(req.get_header("Authorization"))
         role = getattr(resource, f"required_role_{req.method.lower()}", None) or getattr(
             resource, "required_role", None
