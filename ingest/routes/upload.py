@@ -34,45 +34,8 @@ def send(resp: falcon.Response, answer: Answer) -> None:
     resp.media = answer.body
 
 
-class UploadResource:
-    """One image per request: 201 with its document, or 200 with an earlier copy (dedupe)."""
-
-    required_role = UPLOAD_ROLE
-
-    def __init__(
-        self,
-        intake: ImageIntake,
-        limiter: UploadRateLimiter,
-        api: ApiSettings,
-        engine: EngineSettings,
-    ) -> None:
-        self._intake = intake
-        self._limiter = limiter
-        self._max_bytes = api.max_upload_bytes
-        self._max_pixels = engine.max_pixels
-
-    def on_post(self, req: falcon.Request, resp: falcon.Response) -> None:
-        principal = req.context.principal
-        # Charged before the body is read, so a flood of uploads costs the API little.
-        self._limiter.charge(principal.subject)
-        upload = read_single_upload(req, self._max_bytes, self._max_pixels)
-        dedupe = req.get_param_as_bool("dedupe", default=False)
-        claim = idempotency_claim(req, str(dedupe), upload.filename, upload.sha256)
-
-        def render(accepted: list[Accepted]) -> Answer:
-            [only] = accepted
-            document = {**image_document(only.record), "deduplicated": only.deduplicated}
-            return Answer(200 if only.deduplicated else 201, document)
-
-        answer = self._intake.accept(
-            principal.subject, [upload], req.context.request_id, render, dedupe=dedupe, claim=claim
-        )
-        resp.location = f"/api/v1/images/{answer.body['id']}"
-        send(resp, answer)
-
-
-class BulkUploadResource:
-    """Many `image` parts per request; 207 with one entry per part, accepted or refused."""
+class _UploadRoute:
+    """What both upload routes are given: the intake, the rate limiter and the size limits."""
 
     required_role = UPLOAD_ROLE
 
@@ -91,6 +54,33 @@ class BulkUploadResource:
             max_part_bytes=api.max_upload_bytes,
             max_pixels=engine.max_pixels,
         )
+
+
+class UploadResource(_UploadRoute):
+    """One image per request: 201 with its document, or 200 with an earlier copy (dedupe)."""
+
+    def on_post(self, req: falcon.Request, resp: falcon.Response) -> None:
+        principal = req.context.principal
+        # Charged before the body is read, so a flood of uploads costs the API little.
+        self._limiter.charge(principal.subject)
+        upload = read_single_upload(req, self._limits.max_part_bytes, self._limits.max_pixels)
+        dedupe = req.get_param_as_bool("dedupe", default=False)
+        claim = idempotency_claim(req, str(dedupe), upload.filename, upload.sha256)
+
+        def render(accepted: list[Accepted]) -> Answer:
+            [only] = accepted
+            document = {**image_document(only.record), "deduplicated": only.deduplicated}
+            return Answer(200 if only.deduplicated else 201, document)
+
+        answer = self._intake.accept(
+            principal.subject, [upload], req.context.request_id, render, dedupe=dedupe, claim=claim
+        )
+        resp.location = f"/api/v1/images/{answer.body['id']}"
+        send(resp, answer)
+
+
+class BulkUploadResource(_UploadRoute):
+    """Many `image` parts per request; 207 with one entry per part, accepted or refused."""
 
     def on_post(self, req: falcon.Request, resp: falcon.Response) -> None:
         principal = req.context.principal
