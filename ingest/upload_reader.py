@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import hashlib
 import re
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import falcon
@@ -100,11 +102,23 @@ def check_pixel_limit(header: ImageHeader, max_pixels: int) -> None:
         )
 
 
+@contextmanager
+def malformed_form_is_bad_request() -> Iterator[None]:
+    """Turn every way a multipart body can be malformed into one 400, including part headers
+    that are not UTF-8 (Falcon decodes them lazily, when a part's name is first read)."""
+    try:
+        yield
+    except (MultipartParseError, falcon.HTTPInvalidHeader) as exc:
+        raise BadRequest(f"malformed multipart body: {exc.description}") from exc
+    except UnicodeDecodeError as exc:
+        raise BadRequest("malformed multipart body: part headers must be UTF-8") from exc
+
+
 def read_single_upload(req: falcon.Request, max_bytes: int, max_pixels: int) -> UploadedImage:
     """The one `image` part of a single-image upload; every other field is ignored."""
     check_declared_length(req, max_bytes)
     found: RawPart | None = None
-    try:
+    with malformed_form_is_bad_request():
         # The whole form is walked before the image is judged, so a truncated body is
         # reported as such rather than as a bad image.
         for part in req.get_media():
@@ -113,10 +127,6 @@ def read_single_upload(req: falcon.Request, max_bytes: int, max_pixels: int) -> 
             if found is not None:
                 raise BadRequest("send exactly one 'image' part (use /api/v1/uploads for many)")
             found = read_file_part(part, max_bytes)
-    except MultipartParseError as exc:
-        raise BadRequest(f"malformed multipart body: {exc.description}") from exc
-    except falcon.HTTPInvalidHeader as exc:
-        raise BadRequest(f"malformed multipart body: {exc.description}") from exc
     if found is None:
         raise BadRequest("the form has no 'image' file field")
     upload = validate_image(found)
@@ -158,7 +168,7 @@ def read_bulk_upload(req: falcon.Request, limits: BulkLimits) -> list[BulkPart]:
     check_declared_length(req, limits.max_body_bytes)
     handler = bulk_form_handler(limits.max_parts)
     raw_parts: list[tuple[str | None, RawPart | PixelmillError]] = []
-    try:
+    with malformed_form_is_bad_request():
         form = handler.deserialize(req.bounded_stream, req.content_type, req.content_length)
         for part in form:
             if part.name != IMAGE_FIELD:
@@ -169,10 +179,6 @@ def read_bulk_upload(req: falcon.Request, limits: BulkLimits) -> list[BulkPart]:
                 raw_parts.append((part.filename, read_file_part(part, limits.max_part_bytes)))
             except PayloadTooLarge as exc:
                 raw_parts.append((part.filename, exc))
-    except MultipartParseError as exc:
-        raise BadRequest(f"malformed multipart body: {exc.description}") from exc
-    except falcon.HTTPInvalidHeader as exc:
-        raise BadRequest(f"malformed multipart body: {exc.description}") from exc
     if not raw_parts:
         raise BadRequest("the form has no 'image' file field")
     return [_judge(index, name, raw, limits) for index, (name, raw) in enumerate(raw_parts)]

@@ -1,0 +1,249 @@
+"""Fault-injection helpers: a pausable TCP proxy, a private Redis, and the accounting that checks
+the reliability promise (every accepted upload ends terminal, exactly one result per completed
+image, nothing left behind by rejected ones)."""
+
+from __future__ import annotations
+
+import contextlib
+import datetime
+import socket
+import subprocess
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import psycopg
+import redis
+
+from tests.support import ApiClient, StackProbe
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def _close(sock: socket.socket) -> None:
+    with contextlib.suppress(OSError):
+        sock.shutdown(socket.SHUT_RDWR)
+    with contextlib.suppress(OSError):
+        sock.close()
+
+
+class TcpProxy:
+    """Forwards 127.0.0.1:`port` to `target_port`, so a shared service can be made unreachable
+    for one stack only: `pause()` drops every open connection and refuses new ones (the listener
+    is closed), `resume()` listens again on the same port."""
+
+    def __init__(self, target_port: int, target_host: str = "127.0.0.1") -> None:
+        self.target = (target_host, target_port)
+        self.port = free_port()
+        self._lock = threading.Lock()
+        self._open: set[socket.socket] = set()
+        self._listener: socket.socket | None = None
+        self._acceptor: threading.Thread | None = None
+
+    def start(self) -> None:
+        listener = socket.socket()
+        listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        listener.bind(("127.0.0.1", self.port))
+        listener.listen(128)
+        self._listener = listener
+        self._acceptor = threading.Thread(target=self._accept, args=(listener,), daemon=True)
+        self._acceptor.start()
+
+    def pause(self) -> None:
+        """Refuse new connections and reset every open one, as if the service went down."""
+        listener, self._listener = self._listener, None
+        if listener is not None:
+            _close(listener)
+        if self._acceptor is not None:
+            self._acceptor.join(timeout=5)
+        with self._lock:
+            victims, self._open = self._open, set()
+        for sock in victims:
+            _close(sock)
+
+    def resume(self) -> None:
+        self.start()
+
+    def close(self) -> None:
+        self.pause()
+
+    def _accept(self, listener: socket.socket) -> None:
+        while True:
+            try:
+                client, _ = listener.accept()
+            except OSError:
+                return  # the listener was closed by pause()
+            try:
+                upstream = socket.create_connection(self.target, timeout=5)
+            except OSError:
+                _close(client)
+                continue
+            upstream.settimeout(None)
+            with self._lock:
+                self._open.update((client, upstream))
+            for source, sink in ((client, upstream), (upstream, client)):
+                threading.Thread(target=self._pump, args=(source, sink), daemon=True).start()
+
+    def _pump(self, source: socket.socket, sink: socket.socket) -> None:
+        try:
+            while chunk := source.recv(65536):
+                sink.sendall(chunk)
+        except OSError:
+            pass
+        with self._lock:
+            self._open.discard(source)
+            self._open.discard(sink)
+        _close(source)
+        _close(sink)
+
+
+class PrivateRedis:
+    """A `redis-server` of this test module only, without persistence, that can be killed."""
+
+    def __init__(self, log_path: Path) -> None:
+        self.port = free_port()
+        self.log_path = log_path
+        self._process: subprocess.Popen[bytes] | None = None
+
+    @property
+    def url(self) -> str:
+        return f"redis://127.0.0.1:{self.port}/0"
+
+    def start(self, timeout: float = 10.0) -> None:
+        with self.log_path.open("ab") as log:
+            self._process = subprocess.Popen(
+                [
+                    "redis-server",
+                    *("--port", str(self.port), "--bind", "127.0.0.1"),
+                    *("--save", "", "--appendonly", "no", "--daemonize", "no"),
+                ],
+                stdout=log,
+                stderr=subprocess.STDOUT,
+            )
+        client = redis.Redis.from_url(self.url, socket_connect_timeout=0.2)
+        wait_until(lambda: _pings(client), timeout)
+
+    def kill(self) -> None:
+        if self._process is not None and self._process.poll() is None:
+            self._process.kill()
+            self._process.wait()
+
+
+def _pings(client: redis.Redis) -> bool:
+    try:
+        return bool(client.ping())
+    except redis.RedisError:
+        return False
+
+
+def wait_until(predicate: Callable[[], object], timeout: float, interval: float = 0.1) -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"condition not met within {timeout}s")
+        time.sleep(interval)
+
+
+@dataclass
+class UploadLog:
+    """What the clients saw: accepted ids by upload name, and refusals while a dependency was
+    down (503), which a client retries."""
+
+    accepted: dict[str, str] = field(default_factory=dict)
+    refused_503: int = 0
+    unexpected: list[str] = field(default_factory=list)
+    lock: threading.Lock = field(default_factory=threading.Lock)
+    # Set when a test ends early, so its client threads stop instead of outliving the stack.
+    cancelled: threading.Event = field(default_factory=threading.Event)
+
+
+def upload_until_accepted(
+    api: ApiClient, name: str, data: bytes, log: UploadLog, deadline: float
+) -> None:
+    """Upload like a well-behaved client: retry on 503 until accepted or `deadline` passes."""
+    while time.monotonic() < deadline and not log.cancelled.is_set():
+        response = api.upload(data, name)
+        if response.status_code == 201:
+            with log.lock:
+                log.accepted[name] = response.json["id"]
+            return
+        if response.status_code == 503:
+            assert response.json["error"]["code"] == "dependency_unavailable"
+            with log.lock:
+                log.refused_503 += 1
+            time.sleep(0.2)
+            continue
+        with log.lock:
+            log.unexpected.append(f"{name}: {response.status_code} {response.text[:200]}")
+        return
+    with log.lock:
+        log.unexpected.append(f"{name}: still refused at the deadline")
+
+
+@dataclass(frozen=True)
+class Tally:
+    """The figures of one fault scenario."""
+
+    sent: int
+    accepted: int
+    refused_503: int
+    completed: int
+    failed: int
+    lost: int
+    duplicates: int
+
+
+def terminal_count(probe: StackProbe, owner: str) -> int:
+    with psycopg.connect(probe.settings.postgres_url) as conn:
+        row = conn.execute(
+            "SELECT count(*) FROM images WHERE owner = %s AND status IN ('completed', 'failed')",
+            (owner,),
+        ).fetchone()
+    return int(row[0]) if row else 0
+
+
+def first_completion_after(probe: StackProbe, owner: str, moment: float) -> float | None:
+    """Wall-clock time of the first image completed after `moment` (a `time.time()` value)."""
+    since = datetime.datetime.fromtimestamp(moment, datetime.UTC)
+    with psycopg.connect(probe.settings.postgres_url) as conn:
+        row = conn.execute(
+            "SELECT min(updated_at) FROM images "
+            "WHERE owner = %s AND status = 'completed' AND updated_at >= %s",
+            (owner, since),
+        ).fetchone()
+    return None if row is None or row[0] is None else float(row[0].timestamp())
+
+
+def account(probe: StackProbe, owner: str, log: UploadLog, bad_names: set[str]) -> Tally:
+    """Assert the promise for one stack whose buckets hold only this owner's objects."""
+    assert log.unexpected == []
+    rows = {str(r[0]): r for r in probe.rows_for(owner)}
+    accepted = set(log.accepted.values())
+    assert len(accepted) == len(log.accepted), "two uploads were given the same id"
+    assert set(rows) == accepted, "a row is missing, or a refused upload left one behind"
+    assert probe.originals() == {f"originals/{i}" for i in accepted}
+    for name, image_id in log.accepted.items():
+        _, status, error, result_key = rows[image_id]
+        if name in bad_names:
+            assert status == "failed" and error, (name, status, error)
+        else:
+            assert status == "completed" and result_key, (name, status, error)
+    completed = {i for i in accepted if rows[i][1] == "completed"}
+    results = sorted(probe.results())
+    assert results == sorted(f"results/{i}.png" for i in completed)
+    lost = sum(1 for r in rows.values() if r[1] not in ("completed", "failed"))
+    return Tally(
+        sent=len(log.accepted) + log.refused_503,
+        accepted=len(accepted),
+        refused_503=log.refused_503,
+        completed=len(completed),
+        failed=len(accepted) - len(completed),
+        lost=lost,
+        duplicates=len(results) - len(set(results)),
+    )
