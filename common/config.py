@@ -118,7 +118,7 @@ class QueueSettings:
     url: str = "amqp://guest:guest@127.0.0.1:5672/%2F"
     queue: str = "image-jobs"
     dead_letter_queue: str = "image-jobs.dead"
-    delivery_limit: int = 10
+    delivery_limit: int = 20
 
 
 @dataclass(frozen=True)
@@ -151,6 +151,7 @@ class ApiSettings:
     max_bulk_bytes: int = 100 * 1024 * 1024
     idempotency_ttl_seconds: int = 24 * 3600
     max_wait_seconds: int = 30
+    body_timeout_seconds: float = 30.0
     cache_ttl_seconds: int = 30
     cors_origins: tuple[str, ...] = ()
     uploads_per_minute: int = 600
@@ -258,6 +259,7 @@ def _api_from(env: _Env) -> ApiSettings:
             "IDEMPOTENCY_TTL_SECONDS", d.idempotency_ttl_seconds, minimum=1
         ),
         max_wait_seconds=env.integer("MAX_WAIT_SECONDS", d.max_wait_seconds),
+        body_timeout_seconds=env.decimal("BODY_TIMEOUT_SECONDS", d.body_timeout_seconds, 0.1),
         cache_ttl_seconds=env.integer("CACHE_TTL_SECONDS", d.cache_ttl_seconds, minimum=1),
         cors_origins=env.names("CORS_ORIGINS", ""),
         uploads_per_minute=env.integer("UPLOADS_PER_MINUTE", d.uploads_per_minute),

@@ -24,6 +24,11 @@ class NotFound(PixelmillError):
     code = "not_found"
 
 
+class RequestTimeout(PixelmillError):
+    status = 408
+    code = "request_timeout"
+
+
 class Conflict(PixelmillError):
     status = 409
     code = "conflict"

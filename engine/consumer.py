@@ -27,7 +27,9 @@ from engine.batch import Delivery, Verdict
 log = logging.getLogger(__name__)
 
 MAX_BATCHES_IN_FLIGHT = 2
-MAX_BACKOFF_SECONDS = 30.0
+# Short enough that a node resumes soon after a dependency returns; with the delivery limit
+# (20) it lets an image ride out about two and a half minutes of outage before failing.
+MAX_BACKOFF_SECONDS = 10.0
 
 
 class Backoff:

@@ -19,7 +19,12 @@ from ingest import errors
 from ingest.auth import TokenVerifier
 from ingest.intake import ImageIntake
 from ingest.metrics import MetricsMiddleware, MetricsResource
-from ingest.middleware import AuthMiddleware, RequestIdMiddleware, SecurityHeadersMiddleware
+from ingest.middleware import (
+    AuthMiddleware,
+    BodyTimeoutMiddleware,
+    RequestIdMiddleware,
+    SecurityHeadersMiddleware,
+)
 from ingest.openapi import OpenApiResource, openapi_document
 from ingest.rate_limit import UploadRateLimiter
 from ingest.routes.health import HealthResource, ReadinessResource
@@ -58,6 +63,7 @@ def create_app(settings: Settings, deps: Dependencies) -> falcon.App:
     middleware: list[Any] = [
         MetricsMiddleware(),
         RequestIdMiddleware(),
+        BodyTimeoutMiddleware(settings.api.body_timeout_seconds),
         SecurityHeadersMiddleware(),
         AuthMiddleware(deps.verifier),
     ]

@@ -61,6 +61,23 @@ class AuthMiddleware:
         req.context.principal = principal
 
 
+class BodyTimeoutMiddleware:
+    """Bounds how long a client may stall while sending its body.
+
+    gunicorn's gthread worker only times out the wait for a request's first bytes; a client
+    stalling mid-body would hold a worker thread forever. A timeout on the request's socket
+    (gunicorn resets it for the next request) makes the stalled read fail, answered 408.
+    """
+
+    def __init__(self, seconds: float) -> None:
+        self._seconds = seconds
+
+    def process_request(self, req: falcon.Request, resp: falcon.Response) -> None:
+        sock = req.env.get("gunicorn.socket")
+        if sock is not None:
+            sock.settimeout(self._seconds)
+
+
 class SecurityHeadersMiddleware:
     def process_response(
         self, req: falcon.Request, resp: falcon.Response, resource: Any, req_succeeded: bool

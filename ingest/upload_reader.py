@@ -16,6 +16,7 @@ from common.errors import (
     LengthRequired,
     PayloadTooLarge,
     PixelmillError,
+    RequestTimeout,
     UnprocessableImage,
     UnsupportedMediaType,
 )
@@ -112,6 +113,8 @@ def malformed_form_is_bad_request() -> Iterator[None]:
         raise BadRequest(f"malformed multipart body: {exc.description}") from exc
     except UnicodeDecodeError as exc:
         raise BadRequest("malformed multipart body: part headers must be UTF-8") from exc
+    except TimeoutError as exc:
+        raise RequestTimeout("the request body stopped arriving; send it again") from exc
 
 
 def read_single_upload(req: falcon.Request, max_bytes: int, max_pixels: int) -> UploadedImage:

@@ -26,14 +26,13 @@ def free_port() -> int:
         return int(sock.getsockname()[1])
 
 
-@pytest.fixture(scope="module")
-def served(env, settings, tmp_path_factory) -> Iterator[str]:
+def start_api(env: dict[str, str], log_dir: Any, **overrides: str) -> tuple[subprocess.Popen, str]:
     port = free_port()
-    log = (tmp_path_factory.mktemp("api") / "api.log").open("ab")
+    log = (log_dir / "api.log").open("ab")
     process = subprocess.Popen(
         [sys.executable, "-m", "ingest.serve", "--bind", f"127.0.0.1:{port}", "--workers", "2"],
         cwd=ROOT,
-        env={**os.environ, **env},
+        env={**os.environ, **env, **overrides},
         stdout=log,
         stderr=subprocess.STDOUT,
     )
@@ -47,6 +46,12 @@ def served(env, settings, tmp_path_factory) -> Iterator[str]:
             return False
 
     wait_for(healthy, timeout=30)
+    return process, base
+
+
+@pytest.fixture(scope="module")
+def served(env, settings, tmp_path_factory) -> Iterator[str]:
+    process, base = start_api(env, tmp_path_factory.mktemp("api"))
     yield base
     process.send_signal(signal.SIGTERM)
     assert process.wait(timeout=30) == 0, "gunicorn must stop cleanly on SIGTERM"
@@ -114,3 +119,28 @@ def test_metrics_are_merged_across_gunicorn_workers(served: str) -> None:
         if line.startswith("pixelmill_http_requests_total{") and 'route="/health"' in line
     ]
     assert sum(float(line.split()[-1]) for line in lines) >= 20
+
+
+def test_client_stalling_mid_body_gets_408_and_frees_its_thread(
+    env, settings, issuer, tmp_path
+) -> None:
+    process, base = start_api(env, tmp_path, BODY_TIMEOUT_SECONDS="1")
+    try:
+        token = issuer.mint_token("staller", ("user",))
+        body, content_type = multipart([("image", "a.jpg", jpeg(400, 300), "image/jpeg")])
+        host, port = base.removeprefix("http://").split(":")
+        with socket.create_connection((host, int(port)), timeout=20) as sock:
+            sock.sendall(
+                b"POST /api/v1/upload HTTP/1.1\r\nHost: x\r\n"
+                + f"Authorization: Bearer {token}\r\nContent-Type: {content_type}\r\n".encode()
+                + f"Content-Length: {len(body)}\r\n\r\n".encode()
+                + body[: len(body) // 3]
+            )
+            answer = ""
+            while "}}" not in answer and (chunk := sock.recv(65536)):
+                answer += chunk.decode(errors="replace")
+        assert answer.startswith("HTTP/1.1 408"), answer[:300]
+        assert '"request_timeout"' in answer
+    finally:
+        process.send_signal(signal.SIGTERM)
+        process.wait(timeout=30)
