@@ -51,11 +51,38 @@ def job_queue_arguments(settings: QueueSettings) -> dict[str, Any]:
 
 
 def declare_topology(channel: BlockingChannel, settings: QueueSettings) -> None:
-    """Declare the job queue and its dead-letter queue (idempotent, same arguments everywhere)."""
-    channel.queue_declare(
-        settings.dead_letter_queue, durable=True, arguments=dead_letter_queue_arguments()
-    )
-    channel.queue_declare(settings.queue, durable=True, arguments=job_queue_arguments(settings))
+    """Create the job queue and its dead-letter queue where they do not exist yet.
+
+    A queue's arguments cannot change once it exists, and a declaration with other arguments is
+    refused; so an existing queue is used as it is (a changed RABBITMQ_DELIVERY_LIMIT applies to
+    new queues, or through a RabbitMQ policy), instead of taking every client down.
+    """
+    _declare_if_missing(channel, settings.dead_letter_queue, dead_letter_queue_arguments())
+    _declare_if_missing(channel, settings.queue, job_queue_arguments(settings))
+
+
+def _declare_if_missing(channel: BlockingChannel, queue: str, arguments: dict[str, Any]) -> None:
+    # A passive declaration of a missing queue closes its channel: probe on a throwaway one.
+    probe = channel.connection.channel()
+    try:
+        probe.queue_declare(queue, passive=True)
+    except pika.exceptions.ChannelClosedByBroker as exc:
+        if exc.reply_code != 404:
+            raise
+        channel.queue_declare(queue, durable=True, arguments=arguments)
+        return
+    if probe.is_open:
+        probe.close()
+
+
+def ensure_topology(settings: QueueSettings) -> None:
+    """`declare_topology` over a short-lived connection of its own."""
+    connection = pika.BlockingConnection(connection_parameters(settings))
+    try:
+        declare_topology(connection.channel(), settings)
+    finally:
+        if connection.is_open:
+            connection.close()
 
 
 class _PendingBatch:
@@ -133,6 +160,10 @@ class JobPublisher:
             ):
                 return self._connection
             self._reset_locked("reconnecting")
+            try:
+                ensure_topology(self.settings)
+            except BROKER_ERRORS as exc:
+                raise DependencyUnavailable(self.dependency) from exc
             self._ready.clear()
             self._open_error = None
             self._connection = pika.SelectConnection(
@@ -159,20 +190,7 @@ class JobPublisher:
     def _on_channel_open(self, channel: Channel) -> None:
         channel.add_on_close_callback(self._on_channel_closed)
         channel.add_on_return_callback(self._on_returned)
-        channel.confirm_delivery(self._on_confirm, callback=lambda _: self._declare(channel))
-
-    def _declare(self, channel: Channel) -> None:
-        channel.queue_declare(
-            self.settings.dead_letter_queue,
-            durable=True,
-            arguments=dead_letter_queue_arguments(),
-            callback=lambda _: channel.queue_declare(
-                self.settings.queue,
-                durable=True,
-                arguments=job_queue_arguments(self.settings),
-                callback=lambda _: self._on_ready(channel),
-            ),
-        )
+        channel.confirm_delivery(self._on_confirm, callback=lambda _: self._on_ready(channel))
 
     def _on_ready(self, channel: Channel) -> None:
         self._channel = channel

@@ -17,13 +17,7 @@ from pathlib import Path
 import psycopg
 import redis
 
-from tests.support import ApiClient, StackProbe
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
+from tests.support import ApiClient, StackProbe, free_port
 
 
 def _close(sock: socket.socket) -> None:

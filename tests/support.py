@@ -2,7 +2,17 @@
 
 from __future__ import annotations
 
+import contextlib
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
 import uuid
+from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import cv2
@@ -12,6 +22,8 @@ import psycopg
 from minio import Minio
 
 from common.config import Settings
+
+ROOT = Path(__file__).resolve().parent.parent
 
 
 def multipart(parts: list[tuple[str, str | None, bytes, str]], boundary: str = "pmboundary42"):
@@ -131,3 +143,50 @@ class StackProbe:
         finally:
             response.close()
             response.release_conn()
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def _answers(url: str) -> bool:
+    try:
+        with urllib.request.urlopen(url, timeout=1) as response:
+            return bool(response.status == 200)
+    except OSError:
+        return False
+
+
+@contextlib.contextmanager
+def served_api(
+    env: dict[str, str], log_path: Path, *args: str, **overrides: str
+) -> Iterator[tuple[str, subprocess.Popen[bytes]]]:
+    """A real gunicorn (`python -m ingest.serve ARGS`) on a free port; stopped with SIGTERM,
+    which must end it cleanly."""
+    port = free_port()
+    with log_path.open("ab") as log:
+        process = subprocess.Popen(
+            [sys.executable, "-m", "ingest.serve", "--bind", f"127.0.0.1:{port}", *args],
+            cwd=ROOT,
+            env={**os.environ, **env, **overrides},
+            stdout=log,
+            stderr=subprocess.STDOUT,
+        )
+    base = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 60
+        while not _answers(f"{base}/health"):
+            if process.poll() is not None or time.monotonic() > deadline:
+                raise AssertionError(f"the API did not start:\n{log_path.read_text()[-3000:]}")
+            time.sleep(0.1)
+        yield base, process
+    finally:
+        if process.poll() is None:
+            process.send_signal(signal.SIGTERM)
+            try:
+                process.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                process.kill()
+                process.wait()

@@ -8,7 +8,6 @@ import hmac
 import json
 import os
 import signal
-import socket
 import stat
 import subprocess
 import sys
@@ -36,6 +35,7 @@ from ingest.auth import (
     require_role,
 )
 from ops.issuer import LocalIssuer, rfc7638_thumbprint, running, serve, stop, token_command
+from tests.support import free_port
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 REFRESH_SECONDS = 60
@@ -549,9 +549,3 @@ def wait_for_json(url: str, attempts: int = 100) -> Any:
         except OSError:
             time.sleep(0.1)
     raise AssertionError(f"{url} never answered")
-
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return int(probe.getsockname()[1])

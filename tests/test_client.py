@@ -3,8 +3,6 @@ folders with good and bad files, restarts that upload nothing twice, waiting and
 
 from __future__ import annotations
 
-import os
-import socket
 import struct
 import subprocess
 import sys
@@ -18,26 +16,10 @@ import pytest
 
 from ingest.client import JOURNAL_NAME, UploadOptions, UploadReport, upload_files
 from ops.issuer import LocalIssuer
-from tests.conftest import ROOT, wait_for
-from tests.support import StackProbe, jpeg, png
+from tests.conftest import ROOT
+from tests.support import StackProbe, jpeg, png, served_api
 
 GOOD_FILES = ("a.jpg", "b.png", "sub/c.jpeg")
-
-
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
-def _answers(url: str) -> bool:
-    import urllib.request
-
-    try:
-        with urllib.request.urlopen(url, timeout=1) as response:
-            return bool(response.status == 200)
-    except OSError:
-        return False
 
 
 @pytest.fixture(scope="module")
@@ -45,24 +27,8 @@ def api_url(
     env: dict[str, str], settings, tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[str]:
     """A real gunicorn (`python -m ingest.serve`) on a free port with this session's services."""
-    port = _free_port()
-    log_path = tmp_path_factory.mktemp("api") / "api.log"
-    with log_path.open("ab") as log:
-        process = subprocess.Popen(
-            [sys.executable, "-m", "ingest.serve", "--bind", f"127.0.0.1:{port}"],
-            cwd=ROOT,
-            env={**os.environ, **env},
-            stdout=log,
-            stderr=subprocess.STDOUT,
-        )
-    url = f"http://127.0.0.1:{port}"
-    try:
-        wait_for(lambda: _answers(f"{url}/health") or process.poll() is not None, timeout=60)
-        assert process.poll() is None, log_path.read_text()
+    with served_api(env, tmp_path_factory.mktemp("api") / "api.log") as (url, _):
         yield url
-    finally:
-        process.terminate()
-        process.wait(30)
 
 
 @pytest.fixture

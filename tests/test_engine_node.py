@@ -21,7 +21,7 @@ from common.config import QueueSettings, Settings
 from common.jobs import JobMessage
 from engine.slots import SHM_DIR
 from tests.conftest import start_worker, stop_worker, wait_for
-from tests.support import ApiClient, StackProbe, jpeg
+from tests.support import ApiClient, StackProbe, free_port, jpeg
 
 pytestmark = pytest.mark.slow
 
@@ -242,14 +242,6 @@ def test_long_poll_waits_for_the_engine_and_returns_the_terminal_status(
     assert answers[0].json["download_url"]
 
 
-def free_port() -> int:
-    import socket
-
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
 def scrape(port: int) -> str:
     import urllib.request
 
@@ -296,3 +288,25 @@ def test_node_scales_its_cpu_processes_on_command_and_reports_metrics(
     assert metric_value(text, "pixelmill_engine_stage_seconds_count", stage="render") == 8
     assert metric_value(text, "pixelmill_engine_processes") == 1
     assert int(client.hget(beat, "completed") or 0) == 8
+
+
+def test_existing_queue_with_other_arguments_is_used_as_it_is(
+    stack: IsolatedStack, probe: StackProbe
+) -> None:
+    """Queue arguments cannot change after creation: a deployment whose queue was made with
+    another delivery limit must keep working rather than refuse every publish."""
+    from common.broker import dead_letter_queue_arguments, job_queue_arguments
+
+    older = dataclasses.replace(stack.settings.queue, delivery_limit=3)
+    connection = pika.BlockingConnection(pika.URLParameters(older.url))
+    channel = connection.channel()
+    channel.queue_delete(older.queue)
+    channel.queue_declare(
+        older.dead_letter_queue, durable=True, arguments=dead_letter_queue_arguments()
+    )
+    channel.queue_declare(older.queue, durable=True, arguments=job_queue_arguments(older))
+    connection.close()
+
+    [image_id] = stack.upload_many(1, 900, 600)
+    stack.start_node("--processes", "1")
+    wait_for(lambda: probe.status(image_id) == "completed", timeout=60)

@@ -9,12 +9,8 @@ malformed ids; this module adds the rest.
 
 from __future__ import annotations
 
-import os
-import signal
 import socket
 import struct
-import subprocess
-import sys
 import urllib.request
 import zlib
 from collections.abc import Iterator
@@ -23,9 +19,8 @@ from typing import Any
 import cv2
 import pytest
 
-from tests.conftest import ROOT, wait_for
-from tests.faults import free_port
-from tests.support import ApiClient, StackProbe, jpeg, multipart, photo, png
+from tests.conftest import wait_for
+from tests.support import ApiClient, StackProbe, free_port, jpeg, multipart, photo, png, served_api
 
 
 def assert_rejected(response: Any, status: int) -> None:
@@ -276,24 +271,9 @@ def test_listing_with_malformed_ids_or_cursor_is_400(
 @pytest.fixture(scope="module")
 def served(env: dict[str, str], settings: Any, tmp_path_factory: Any) -> Iterator[str]:
     """A real gunicorn with one process of two threads, so one stalled client is half of it."""
-    port = free_port()
-    log = (tmp_path_factory.mktemp("hostile-api") / "api.log").open("ab")
-    process = subprocess.Popen(
-        [
-            *(sys.executable, "-m", "ingest.serve", "--bind", f"127.0.0.1:{port}"),
-            *("--workers", "1", "--threads", "2"),
-        ],
-        cwd=ROOT,
-        env={**os.environ, **env},
-        stdout=log,
-        stderr=subprocess.STDOUT,
-    )
-    base = f"http://127.0.0.1:{port}"
-    wait_for(lambda: http_status(f"{base}/health") == 200, timeout=30)
-    yield base
-    process.send_signal(signal.SIGTERM)
-    process.wait(timeout=30)
-    log.close()
+    log = tmp_path_factory.mktemp("hostile-api") / "api.log"
+    with served_api(env, log, "--workers", "1", "--threads", "2") as (base, _):
+        yield base
 
 
 def http_status(url: str, data: bytes | None = None, headers: dict[str, str] | None = None) -> int:

@@ -9,8 +9,6 @@ import json
 import logging
 import os
 import re
-import signal
-import socket
 import subprocess
 import sys
 import time
@@ -34,7 +32,7 @@ from common.storage import ObjectStore
 from ingest.rate_limit import WINDOW_SECONDS
 from ops.issuer import LocalIssuer, running
 from tests.conftest import ROOT, S3_SECRET_KEY, wait_for
-from tests.support import ApiClient, StackProbe, jpeg, multipart
+from tests.support import ApiClient, StackProbe, free_port, jpeg, multipart, served_api
 
 ROLES = ("none", "no_roles", "user", "admin", "client_user")
 ORIGIN = "https://app.example"
@@ -113,12 +111,6 @@ def wait_for_a_fresh_rate_window(needed_seconds: float = 10.0) -> None:
     left = WINDOW_SECONDS - time.time() % WINDOW_SECONDS
     if left < needed_seconds:
         time.sleep(left + 0.1)
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 @pytest.fixture
@@ -390,24 +382,10 @@ def test_tokens_signatures_and_s3_secret_never_reach_the_log(
 @pytest.fixture
 def served_with_access_log(env, settings, tmp_path: Path) -> Iterator[tuple[str, Path]]:
     """Real gunicorn with its access log on, writing everything it logs to one file."""
-    port = free_port()
     log_path = tmp_path / "api.log"
-    options = ["--bind", f"127.0.0.1:{port}", "--workers", "1", "--threads", "4", "--access-log"]
-    with log_path.open("ab") as log:
-        process = subprocess.Popen(
-            [sys.executable, "-m", "ingest.serve", *options],
-            cwd=ROOT,
-            env={**os.environ, **env},
-            stdout=log,
-            stderr=subprocess.STDOUT,
-        )
-    base = f"http://127.0.0.1:{port}"
-    try:
-        wait_for(lambda: answers(f"{base}/health"), timeout=30)
+    options = ("--workers", "1", "--threads", "4", "--access-log")
+    with served_api(env, log_path, *options) as (base, _):
         yield base, log_path
-    finally:
-        process.send_signal(signal.SIGTERM)
-        process.wait(timeout=30)
 
 
 def answers(url: str) -> bool:

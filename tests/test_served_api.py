@@ -3,11 +3,8 @@
 from __future__ import annotations
 
 import json
-import os
 import signal
 import socket
-import subprocess
-import sys
 import time
 import urllib.error
 import urllib.request
@@ -16,45 +13,16 @@ from typing import Any
 
 import pytest
 
-from tests.conftest import ROOT, wait_for
-from tests.support import jpeg, multipart
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
-def start_api(env: dict[str, str], log_dir: Any, **overrides: str) -> tuple[subprocess.Popen, str]:
-    port = free_port()
-    log = (log_dir / "api.log").open("ab")
-    process = subprocess.Popen(
-        [sys.executable, "-m", "ingest.serve", "--bind", f"127.0.0.1:{port}", "--workers", "2"],
-        cwd=ROOT,
-        env={**os.environ, **env, **overrides},
-        stdout=log,
-        stderr=subprocess.STDOUT,
-    )
-    base = f"http://127.0.0.1:{port}"
-
-    def healthy() -> bool:
-        try:
-            with urllib.request.urlopen(f"{base}/health", timeout=1) as response:
-                return response.status == 200
-        except OSError:
-            return False
-
-    wait_for(healthy, timeout=30)
-    return process, base
+from tests.support import jpeg, multipart, served_api
 
 
 @pytest.fixture(scope="module")
 def served(env, settings, tmp_path_factory) -> Iterator[str]:
-    process, base = start_api(env, tmp_path_factory.mktemp("api"))
-    yield base
-    process.send_signal(signal.SIGTERM)
-    assert process.wait(timeout=30) == 0, "gunicorn must stop cleanly on SIGTERM"
+    log = tmp_path_factory.mktemp("api") / "api.log"
+    with served_api(env, log, "--workers", "2") as (base, process):
+        yield base
+        process.send_signal(signal.SIGTERM)
+        assert process.wait(timeout=30) == 0, "gunicorn must stop cleanly on SIGTERM"
 
 
 def call(
@@ -124,8 +92,7 @@ def test_metrics_are_merged_across_gunicorn_workers(served: str) -> None:
 def test_client_stalling_mid_body_gets_408_and_frees_its_thread(
     env, settings, issuer, tmp_path
 ) -> None:
-    process, base = start_api(env, tmp_path, BODY_TIMEOUT_SECONDS="1")
-    try:
+    with served_api(env, tmp_path / "api.log", BODY_TIMEOUT_SECONDS="1") as (base, _):
         token = issuer.mint_token("staller", ("user",))
         body, content_type = multipart([("image", "a.jpg", jpeg(400, 300), "image/jpeg")])
         host, port = base.removeprefix("http://").split(":")
@@ -141,6 +108,3 @@ def test_client_stalling_mid_body_gets_408_and_frees_its_thread(
                 answer += chunk.decode(errors="replace")
         assert answer.startswith("HTTP/1.1 408"), answer[:300]
         assert '"request_timeout"' in answer
-    finally:
-        process.send_signal(signal.SIGTERM)
-        process.wait(timeout=30)
