@@ -54,6 +54,26 @@ class Verdict:
     failed: int = 0
 
 
+def _log_outcomes(
+    outcomes: list[Outcome], request_ids: dict[uuid.UUID, str], verdict: Verdict
+) -> None:
+    """One event per committed image, carrying the id of the request that uploaded it."""
+    if not outcomes or not verdict.ack:
+        return
+    for outcome in outcomes:
+        log.info(
+            "image %s %s",
+            outcome.id,
+            outcome.status,
+            extra={
+                "image_id": str(outcome.id),
+                "request_id": request_ids.get(outcome.id, ""),
+                "status": outcome.status,
+                "reason": outcome.error,
+            },
+        )
+
+
 class Transient(Exception):
     """A dependency failed for one image; its message goes back to the queue."""
 
@@ -104,7 +124,7 @@ class BatchProcessor:
     def process(self, deliveries: list[Delivery]) -> Verdict:
         verdict = Verdict()
         metrics.BATCH_SIZE.observe(len(deliveries))
-        tags_by_image = self._decode(deliveries, verdict)
+        tags_by_image, request_ids = self._decode(deliveries, verdict)
         last_chance = self._on_last_delivery(deliveries, tags_by_image)
         if not tags_by_image:
             return verdict
@@ -125,11 +145,16 @@ class BatchProcessor:
         outcomes, transient = self._run(claimed, times)
         outcomes.extend(self._give_up(transient, last_chance))
         self._commit(outcomes, transient, tags_by_image, verdict, times)
+        _log_outcomes(outcomes, request_ids, verdict)
         self.last_stage_times = times
         return verdict
 
-    def _decode(self, deliveries: list[Delivery], verdict: Verdict) -> dict[uuid.UUID, list[int]]:
+    def _decode(
+        self, deliveries: list[Delivery], verdict: Verdict
+    ) -> tuple[dict[uuid.UUID, list[int]], dict[uuid.UUID, str]]:
+        """Delivery tags by image (a job may arrive twice) and the request that sent each."""
         tags_by_image: dict[uuid.UUID, list[int]] = defaultdict(list)
+        request_ids: dict[uuid.UUID, str] = {}
         for delivery in deliveries:
             try:
                 job = JobMessage.decode(delivery.body)
@@ -138,7 +163,8 @@ class BatchProcessor:
                 verdict.dead_letter.append(delivery.tag)
                 continue
             tags_by_image[job.image_id].append(delivery.tag)
-        return tags_by_image
+            request_ids[job.image_id] = job.request_id
+        return tags_by_image, request_ids
 
     def _on_last_delivery(
         self, deliveries: list[Delivery], tags_by_image: dict[uuid.UUID, list[int]]

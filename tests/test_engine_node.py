@@ -21,7 +21,7 @@ from common.config import QueueSettings, Settings
 from common.jobs import JobMessage
 from engine.slots import SHM_DIR
 from tests.conftest import start_worker, stop_worker, wait_for
-from tests.support import ApiClient, StackProbe, free_port, jpeg
+from tests.support import ApiClient, StackProbe, free_port, jpeg, multipart
 
 pytestmark = pytest.mark.slow
 
@@ -310,3 +310,71 @@ def test_existing_queue_with_other_arguments_is_used_as_it_is(
     [image_id] = stack.upload_many(1, 900, 600)
     stack.start_node("--processes", "1")
     wait_for(lambda: probe.status(image_id) == "completed", timeout=60)
+
+
+@pytest.mark.stack_env(LOG_FORMAT="json")
+def test_request_id_travels_from_the_upload_to_the_worker_log(stack: IsolatedStack, probe) -> None:
+    import json
+
+    response = stack.api.post_raw(
+        "/api/v1/upload",
+        *multipart([("image", "traced.jpg", jpeg(300, 200), "image/jpeg")]),
+        **{"X-Request-ID": "trace-4711"},
+    )
+    assert response.headers["X-Request-ID"] == "trace-4711"
+    image_id = response.json["id"]
+    stack.start_node("--processes", "1")
+    wait_for(lambda: probe.status(image_id) == "completed", timeout=60)
+
+    def logged() -> list[dict]:
+        events = []
+        for line in stack.logs.read_text().splitlines():
+            if line.startswith("{"):
+                events.append(json.loads(line))
+        return [e for e in events if e.get("image_id") == image_id]
+
+    [event] = wait_for(logged, timeout=10)
+    assert event["request_id"] == "trace-4711"
+    assert event["status"] == "completed"
+
+
+def test_outbox_sweeper_queues_an_upload_whose_publish_never_happened(
+    stack: IsolatedStack, probe: StackProbe, user_id: str
+) -> None:
+    """The API died after committing the row and storing the original, before publishing."""
+    from common.broker import JobPublisher
+    from common.storage import ObjectStore, original_key
+    from db import images
+    from db.pool import Database
+    from engine.outbox import OutboxSweeper
+
+    data = jpeg(500, 400)
+    image_id = uuid.uuid4()
+    ObjectStore(stack.settings.storage).put_original(original_key(image_id), data, "image/jpeg")
+    db = Database(stack.settings.postgres_url)
+    try:
+        with db.transaction() as conn:
+            images.insert_images(
+                conn,
+                [
+                    images.NewImage(
+                        image_id,
+                        user_id,
+                        "stranded.jpg",
+                        "image/jpeg",
+                        len(data),
+                        "0" * 64,
+                        500,
+                        400,
+                        original_key(image_id),
+                    )
+                ],
+            )
+        sweeper = OutboxSweeper(db, JobPublisher(stack.settings.queue), grace_seconds=0)
+        assert sweeper.sweep_once() == 1
+        assert sweeper.sweep_once() == 0, "a swept row is marked enqueued"
+    finally:
+        db.close()
+    stack.start_node("--processes", "1")
+    wait_for(lambda: probe.status(image_id) == "completed", timeout=60)
+    assert_all_completed_once(probe, user_id, [str(image_id)])

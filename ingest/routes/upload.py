@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import logging
 import re
 
 import falcon
@@ -13,6 +14,8 @@ from ingest.documents import image_document
 from ingest.intake import Accepted, Answer, IdempotencyClaim, ImageIntake
 from ingest.rate_limit import UploadRateLimiter
 from ingest.upload_reader import BulkLimits, BulkPart, read_bulk_upload, read_single_upload
+
+log = logging.getLogger(__name__)
 
 UPLOAD_ROLE = "user"
 _IDEMPOTENCY_KEY = re.compile(r"^[\x21-\x7e]{1,200}$")
@@ -27,6 +30,14 @@ def idempotency_claim(req: falcon.Request, *fingerprint: str) -> IdempotencyClai
         raise BadRequest("Idempotency-Key must be 1-200 visible ASCII characters")
     digest = hashlib.sha256("\n".join((req.path, *fingerprint)).encode()).hexdigest()
     return IdempotencyClaim(key, digest)
+
+
+def log_accepted(req: falcon.Request, image_ids: list[str]) -> None:
+    log.info(
+        "accepted %d images",
+        len(image_ids),
+        extra={"request_id": req.context.request_id, "image_ids": image_ids},
+    )
 
 
 def send(resp: falcon.Response, answer: Answer) -> None:
@@ -76,6 +87,7 @@ class UploadResource(_UploadRoute):
             principal.subject, [upload], req.context.request_id, render, dedupe=dedupe, claim=claim
         )
         resp.location = f"/api/v1/images/{answer.body['id']}"
+        log_accepted(req, [answer.body["id"]])
         send(resp, answer)
 
 
@@ -99,6 +111,7 @@ class BulkUploadResource(_UploadRoute):
         answer = self._intake.accept(
             principal.subject, uploads, req.context.request_id, render, dedupe=dedupe, claim=claim
         )
+        log_accepted(req, [str(i["id"]) for i in answer.body["items"] if "id" in i])
         send(resp, answer)
 
 
