@@ -9,10 +9,12 @@ same answer even after such a crash.
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import threading
 import uuid
 from collections.abc import Callable, Sequence
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 
@@ -57,6 +59,18 @@ class _AnsweredMeanwhile(Exception):
     """A concurrent request with the same Idempotency-Key committed first."""
 
 
+@dataclass(frozen=True)
+class StagedUpload:
+    """An upload whose original is on its way to storage; its bytes are no longer held here."""
+
+    new: NewImage
+    stored: Future[None]
+
+
+# Originals uploading at once per API process: what bounds the memory a bulk request holds.
+MAX_PUTS_IN_FLIGHT = 4
+
+
 class ImageIntake:
     """Turns validated uploads into stored originals, `pending` rows and queued jobs."""
 
@@ -71,37 +85,78 @@ class ImageIntake:
         self._store = store
         self._publisher = publisher
         self._ttl = idempotency_ttl_seconds
-        self._puts = ThreadPoolExecutor(max_workers=8, thread_name_prefix="intake-put")
+        self._puts = ThreadPoolExecutor(
+            max_workers=MAX_PUTS_IN_FLIGHT, thread_name_prefix="intake-put"
+        )
+        self._put_slots = threading.BoundedSemaphore(MAX_PUTS_IN_FLIGHT)
+
+    def stage(self, owner: str, upload: UploadedImage) -> StagedUpload:
+        """Start storing an original now, while the rest of the request is still being read.
+
+        Blocks while MAX_PUTS_IN_FLIGHT originals are uploading, so a request with many parts
+        holds only a few of them in memory at once.
+        """
+        image_id = uuid.uuid4()
+        new = _new_image(image_id, owner, original_key(image_id), upload)
+        self._put_slots.acquire()
+        try:
+            stored = self._puts.submit(
+                self._store.put_original, new.original_key, upload.data, upload.content_type
+            )
+        except BaseException:
+            self._put_slots.release()
+            raise
+        stored.add_done_callback(lambda _: self._put_slots.release())
+        return StagedUpload(new, stored)
+
+    def discard(self, staged: Sequence[StagedUpload]) -> None:
+        """Remove the originals of uploads that will not be accepted."""
+        for item in staged:
+            # Wait for every put: one still running would otherwise land after the delete.
+            # A failed put stored nothing; deleting its key below is harmless.
+            with contextlib.suppress(Exception):
+                item.stored.result()
+        self._delete_originals([s.new for s in staged])
 
     def accept(
         self,
         owner: str,
-        uploads: Sequence[UploadedImage],
+        staged: Sequence[StagedUpload],
         request_id: str,
         render: Render,
         *,
         dedupe: bool = False,
         claim: IdempotencyClaim | None = None,
     ) -> Answer:
-        """Accept `uploads` together: one INSERT, one batch of confirmed publishes."""
+        """Accept staged uploads together: one INSERT, one batch of confirmed publishes.
+
+        From here on this method owns the staged originals: every path either records them or
+        removes them.
+        """
+        self._await_stored(staged)
         if claim is not None:
-            replay = self.replay(owner, claim)
+            try:
+                replay = self.replay(owner, claim)
+            except Exception:
+                self.discard(staged)
+                raise
             if replay is not None:
+                self.discard(staged)
                 return replay
-        existing, fresh = self._plan(owner, uploads, dedupe)
-        self._store_originals(fresh)
+        existing, fresh, copies = self._plan(owner, staged, dedupe)
+        self._delete_originals([s.new for s in copies])
         try:
-            answer = self._commit(owner, uploads, existing, fresh, render, claim)
+            answer = self._commit(owner, staged, existing, fresh, render, claim)
         except _AnsweredMeanwhile:
-            self._delete_originals(fresh)
+            self._delete_originals([s.new for s in fresh])
             replay = self.replay(owner, claim) if claim else None
             if replay is None:
                 raise Conflict("a request with this Idempotency-Key is in progress") from None
             return replay
         except Exception:
-            self._delete_originals(fresh)
+            self._delete_originals([s.new for s in fresh])
             raise
-        new_ids = [new.id for new, _ in fresh]
+        new_ids = [s.new.id for s in fresh]
         try:
             self._publisher.publish([JobMessage(i, request_id) for i in new_ids])
         except Exception:
@@ -120,44 +175,62 @@ class ImageIntake:
             raise Conflict("this Idempotency-Key was already used for a different request")
         return Answer(stored.status_code, stored.response)
 
+    def _await_stored(self, staged: Sequence[StagedUpload]) -> None:
+        failed: Exception | None = None
+        for item in staged:
+            try:
+                item.stored.result()
+            except Exception as exc:
+                failed = exc
+        if failed is not None:
+            self._delete_originals([s.new for s in staged])
+            raise failed
+
     def _plan(
-        self, owner: str, uploads: Sequence[UploadedImage], dedupe: bool
-    ) -> tuple[dict[str, ImageRecord], list[tuple[NewImage, UploadedImage]]]:
-        """Earlier images to reuse (by digest) and the new images to create."""
+        self, owner: str, staged: Sequence[StagedUpload], dedupe: bool
+    ) -> tuple[dict[str, ImageRecord], list[StagedUpload], list[StagedUpload]]:
+        """Earlier images to reuse (by digest), the new images to create, and the staged copies
+        that de-duplication makes unnecessary."""
+        if not dedupe:
+            return {}, list(staged), []
         existing: dict[str, ImageRecord] = {}
-        if dedupe and uploads:
+        if staged:
             with self._db.transaction() as conn:
-                existing = images.find_by_digest(conn, owner, [u.sha256 for u in uploads])
-        fresh: list[tuple[NewImage, UploadedImage]] = []
+                existing = images.find_by_digest(conn, owner, [s.new.sha256 for s in staged])
+        fresh: list[StagedUpload] = []
+        copies: list[StagedUpload] = []
         planned: set[str] = set()
-        for upload in uploads:
-            if dedupe and (upload.sha256 in existing or upload.sha256 in planned):
-                continue
-            planned.add(upload.sha256)
-            image_id = uuid.uuid4()
-            fresh.append((_new_image(image_id, owner, original_key(image_id), upload), upload))
-        return existing, fresh
+        for item in staged:
+            digest = item.new.sha256
+            if digest in existing or digest in planned:
+                copies.append(item)
+            else:
+                planned.add(digest)
+                fresh.append(item)
+        return existing, fresh, copies
 
     def _commit(
         self,
         owner: str,
-        uploads: Sequence[UploadedImage],
+        staged: Sequence[StagedUpload],
         existing: dict[str, ImageRecord],
-        fresh: list[tuple[NewImage, UploadedImage]],
+        fresh: list[StagedUpload],
         render: Render,
         claim: IdempotencyClaim | None,
     ) -> Answer:
+        fresh_ids = {s.new.id for s in fresh}
         with self._db.transaction() as conn:
-            records = images.insert_images(conn, [n for n, _ in fresh]) if fresh else []
+            records = images.insert_images(conn, [s.new for s in fresh]) if fresh else []
             by_id = {r.id: r for r in records}
             # A digest sent twice in one de-duplicated request maps to the image made for it.
-            made_for_digest = {upload.sha256: by_id[new.id] for new, upload in reversed(fresh)}
+            made_for_digest = {s.new.sha256: by_id[s.new.id] for s in reversed(fresh)}
             accepted = []
-            for upload, new in zip(uploads, _aligned(uploads, fresh), strict=True):
-                if new is not None:
-                    accepted.append(Accepted(by_id[new.id], deduplicated=False))
+            for item in staged:
+                if item.new.id in fresh_ids:
+                    accepted.append(Accepted(by_id[item.new.id], deduplicated=False))
                 else:
-                    reused = existing.get(upload.sha256) or made_for_digest[upload.sha256]
+                    digest = item.new.sha256
+                    reused = existing.get(digest) or made_for_digest[digest]
                     accepted.append(Accepted(reused, deduplicated=True))
             answer = render(accepted)
             if claim is not None and not idempotency.store_answer(
@@ -172,28 +245,8 @@ class ImageIntake:
                 raise _AnsweredMeanwhile
         return answer
 
-    def _store_originals(self, fresh: list[tuple[NewImage, UploadedImage]]) -> None:
-        futures = [
-            (
-                new,
-                self._puts.submit(
-                    self._store.put_original, new.original_key, upload.data, upload.content_type
-                ),
-            )
-            for new, upload in fresh
-        ]
-        failed = None
-        for _, future in futures:
-            try:
-                future.result()
-            except DependencyUnavailable as exc:
-                failed = exc
-        if failed is not None:
-            self._delete_originals(fresh)
-            raise failed
-
-    def _delete_originals(self, fresh: list[tuple[NewImage, UploadedImage]]) -> None:
-        for new, _ in fresh:
+    def _delete_originals(self, news: Sequence[NewImage]) -> None:
+        for new in news:
             try:
                 self._store.delete_original(new.original_key)
             except DependencyUnavailable:
@@ -214,7 +267,7 @@ class ImageIntake:
         self,
         owner: str,
         image_ids: list[uuid.UUID],
-        fresh: list[tuple[NewImage, UploadedImage]],
+        fresh: list[StagedUpload],
         claim: IdempotencyClaim | None,
     ) -> None:
         """Undo accepted-but-unqueued uploads; what cannot be undone now is swept up later."""
@@ -228,15 +281,7 @@ class ImageIntake:
                 "could not roll back %d images; the outbox sweeper will queue them", len(image_ids)
             )
             return
-        self._delete_originals(fresh)
-
-
-def _aligned(
-    uploads: Sequence[UploadedImage], fresh: list[tuple[NewImage, UploadedImage]]
-) -> list[NewImage | None]:
-    """For each upload, the new image created for it, or None where an existing one is reused."""
-    by_upload = {id(upload): new for new, upload in fresh}
-    return [by_upload.get(id(upload)) for upload in uploads]
+        self._delete_originals([s.new for s in fresh])
 
 
 def _new_image(image_id: uuid.UUID, owner: str, key: str, upload: UploadedImage) -> NewImage:

@@ -163,28 +163,31 @@ def bulk_form_handler(max_parts: int) -> falcon.media.MultipartFormHandler:
     return falcon.media.MultipartFormHandler(options)
 
 
-def read_bulk_upload(req: falcon.Request, limits: BulkLimits) -> list[BulkPart]:
-    """Every `image` part, each read and judged on its own; other fields are ignored.
+def iter_bulk_upload(req: falcon.Request, limits: BulkLimits) -> Iterator[BulkPart]:
+    """Each `image` part, judged as soon as it is read, so the caller can store it and let its
+    bytes go before the next part arrives. Other fields are ignored.
 
-    Only the whole request can fail here: not multipart, too large, too many parts, malformed.
+    Only the whole request can fail here (not multipart, too large, too many parts, malformed),
+    possibly after some parts were yielded: the caller then discards what it stored.
     """
     check_declared_length(req, limits.max_body_bytes)
     handler = bulk_form_handler(limits.max_parts)
-    raw_parts: list[tuple[str | None, RawPart | PixelmillError]] = []
+    count = 0
     with malformed_form_is_bad_request():
         form = handler.deserialize(req.bounded_stream, req.content_type, req.content_length)
         for part in form:
             if part.name != IMAGE_FIELD:
                 continue
-            if len(raw_parts) == limits.max_parts:
+            if count == limits.max_parts:
                 raise PayloadTooLarge(f"send at most {limits.max_parts} images per request")
+            index, count = count, count + 1
             try:
-                raw_parts.append((part.filename, read_file_part(part, limits.max_part_bytes)))
+                raw: RawPart | PixelmillError = read_file_part(part, limits.max_part_bytes)
             except PayloadTooLarge as exc:
-                raw_parts.append((part.filename, exc))
-    if not raw_parts:
+                raw = exc
+            yield _judge(index, part.filename, raw, limits)
+    if count == 0:
         raise BadRequest("the form has no 'image' file field")
-    return [_judge(index, name, raw, limits) for index, (name, raw) in enumerate(raw_parts)]
 
 
 def _judge(

@@ -146,3 +146,19 @@ def test_malformed_idempotency_key_is_400(key: str, api: ApiClient, user_id: str
 def test_long_poll_longer_than_allowed_is_400(api: ApiClient) -> None:
     image_id = api.upload(jpeg(64, 64, seed=31)).json["id"]
     assert api.get(f"/api/v1/images/{image_id}", wait=3600).status_code == 400
+
+
+def test_body_cut_after_good_parts_is_400_and_removes_what_was_stored(
+    api: ApiClient, probe: StackProbe, user_id: str
+) -> None:
+    """Parts are stored as they are read; a request that then turns out malformed must take
+    those originals back."""
+    before = probe.originals()
+    body, content_type = multipart(
+        [("image", f"{i}.jpg", jpeg(320, 240, seed=40 + i), "image/jpeg") for i in range(3)]
+    )
+    cut = body[: len(body) - 2000]
+    response = api.post_raw("/api/v1/uploads", cut, content_type)
+    assert response.status_code == 400, response.text
+    assert probe.rows_for(user_id) == []
+    assert probe.originals() == before

@@ -5,15 +5,16 @@ from __future__ import annotations
 import hashlib
 import logging
 import re
+from dataclasses import dataclass
 
 import falcon
 
 from common.config import ApiSettings, EngineSettings
-from common.errors import BadRequest
+from common.errors import BadRequest, PixelmillError
 from ingest.documents import image_document
-from ingest.intake import Accepted, Answer, IdempotencyClaim, ImageIntake
+from ingest.intake import Accepted, Answer, IdempotencyClaim, ImageIntake, StagedUpload
 from ingest.rate_limit import UploadRateLimiter
-from ingest.upload_reader import BulkLimits, BulkPart, read_bulk_upload, read_single_upload
+from ingest.upload_reader import BulkLimits, iter_bulk_upload, read_single_upload
 
 log = logging.getLogger(__name__)
 
@@ -83,8 +84,9 @@ class UploadResource(_UploadRoute):
             document = {**image_document(only.record), "deduplicated": only.deduplicated}
             return Answer(200 if only.deduplicated else 201, document)
 
+        staged = self._intake.stage(principal.subject, upload)
         answer = self._intake.accept(
-            principal.subject, [upload], req.context.request_id, render, dedupe=dedupe, claim=claim
+            principal.subject, [staged], req.context.request_id, render, dedupe=dedupe, claim=claim
         )
         resp.location = f"/api/v1/images/{answer.body['id']}"
         log_accepted(req, [answer.body["id"]])
@@ -97,30 +99,59 @@ class BulkUploadResource(_UploadRoute):
     def on_post(self, req: falcon.Request, resp: falcon.Response) -> None:
         principal = req.context.principal
         self._limiter.charge(principal.subject)
-        parts = read_bulk_upload(req, self._limits)
-        good = [p for p in parts if p.upload is not None]
-        if len(good) > 1:
-            self._limiter.charge(principal.subject, len(good) - 1)
-        dedupe = req.get_param_as_bool("dedupe", default=False)
-        claim = idempotency_claim(req, str(dedupe), *map(_fingerprint, parts))
+        entries = self._stage_parts(req, principal.subject)
+        staged = [e.staged for e in entries if e.staged is not None]
+        try:
+            if len(staged) > 1:
+                self._limiter.charge(principal.subject, len(staged) - 1)
+            dedupe = req.get_param_as_bool("dedupe", default=False)
+            claim = idempotency_claim(req, str(dedupe), *map(_fingerprint, entries))
+        except Exception:
+            self._intake.discard(staged)
+            raise
 
         def render(accepted: list[Accepted]) -> Answer:
-            return Answer(207, bulk_answer(parts, accepted))
+            return Answer(207, bulk_answer(entries, accepted))
 
-        uploads = [p.upload for p in good if p.upload is not None]
         answer = self._intake.accept(
-            principal.subject, uploads, req.context.request_id, render, dedupe=dedupe, claim=claim
+            principal.subject, staged, req.context.request_id, render, dedupe=dedupe, claim=claim
         )
         log_accepted(req, [str(i["id"]) for i in answer.body["items"] if "id" in i])
         send(resp, answer)
 
+    def _stage_parts(self, req: falcon.Request, owner: str) -> list[PartEntry]:
+        """Read the parts, storing each valid image as soon as it is read (its bytes are then
+        let go); if the request as a whole fails, what was stored is removed."""
+        entries: list[PartEntry] = []
+        try:
+            for part in iter_bulk_upload(req, self._limits):
+                staged = self._intake.stage(owner, part.upload) if part.upload else None
+                entries.append(PartEntry(part.index, part.filename, part.error, staged))
+        except Exception:
+            self._intake.discard([e.staged for e in entries if e.staged is not None])
+            raise
+        return entries
 
-def _fingerprint(part: BulkPart) -> str:
-    outcome = part.upload.sha256 if part.upload else part.error.code if part.error else ""
-    return f"{part.index}|{part.filename}|{outcome}"
+
+@dataclass(frozen=True)
+class PartEntry:
+    """A bulk part after reading: refused with an error, or staged for acceptance."""
+
+    index: int
+    filename: str
+    error: PixelmillError | None
+    staged: StagedUpload | None
 
 
-def bulk_answer(parts: list[BulkPart], accepted: list[Accepted]) -> dict[str, object]:
+def _fingerprint(entry: PartEntry) -> str:
+    if entry.staged is not None:
+        outcome = entry.staged.new.sha256
+    else:
+        outcome = entry.error.code if entry.error else ""
+    return f"{entry.index}|{entry.filename}|{outcome}"
+
+
+def bulk_answer(parts: list[PartEntry], accepted: list[Accepted]) -> dict[str, object]:
     """Per-part entries in request order: refused parts with their error, accepted with ids."""
     remaining = iter(accepted)
     items: list[dict[str, object]] = []
