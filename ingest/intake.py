@@ -68,7 +68,7 @@ class StagedUpload:
 
 
 # Originals uploading at once per API process: what bounds the memory a bulk request holds.
-MAX_PUTS_IN_FLIGHT = 4
+MAX_PUTS_IN_FLIGHT = 12
 
 
 class ImageIntake:
