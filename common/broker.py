@@ -28,9 +28,9 @@ log = logging.getLogger(__name__)
 BROKER_ERRORS: tuple[type[Exception], ...] = (pika.exceptions.AMQPError, OSError)
 
 
-def connection_parameters(settings: QueueSettings, heartbeat: int = 30) -> pika.URLParameters:
+def connection_parameters(settings: QueueSettings) -> pika.URLParameters:
     params = pika.URLParameters(settings.url)
-    params.heartbeat = heartbeat
+    params.heartbeat = settings.heartbeat_seconds
     params.blocked_connection_timeout = 30
     params.socket_timeout = 5
     params.connection_attempts = 1

@@ -119,6 +119,7 @@ class QueueSettings:
     queue: str = "image-jobs"
     dead_letter_queue: str = "image-jobs.dead"
     delivery_limit: int = 20
+    heartbeat_seconds: int = 30
 
 
 @dataclass(frozen=True)
@@ -226,6 +227,7 @@ def _queue_from(env: _Env) -> QueueSettings:
         queue=queue,
         dead_letter_queue=env.text("RABBITMQ_DEAD_LETTER_QUEUE", f"{queue}.dead"),
         delivery_limit=env.integer("RABBITMQ_DELIVERY_LIMIT", d.delivery_limit, minimum=1),
+        heartbeat_seconds=env.integer("RABBITMQ_HEARTBEAT_SECONDS", d.heartbeat_seconds, 1),
     )
 
 

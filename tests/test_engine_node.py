@@ -378,3 +378,30 @@ def test_outbox_sweeper_queues_an_upload_whose_publish_never_happened(
     stack.start_node("--processes", "1")
     wait_for(lambda: probe.status(image_id) == "completed", timeout=60)
     assert_all_completed_once(probe, user_id, [str(image_id)])
+
+
+@pytest.mark.stack_env(RABBITMQ_HEARTBEAT_SECONDS="1", WORKER_MEMORY_MB="16")
+def test_heartbeats_are_served_while_a_long_batch_runs(
+    stack: IsolatedStack, probe: StackProbe, user_id: str
+) -> None:
+    """With a 1 s heartbeat the broker drops a connection silent for about 2 s. One batch of
+    large images rendered large (2400 px) through one CPU process takes several seconds, so
+    only a consumer that keeps serving the connection while the batch runs keeps it."""
+    from datetime import datetime
+
+    large = jpeg(4032, 3024)
+    ids = [stack.api.upload(large, f"large-{i}.jpg").json["id"] for i in range(24)]
+    stack.env["TARGET_WIDTH"] = "2400"
+    stack.start_node("--processes", "1", "--batch-size", "24", "--batch-wait-ms", "3000")
+    wait_for(lambda: all(probe.status(i) == "completed" for i in ids), timeout=240)
+    log = stack.logs.read_text()
+    lines = log.splitlines()
+
+    def stamp(text: str) -> datetime:
+        line = next(line for line in lines if text in line)
+        return datetime.strptime(line[:23], "%Y-%m-%d %H:%M:%S,%f")
+
+    batch_seconds = (stamp("batch of 24") - stamp("consuming from")).total_seconds()
+    assert batch_seconds > 3, f"the batch took {batch_seconds:.1f}s: too short to prove anything"
+    assert "lost RabbitMQ" not in log and "connection closed" not in log.lower()
+    assert_all_completed_once(probe, user_id, ids)
