@@ -18,6 +18,7 @@ from multiprocessing import shared_memory
 import numpy as np
 
 from engine.kernel import ImageRejected, render_grayscale
+from engine.orphans import NODE_PID_ENV, die_with_parent, exit_when_gone
 from engine.slots import attach_segment
 
 
@@ -66,9 +67,12 @@ def _init_process(
     output_name: str,
     output_slot_bytes: int,
     options: KernelOptions,
+    node_pid: int,
 ) -> None:
     import cv2
 
+    die_with_parent()
+    exit_when_gone(node_pid)
     global _input, _output, _input_slot_bytes, _output_slot_bytes, _options
     cv2.setNumThreads(1)  # one image per process; parallelism comes from the processes
     _input, _output = attach_segment(input_name), attach_segment(output_name)
@@ -125,9 +129,12 @@ class KernelPool:
         options: KernelOptions,
     ) -> None:
         self.processes = processes
-        self._initargs = (*input_arena, *output_arena, options)
+        self._initargs = (*input_arena, *output_arena, options, os.getpid())
         # forkserver: children start from a clean process, not from this threaded one.
         self._context = multiprocessing.get_context("forkserver")
+        # The fork server learns the node's pid from the environment it inherits.
+        os.environ[NODE_PID_ENV] = str(os.getpid())
+        self._context.set_forkserver_preload(["engine.orphans"])
         # Guards swapping the executor (restart, resize) against concurrent submits.
         self._swap = threading.Lock()
         self._executor = self._start()

@@ -174,10 +174,13 @@ def test_sigkilled_node_is_replaced_without_loss_and_its_memory_swept(
     node = stack.start_node("--processes", "2", "--batch-size", "4")
     wait_for(lambda: node_segments(node.pid), timeout=30)
     wait_for(lambda: any(probe.status(i) == "completed" for i in ids), timeout=60, interval=0.02)
+    cpu = cpu_processes(node.pid)
+    assert cpu, "the node's CPU processes must be running before the kill"
+    children = descendants(node.pid)
     node.kill()
     node.wait()
-    for child in descendants(node.pid):
-        os.kill(child, signal.SIGKILL)
+    # Its fork server and CPU processes must not outlive it.
+    wait_for(lambda: not any(Path(f"/proc/{pid}").exists() for pid in children), timeout=10)
     leaked = node_segments(node.pid)
     stack.start_node("--processes", "2")
     wait_for(lambda: all(probe.status(i) == "completed" for i in ids), timeout=120)
