@@ -95,9 +95,6 @@ class ObjectStore:
         except (urllib3.exceptions.HTTPError, OSError) as exc:
             raise DependencyUnavailable(self.dependency) from exc
 
-    def get_result(self, key: str) -> bytes:
-        return self._get(self.settings.processed_bucket, key)
-
     def delete_image_objects(self, original: str, result: str | None) -> None:
         try:
             self._client.remove_object(self.settings.raw_bucket, original)
@@ -121,17 +118,6 @@ class ObjectStore:
             key,
             expires=timedelta(seconds=self.settings.presign_seconds),
         )
-
-    def object_exists(self, bucket: str, key: str) -> bool:
-        try:
-            self._client.stat_object(bucket, key)
-            return True
-        except S3Error as exc:
-            if exc.code in ("NoSuchKey", "NoSuchObject", "ResourceNotFound"):
-                return False
-            raise
-        except (urllib3.exceptions.HTTPError, OSError) as exc:
-            raise DependencyUnavailable(self.dependency) from exc
 
     def check(self) -> None:
         """Raise DependencyUnavailable unless the raw bucket answers (readiness probe)."""

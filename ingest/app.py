@@ -94,7 +94,7 @@ def create_app(settings: Settings, deps: Dependencies) -> falcon.App:
     app.add_route(
         "/api/v1/uploads", BulkUploadResource(intake, limiter, settings.api, settings.engine)
     )
-    app.add_route("/api/v1/images", ImageCollectionResource(deps.db, deps.store))
+    app.add_route("/api/v1/images", ImageCollectionResource(deps.db))
     app.add_route(
         "/api/v1/images/{image_id}",
         ImageResource(

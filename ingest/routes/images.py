@@ -111,9 +111,8 @@ class ImageResource:
 class ImageCollectionResource:
     """Lists images newest first with keyset pagination, or fetches many by `?ids=`."""
 
-    def __init__(self, db: Database, store: ObjectStore) -> None:
+    def __init__(self, db: Database) -> None:
         self._db = db
-        self._store = store
 
     def on_get(self, req: falcon.Request, resp: falcon.Response) -> None:
         principal = req.context.principal
@@ -147,7 +146,8 @@ class ImageCollectionResource:
         parsed = [parse_image_id(i) for i in raw_ids]
         with self._db.transaction() as conn:
             rows = images.get_images(conn, parsed)
-        return [image_document(r) for r in rows if visible_to(image_document(r), principal)]
+        documents = (image_document(r) for r in rows)
+        return [d for d in documents if visible_to(d, principal)]
 
 
 def encode_cursor(created_at: datetime, image_id: uuid.UUID) -> str:
