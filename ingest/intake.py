@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import threading
+import time
 import uuid
 from collections.abc import Callable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -69,6 +70,8 @@ class StagedUpload:
 
 # Originals uploading at once per API process: what bounds the memory a bulk request holds.
 MAX_PUTS_IN_FLIGHT = 12
+# Expired Idempotency-Key answers are deleted at most this often per API process.
+PRUNE_INTERVAL_SECONDS = 600.0
 
 
 class ImageIntake:
@@ -89,6 +92,7 @@ class ImageIntake:
             max_workers=MAX_PUTS_IN_FLIGHT, thread_name_prefix="intake-put"
         )
         self._put_slots = threading.BoundedSemaphore(MAX_PUTS_IN_FLIGHT)
+        self._next_prune = 0.0
 
     def stage(self, owner: str, upload: UploadedImage) -> StagedUpload:
         """Start storing an original now, while the rest of the request is still being read.
@@ -163,7 +167,23 @@ class ImageIntake:
             self._forget(owner, new_ids, fresh, claim)
             raise
         self._mark_enqueued(new_ids)
+        if claim is not None:
+            self._prune_expired_answers()
         return answer
+
+    def _prune_expired_answers(self) -> None:
+        """Keep `idempotency_keys` from growing: expired answers go, now and then."""
+        now = time.monotonic()
+        if now < self._next_prune:
+            return
+        self._next_prune = now + PRUNE_INTERVAL_SECONDS
+        try:
+            with self._db.transaction() as conn:
+                removed = idempotency.delete_expired(conn, self._ttl)
+        except DependencyUnavailable:
+            return
+        if removed:
+            log.info("removed %d expired idempotency answers", removed)
 
     def replay(self, owner: str, claim: IdempotencyClaim) -> Answer | None:
         """The stored answer for this key; Conflict if the key was used for another request."""

@@ -162,3 +162,28 @@ def test_body_cut_after_good_parts_is_400_and_removes_what_was_stored(
     assert response.status_code == 400, response.text
     assert probe.rows_for(user_id) == []
     assert probe.originals() == before
+
+
+def test_expired_idempotency_answers_are_pruned(issuer, settings, user_id) -> None:
+    """A freshly started API process prunes expired answers at its first keyed upload."""
+    import psycopg
+
+    from ingest.app import Dependencies, create_app
+
+    with psycopg.connect(settings.postgres_url, autocommit=True) as conn:
+        conn.execute(
+            """INSERT INTO idempotency_keys (owner, key, request_hash, status_code, response,
+                                             created_at)
+               VALUES (%s, 'stale', 'x', 207, '{}', now() - interval '30 days')""",
+            (user_id,),
+        )
+    deps = Dependencies.connect(settings)
+    try:
+        api = ApiClient(create_app(settings, deps), issuer.mint_token(user_id, ("user",)))
+        response = bulk(api, [("a.jpg", jpeg(64, 64, seed=77))], **{"Idempotency-Key": "fresh"})
+        assert response.status_code == 207
+    finally:
+        deps.close()
+    with psycopg.connect(settings.postgres_url) as conn:
+        rows = conn.execute("SELECT key FROM idempotency_keys WHERE owner = %s", (user_id,))
+        assert [r[0] for r in rows] == ["fresh"]
