@@ -14,7 +14,6 @@ from pathlib import Path
 from typing import Any
 
 import pika
-import psycopg
 import pytest
 import redis
 
@@ -22,7 +21,7 @@ from common.config import Settings
 from db.migrate import apply_migrations
 from ops.issuer import LocalIssuer, running
 from ops.s3server import LocalS3Server, pick_free_s3_port
-from tests.support import ApiClient, StackProbe
+from tests.support import ApiClient, StackProbe, database_schema
 
 ROOT = Path(__file__).resolve().parent.parent
 BASE_POSTGRES_URL = os.environ.get("TEST_POSTGRES_URL", "postgresql://postgres@127.0.0.1:5432/test")
@@ -58,12 +57,8 @@ def issuer(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalIssuer]:
 
 @pytest.fixture(scope="session")
 def schema(run_id: str) -> Iterator[str]:
-    name = f"pm_test_{run_id}"
-    with psycopg.connect(BASE_POSTGRES_URL, autocommit=True) as conn:
-        conn.execute(f"CREATE SCHEMA {name}")
-    yield name
-    with psycopg.connect(BASE_POSTGRES_URL, autocommit=True) as conn:
-        conn.execute(f"DROP SCHEMA {name} CASCADE")
+    with database_schema(BASE_POSTGRES_URL, f"pm_test_{run_id}") as name:
+        yield name
 
 
 @pytest.fixture(scope="session")

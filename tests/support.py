@@ -190,3 +190,15 @@ def served_api(
             except subprocess.TimeoutExpired:
                 process.kill()
                 process.wait()
+
+
+@contextlib.contextmanager
+def database_schema(conninfo: str, name: str) -> Iterator[str]:
+    """A PostgreSQL schema of its own for a test module or session, dropped afterwards."""
+    with psycopg.connect(conninfo, autocommit=True) as conn:
+        conn.execute(f"CREATE SCHEMA {name}")
+    try:
+        yield name
+    finally:
+        with psycopg.connect(conninfo, autocommit=True) as conn:
+            conn.execute(f"DROP SCHEMA {name} CASCADE")

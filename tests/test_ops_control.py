@@ -35,6 +35,7 @@ from ops.dlq import (
 from ops.scale import Autoscaler, Bounds, decide, history_key, scale_command
 from ops.status import node_key, processes_key, status_command
 from tests.conftest import BASE_POSTGRES_URL, wait_for
+from tests.support import database_schema
 
 # --- decide: the autoscaling rule ---------------------------------------------------------------
 
@@ -92,12 +93,8 @@ def test_decide_always_answers_inside_the_bounds_one_step_at_most(
 
 @pytest.fixture(scope="module")
 def ops_schema(run_id: str) -> Iterator[str]:
-    name = f"pm_ops_{run_id}"
-    with psycopg.connect(BASE_POSTGRES_URL, autocommit=True) as conn:
-        conn.execute(f"CREATE SCHEMA {name}")
-    yield name
-    with psycopg.connect(BASE_POSTGRES_URL, autocommit=True) as conn:
-        conn.execute(f"DROP SCHEMA {name} CASCADE")
+    with database_schema(BASE_POSTGRES_URL, f"pm_ops_{run_id}") as name:
+        yield name
 
 
 @pytest.fixture
