@@ -54,24 +54,23 @@ class Verdict:
     failed: int = 0
 
 
-def _log_outcomes(
-    outcomes: list[Outcome], request_ids: dict[uuid.UUID, str], verdict: Verdict
-) -> None:
-    """One event per committed image, carrying the id of the request that uploaded it."""
-    if not outcomes or not verdict.ack:
-        return
-    for outcome in outcomes:
-        log.info(
-            "image %s %s",
-            outcome.id,
-            outcome.status,
-            extra={
-                "image_id": str(outcome.id),
-                "request_id": request_ids.get(outcome.id, ""),
-                "status": outcome.status,
-                "reason": outcome.error,
-            },
-        )
+def _record_committed(outcome: Outcome, request_id: str) -> None:
+    """Metrics and one log event for an image whose outcome is committed, carrying the id of
+    the request that uploaded it."""
+    metrics.IMAGES.labels(outcome.status).inc()
+    if outcome.status == "failed":
+        metrics.FAILURES.labels(metrics.failure_reason(outcome.error or "")).inc()
+    log.info(
+        "image %s %s",
+        outcome.id,
+        outcome.status,
+        extra={
+            "image_id": str(outcome.id),
+            "request_id": request_id,
+            "status": outcome.status,
+            "reason": outcome.error,
+        },
+    )
 
 
 class Transient(Exception):
@@ -144,8 +143,7 @@ class BatchProcessor:
                 verdict.ack.extend(tags)
         outcomes, transient = self._run(claimed, times)
         outcomes.extend(self._give_up(transient, last_chance))
-        self._commit(outcomes, transient, tags_by_image, verdict, times)
-        _log_outcomes(outcomes, request_ids, verdict)
+        self._commit(outcomes, transient, tags_by_image, request_ids, verdict, times)
         self.last_stage_times = times
         return verdict
 
@@ -291,6 +289,7 @@ class BatchProcessor:
         outcomes: list[Outcome],
         transient: list[uuid.UUID],
         tags_by_image: dict[uuid.UUID, list[int]],
+        request_ids: dict[uuid.UUID, str],
         verdict: Verdict,
         times: StageTimes,
     ) -> None:
@@ -311,12 +310,11 @@ class BatchProcessor:
         self._cache.invalidate((o.id for o in outcomes), announce=True)
         for outcome in outcomes:
             verdict.ack.extend(tags_by_image[outcome.id])
-            metrics.IMAGES.labels(outcome.status).inc()
             if outcome.status == "completed":
                 verdict.completed += 1
             else:
                 verdict.failed += 1
-                metrics.FAILURES.labels(metrics.failure_reason(outcome.error or "")).inc()
+            _record_committed(outcome, request_ids.get(outcome.id, ""))
 
     def _remove_orphans(self, outcomes: list[Outcome], updated: set[uuid.UUID]) -> None:
         """Delete results stored for images whose row was deleted while they were processed."""

@@ -77,6 +77,8 @@ class ImageResource:
             return latest is not None and latest["status"] not in images.TERMINAL_STATUSES
 
         self._cache.wait_for_announcement(image_id, seconds, still_waiting)
+        if latest is not None and latest["status"] in images.TERMINAL_STATUSES:
+            return latest
         return self._load(image_id)
 
     def on_delete(self, req: falcon.Request, resp: falcon.Response, image_id: str) -> None:
