@@ -10,9 +10,9 @@ call exactly the same code. The pipeline is:
 3. INTER_AREA resize in the stored orientation (after 2x2 box halvings while over twice the
    target), then apply the EXIF orientation (cheaper on the small image than on the full
    decode);
-4. encode: PNG with the numpy + libdeflate writer in `engine.pngwrite`, or JPEG / WebP via OpenCV.
+4. encode: PNG with the numpy + ISA-L writer in `engine.pngwrite`, or JPEG / WebP via OpenCV.
 
-Threads: the kernel starts none. libjpeg-turbo, libpng and libdeflate run on the calling thread
+Threads: the kernel starts none. libjpeg-turbo, libpng and ISA-L run on the calling thread
 (and release the GIL); OpenCV's resize and colour conversion may use OpenCV's own thread pool
 unless the caller has called `cv2.setNumThreads(1)`, which worker processes should do.
 """
