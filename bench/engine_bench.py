@@ -282,26 +282,38 @@ def _service_pids(services: IsolatedServices) -> dict[str, list[int]]:
     return pids
 
 
-def kernel_cpu_per_image(payloads: Sequence[bytes], settings: Settings, repeat: int = 3) -> float:
-    """Mean CPU seconds of engine.kernel.render_grayscale per image, one OpenCV thread."""
+def kernel_cpu_per_image(
+    payloads: Sequence[bytes], settings: Settings, min_renders: int = 30
+) -> float:
+    """Mean CPU seconds of engine.kernel.render_grayscale per image, one OpenCV thread.
+
+    Each file is rendered once untimed first (OpenCV and the codecs set up lazily on first use,
+    which would otherwise inflate the figure for small images), then the files are cycled until at
+    least `min_renders` renders are timed.
+    """
     import cv2
 
     from engine.kernel import render_grayscale
 
     cv2.setNumThreads(1)
     engine = settings.engine
-    samples = []
-    for _ in range(repeat):
+
+    def render(payload: bytes) -> None:
+        render_grayscale(
+            payload,
+            target_width=engine.target_width,
+            output_format=engine.output_format,
+            max_pixels=engine.max_pixels,
+        )
+
+    for payload in payloads:
+        render(payload)
+    rounds = max(1, -(-min_renders // len(payloads)))
+    started = time.process_time()
+    for _ in range(rounds):
         for payload in payloads:
-            started = time.process_time()
-            render_grayscale(
-                payload,
-                target_width=engine.target_width,
-                output_format=engine.output_format,
-                max_pixels=engine.max_pixels,
-            )
-            samples.append(time.process_time() - started)
-    return sum(samples) / len(samples)
+            render(payload)
+    return (time.process_time() - started) / (rounds * len(payloads))
 
 
 @dataclass(frozen=True)
