@@ -30,6 +30,12 @@ MAX_BATCHES_IN_FLIGHT = 2
 # Short enough that a node resumes soon after a dependency returns; with the delivery limit
 # (20) it lets an image ride out about two and a half minutes of outage before failing.
 MAX_BACKOFF_SECONDS = 10.0
+# The longest the consumer waits for broker events before checking its stop flag again.
+IDLE_POLL_SECONDS = 0.1
+
+
+def _nothing() -> None:
+    """A callback whose only effect is to end `process_data_events`' wait."""
 
 
 class Backoff:
@@ -124,18 +130,22 @@ class _Session:
             self._drain(tag)
 
     def _poll_seconds(self) -> float:
-        """How long to wait for broker events: briefly while batches run (their completion is
-        no socket event), until the batch deadline while one fills, longer when idle. A message
-        arriving ends the wait at once."""
-        if self._in_flight:
-            return 0.005
+        """How long to wait for broker events: until the batch deadline while one fills, until
+        the pause ends after a requeue, otherwise up to IDLE_POLL_SECONDS. A message arriving or
+        a batch finishing (see `_wake_on_finish`) ends the wait at once, so nothing spins."""
         paused = self._paused_until - time.monotonic()
         if paused > 0:
-            return min(paused, 0.1)
-        if self._buffer:
+            return min(paused, IDLE_POLL_SECONDS)
+        if self._buffer and len(self._in_flight) < MAX_BATCHES_IN_FLIGHT:
             waited_ms = (time.monotonic() - self._first_at) * 1000
             return max(0.001, (self._engine.batch_wait_ms - waited_ms) / 1000)
-        return 0.1
+        return IDLE_POLL_SECONDS
+
+    def _wake_on_finish(self, future: Future[Verdict]) -> None:
+        """Runs on the batch thread when a batch ends: interrupt the consumer's wait for broker
+        events, so the verdict is applied and the next batch started without polling."""
+        with contextlib.suppress(*BROKER_ERRORS):
+            self._connection.add_callback_threadsafe(_nothing)
 
     def _on_message(
         self, channel: BlockingChannel, method: Basic.Deliver, props: BasicProperties, body: bytes
@@ -162,6 +172,7 @@ class _Session:
             self._first_at = time.monotonic()
         future = self._owner._batches.submit(self._owner._process_batch, batch)
         self._in_flight.append(([d.tag for d in batch], future))
+        future.add_done_callback(self._wake_on_finish)
 
     def _apply_finished(self, *, block: bool) -> None:
         still_running = []
