@@ -5,8 +5,13 @@ prefix, like the tests. Originals and `pending` rows are preloaded; the node is 
 waits on an empty queue; then all jobs are published at once, and the run lasts from publishing
 to the commit of the last row (its `updated_at`, read on the database's clock). CPU comes from
 /proc (bench.procstat): the node and all its descendants, and the SeaweedFS, RabbitMQ
-(beam.smp), PostgreSQL and Redis processes. The kernel's own CPU per image is measured
-in-process on the same files with one OpenCV thread, for the node/kernel ratio.
+(beam.smp), PostgreSQL and Redis processes.
+
+The node/kernel ratio is given twice. `cpu_ratio_in_node` divides the node's CPU by the CPU its
+own CPU processes spent inside the kernel during the same run (the `kernel_cpu` the node logs
+per batch): the share of the node's CPU that goes into the kernel, unaffected by the machine's
+speed drifting between measurements. `cpu_ratio` divides it by the kernel's CPU measured alone,
+in this process, on the same files with one OpenCV thread, after the runs.
 """
 
 from __future__ import annotations
@@ -434,6 +439,7 @@ def _run_row(
 ) -> dict[str, Any]:
     completed = statuses.get("completed", 0)
     cpu = {name: (after[name] - before[name]) / spec.count for name in after}
+    node_kernel_cpu = sum(batch.stages.get("kernel_cpu", 0.0) for batch in batches)
     return {
         "image_class": spec.image_class,
         "count": spec.count,
@@ -443,7 +449,10 @@ def _run_row(
         "failed": statuses.get("failed", 0),
         # Failed images are not throughput.
         "images_per_s": completed / wall,
-        "node_cpu_s_per_image": cpu.pop("node"),
+        "node_cpu_s_per_image": cpu["node"],
+        # The kernel's CPU inside the node's own CPU processes, during this very run.
+        "node_kernel_cpu_s_per_image": node_kernel_cpu / spec.count,
+        "cpu_ratio_in_node": ratio(cpu.pop("node"), node_kernel_cpu / spec.count),
         "services_cpu_s_per_image": cpu,
         "node_peak_pss_mib": sampler.peak_pss_sum_mib,
         "node_peak_rss_sum_mib": sampler.peak_rss_sum_mib,
@@ -456,7 +465,8 @@ def _run_row(
 def _start_node(
     env: Mapping[str, str], node: NodeSettings, log_path: Path
 ) -> subprocess.Popen[bytes]:
-    with log_path.open("ab") as log:
+    # A fresh log per run: an earlier invocation's lines would mix into this run's stages.
+    with log_path.open("wb") as log:
         return subprocess.Popen(
             [sys.executable, "-m", "engine", *node.flags()],
             env={**os.environ, **env},

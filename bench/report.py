@@ -256,6 +256,8 @@ def _engine_rows(runs: list[dict[str, Any]]) -> list[list[object]]:
                 run["images_per_s"],
                 run["failed"],
                 run["node_cpu_s_per_image"] * 1000,
+                run.get("node_kernel_cpu_s_per_image", 0.0) * 1000,
+                run.get("cpu_ratio_in_node"),
                 run.get("kernel_cpu_s_per_image", 0.0) * 1000,
                 run.get("cpu_ratio"),
                 services.get("seaweedfs", 0.0) * 1000,
@@ -278,8 +280,10 @@ ENGINE_HEADERS = [
     "images/s",
     "failed",
     "node CPU ms/img",
-    "kernel CPU ms/img",
+    "kernel CPU in node ms/img",
     "node/kernel",
+    "kernel CPU alone ms/img",
+    "node/kernel alone",
     "weed ms/img",
     "rabbitmq ms/img",
     "postgres ms/img",
@@ -295,7 +299,9 @@ def engine_summary_markdown(document: dict[str, Any]) -> str:
         f"# Engine benchmark ({document['timestamp']}, commit {document['git_commit'][:12]})",
         "",
         "images/s counts completed images only; CPU per image from /proc (node = the node process "
-        "and all its descendants); node/kernel target <= 1.15; service CPU is machine-wide for "
+        "and all its descendants); node/kernel divides it by the kernel's CPU inside the node's "
+        "CPU processes in the same run (target <= 1.15), node/kernel alone by the kernel's CPU "
+        "measured alone on the same files; service CPU is machine-wide for "
         "RabbitMQ and PostgreSQL. PSS splits shared memory among processes; RSS sums count "
         "the shared arenas once per process.",
         "",

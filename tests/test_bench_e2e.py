@@ -8,7 +8,14 @@ from pathlib import Path
 import pytest
 
 from bench.e2e import e2e_statistics
-from bench.engine_bench import parse_stage_lines, stage_medians_ms
+from bench.engine_bench import (
+    EngineRunSpec,
+    NodeSettings,
+    _run_row,
+    parse_stage_lines,
+    stage_medians_ms,
+)
+from bench.procstat import MemorySampler
 from bench.sweep import best_row
 from ingest.client import FileResult, RequestRecord, UploadReport
 
@@ -136,6 +143,27 @@ def test_stage_medians_are_per_image_milliseconds() -> None:
     assert medians["download"] == pytest.approx(20.0)
     assert medians["commit"] == pytest.approx(1.0)
     assert set(medians) == {"claim", "download", "render", "kernel_cpu", "upload", "commit"}
+
+
+def test_node_over_kernel_ratio_uses_the_kernel_cpu_the_node_logged_in_the_same_run() -> None:
+    # 28 images; the node's CPU processes logged 1.28 + 0.36 + 0.64 = 2.28 s inside the kernel.
+    batches = parse_stage_lines(NODE_LOG.splitlines())
+    spec = EngineRunSpec("jpeg-small", 28, NodeSettings())
+    row = _run_row(
+        spec,
+        wall=2.0,
+        statuses={"completed": 27, "failed": 1},
+        before={"node": 10.0, "seaweedfs": 1.0},
+        after={"node": 12.622, "seaweedfs": 1.28},
+        sampler=MemorySampler(root=0),
+        batches=batches,
+    )
+
+    assert row["node_cpu_s_per_image"] == pytest.approx(2.622 / 28)
+    assert row["node_kernel_cpu_s_per_image"] == pytest.approx(2.28 / 28)
+    assert row["cpu_ratio_in_node"] == pytest.approx(2.622 / 2.28)
+    assert row["services_cpu_s_per_image"] == {"seaweedfs": pytest.approx(0.01)}
+    assert row["images_per_s"] == pytest.approx(13.5)
 
 
 def test_the_best_sweep_setting_is_never_one_with_failures() -> None:
