@@ -37,7 +37,13 @@ import pika
 import psycopg
 
 from bench.corpus import read_manifest
-from bench.procstat import MemorySampler, descendants, group_cpu_seconds, pids_named
+from bench.procstat import (
+    MemorySampler,
+    cpu_seconds_by_pid,
+    descendants,
+    pids_named,
+    tree_cpu_seconds,
+)
 from bench.stats import median, ratio
 from common.broker import JobPublisher, declare_topology
 from common.config import Settings
@@ -393,7 +399,7 @@ def _measure(
     _stop_node(node)
     statuses = _terminal_count(settings.postgres_url, ids)
     batches = parse_stage_lines(log_path.read_text(errors="replace").splitlines())
-    return _run_row(spec, wall, statuses, cpu_before, cpu_after, sampler, batches)
+    return _run_row(spec, wall, statuses, cpu_used(cpu_before, cpu_after), sampler, batches)
 
 
 def _database_clock(conninfo: str) -> float:
@@ -420,25 +426,36 @@ def _done(conninfo: str, ids: list[uuid.UUID]) -> int:
     return counts.get("completed", 0) + counts.get("failed", 0)
 
 
-def _cpu_snapshot(node_pid: int, service_pids: Mapping[str, list[int]]) -> dict[str, float]:
-    from bench.procstat import tree_cpu_seconds
+CpuSnapshot = dict[str, dict[int, float]]
 
-    snapshot = {"node": tree_cpu_seconds(node_pid)}
-    snapshot.update({name: group_cpu_seconds(pids) for name, pids in service_pids.items()})
+
+def _cpu_snapshot(node_pid: int, service_pids: Mapping[str, list[int]]) -> CpuSnapshot:
+    """CPU seconds so far: the node's whole tree, and each live process of each service."""
+    snapshot = {"node": {node_pid: tree_cpu_seconds(node_pid)}}
+    snapshot.update({name: cpu_seconds_by_pid(pids) for name, pids in service_pids.items()})
     return snapshot
+
+
+def cpu_used(before: CpuSnapshot, after: CpuSnapshot) -> dict[str, float]:
+    """CPU seconds each group used between two snapshots, over the processes alive in both (a
+    service process that exits mid-run takes its time with it, rather than going negative)."""
+    used = {}
+    for name, now in after.items():
+        earlier = before[name]
+        used[name] = sum(seconds - earlier[pid] for pid, seconds in now.items() if pid in earlier)
+    return used
 
 
 def _run_row(
     spec: EngineRunSpec,
     wall: float,
     statuses: dict[str, int],
-    before: dict[str, float],
-    after: dict[str, float],
+    cpu_seconds: dict[str, float],
     sampler: MemorySampler,
     batches: list[BatchLog],
 ) -> dict[str, Any]:
     completed = statuses.get("completed", 0)
-    cpu = {name: (after[name] - before[name]) / spec.count for name in after}
+    cpu = {name: seconds / spec.count for name, seconds in cpu_seconds.items()}
     node_kernel_cpu = sum(batch.stages.get("kernel_cpu", 0.0) for batch in batches)
     return {
         "image_class": spec.image_class,

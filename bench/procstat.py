@@ -121,8 +121,15 @@ def reset_peak_rss(pids: Iterable[int]) -> bool:
     return ok
 
 
-def group_cpu_seconds(pids: Iterable[int]) -> float:
-    return sum(cpu_seconds(pid) for pid in pids)
+def cpu_seconds_by_pid(pids: Iterable[int]) -> dict[int, float]:
+    """`cpu_seconds` of each process of `pids` that is still alive; gone ones are left out, so
+    a difference of two snapshots taken over the same pids never counts a vanished process as
+    negative time."""
+    snapshot = {}
+    for pid in pids:
+        if _stat_fields(pid) is not None:
+            snapshot[pid] = cpu_seconds(pid)
+    return snapshot
 
 
 @dataclass

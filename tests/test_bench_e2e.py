@@ -12,6 +12,7 @@ from bench.engine_bench import (
     EngineRunSpec,
     NodeSettings,
     _run_row,
+    cpu_used,
     parse_stage_lines,
     stage_medians_ms,
 )
@@ -153,8 +154,11 @@ def test_node_over_kernel_ratio_uses_the_kernel_cpu_the_node_logged_in_the_same_
         spec,
         wall=2.0,
         statuses={"completed": 27, "failed": 1},
-        before={"node": 10.0, "seaweedfs": 1.0},
-        after={"node": 12.622, "seaweedfs": 1.28},
+        cpu_seconds=cpu_used(
+            {"node": {7: 10.0}, "seaweedfs": {8: 1.0, 9: 0.5}},
+            # pid 9 exited mid-run: it must not count as negative time.
+            {"node": {7: 12.622}, "seaweedfs": {8: 1.28}},
+        ),
         sampler=MemorySampler(root=0),
         batches=batches,
     )
