@@ -100,7 +100,7 @@ def _profile(args: argparse.Namespace, count: int, defaults: dict[str, object]) 
 def command_quick(args: argparse.Namespace) -> None:
     """Kernel: one image per class, 3 repeats, 1 and all processes, PNG only. Engine: 12 MP JPEGs
     (N=32, P=2) and 640x480 JPEGs with batch 1 against 16 (N=320 each: runs of several seconds, so
-    that start-up and the last batch's tail weigh little). About 3 minutes on 2 cores."""
+    that start-up and the last batch's tail weigh little). About 2.5 minutes on 2 cores."""
     cores = os.cpu_count() or 1
     defaults = {
         "repeat": 3,
