@@ -12,6 +12,7 @@ from gunicorn.app.base import BaseApplication
 
 from common.config import ConfigError, Settings
 from common.logs import configure_logging
+from ingest.protocol_errors import use_json_protocol_errors
 
 
 class PixelmillGunicorn(BaseApplication):
@@ -41,8 +42,9 @@ def gunicorn_options(args: argparse.Namespace) -> dict[str, Any]:
         "timeout": 30,
         "graceful_timeout": 20,
         "keepalive": 5,
-        # Room for long bearer tokens; longer headers get gunicorn's own 400.
+        # Room for long bearer tokens; a longer header gets 431, in JSON (ingest.protocol_errors).
         "limit_request_field_size": 16384,
+        "post_worker_init": use_json_protocol_errors,
         "accesslog": "-" if args.access_log else None,
         "errorlog": "-",
         "proc_name": "pixelmill-api",
