@@ -1,4 +1,11 @@
-"""Per-user upload rate limit: a fixed one-minute window counted in Redis.
+"""Per-user upload rate limit: a sliding limit of N images per minute, kept in Redis (GCRA).
+
+The generic cell rate algorithm keeps one number per user, the time at which their allowance
+would be fully spent again (the "theoretical arrival time"). Each image moves it 60/N seconds
+further; a request is refused when that would put it more than a minute ahead of now. So a user
+gets N images in any 60-second span, in one burst or spread out, and never 2N across the edge
+of a fixed window. A refused request costs nothing. The check and the update are one Lua script
+on Redis's own clock, so any number of API processes and machines share one limit.
 
 Fails open: when Redis is down uploads are not limited, because the cache layer is never allowed
 to take the upload path down with it.
@@ -7,7 +14,7 @@ to take the upload path down with it.
 from __future__ import annotations
 
 import logging
-import time
+import math
 
 import redis
 
@@ -17,30 +24,63 @@ log = logging.getLogger(__name__)
 
 WINDOW_SECONDS = 60
 
+# KEYS[1]: the user's key. ARGV: seconds per image, images to take (0: only check that one more
+# would fit), window seconds. Returns "0" when they fit (and takes them), else the seconds to wait.
+_GCRA = """
+local now_parts = redis.call('TIME')
+local now = tonumber(now_parts[1]) + tonumber(now_parts[2]) / 1000000
+local interval = tonumber(ARGV[1])
+local images = tonumber(ARGV[2])
+local window = tonumber(ARGV[3])
+local tat = tonumber(redis.call('GET', KEYS[1]) or '0')
+if tat < now then tat = now end
+local ahead = tat + interval * math.max(images, 1) - now
+if ahead > window then
+    return tostring(ahead - window)
+end
+if images > 0 then
+    local new_tat = tat + interval * images
+    redis.call('SET', KEYS[1], tostring(new_tat), 'PX', math.ceil((new_tat - now) * 1000))
+end
+return '0'
+"""
+
 
 class UploadRateLimiter:
     def __init__(self, client: redis.Redis, prefix: str, per_minute: int) -> None:
-        self._client = client
         self._prefix = prefix
         self._per_minute = per_minute
+        self._script = client.register_script(_GCRA)
 
     def charge(self, subject: str, images: int = 1) -> None:
-        """Count `images` uploads for `subject`; raise TooManyRequests past the limit."""
+        """Take `images` uploads from `subject`'s allowance; raise TooManyRequests (and take
+        nothing) when they do not fit."""
         if self._per_minute <= 0:
             return
-        now = time.time()
-        window = int(now // WINDOW_SECONDS)
-        key = f"{self._prefix}ratelimit:upload:{subject}:{window}"
+        if images > self._per_minute:
+            raise TooManyRequests(
+                f"one request of {images} images is more than the upload limit of "
+                f"{self._per_minute} images per minute; send them in smaller requests",
+                WINDOW_SECONDS,
+            )
+        self._run(subject, images)
+
+    def ensure_room(self, subject: str) -> None:
+        """Raise TooManyRequests unless one more image would fit now; takes nothing. For a
+        request whose image count is known only once its body is read."""
+        if self._per_minute > 0:
+            self._run(subject, 0)
+
+    def _run(self, subject: str, images: int) -> None:
+        key = f"{self._prefix}ratelimit:upload:{subject}"
+        interval = WINDOW_SECONDS / self._per_minute
         try:
-            pipe = self._client.pipeline(transaction=True)
-            pipe.incrby(key, images)
-            pipe.expire(key, WINDOW_SECONDS * 2)
-            count = int(pipe.execute()[0])
+            wait = float(self._script(keys=[key], args=[interval, images, WINDOW_SECONDS]))
         except redis.RedisError as exc:
             log.warning("rate limit not applied, Redis unavailable: %s", exc)
             return
-        if count > self._per_minute:
-            retry_after = max(1, int((window + 1) * WINDOW_SECONDS - now) + 1)
+        if wait > 0:
             raise TooManyRequests(
-                f"upload limit of {self._per_minute} images per minute reached", retry_after
+                f"upload limit of {self._per_minute} images per minute reached",
+                max(1, math.ceil(wait)),
             )

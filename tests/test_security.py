@@ -24,12 +24,13 @@ import falcon
 import falcon.inspect
 import falcon.testing
 import pytest
+import redis
 
 from common.config import ConfigError, Settings
-from common.errors import DependencyUnavailable
+from common.errors import DependencyUnavailable, TooManyRequests
 from common.logs import configure_logging
 from common.storage import ObjectStore
-from ingest.rate_limit import WINDOW_SECONDS
+from ingest.rate_limit import UploadRateLimiter
 from ops.issuer import LocalIssuer, running
 from tests.conftest import ROOT, S3_SECRET_KEY, wait_for
 from tests.support import ApiClient, StackProbe, free_port, jpeg, multipart, served_api
@@ -103,14 +104,6 @@ def upload_and_complete(client: ApiClient, seed: int) -> dict[str, Any]:
 
 def signature_of(url: str) -> str:
     return parse_qs(urlsplit(url).query)["X-Amz-Signature"][0]
-
-
-def wait_for_a_fresh_rate_window(needed_seconds: float = 10.0) -> None:
-    """The limit counts in fixed windows: start a test early enough in one that its uploads
-    all fall into it (this is not a timing assertion, only a precondition)."""
-    left = WINDOW_SECONDS - time.time() % WINDOW_SECONDS
-    if left < needed_seconds:
-        time.sleep(left + 0.1)
 
 
 @pytest.fixture
@@ -217,7 +210,6 @@ def test_fourth_upload_in_the_window_is_429_and_other_users_are_unaffected(
     app = app_with(UPLOADS_PER_MINUTE="3")
     alice_sub = new_sub()
     alice, bob = user_client(app, issuer, alice_sub), user_client(app, issuer)
-    wait_for_a_fresh_rate_window()
     for seed in range(3):
         assert alice.upload(jpeg(64, 48, seed=seed)).status_code == 201
     originals = probe.originals()
@@ -225,7 +217,8 @@ def test_fourth_upload_in_the_window_is_429_and_other_users_are_unaffected(
     refused = alice.upload(jpeg(64, 48, seed=3))
 
     assert refused.status_code == 429, refused.text
-    assert 1 <= int(refused.headers["Retry-After"]) <= WINDOW_SECONDS + 1
+    # Three images a minute: the next one fits 20 s after the first.
+    assert 1 <= int(refused.headers["Retry-After"]) <= 20
     assert refused.json["error"]["code"] == "too_many_requests"
     assert len(probe.rows_for(alice_sub)) == 3
     assert probe.originals() == originals
@@ -238,7 +231,6 @@ def test_bulk_uploads_are_charged_per_image(
     app = app_with(UPLOADS_PER_MINUTE="3")
     carol_sub, dave_sub = new_sub(), new_sub()
     carol, dave = user_client(app, issuer, carol_sub), user_client(app, issuer, dave_sub)
-    wait_for_a_fresh_rate_window()
 
     three = carol.post_raw("/api/v1/uploads", *bulk_body(3))
     assert three.status_code == 207 and three.json["accepted"] == 3, three.text
@@ -248,9 +240,32 @@ def test_bulk_uploads_are_charged_per_image(
     four = dave.post_raw("/api/v1/uploads", *bulk_body(4, seed=20))
     assert four.status_code == 429, four.text
     assert four.headers["Retry-After"].isdigit()
+    assert "smaller requests" in four.json["error"]["message"]
     assert probe.rows_for(dave_sub) == []
     assert probe.originals() == originals
     assert len(probe.rows_for(carol_sub)) == 3
+    # The refused request took nothing from dave's allowance.
+    assert dave.post_raw("/api/v1/uploads", *bulk_body(3, seed=30)).json["accepted"] == 3
+
+
+def test_rate_limit_slides_instead_of_resetting_at_a_window_edge(settings: Settings) -> None:
+    client = redis.Redis.from_url(settings.redis_url)
+    limiter = UploadRateLimiter(client, f"pmtest:{uuid.uuid4().hex}:", per_minute=120)
+    limiter.charge("erin", 120)  # the whole minute's allowance at once
+
+    with pytest.raises(TooManyRequests) as refused:
+        limiter.charge("erin")
+    assert refused.value.retry_after == 1  # one image every 0.5 s comes back
+    limiter.charge("frank", 5)  # other users are unaffected
+    for _ in range(10):
+        limiter.ensure_room("grace")  # checks, takes nothing
+    limiter.charge("grace", 120)
+
+    time.sleep(0.6)
+    limiter.charge("erin")  # half a second later exactly one more image fits
+    with pytest.raises(TooManyRequests):
+        limiter.charge("erin")
+    client.close()
 
 
 # --- 3. presigned URLs -----------------------------------------------------------------------

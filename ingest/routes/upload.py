@@ -98,12 +98,14 @@ class BulkUploadResource(_UploadRoute):
 
     def on_post(self, req: falcon.Request, resp: falcon.Response) -> None:
         principal = req.context.principal
-        self._limiter.charge(principal.subject)
+        # Refused before the body is read when not even one more image fits; charged for every
+        # accepted part once they are known (a refused request takes nothing).
+        self._limiter.ensure_room(principal.subject)
         entries = self._stage_parts(req, principal.subject)
         staged = [e.staged for e in entries if e.staged is not None]
         try:
-            if len(staged) > 1:
-                self._limiter.charge(principal.subject, len(staged) - 1)
+            if staged:
+                self._limiter.charge(principal.subject, len(staged))
             dedupe = req.get_param_as_bool("dedupe", default=False)
             claim = idempotency_claim(req, str(dedupe), *map(_fingerprint, entries))
         except Exception:
