@@ -21,10 +21,10 @@ def error_body(code: str, message: str) -> dict[str, Any]:
     return {"error": {"code": code, "message": message}}
 
 
-def _falcon_code(error: falcon.HTTPError) -> str:
+def status_code_name(status: int) -> str:
     """`not_found`, `method_not_allowed`...: the status phrase in the project's code style."""
     try:
-        phrase = HTTPStatus(error.status_code).phrase
+        phrase = HTTPStatus(status).phrase
     except ValueError:
         return "error"
     return phrase.lower().replace(" ", "_").replace("-", "_")
@@ -60,7 +60,10 @@ def handle_unexpected(
 
 def serialize_http_error(req: falcon.Request, resp: falcon.Response, ex: falcon.HTTPError) -> None:
     resp.content_type = falcon.MEDIA_JSON
-    resp.media = error_body(_falcon_code(ex), ex.description or _falcon_code(ex).replace("_", " "))
+    resp.media = error_body(
+        status_code_name(ex.status_code),
+        ex.description or status_code_name(ex.status_code).replace("_", " "),
+    )
 
 
 def install(app: falcon.App) -> None:

@@ -11,12 +11,11 @@ from __future__ import annotations
 
 import json
 import socket
-from http import HTTPStatus
 from typing import Any
 
 from gunicorn import util
 
-from ingest.errors import error_body
+from ingest.errors import error_body, status_code_name
 
 # Plain words for the statuses gunicorn uses; its own messages name parser internals.
 _MESSAGES = {
@@ -28,10 +27,8 @@ _MESSAGES = {
 
 def json_error_response(status: int, reason: str, detail: str) -> bytes:
     """A complete HTTP/1.1 response carrying the project's error shape; the connection closes."""
-    try:
-        code = HTTPStatus(status).phrase.lower().replace(" ", "_").replace("-", "_")
-    except ValueError:
-        code = "error"
+    # The app calls its own 500s `internal_error`; a worker's 500 says the same.
+    code = "internal_error" if status == 500 else status_code_name(status)
     message = _MESSAGES.get(status, reason.lower() or "the request was refused")
     if detail:
         message = f"{message} ({detail})"
