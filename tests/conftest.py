@@ -4,13 +4,8 @@ test its own user, so tests never see each other's data."""
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
-import time
 import uuid
 from collections.abc import Iterator
-from pathlib import Path
 from typing import Any
 
 import pika
@@ -21,14 +16,18 @@ from common.config import Settings
 from db.migrate import apply_migrations
 from ops.issuer import LocalIssuer, running
 from ops.s3server import LocalS3Server, pick_free_s3_port
-from tests.support import ApiClient, StackProbe, database_schema
-
-ROOT = Path(__file__).resolve().parent.parent
-BASE_POSTGRES_URL = os.environ.get("TEST_POSTGRES_URL", "postgresql://postgres@127.0.0.1:5432/test")
-REDIS_URL = os.environ.get("TEST_REDIS_URL", "redis://127.0.0.1:6379/0")
-RABBITMQ_URL = os.environ.get("TEST_RABBITMQ_URL", "amqp://guest:guest@127.0.0.1:5672/%2F")
-S3_ACCESS_KEY = "pixelmill-test"
-S3_SECRET_KEY = "pixelmill-test-secret"
+from tests.support import (
+    BASE_POSTGRES_URL,
+    RABBITMQ_URL,
+    REDIS_URL,
+    S3_ACCESS_KEY,
+    S3_SECRET_KEY,
+    ApiClient,
+    StackProbe,
+    database_schema,
+    start_worker,
+    stop_worker,
+)
 
 
 @pytest.fixture(scope="session")
@@ -121,26 +120,6 @@ def worker(env: dict[str, str], settings: Settings, tmp_path_factory: pytest.Tem
     stop_worker(process)
 
 
-def start_worker(env: dict[str, str], log_path: Path, *args: str) -> subprocess.Popen[bytes]:
-    with log_path.open("ab") as log:
-        return subprocess.Popen(
-            [sys.executable, "-m", "engine", *args],
-            cwd=ROOT,
-            env={**os.environ, **env},
-            stdout=log,
-            stderr=subprocess.STDOUT,
-        )
-
-
-def stop_worker(process: subprocess.Popen[bytes], timeout: float = 30) -> int:
-    process.terminate()
-    try:
-        return process.wait(timeout)
-    except subprocess.TimeoutExpired:
-        process.kill()
-        return process.wait()
-
-
 @pytest.fixture(scope="session")
 def app(settings: Settings) -> Iterator[Any]:
     """The Falcon app built exactly as gunicorn builds it, on this session's services."""
@@ -164,14 +143,3 @@ def api(app: Any, issuer: LocalIssuer, user_id: str) -> ApiClient:
 @pytest.fixture
 def probe(settings: Settings) -> StackProbe:
     return StackProbe(settings)
-
-
-def wait_for(predicate: Any, timeout: float = 60.0, interval: float = 0.1) -> Any:
-    deadline = time.monotonic() + timeout
-    while True:
-        value = predicate()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"condition not met within {timeout}s")
-        time.sleep(interval)

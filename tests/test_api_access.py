@@ -9,8 +9,7 @@ import jwt
 import pytest
 
 from ops.issuer import LocalIssuer
-from tests.conftest import wait_for
-from tests.support import ApiClient, StackProbe, jpeg
+from tests.support import ApiClient, StackProbe, jpeg, wait_for
 
 API_ROUTES = [
     ("POST", "/api/v1/upload"),

@@ -6,8 +6,7 @@ import threading
 
 import pytest
 
-from tests.conftest import wait_for
-from tests.support import ApiClient, StackProbe, jpeg, multipart, png
+from tests.support import ApiClient, StackProbe, jpeg, multipart, png, wait_for
 
 
 def bulk(api: ApiClient, files: list[tuple[str, bytes]], query: str = "", **headers: str):

@@ -16,8 +16,7 @@ import pytest
 
 from ingest.client import JOURNAL_NAME, UploadOptions, UploadReport, upload_files
 from ops.issuer import LocalIssuer
-from tests.conftest import ROOT
-from tests.support import StackProbe, jpeg, png, served_api
+from tests.support import ROOT, StackProbe, jpeg, png, served_api
 
 GOOD_FILES = ("a.jpg", "b.png", "sub/c.jpeg")
 

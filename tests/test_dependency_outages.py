@@ -76,7 +76,7 @@ def test_redis_down_uploads_and_reads_still_work(app_with, probe: StackProbe) ->
 @pytest.fixture
 def own_s3(tmp_path) -> Iterator:
     from ops.s3server import LocalS3Server, pick_free_s3_port
-    from tests.conftest import S3_ACCESS_KEY, S3_SECRET_KEY
+    from tests.support import S3_ACCESS_KEY, S3_SECRET_KEY
 
     server = LocalS3Server(
         tmp_path / "s3",

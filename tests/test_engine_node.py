@@ -20,8 +20,16 @@ from common.broker import declare_topology
 from common.config import QueueSettings, Settings
 from common.jobs import JobMessage
 from engine.slots import SHM_DIR
-from tests.conftest import start_worker, stop_worker, wait_for
-from tests.support import ApiClient, StackProbe, free_port, jpeg, multipart
+from tests.support import (
+    ApiClient,
+    StackProbe,
+    free_port,
+    jpeg,
+    multipart,
+    start_worker,
+    stop_worker,
+    wait_for,
+)
 
 pytestmark = pytest.mark.slow
 

@@ -27,7 +27,6 @@ import pytest
 from common.config import Settings
 from common.storage import ObjectStore
 from ops.s3server import LocalS3Server, pick_free_s3_port
-from tests.conftest import S3_ACCESS_KEY, S3_SECRET_KEY, start_worker, stop_worker
 from tests.faults import (
     PrivateRedis,
     Tally,
@@ -39,7 +38,15 @@ from tests.faults import (
     upload_until_accepted,
     wait_until,
 )
-from tests.support import ApiClient, StackProbe, jpeg
+from tests.support import (
+    S3_ACCESS_KEY,
+    S3_SECRET_KEY,
+    ApiClient,
+    StackProbe,
+    jpeg,
+    start_worker,
+    stop_worker,
+)
 
 pytestmark = pytest.mark.slow
 

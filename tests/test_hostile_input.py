@@ -20,8 +20,17 @@ from typing import Any
 import cv2
 import pytest
 
-from tests.conftest import wait_for
-from tests.support import ApiClient, StackProbe, free_port, jpeg, multipart, photo, png, served_api
+from tests.support import (
+    ApiClient,
+    StackProbe,
+    free_port,
+    jpeg,
+    multipart,
+    photo,
+    png,
+    served_api,
+    wait_for,
+)
 
 
 def assert_rejected(response: Any, status: int) -> None:

@@ -34,8 +34,7 @@ from ops.dlq import (
 )
 from ops.scale import Autoscaler, Bounds, decide, history_key, scale_command
 from ops.status import node_key, processes_key, status_command
-from tests.conftest import BASE_POSTGRES_URL, wait_for
-from tests.support import database_schema
+from tests.support import BASE_POSTGRES_URL, database_schema, wait_for
 
 # --- decide: the autoscaling rule ---------------------------------------------------------------
 

@@ -8,8 +8,7 @@ import cv2
 import numpy as np
 import pytest
 
-from tests.conftest import wait_for
-from tests.support import ApiClient, StackProbe, jpeg, png
+from tests.support import ApiClient, StackProbe, jpeg, png, wait_for
 
 CASES = {
     "jpeg_1600x1200": (jpeg(1600, 1200), "photo.jpg", (800, 600)),

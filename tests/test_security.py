@@ -32,8 +32,17 @@ from common.logs import configure_logging
 from common.storage import ObjectStore
 from ingest.rate_limit import UploadRateLimiter
 from ops.issuer import LocalIssuer, running
-from tests.conftest import ROOT, S3_SECRET_KEY, wait_for
-from tests.support import ApiClient, StackProbe, free_port, jpeg, multipart, served_api
+from tests.support import (
+    ROOT,
+    S3_SECRET_KEY,
+    ApiClient,
+    StackProbe,
+    free_port,
+    jpeg,
+    multipart,
+    served_api,
+    wait_for,
+)
 
 ROLES = ("none", "no_roles", "user", "admin", "client_user")
 ORIGIN = "https://app.example"
