@@ -26,7 +26,7 @@ from common.broker import declare_topology
 from common.cache import ImageCache
 from common.config import Settings
 from common.jobs import JobMessage, MalformedJob
-from ops.status import broker_connection, database
+from ops.connections import broker_connection, database
 
 DEFAULT_SCAN_LIMIT = 10_000
 
