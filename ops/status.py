@@ -20,7 +20,7 @@ import psycopg
 import redis
 
 from common.config import Settings
-from db.images import STATUSES
+from db.image_stats import count_by_status, recent_outcomes, top_failure_reasons
 from ops.connections import SERVICE_ERRORS, broker_connection, database, redis_client
 from ops.pipeline_state import (
     NodeState,
@@ -114,33 +114,13 @@ def redis_view(settings: Settings) -> tuple[list[NodeState], int | None]:
 
 
 def throughput(conn: psycopg.Connection[Any]) -> Throughput:
-    row = conn.execute(
-        """SELECT count(*) FILTER (WHERE status = 'completed'),
-                  count(*) FILTER (WHERE status = 'failed')
-             FROM images
-            WHERE status IN ('completed', 'failed')
-              AND updated_at > now() - make_interval(secs => %s)""",
-        (THROUGHPUT_WINDOW_SECONDS,),
-    ).fetchone()
-    completed, failed = row if row is not None else (0, 0)
+    completed, failed = recent_outcomes(conn, THROUGHPUT_WINDOW_SECONDS)
     return Throughput(THROUGHPUT_WINDOW_SECONDS, completed, failed)
 
 
 def top_failures(conn: psycopg.Connection[Any]) -> list[FailureReason]:
-    rows = conn.execute(
-        """SELECT coalesce(error, '(none)'), count(*) FROM images
-            WHERE status = 'failed' AND updated_at > now() - %s::interval
-            GROUP BY 1 ORDER BY 2 DESC, 1 LIMIT %s""",
-        (FAILURE_WINDOW, TOP_FAILURES),
-    ).fetchall()
-    return [FailureReason(reason, count) for reason, count in rows]
-
-
-def images_by_status(conn: psycopg.Connection[Any]) -> dict[str, int]:
-    counts = dict.fromkeys(STATUSES, 0)
-    for status, count in conn.execute("SELECT status, count(*) FROM images GROUP BY status"):
-        counts[status] = count
-    return counts
+    reasons = top_failure_reasons(conn, FAILURE_WINDOW, TOP_FAILURES)
+    return [FailureReason(reason, count) for reason, count in reasons]
 
 
 # --- the report ---------------------------------------------------------------------------------
@@ -166,7 +146,7 @@ def collect_status(settings: Settings) -> StatusReport:
         with database(settings) as conn:
             report.throughput = throughput(conn)
             report.failures = top_failures(conn)
-            report.images = images_by_status(conn)
+            report.images = count_by_status(conn)
 
     _section(report, "postgresql", read_database)
     return report

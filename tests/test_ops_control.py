@@ -27,6 +27,7 @@ from common.cache import image_cache_key
 from common.config import Settings
 from common.jobs import JobMessage
 from common.node_control import Heartbeat, desired_processes_key, heartbeat_key
+from db.images import fail_unfinished
 from db.migrate import apply_migrations
 from engine.control import NodeControl, NodeCounters
 from ops.dlq import (
@@ -455,3 +456,24 @@ def test_dlq_with_an_id_not_in_the_queue_exits_1_and_touches_nothing(
     assert f"not in the dead-letter queue: {absent}" in capsys.readouterr().err
     assert _row(ops_settings, stuck)[0] == "processing"
     wait_for(lambda: _depth(ops_settings, ops_settings.queue.dead_letter_queue) == 1, timeout=10)
+
+
+def test_failing_unfinished_images_records_each_its_own_error_and_skips_finished_ones(
+    ops_settings: Settings,
+) -> None:
+    pending = _insert_image(ops_settings, "pending")
+    processing = _insert_image(ops_settings, "processing")
+    done = _insert_image(ops_settings, "completed")
+    failed = _insert_image(ops_settings, "failed", "decode error")
+
+    with psycopg.connect(ops_settings.postgres_url, autocommit=True) as conn:
+        changed = fail_unfinished(
+            conn,
+            [(pending, "first"), (processing, "second"), (done, "third"), (failed, "fourth")],
+        )
+
+    assert sorted(changed, key=str) == sorted([pending, processing], key=str)
+    assert _row(ops_settings, pending)[:2] == ("failed", "first")
+    assert _row(ops_settings, processing)[:2] == ("failed", "second")
+    assert _row(ops_settings, done)[:2] == ("completed", None)
+    assert _row(ops_settings, failed)[:2] == ("failed", "decode error")
