@@ -13,9 +13,9 @@ from pathlib import Path
 from typing import TypeVar
 from urllib.parse import urlsplit
 
-T = TypeVar("T")
+from common.formats import OUTPUT_FORMATS
 
-OUTPUT_FORMATS = ("png", "jpeg", "webp")
+T = TypeVar("T")
 
 
 class ConfigError(ValueError):

@@ -10,10 +10,9 @@ import urllib3
 from minio import Minio
 from minio.error import S3Error
 
+from common import formats
 from common.config import StorageSettings
 from common.errors import DependencyUnavailable
-
-RESULT_EXTENSIONS = {"image/png": "png", "image/jpeg": "jpg", "image/webp": "webp"}
 
 
 def original_key(image_id: uuid.UUID) -> str:
@@ -23,7 +22,7 @@ def original_key(image_id: uuid.UUID) -> str:
 
 def result_key(image_id: uuid.UUID, content_type: str) -> str:
     """Deterministic, so a redelivered job overwrites rather than duplicates its result."""
-    return f"results/{image_id}.{RESULT_EXTENSIONS[content_type]}"
+    return f"results/{image_id}.{formats.EXTENSION_BY_CONTENT_TYPE[content_type]}"
 
 
 def _client(endpoint: str, settings: StorageSettings) -> Minio:

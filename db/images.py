@@ -1,4 +1,5 @@
-"""Data access for the `images` table: every SQL statement the API and the engine run on it."""
+"""Data access for the `images` table: every SQL statement the API, the engine and the operator
+tools run on it (the operator's aggregate reads are in `db.image_stats`)."""
 
 from __future__ import annotations
 
@@ -207,6 +208,43 @@ def commit_batch(conn: psycopg.Connection[Any], outcomes: Sequence[Outcome]) -> 
         ),
     )
     return {row[0] for row in cur.fetchall()}
+
+
+def statuses_of(conn: psycopg.Connection[Any], ids: Sequence[uuid.UUID]) -> dict[uuid.UUID, str]:
+    """The current status of each of `ids` that has a row."""
+    rows = conn.execute("SELECT id, status FROM images WHERE id = ANY(%s)", (list(ids),))
+    return dict(rows.fetchall())
+
+
+def reset_to_pending(conn: psycopg.Connection[Any], ids: Sequence[uuid.UUID]) -> list[uuid.UUID]:
+    """processing/failed -> pending, error cleared, before their jobs are published again.
+
+    enqueued_at is cleared too, so the outbox sweeper republishes an image whose message then
+    fails to publish (a duplicate message is harmless: claims skip). Returns the ids changed."""
+    rows = conn.execute(
+        """UPDATE images SET status = 'pending', error = NULL, enqueued_at = NULL,
+                             updated_at = now()
+            WHERE id = ANY(%s) AND status IN ('processing', 'failed')
+        RETURNING id""",
+        (list(ids),),
+    ).fetchall()
+    return [row[0] for row in rows]
+
+
+def fail_unfinished(
+    conn: psycopg.Connection[Any], errors: Sequence[tuple[uuid.UUID, str]]
+) -> list[uuid.UUID]:
+    """pending/processing -> failed with the error given for each id; returns the ids changed.
+
+    Images already `completed` or `failed` stay as they are."""
+    rows = conn.execute(
+        """UPDATE images AS i SET status = 'failed', error = f.error, updated_at = now()
+             FROM unnest(%s::uuid[], %s::text[]) AS f(id, error)
+            WHERE i.id = f.id AND i.status IN ('pending', 'processing')
+        RETURNING i.id""",
+        ([image_id for image_id, _ in errors], [error for _, error in errors]),
+    ).fetchall()
+    return [row[0] for row in rows]
 
 
 def find_unenqueued(

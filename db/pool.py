@@ -43,7 +43,12 @@ class Database:
 
     def check(self) -> None:
         with self.transaction() as conn:
-            conn.execute("SELECT 1")
+            ping(conn)
 
     def close(self) -> None:
         self._pool.close()
+
+
+def ping(conn: psycopg.Connection[Any]) -> None:
+    """One round trip that needs no table: the server accepts and answers queries."""
+    conn.execute("SELECT 1")

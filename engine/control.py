@@ -2,7 +2,7 @@
 
 Operators set `{prefix}engine:processes` (`python -m ops scale`); every node reads it every two
 seconds and resizes its CPU pool. Each node publishes a heartbeat hash that `python -m ops status`
-reads; it expires on its own when the node dies.
+reads; it expires on its own when the node dies. Keys and fields: `common.node_control`.
 """
 
 from __future__ import annotations
@@ -21,21 +21,18 @@ import redis
 
 from common.broker import BROKER_ERRORS, connection_parameters
 from common.config import QueueSettings
+from common.node_control import (
+    CONTROL_INTERVAL_SECONDS,
+    HEARTBEAT_TTL_SECONDS,
+    Heartbeat,
+    desired_processes_key,
+    heartbeat_key,
+)
 from engine import metrics
 
 log = logging.getLogger(__name__)
 
-INTERVAL_SECONDS = 2.0
-HEARTBEAT_TTL_SECONDS = 10
 QUEUE_DEPTH_EVERY = 5  # control ticks
-
-
-def desired_processes_key(prefix: str) -> str:
-    return f"{prefix}engine:processes"
-
-
-def heartbeat_key(prefix: str, host: str, pid: int) -> str:
-    return f"{prefix}engine:nodes:{host}:{pid}"
 
 
 @dataclass
@@ -84,7 +81,7 @@ class NodeControl:
 
     def _loop(self) -> None:
         tick = 0
-        while not self._stop.wait(INTERVAL_SECONDS if tick else 0):
+        while not self._stop.wait(CONTROL_INTERVAL_SECONDS if tick else 0):
             try:
                 self.tick(tick)
             except redis.RedisError as exc:
@@ -111,18 +108,17 @@ class NodeControl:
     def _beat(self) -> None:
         counters = self._counters()
         pipe = self._client.pipeline(transaction=True)
-        pipe.hset(
-            self._key,
-            mapping={
-                "processes": counters.processes,
-                "completed": counters.completed,
-                "failed": counters.failed,
-                "batches": counters.batches,
-                "started_at": self._started_at,
-                "heartbeat": int(time.time()),
-                "queue": self._queue.queue,
-            },
+        beat = Heartbeat(
+            processes=counters.processes,
+            completed=counters.completed,
+            failed=counters.failed,
+            batches=counters.batches,
+            started_at=self._started_at,
+            heartbeat=int(time.time()),
+            queue=self._queue.queue,
         )
+        # Built in place: redis's stubs accept no dict whose key type is narrower than theirs.
+        pipe.hset(self._key, mapping={name: value for name, value in beat.to_hash().items()})
         pipe.expire(self._key, HEARTBEAT_TTL_SECONDS)
         pipe.execute()
 

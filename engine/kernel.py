@@ -26,12 +26,12 @@ import cv2
 import imagecodecs
 import numpy as np
 
+from common.formats import CONTENT_TYPE_BY_FORMAT, OUTPUT_FORMATS
 from common.imageinfo import ImageHeader, probe
 from engine.pngwrite import encode_png_gray
 
 JPEG_QUALITY = 85
 WEBP_QUALITY = 85
-CONTENT_TYPES = {"png": "image/png", "jpeg": "image/jpeg", "webp": "image/webp"}
 
 # Largest DCT reduction first; OpenCV maps these flags to libjpeg's scale_denom.
 _JPEG_REDUCED_FLAGS = (
@@ -95,8 +95,8 @@ def render_grayscale(
     Raises ImageRejected for unsupported, undecodable or oversized (> max_pixels) input, and
     ValueError for a bad `output_format` or `target_width`, which are the caller's mistakes.
     """
-    if output_format not in CONTENT_TYPES:
-        raise ValueError(f"output_format {output_format!r} is not one of {sorted(CONTENT_TYPES)}")
+    if output_format not in OUTPUT_FORMATS:
+        raise ValueError(f"output_format {output_format!r} is not one of {sorted(OUTPUT_FORMATS)}")
     encoded = _encoded_bytes(data)
     header = read_header(encoded, max_pixels)
     width, height = target_size(*header.display_size, target_width)
@@ -108,7 +108,7 @@ def render_grayscale(
         data=encode_gray(image, output_format),
         width=width,
         height=height,
-        content_type=CONTENT_TYPES[output_format],
+        content_type=CONTENT_TYPE_BY_FORMAT[output_format],
         source_width=source_width,
         source_height=source_height,
     )

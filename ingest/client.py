@@ -27,6 +27,8 @@ from pathlib import Path
 from typing import Any, TextIO
 from urllib.parse import urlsplit
 
+from common.formats import EXTENSION_BY_CONTENT_TYPE
+
 IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".jpe", ".png"})
 JPEG_MAGIC = b"\xff\xd8\xff"
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
@@ -38,7 +40,6 @@ TERMINAL_STATUSES = frozenset({"completed", "failed"})
 MAX_IDS_PER_POLL = 100
 JOURNAL_NAME = "journal.jsonl"
 DEFAULT_STATE_DIR = Path(".pixelmill-upload")
-RESULT_EXTENSIONS = {"image/png": ".png", "image/jpeg": ".jpg", "image/webp": ".webp"}
 _HASH_CHUNK = 1 << 20
 
 
@@ -796,7 +797,7 @@ def result_names(files: Sequence[FileResult]) -> list[tuple[FileResult, str]]:
     names = []
     for item in sorted(files, key=lambda f: str(f.path)):
         stem = Path(item.filename).stem or "image"
-        extension = RESULT_EXTENSIONS.get(item.result_content_type or "", ".png")
+        extension = "." + EXTENSION_BY_CONTENT_TYPE.get(item.result_content_type or "", "png")
         name = f"{stem}{extension}"
         if name in used:
             name = f"{stem}-{(item.image_id or '')[:8]}{extension}"

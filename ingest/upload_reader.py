@@ -20,10 +20,10 @@ from common.errors import (
     UnprocessableImage,
     UnsupportedMediaType,
 )
+from common.formats import UPLOAD_CONTENT_TYPE_BY_FORMAT
 from common.imageinfo import ImageHeader, probe
 
 IMAGE_FIELD = "image"
-CONTENT_TYPES = {"jpeg": "image/jpeg", "png": "image/png"}
 # Room for the boundaries and part headers around the file itself.
 MULTIPART_OVERHEAD = 64 * 1024
 MAX_FILENAME_CHARS = 255
@@ -39,7 +39,7 @@ class UploadedImage:
 
     @property
     def content_type(self) -> str:
-        return CONTENT_TYPES[self.header.format]
+        return UPLOAD_CONTENT_TYPE_BY_FORMAT[self.header.format]
 
 
 def clean_filename(raw: str | None) -> str:

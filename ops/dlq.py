@@ -26,7 +26,8 @@ from common.broker import declare_topology
 from common.cache import ImageCache
 from common.config import Settings
 from common.jobs import JobMessage, MalformedJob
-from ops.status import broker_connection, database
+from db.images import fail_unfinished, mark_enqueued, reset_to_pending, statuses_of
+from ops.connections import broker_connection, database
 
 DEFAULT_SCAN_LIMIT = 10_000
 
@@ -105,8 +106,7 @@ def image_statuses(settings: Settings, ids: Sequence[uuid.UUID]) -> dict[uuid.UU
     if not ids:
         return {}
     with database(settings) as conn:
-        rows = conn.execute("SELECT id, status FROM images WHERE id = ANY(%s)", (list(ids),))
-        return dict(rows.fetchall())
+        return statuses_of(conn, ids)
 
 
 # --- selection ----------------------------------------------------------------------------------
@@ -140,26 +140,6 @@ class DlqResult:
 # --- requeue ------------------------------------------------------------------------------------
 
 
-def reset_to_pending(conn: psycopg.Connection[Any], ids: Sequence[uuid.UUID]) -> list[uuid.UUID]:
-    """processing/failed -> pending; enqueued_at cleared so the outbox sweeper republishes an
-    image whose message then fails to publish (a duplicate message is harmless: claims skip)."""
-    rows = conn.execute(
-        """UPDATE images SET status = 'pending', error = NULL, enqueued_at = NULL,
-                             updated_at = now()
-            WHERE id = ANY(%s) AND status IN ('processing', 'failed')
-        RETURNING id""",
-        (list(ids),),
-    ).fetchall()
-    return [row[0] for row in rows]
-
-
-def mark_enqueued(conn: psycopg.Connection[Any], ids: Sequence[uuid.UUID]) -> None:
-    conn.execute(
-        "UPDATE images SET enqueued_at = now() WHERE id = ANY(%s) AND enqueued_at IS NULL",
-        (list(ids),),
-    )
-
-
 def requeue_dead_letters(settings: Settings, selection: Selection) -> DlqResult:
     """Move the selected well-formed messages back to the job queue; malformed ones stay."""
     persistent = pika.BasicProperties(
@@ -189,15 +169,10 @@ def mark_dead_lettered(
     conn: psycopg.Connection[Any], letters: Sequence[DeadLetter]
 ) -> list[uuid.UUID]:
     """Non-terminal images -> failed with "dead-lettered: <reason>"; completed ones stay."""
-    known = [d for d in letters if d.image_id is not None]
-    rows = conn.execute(
-        """UPDATE images AS i SET status = 'failed', error = f.error, updated_at = now()
-             FROM unnest(%s::uuid[], %s::text[]) AS f(id, error)
-            WHERE i.id = f.id AND i.status IN ('pending', 'processing')
-        RETURNING i.id""",
-        ([d.image_id for d in known], [f"dead-lettered: {d.reason}" for d in known]),
-    ).fetchall()
-    return [row[0] for row in rows]
+    return fail_unfinished(
+        conn,
+        [(d.image_id, f"dead-lettered: {d.reason}") for d in letters if d.image_id is not None],
+    )
 
 
 def fail_dead_letters(settings: Settings, selection: Selection) -> DlqResult:

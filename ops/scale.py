@@ -18,17 +18,10 @@ import redis
 
 from common.config import Settings
 from common.logs import configure_logging
+from common.node_control import CONTROL_INTERVAL_SECONDS, desired_processes_key
+from ops.connections import SERVICE_ERRORS, broker_connection, redis_client
+from ops.pipeline_state import NodeState, desired_processes, inspect_queue, live_nodes
 from ops.services import ServicesUnavailable
-from ops.status import (
-    SERVICE_ERRORS,
-    NodeState,
-    broker_connection,
-    desired_processes,
-    inspect_queue,
-    live_nodes,
-    processes_key,
-    redis_client,
-)
 
 log = logging.getLogger("ops.autoscale")
 
@@ -75,7 +68,7 @@ def _all_recent(samples: Sequence[float], count: int, test: Callable[[float], bo
 def set_desired_processes(client: redis.Redis, prefix: str, processes: int) -> None:
     if processes < 1:
         raise ValueError("processes must be at least 1")
-    client.set(processes_key(prefix), str(processes))
+    client.set(desired_processes_key(prefix), str(processes))
 
 
 def scale_command(argv: list[str], settings: Settings | None = None) -> int:
@@ -92,7 +85,7 @@ def scale_command(argv: list[str], settings: Settings | None = None) -> int:
         raise ServicesUnavailable(f"Redis: {exc}") from exc
     finally:
         client.close()
-    print(f"set {processes_key(settings.redis_prefix)} = {args.processes}")
+    print(f"set {desired_processes_key(settings.redis_prefix)} = {args.processes}")
     print(_pick_up_summary(nodes, args.processes))
     return 0
 
@@ -100,7 +93,9 @@ def scale_command(argv: list[str], settings: Settings | None = None) -> int:
 def _pick_up_summary(nodes: Sequence[NodeState], processes: int) -> str:
     if not nodes:
         return "no live worker nodes; nodes started from now on will use it"
-    lines = [f"{len(nodes)} live worker nodes will pick it up within 2 s:"]
+    lines = [
+        f"{len(nodes)} live worker nodes will pick it up within {CONTROL_INTERVAL_SECONDS:g} s:"
+    ]
     for node in nodes:
         change = "unchanged" if node.processes == processes else f"{node.processes} -> {processes}"
         lines.append(f"  {node.host}:{node.pid}  processes {change}")

@@ -23,6 +23,7 @@ import psycopg
 import redis
 
 from common.config import Settings
+from db import pool
 
 _LOOPBACK = ("127.0.0.1", "localhost", "::1")
 _START_WAIT_SECONDS = 60.0
@@ -155,7 +156,7 @@ def _postgres(url: str) -> Service:
 
     def ping() -> None:
         with psycopg.connect(url, connect_timeout=5) as conn:
-            conn.execute("SELECT 1")
+            pool.ping(conn)
 
     return Service(
         name="PostgreSQL",

@@ -12,81 +12,32 @@ import argparse
 import json
 import socket
 import sys
-import time
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from typing import Any, TypeVar
-from urllib.parse import urlsplit
 
-import pika
-import pika.exceptions
 import psycopg
 import redis
 
-from common.broker import BROKER_ERRORS, connection_parameters
 from common.config import Settings
-from db.images import STATUSES
-from ops.services import ServicesUnavailable
+from db.image_stats import count_by_status, recent_outcomes, top_failure_reasons
+from ops.connections import SERVICE_ERRORS, broker_connection, database, redis_client
+from ops.pipeline_state import (
+    NodeState,
+    QueueState,
+    desired_processes,
+    inspect_queue,
+    live_nodes,
+)
 
 T = TypeVar("T")
 
 THROUGHPUT_WINDOW_SECONDS = 60
 FAILURE_WINDOW = "1 hour"
 TOP_FAILURES = 5
-_NOT_FOUND = 404
-SERVICE_ERRORS: tuple[type[Exception], ...] = (
-    ServicesUnavailable,
-    redis.RedisError,
-    psycopg.Error,
-    *BROKER_ERRORS,
-)
-
-
-# --- Redis keys shared with the engine (see engine/node.py) -----------------------------------
-
-
-def processes_key(prefix: str) -> str:
-    """Desired CPU processes per worker node (decimal string); nodes resize to it."""
-    return f"{prefix}engine:processes"
-
-
-def node_key(prefix: str, host: str, pid: int) -> str:
-    """Heartbeat hash of one worker node, refreshed every 2 s and expiring after 10 s."""
-    return f"{prefix}engine:nodes:{host}:{pid}"
-
-
-def node_key_pattern(prefix: str, host: str = "*") -> str:
-    return f"{prefix}engine:nodes:{host}:*"
 
 
 # --- what the report holds ----------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class QueueState:
-    """Depth and consumers of one queue; `exists` is False when nobody has declared it yet."""
-
-    name: str
-    messages: int
-    consumers: int
-    exists: bool = True
-
-
-@dataclass(frozen=True)
-class NodeState:
-    """One worker node as its last heartbeat describes it."""
-
-    host: str
-    pid: int
-    processes: int
-    completed: int
-    failed: int
-    batches: int
-    queue: str
-    started_at: float
-    heartbeat: float
-    heartbeat_age_seconds: float
 
 
 @dataclass(frozen=True)
@@ -139,34 +90,6 @@ class StatusReport:
 # --- RabbitMQ -----------------------------------------------------------------------------------
 
 
-@contextmanager
-def broker_connection(settings: Settings) -> Iterator[pika.BlockingConnection]:
-    """A short-lived connection; failing to connect becomes ServicesUnavailable."""
-    try:
-        connection = pika.BlockingConnection(connection_parameters(settings.queue))
-    except BROKER_ERRORS as exc:
-        where = urlsplit(settings.queue.url).hostname
-        raise ServicesUnavailable(f"RabbitMQ at {where}: {exc!r}") from exc
-    try:
-        yield connection
-    finally:
-        if connection.is_open:
-            connection.close()
-
-
-def inspect_queue(connection: pika.BlockingConnection, name: str) -> QueueState:
-    """Passive declare on its own channel (a missing queue closes it): depth and consumers."""
-    channel = connection.channel()
-    try:
-        frame = channel.queue_declare(name, passive=True)
-    except pika.exceptions.ChannelClosedByBroker as exc:
-        if exc.reply_code != _NOT_FOUND:
-            raise
-        return QueueState(name, 0, 0, exists=False)
-    channel.close()
-    return QueueState(name, frame.method.message_count, frame.method.consumer_count)
-
-
 def queue_states(settings: Settings) -> dict[str, QueueState]:
     with broker_connection(settings) as connection:
         return {
@@ -176,53 +99,6 @@ def queue_states(settings: Settings) -> dict[str, QueueState]:
 
 
 # --- Redis --------------------------------------------------------------------------------------
-
-
-def redis_client(settings: Settings) -> redis.Redis:
-    return redis.Redis.from_url(
-        settings.redis_url, socket_timeout=5, socket_connect_timeout=5, decode_responses=True
-    )
-
-
-def parse_node(key: str, fields: dict[str, str], now: float) -> NodeState | None:
-    """A NodeState from a heartbeat hash; None for a hash that expired between scan and read."""
-    if not fields:
-        return None
-    rest, _, pid = key.rpartition(":")
-    host = rest.rpartition(":")[2]
-    heartbeat = float(fields.get("heartbeat", 0) or 0)
-    return NodeState(
-        host=host,
-        pid=int(pid),
-        processes=int(fields.get("processes", 0) or 0),
-        completed=int(fields.get("completed", 0) or 0),
-        failed=int(fields.get("failed", 0) or 0),
-        batches=int(fields.get("batches", 0) or 0),
-        queue=fields.get("queue", ""),
-        started_at=float(fields.get("started_at", 0) or 0),
-        heartbeat=heartbeat,
-        heartbeat_age_seconds=round(max(0.0, now - heartbeat), 1),
-    )
-
-
-def live_nodes(client: redis.Redis, prefix: str, host: str = "*") -> list[NodeState]:
-    """Every node whose heartbeat hash has not expired, ordered by host and pid."""
-    keys = sorted(client.scan_iter(match=node_key_pattern(prefix, host), count=500))
-    if not keys:
-        return []
-    pipe = client.pipeline(transaction=False)
-    for key in keys:
-        pipe.hgetall(key)
-    now = time.time()
-    parsed = (
-        parse_node(key, fields, now) for key, fields in zip(keys, pipe.execute(), strict=True)
-    )
-    return [node for node in parsed if node is not None]
-
-
-def desired_processes(client: redis.Redis, prefix: str) -> int | None:
-    raw = client.get(processes_key(prefix))
-    return int(raw) if raw is not None else None
 
 
 def redis_view(settings: Settings) -> tuple[list[NodeState], int | None]:
@@ -238,44 +114,13 @@ def redis_view(settings: Settings) -> tuple[list[NodeState], int | None]:
 
 
 def throughput(conn: psycopg.Connection[Any]) -> Throughput:
-    row = conn.execute(
-        """SELECT count(*) FILTER (WHERE status = 'completed'),
-                  count(*) FILTER (WHERE status = 'failed')
-             FROM images
-            WHERE status IN ('completed', 'failed')
-              AND updated_at > now() - make_interval(secs => %s)""",
-        (THROUGHPUT_WINDOW_SECONDS,),
-    ).fetchone()
-    completed, failed = row if row is not None else (0, 0)
+    completed, failed = recent_outcomes(conn, THROUGHPUT_WINDOW_SECONDS)
     return Throughput(THROUGHPUT_WINDOW_SECONDS, completed, failed)
 
 
 def top_failures(conn: psycopg.Connection[Any]) -> list[FailureReason]:
-    rows = conn.execute(
-        """SELECT coalesce(error, '(none)'), count(*) FROM images
-            WHERE status = 'failed' AND updated_at > now() - %s::interval
-            GROUP BY 1 ORDER BY 2 DESC, 1 LIMIT %s""",
-        (FAILURE_WINDOW, TOP_FAILURES),
-    ).fetchall()
-    return [FailureReason(reason, count) for reason, count in rows]
-
-
-def images_by_status(conn: psycopg.Connection[Any]) -> dict[str, int]:
-    counts = dict.fromkeys(STATUSES, 0)
-    for status, count in conn.execute("SELECT status, count(*) FROM images GROUP BY status"):
-        counts[status] = count
-    return counts
-
-
-@contextmanager
-def database(settings: Settings) -> Iterator[psycopg.Connection[Any]]:
-    """An autocommit connection; connection failures become ServicesUnavailable."""
-    try:
-        conn = psycopg.connect(settings.postgres_url, connect_timeout=5, autocommit=True)
-    except psycopg.OperationalError as exc:
-        raise ServicesUnavailable(f"PostgreSQL: {exc}") from exc
-    with conn:
-        yield conn
+    reasons = top_failure_reasons(conn, FAILURE_WINDOW, TOP_FAILURES)
+    return [FailureReason(reason, count) for reason, count in reasons]
 
 
 # --- the report ---------------------------------------------------------------------------------
@@ -301,7 +146,7 @@ def collect_status(settings: Settings) -> StatusReport:
         with database(settings) as conn:
             report.throughput = throughput(conn)
             report.failures = top_failures(conn)
-            report.images = images_by_status(conn)
+            report.images = count_by_status(conn)
 
     _section(report, "postgresql", read_database)
     return report

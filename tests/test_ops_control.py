@@ -7,6 +7,8 @@ and counts are exact."""
 from __future__ import annotations
 
 import json
+import os
+import socket
 import time
 import uuid
 from collections.abc import Iterator
@@ -24,7 +26,10 @@ from common.broker import declare_topology
 from common.cache import image_cache_key
 from common.config import Settings
 from common.jobs import JobMessage
+from common.node_control import Heartbeat, desired_processes_key, heartbeat_key
+from db.images import fail_unfinished
 from db.migrate import apply_migrations
+from engine.control import NodeControl, NodeCounters
 from ops.dlq import (
     Selection,
     dlq_command,
@@ -33,7 +38,7 @@ from ops.dlq import (
     requeue_dead_letters,
 )
 from ops.scale import Autoscaler, Bounds, decide, history_key, scale_command
-from ops.status import node_key, processes_key, status_command
+from ops.status import status_command
 from tests.support import BASE_POSTGRES_URL, database_schema, wait_for
 
 # --- decide: the autoscaling rule ---------------------------------------------------------------
@@ -199,20 +204,10 @@ def _row(settings: Settings, image_id: uuid.UUID) -> tuple[str, str | None, Any]
 def _heartbeat(settings: Settings, host: str, pid: int, processes: int) -> None:
     """A node's heartbeat hash exactly as the engine writes it."""
     client = _redis(settings)
-    key = node_key(settings.redis_prefix, host, pid)
+    key = heartbeat_key(settings.redis_prefix, host, pid)
     now = time.time()
-    client.hset(
-        key,
-        mapping={
-            "processes": processes,
-            "completed": 120,
-            "failed": 3,
-            "batches": 9,
-            "started_at": now - 60,
-            "heartbeat": now,
-            "queue": settings.queue.queue,
-        },
-    )
+    beat = Heartbeat(processes, 120, 3, 9, now - 60, now, settings.queue.queue)
+    client.hset(key, mapping=beat.to_hash())
     client.expire(key, 10)
 
 
@@ -226,7 +221,7 @@ def test_scale_sets_the_desired_processes_and_names_the_live_nodes(
 
     assert scale_command(["--processes", "5"], ops_settings) == 0
 
-    assert _redis(ops_settings).get(processes_key(ops_settings.redis_prefix)) == "5"
+    assert _redis(ops_settings).get(desired_processes_key(ops_settings.redis_prefix)) == "5"
     out = capsys.readouterr().out
     assert f"{ops_settings.redis_prefix}engine:processes = 5" in out
     assert "node-a:4242  processes 2 -> 5" in out
@@ -237,7 +232,7 @@ def test_scale_refuses_zero_and_leaves_the_key_alone(ops_settings: Settings) -> 
         scale_command(["--processes", "0"], ops_settings)
 
     assert refused.value.code == 2
-    assert _redis(ops_settings).get(processes_key(ops_settings.redis_prefix)) is None
+    assert _redis(ops_settings).get(desired_processes_key(ops_settings.redis_prefix)) is None
 
 
 def test_autoscale_adds_a_process_after_two_deep_samples_and_removes_it_when_idle(
@@ -246,7 +241,7 @@ def test_autoscale_adds_a_process_after_two_deep_samples_and_removes_it_when_idl
     _heartbeat(ops_settings, "node-a", 1, processes=2)
     _publish_jobs(ops_settings, [JobMessage(uuid.uuid4()).encode() for _ in range(300)])
     scaler = Autoscaler(ops_settings, Bounds(minimum=1, maximum=4, target_per_process=50))
-    key = processes_key(ops_settings.redis_prefix)
+    key = desired_processes_key(ops_settings.redis_prefix)
 
     assert scaler.step() == 2
     assert _redis(ops_settings).get(key) is None
@@ -260,6 +255,59 @@ def test_autoscale_adds_a_process_after_two_deep_samples_and_removes_it_when_idl
     assert _redis(ops_settings).get(key) == "2"
 
 
+# --- the Redis contract between worker nodes and these commands --------------------------------
+
+
+def _node_control(settings: Settings, processes: int, resized: list[int]) -> NodeControl:
+    """The engine's own control loop for a node running `processes`, recording its resizes."""
+    counters = NodeCounters(processes=processes, completed=7, failed=1, batches=2)
+    return NodeControl(
+        redis.Redis.from_url(settings.redis_url),
+        settings.redis_prefix,
+        settings.queue,
+        lambda: counters,
+        resized.append,
+    )
+
+
+def test_status_shows_the_node_whose_heartbeat_the_engine_wrote_until_it_stops(
+    ops_settings: Settings, capsys: pytest.CaptureFixture[str]
+) -> None:
+    def listed_nodes() -> list[dict[str, Any]]:
+        status_command(["--json"], ops_settings)
+        return list(json.loads(capsys.readouterr().out)["nodes"])
+
+    control = _node_control(ops_settings, processes=3, resized=[])
+    control.start()
+    try:
+        [node] = wait_for(listed_nodes, timeout=10)
+    finally:
+        control.stop()
+
+    assert (node["host"], node["pid"], node["queue"]) == (
+        socket.gethostname(),
+        os.getpid(),
+        ops_settings.queue.queue,
+    )
+    assert (node["processes"], node["completed"], node["failed"], node["batches"]) == (3, 7, 1, 2)
+    assert listed_nodes() == []
+
+
+def test_a_node_resizes_to_the_count_ops_scale_sets_and_only_when_it_differs(
+    ops_settings: Settings,
+) -> None:
+    resized: list[int] = []
+    control = _node_control(ops_settings, processes=2, resized=resized)
+
+    assert scale_command(["--processes", "2"], ops_settings) == 0
+    control.tick(1)
+    assert resized == []
+
+    assert scale_command(["--processes", "1"], ops_settings) == 0
+    control.tick(1)
+    assert resized == [1]
+
+
 # --- status -------------------------------------------------------------------------------------
 
 
@@ -268,7 +316,7 @@ def test_status_json_reports_queues_nodes_throughput_failures_and_images(
 ) -> None:
     _publish_jobs(ops_settings, [JobMessage(uuid.uuid4()).encode() for _ in range(3)])
     _heartbeat(ops_settings, "node-b", 777, processes=3)
-    _redis(ops_settings).set(processes_key(ops_settings.redis_prefix), "3")
+    _redis(ops_settings).set(desired_processes_key(ops_settings.redis_prefix), "3")
     for _ in range(2):
         _insert_image(ops_settings, "completed")
     _insert_image(ops_settings, "failed", "decode error")
@@ -408,3 +456,24 @@ def test_dlq_with_an_id_not_in_the_queue_exits_1_and_touches_nothing(
     assert f"not in the dead-letter queue: {absent}" in capsys.readouterr().err
     assert _row(ops_settings, stuck)[0] == "processing"
     wait_for(lambda: _depth(ops_settings, ops_settings.queue.dead_letter_queue) == 1, timeout=10)
+
+
+def test_failing_unfinished_images_records_each_its_own_error_and_skips_finished_ones(
+    ops_settings: Settings,
+) -> None:
+    pending = _insert_image(ops_settings, "pending")
+    processing = _insert_image(ops_settings, "processing")
+    done = _insert_image(ops_settings, "completed")
+    failed = _insert_image(ops_settings, "failed", "decode error")
+
+    with psycopg.connect(ops_settings.postgres_url, autocommit=True) as conn:
+        changed = fail_unfinished(
+            conn,
+            [(pending, "first"), (processing, "second"), (done, "third"), (failed, "fourth")],
+        )
+
+    assert sorted(changed, key=str) == sorted([pending, processing], key=str)
+    assert _row(ops_settings, pending)[:2] == ("failed", "first")
+    assert _row(ops_settings, processing)[:2] == ("failed", "second")
+    assert _row(ops_settings, done)[:2] == ("completed", None)
+    assert _row(ops_settings, failed)[:2] == ("failed", "decode error")

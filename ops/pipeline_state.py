@@ -1,0 +1,99 @@
+"""The running pipeline seen from outside, as the status screen and the autoscaler read it: a
+queue's depth and consumers, the live worker nodes and the desired process count per node."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+import pika
+import pika.exceptions
+import redis
+
+from common.node_control import (
+    Heartbeat,
+    desired_processes_key,
+    heartbeat_key_pattern,
+    node_of_heartbeat_key,
+)
+
+_NOT_FOUND = 404
+
+
+@dataclass(frozen=True)
+class QueueState:
+    """Depth and consumers of one queue; `exists` is False when nobody has declared it yet."""
+
+    name: str
+    messages: int
+    consumers: int
+    exists: bool = True
+
+
+def inspect_queue(connection: pika.BlockingConnection, name: str) -> QueueState:
+    """Passive declare on its own channel (a missing queue closes it): depth and consumers."""
+    channel = connection.channel()
+    try:
+        frame = channel.queue_declare(name, passive=True)
+    except pika.exceptions.ChannelClosedByBroker as exc:
+        if exc.reply_code != _NOT_FOUND:
+            raise
+        return QueueState(name, 0, 0, exists=False)
+    channel.close()
+    return QueueState(name, frame.method.message_count, frame.method.consumer_count)
+
+
+@dataclass(frozen=True)
+class NodeState:
+    """One worker node as its last heartbeat describes it."""
+
+    host: str
+    pid: int
+    processes: int
+    completed: int
+    failed: int
+    batches: int
+    queue: str
+    started_at: float
+    heartbeat: float
+    heartbeat_age_seconds: float
+
+
+def parse_node(key: str, fields: dict[str, str], now: float) -> NodeState | None:
+    """A NodeState from a heartbeat hash; None for a hash that expired between scan and read."""
+    if not fields:
+        return None
+    host, pid = node_of_heartbeat_key(key)
+    beat = Heartbeat.from_hash(fields)
+    return NodeState(
+        host=host,
+        pid=pid,
+        processes=beat.processes,
+        completed=beat.completed,
+        failed=beat.failed,
+        batches=beat.batches,
+        queue=beat.queue,
+        started_at=beat.started_at,
+        heartbeat=beat.heartbeat,
+        heartbeat_age_seconds=round(max(0.0, now - beat.heartbeat), 1),
+    )
+
+
+def live_nodes(client: redis.Redis, prefix: str, host: str = "*") -> list[NodeState]:
+    """Every node whose heartbeat hash has not expired, ordered by host and pid."""
+    keys = sorted(client.scan_iter(match=heartbeat_key_pattern(prefix, host), count=500))
+    if not keys:
+        return []
+    pipe = client.pipeline(transaction=False)
+    for key in keys:
+        pipe.hgetall(key)
+    now = time.time()
+    parsed = (
+        parse_node(key, fields, now) for key, fields in zip(keys, pipe.execute(), strict=True)
+    )
+    return [node for node in parsed if node is not None]
+
+
+def desired_processes(client: redis.Redis, prefix: str) -> int | None:
+    raw = client.get(desired_processes_key(prefix))
+    return int(raw) if raw is not None else None
