@@ -120,6 +120,9 @@ class QueueSettings:
     dead_letter_queue: str = "image-jobs.dead"
     delivery_limit: int = 20
     heartbeat_seconds: int = 30
+    # How long a dead letter waits for an operator (`ops dlq requeue`) before the worker nodes
+    # end its image as failed.
+    dead_letter_grace_seconds: int = 300
 
 
 @dataclass(frozen=True)
@@ -228,6 +231,9 @@ def _queue_from(env: _Env) -> QueueSettings:
         dead_letter_queue=env.text("RABBITMQ_DEAD_LETTER_QUEUE", f"{queue}.dead"),
         delivery_limit=env.integer("RABBITMQ_DELIVERY_LIMIT", d.delivery_limit, minimum=1),
         heartbeat_seconds=env.integer("RABBITMQ_HEARTBEAT_SECONDS", d.heartbeat_seconds, 1),
+        dead_letter_grace_seconds=env.integer(
+            "RABBITMQ_DEAD_LETTER_GRACE_SECONDS", d.dead_letter_grace_seconds
+        ),
     )
 
 

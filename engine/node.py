@@ -20,6 +20,7 @@ from engine.batch import BatchProcessor, Delivery, Verdict
 from engine.consumer import BatchConsumer
 from engine.control import NodeControl, NodeCounters
 from engine.cpu_pool import KernelOptions, KernelPool
+from engine.dead_letters import DeadLetterReaper
 from engine.outbox import OutboxSweeper
 from engine.slots import SlotArena, sweep_stale_segments
 
@@ -69,6 +70,13 @@ class WorkerNode:
         )
         self.consumer = BatchConsumer(settings.queue, engine, self._process_batch)
         self.sweeper = OutboxSweeper(self.db, JobPublisher(settings.queue))
+        self.reaper = DeadLetterReaper(
+            self.db,
+            cache,
+            settings.queue,
+            grace_seconds=settings.queue.dead_letter_grace_seconds,
+            interval_seconds=min(30.0, max(1.0, settings.queue.dead_letter_grace_seconds)),
+        )
         self.control = NodeControl(
             cache.client, settings.redis_prefix, settings.queue, self._counters, self.pool.resize
         )
@@ -113,6 +121,7 @@ class WorkerNode:
         self._install_signal_handlers()
         self._serve_metrics(self.settings.engine.metrics_port)
         self.sweeper.start()
+        self.reaper.start()
         self.control.start()
         try:
             self.consumer.run()
@@ -136,6 +145,7 @@ class WorkerNode:
     def close(self) -> None:
         self.control.stop()
         self.sweeper.stop()
+        self.reaper.stop()
         self.processor.close()
         self.pool.close()
         self.db.close()

@@ -25,64 +25,11 @@ from pika.adapters.blocking_connection import BlockingChannel
 from common.broker import declare_topology
 from common.cache import ImageCache
 from common.config import Settings
-from common.jobs import JobMessage, MalformedJob
+from common.dead_letters import DeadLetter, take_dead_letters
 from db.images import fail_unfinished, mark_enqueued, reset_to_pending, statuses_of
 from ops.connections import broker_connection, database
 
 DEFAULT_SCAN_LIMIT = 10_000
-
-
-@dataclass(frozen=True)
-class DeadLetter:
-    """One message held from the dead-letter queue, with what its x-death header says."""
-
-    delivery_tag: int
-    body: bytes
-    image_id: uuid.UUID | None
-    reason: str
-    deaths: int
-    from_queue: str
-
-    @property
-    def describe_body(self) -> str:
-        return str(self.image_id) if self.image_id else f"(malformed) {self.body[:60]!r}"
-
-
-def _text(value: Any) -> str:
-    return value.decode(errors="replace") if isinstance(value, bytes) else str(value)
-
-
-def death_details(headers: dict[str, Any] | None) -> tuple[str, int, str]:
-    """(reason, count, queue) of the most recent death; ("unknown", 0, "") without x-death."""
-    deaths = (headers or {}).get("x-death") or []
-    if not deaths or not isinstance(deaths[0], dict):
-        return "unknown", 0, ""
-    latest = deaths[0]
-    return (
-        _text(latest.get("reason", "unknown")),
-        int(latest.get("count", 1) or 1),
-        _text(latest.get("queue", "")),
-    )
-
-
-def parse_dead_letter(tag: int, properties: pika.BasicProperties, body: bytes) -> DeadLetter:
-    try:
-        image_id: uuid.UUID | None = JobMessage.decode(body).image_id
-    except MalformedJob:
-        image_id = None
-    reason, deaths, from_queue = death_details(properties.headers)
-    return DeadLetter(tag, body, image_id, reason, deaths, from_queue)
-
-
-def take_dead_letters(channel: BlockingChannel, queue: str, limit: int) -> list[DeadLetter]:
-    """Up to `limit` messages, held unacknowledged on `channel` (closing it returns them)."""
-    letters: list[DeadLetter] = []
-    while len(letters) < limit:
-        method, properties, body = channel.basic_get(queue, auto_ack=False)
-        if method is None:
-            break
-        letters.append(parse_dead_letter(method.delivery_tag, properties, body))
-    return letters
 
 
 @contextmanager
@@ -171,7 +118,7 @@ def mark_dead_lettered(
     """Non-terminal images -> failed with "dead-lettered: <reason>"; completed ones stay."""
     return fail_unfinished(
         conn,
-        [(d.image_id, f"dead-lettered: {d.reason}") for d in letters if d.image_id is not None],
+        [(d.image_id, d.image_error) for d in letters if d.image_id is not None],
     )
 
 

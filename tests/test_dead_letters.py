@@ -1,0 +1,185 @@
+"""No image stays unfinished because its job was dead-lettered: the worker node's reaper ends it
+`failed` with the reason, after a grace period, and leaves everything else in the queue alone."""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+from urllib.parse import urlsplit, urlunsplit
+
+import pika
+import psycopg
+import pytest
+
+from common.broker import JobPublisher, declare_topology
+from common.cache import ImageCache
+from common.config import Settings
+from common.jobs import JobMessage
+from db import images
+from db.images import NewImage
+from db.pool import Database
+from engine.dead_letters import DeadLetterReaper
+from tests.faults import TcpProxy
+from tests.support import start_worker, stop_worker, wait_for
+
+
+@pytest.fixture
+def own_queue(settings: Settings) -> Iterator[Settings]:
+    """The session's services with a queue pair and Redis prefix of this test only."""
+    tag = uuid.uuid4().hex[:8]
+    queue = dataclasses.replace(
+        settings.queue,
+        queue=f"pm-dl-{tag}",
+        dead_letter_queue=f"pm-dl-{tag}.dead",
+        delivery_limit=2,
+    )
+    own = dataclasses.replace(settings, queue=queue, redis_prefix=f"pmdl:{tag}:")
+    with _channel(own) as channel:
+        declare_topology(channel, own.queue)
+    yield own
+    with _channel(own) as channel:
+        channel.queue_delete(own.queue.queue)
+        channel.queue_delete(own.queue.dead_letter_queue)
+
+
+class _channel:
+    def __init__(self, settings: Settings) -> None:
+        self._connection = pika.BlockingConnection(pika.URLParameters(settings.queue.url))
+
+    def __enter__(self) -> pika.adapters.blocking_connection.BlockingChannel:
+        return self._connection.channel()
+
+    def __exit__(self, *exc: object) -> None:
+        self._connection.close()
+
+
+def _new_images(settings: Settings, count: int) -> list[uuid.UUID]:
+    news = [
+        NewImage(i, "dead-letter-test", "a.jpg", "image/jpeg", 10, "x", 4, 4, f"originals/{i}")
+        for i in (uuid.uuid4() for _ in range(count))
+    ]
+    with psycopg.connect(settings.postgres_url, autocommit=True) as conn:
+        images.insert_images(conn, news)
+    return [n.id for n in news]
+
+
+def _set_status(
+    settings: Settings, image_id: uuid.UUID, status: str, error: str | None = None
+) -> None:
+    with psycopg.connect(settings.postgres_url, autocommit=True) as conn:
+        conn.execute(
+            "UPDATE images SET status = %s, error = %s WHERE id = %s", (status, error, image_id)
+        )
+
+
+def _row(settings: Settings, image_id: uuid.UUID) -> tuple[str, str | None]:
+    with psycopg.connect(settings.postgres_url) as conn:
+        row = conn.execute("SELECT status, error FROM images WHERE id = %s", (image_id,)).fetchone()
+    assert row is not None
+    return row[0], row[1]
+
+
+def _depth(settings: Settings, queue: str) -> int:
+    with _channel(settings) as channel:
+        return int(channel.queue_declare(queue, passive=True).method.message_count)
+
+
+def _dead_letter(settings: Settings, image_ids: list[uuid.UUID]) -> None:
+    """Really dead-letter one job per image: publish, take, reject without requeue."""
+    publisher = JobPublisher(settings.queue)
+    publisher.publish([JobMessage(i, "test") for i in image_ids])
+    publisher.close()
+    with _channel(settings) as channel:
+        for _ in image_ids:
+            method, _, _ = channel.basic_get(settings.queue.queue)
+            channel.basic_nack(method.delivery_tag, requeue=False)
+    dlq = settings.queue.dead_letter_queue
+    wait_for(lambda: _depth(settings, dlq) == len(image_ids), timeout=10)
+
+
+@contextlib.contextmanager
+def _reaper(settings: Settings, grace_seconds: float) -> Iterator[DeadLetterReaper]:
+    db = Database(settings.postgres_url, max_size=1)
+    cache = ImageCache.from_url(settings.redis_url, settings.redis_prefix)
+    try:
+        yield DeadLetterReaper(db, cache, settings.queue, grace_seconds=grace_seconds)
+    finally:
+        db.close()
+        cache.client.close()
+
+
+def test_reaper_fails_unfinished_images_of_dead_letters_and_leaves_the_rest(
+    own_queue: Settings,
+) -> None:
+    pending, processing, finished = _new_images(own_queue, 3)
+    _set_status(own_queue, processing, "processing")
+    _set_status(own_queue, finished, "failed", "not a JPEG")
+    _dead_letter(own_queue, [pending, processing, finished])
+    with _channel(own_queue) as channel:
+        channel.basic_publish("", own_queue.queue.dead_letter_queue, b"not a job")
+    dlq = own_queue.queue.dead_letter_queue
+
+    with _reaper(own_queue, grace_seconds=3600) as reaper:
+        assert reaper.reap_once() == 0  # every dead letter is younger than an hour
+    wait_for(lambda: _depth(own_queue, dlq) == 4, timeout=10)
+    assert _row(own_queue, pending) == ("pending", None)
+
+    with _reaper(own_queue, grace_seconds=0) as reaper:
+        assert reaper.reap_once() == 2
+
+    assert _row(own_queue, pending) == ("failed", "dead-lettered: rejected")
+    assert _row(own_queue, processing) == ("failed", "dead-lettered: rejected")
+    assert _row(own_queue, finished) == ("failed", "not a JPEG")
+    # The malformed message stays for an operator; the others are gone.
+    wait_for(lambda: _depth(own_queue, dlq) == 1, timeout=10)
+    assert _depth(own_queue, own_queue.queue.queue) == 0
+
+
+def _with_port(url: str, port: int) -> str:
+    parts = urlsplit(url)
+    host = parts.netloc.rsplit(":", 1)[0]
+    return urlunsplit(parts._replace(netloc=f"{host}:{port}"))
+
+
+@pytest.mark.slow
+def test_an_image_whose_claim_fails_on_every_delivery_ends_failed_without_an_operator(
+    env: dict[str, str], own_queue: Settings, tmp_path: Path
+) -> None:
+    """PostgreSQL is unreachable for the node while the job uses up its deliveries, so the batch
+    pipeline cannot record a give-up; once the database is back the image still ends failed."""
+    postgres = TcpProxy(urlsplit(env["POSTGRES_URL"]).port or 5432)
+    postgres.start()
+    node_env = {
+        **env,
+        "POSTGRES_URL": _with_port(env["POSTGRES_URL"], postgres.port),
+        "RABBITMQ_QUEUE": own_queue.queue.queue,
+        "RABBITMQ_DEAD_LETTER_QUEUE": own_queue.queue.dead_letter_queue,
+        "REDIS_PREFIX": own_queue.redis_prefix,
+        "RABBITMQ_DELIVERY_LIMIT": "2",
+        "RABBITMQ_DEAD_LETTER_GRACE_SECONDS": "0",
+    }
+    log = tmp_path / "worker.log"
+    node = start_worker(node_env, log)
+    try:
+        wait_for(lambda: log.exists() and b"consuming from" in log.read_bytes(), timeout=60)
+        [image_id] = _new_images(own_queue, 1)
+        postgres.pause()
+        publisher = JobPublisher(own_queue.queue)
+        publisher.publish([JobMessage(image_id, "test")])
+        publisher.close()
+        dlq = own_queue.queue.dead_letter_queue
+        wait_for(lambda: _depth(own_queue, dlq) == 1, timeout=120, interval=0.5)
+        assert _row(own_queue, image_id) == ("pending", None)
+
+        postgres.resume()
+
+        wait_for(lambda: _row(own_queue, image_id)[0] == "failed", timeout=60, interval=0.5)
+        _, error = _row(own_queue, image_id)
+        assert error is not None and error.startswith("dead-lettered: ")
+        wait_for(lambda: _depth(own_queue, dlq) == 0, timeout=30)
+    finally:
+        stop_worker(node)
+        postgres.close()
