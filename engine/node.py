@@ -16,6 +16,7 @@ from common.config import Settings
 from common.storage import ObjectStore
 from db.pool import Database
 from engine import metrics
+from engine.abandoned_uploads import AbandonedUploadSweeper
 from engine.batch import BatchProcessor, Delivery, Verdict
 from engine.consumer import BatchConsumer
 from engine.control import NodeControl, NodeCounters
@@ -69,6 +70,12 @@ class WorkerNode:
         )
         self.consumer = BatchConsumer(settings.queue, engine, self._process_batch)
         self.sweeper = OutboxSweeper(self.db, JobPublisher(settings.queue))
+        self.upload_sweeper = AbandonedUploadSweeper(
+            self.db,
+            self.store,
+            interval_seconds=engine.abandoned_upload_sweep_seconds,
+            age_seconds=engine.abandoned_upload_age_seconds,
+        )
         self.control = NodeControl(
             cache.client, settings.redis_prefix, settings.queue, self._counters, self.pool.resize
         )
@@ -113,6 +120,7 @@ class WorkerNode:
         self._install_signal_handlers()
         self._serve_metrics(self.settings.engine.metrics_port)
         self.sweeper.start()
+        self.upload_sweeper.start()
         self.control.start()
         try:
             self.consumer.run()
@@ -136,6 +144,7 @@ class WorkerNode:
     def close(self) -> None:
         self.control.stop()
         self.sweeper.stop()
+        self.upload_sweeper.stop()
         self.processor.close()
         self.pool.close()
         self.db.close()
