@@ -259,3 +259,25 @@ def test_replayed_answer_keeps_nothing_of_the_retry(
         again = batch.commit("req-retry", claim=claim)
     assert again == first
     assert witness.left_behind() == kept
+
+
+def test_deduplicated_copies_leave_neither_their_originals_nor_their_intents(
+    database, store, publisher, witness: Witness, user_id: str
+) -> None:
+    intake = ImageIntake(database, store, publisher)
+    with intake.begin(user_id) as batch:
+        batch.stage(upload(70))
+        first = batch.commit("req-original")
+    with intake.begin(user_id) as batch:
+        batch.stage(upload(70, "again.jpg"))
+        batch.stage(upload(71))
+        batch.stage(upload(71, "twice.jpg"))
+        answer = batch.commit("req-copies", bulk_parts(3), dedupe=True)
+    items = answer.body["items"]
+    assert [i["deduplicated"] for i in items] == [True, False, True]
+    assert items[0]["id"] == first.body["id"] and items[1]["id"] == items[2]["id"]
+    left = witness.left_behind()
+    assert left["originals"] == {f"originals/{first.body['id']}", f"originals/{items[1]['id']}"}
+    assert len(left["rows"]) == 2  # type: ignore[arg-type]
+    assert left["messages"] == 2
+    assert left["intents"] == set()
