@@ -174,6 +174,8 @@ class EngineSettings:
     batch_wait_ms: int = 50
     memory_mb: int = 512
     metrics_port: int = 9102
+    abandoned_upload_sweep_seconds: float = 60.0
+    abandoned_upload_age_seconds: float = 3600.0
 
 
 @dataclass(frozen=True)
@@ -286,4 +288,10 @@ def _engine_from(env: _Env) -> EngineSettings:
         batch_wait_ms=env.integer("WORKER_BATCH_WAIT_MS", d.batch_wait_ms),
         memory_mb=env.integer("WORKER_MEMORY_MB", d.memory_mb, minimum=16),
         metrics_port=env.integer("METRICS_PORT", d.metrics_port),
+        abandoned_upload_sweep_seconds=env.decimal(
+            "ABANDONED_UPLOAD_SWEEP_SECONDS", d.abandoned_upload_sweep_seconds, minimum=0.1
+        ),
+        abandoned_upload_age_seconds=env.decimal(
+            "ABANDONED_UPLOAD_AGE_SECONDS", d.abandoned_upload_age_seconds, minimum=1.0
+        ),
     )

@@ -16,6 +16,7 @@ from common.config import Settings
 from common.storage import ObjectStore
 from db.pool import Database
 from engine import metrics
+from engine.abandoned_uploads import AbandonedUploadSweeper
 from engine.batch import BatchProcessor, Delivery, Verdict
 from engine.consumer import BatchConsumer
 from engine.control import NodeControl, NodeCounters
@@ -77,6 +78,12 @@ class WorkerNode:
             grace_seconds=settings.queue.dead_letter_grace_seconds,
             interval_seconds=min(30.0, max(1.0, settings.queue.dead_letter_grace_seconds)),
         )
+        self.upload_sweeper = AbandonedUploadSweeper(
+            self.db,
+            self.store,
+            interval_seconds=engine.abandoned_upload_sweep_seconds,
+            age_seconds=engine.abandoned_upload_age_seconds,
+        )
         self.control = NodeControl(
             cache.client, settings.redis_prefix, settings.queue, self._counters, self.pool.resize
         )
@@ -122,6 +129,7 @@ class WorkerNode:
         self._serve_metrics(self.settings.engine.metrics_port)
         self.sweeper.start()
         self.reaper.start()
+        self.upload_sweeper.start()
         self.control.start()
         try:
             self.consumer.run()
@@ -146,6 +154,7 @@ class WorkerNode:
         self.control.stop()
         self.sweeper.stop()
         self.reaper.stop()
+        self.upload_sweeper.stop()
         self.processor.close()
         self.pool.close()
         self.db.close()

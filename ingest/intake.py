@@ -1,10 +1,12 @@
 """Accepting uploads: originals to storage, rows to the database, jobs to the broker.
 
-The order makes every failure safe. A failure before the broker confirmed the jobs removes what was
-written, so a rejected request leaves nothing behind. A crash after the rows were committed leaves
-`pending` rows without `enqueued_at`, which the outbox sweeper publishes again. A request's answer
-is stored with its rows (same transaction) when it carries an Idempotency-Key, so a retry gets the
-same answer even after such a crash.
+One request's uploads are one unit of work (`UploadBatch`): everything it stored is removed again
+unless its rows were committed and its jobs queued, whatever way the request ends. Each original
+is announced in `upload_intents` before it is stored, and the rows' transaction removes the
+announcements: a process killed before that leaves them behind for the engine's abandoned-upload
+sweeper. A crash after the rows were committed leaves `pending` rows without `enqueued_at`, which
+the outbox sweeper publishes again. A request's answer is stored with its rows (same transaction)
+when it carries an Idempotency-Key, so a retry gets the same answer even after such a crash.
 """
 
 from __future__ import annotations
@@ -14,50 +16,28 @@ import logging
 import threading
 import time
 import uuid
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Any
+from types import TracebackType
 
 from common.broker import JobPublisher
 from common.errors import Conflict, DependencyUnavailable
 from common.jobs import JobMessage
 from common.storage import ObjectStore, original_key
-from db import idempotency, images
+from db import idempotency, images, upload_intents
 from db.images import ImageRecord, NewImage
 from db.pool import Database
-from ingest.upload_reader import UploadedImage
+from ingest.documents import Accepted, Answer, bulk_answer, single_answer
+from ingest.upload_reader import BulkPart, UploadedImage
 
 log = logging.getLogger(__name__)
-
-
-@dataclass(frozen=True)
-class Answer:
-    """An HTTP answer as stored for idempotent replays."""
-
-    status_code: int
-    body: dict[str, Any]
 
 
 @dataclass(frozen=True)
 class IdempotencyClaim:
     key: str
     request_hash: str
-
-
-@dataclass(frozen=True)
-class Accepted:
-    """One upload's outcome: its image, and whether it is an earlier copy (de-duplication)."""
-
-    record: ImageRecord
-    deduplicated: bool
-
-
-Render = Callable[[list[Accepted]], Answer]
-
-
-class _AnsweredMeanwhile(Exception):
-    """A concurrent request with the same Idempotency-Key committed first."""
 
 
 @dataclass(frozen=True)
@@ -68,10 +48,17 @@ class StagedUpload:
     stored: Future[None]
 
 
+class _AnsweredMeanwhile(Exception):
+    """A concurrent request with the same Idempotency-Key committed first."""
+
+
 # Originals uploading at once per API process: what bounds the memory a bulk request holds.
 MAX_PUTS_IN_FLIGHT = 12
 # Expired Idempotency-Key answers are deleted at most this often per API process.
 PRUNE_INTERVAL_SECONDS = 600.0
+# Image ids are announced in groups that double in size up to this many, so a single upload
+# costs one INSERT and a bulk request of n parts about log2(n).
+MAX_INTENT_GROUP = 64
 
 
 class ImageIntake:
@@ -84,224 +71,291 @@ class ImageIntake:
         publisher: JobPublisher,
         idempotency_ttl_seconds: int = 24 * 3600,
     ) -> None:
-        self._db = db
-        self._store = store
-        self._publisher = publisher
-        self._ttl = idempotency_ttl_seconds
+        self.db = db
+        self.store = store
+        self.publisher = publisher
+        self.ttl = idempotency_ttl_seconds
         self._puts = ThreadPoolExecutor(
             max_workers=MAX_PUTS_IN_FLIGHT, thread_name_prefix="intake-put"
         )
         self._put_slots = threading.BoundedSemaphore(MAX_PUTS_IN_FLIGHT)
         self._next_prune = 0.0
 
-    def stage(self, owner: str, upload: UploadedImage) -> StagedUpload:
-        """Start storing an original now, while the rest of the request is still being read.
+    def begin(self, owner: str) -> UploadBatch:
+        """A unit of work for one request's uploads; use it as a context manager."""
+        return UploadBatch(self, owner)
 
-        Blocks while MAX_PUTS_IN_FLIGHT originals are uploading, so a request with many parts
-        holds only a few of them in memory at once.
-        """
-        image_id = uuid.uuid4()
-        new = _new_image(image_id, owner, original_key(image_id), upload)
+    def put_original(self, new: NewImage, upload: UploadedImage) -> Future[None]:
+        """Start storing an original; blocks while MAX_PUTS_IN_FLIGHT originals are uploading,
+        so a request with many parts holds only a few of them in memory at once."""
         self._put_slots.acquire()
         try:
             stored = self._puts.submit(
-                self._store.put_original, new.original_key, upload.data, upload.content_type
+                self.store.put_original, new.original_key, upload.data, upload.content_type
             )
         except BaseException:
             self._put_slots.release()
             raise
         stored.add_done_callback(lambda _: self._put_slots.release())
-        return StagedUpload(new, stored)
-
-    def discard(self, staged: Sequence[StagedUpload]) -> None:
-        """Remove the originals of uploads that will not be accepted."""
-        for item in staged:
-            # Wait for every put: one still running would otherwise land after the delete.
-            # A failed put stored nothing; deleting its key below is harmless.
-            with contextlib.suppress(Exception):
-                item.stored.result()
-        self._delete_originals([s.new for s in staged])
-
-    def accept(
-        self,
-        owner: str,
-        staged: Sequence[StagedUpload],
-        request_id: str,
-        render: Render,
-        *,
-        dedupe: bool = False,
-        claim: IdempotencyClaim | None = None,
-    ) -> Answer:
-        """Accept staged uploads together: one INSERT, one batch of confirmed publishes.
-
-        From here on this method owns the staged originals: every path either records them or
-        removes them.
-        """
-        self._await_stored(staged)
-        if claim is not None:
-            try:
-                replay = self.replay(owner, claim)
-            except Exception:
-                self.discard(staged)
-                raise
-            if replay is not None:
-                self.discard(staged)
-                return replay
-        existing, fresh, copies = self._plan(owner, staged, dedupe)
-        self._delete_originals([s.new for s in copies])
-        try:
-            answer = self._commit(owner, staged, existing, fresh, render, claim)
-        except _AnsweredMeanwhile:
-            self._delete_originals([s.new for s in fresh])
-            replay = self.replay(owner, claim) if claim else None
-            if replay is None:
-                raise Conflict("a request with this Idempotency-Key is in progress") from None
-            return replay
-        except Exception:
-            self._delete_originals([s.new for s in fresh])
-            raise
-        new_ids = [s.new.id for s in fresh]
-        try:
-            self._publisher.publish([JobMessage(i, request_id) for i in new_ids])
-        except Exception:
-            self._forget(owner, new_ids, fresh, claim)
-            raise
-        self._mark_enqueued(new_ids)
-        if claim is not None:
-            self._prune_expired_answers()
-        return answer
-
-    def _prune_expired_answers(self) -> None:
-        """Keep `idempotency_keys` from growing: expired answers go, now and then."""
-        now = time.monotonic()
-        if now < self._next_prune:
-            return
-        self._next_prune = now + PRUNE_INTERVAL_SECONDS
-        try:
-            with self._db.transaction() as conn:
-                removed = idempotency.delete_expired(conn, self._ttl)
-        except DependencyUnavailable:
-            return
-        if removed:
-            log.info("removed %d expired idempotency answers", removed)
+        return stored
 
     def replay(self, owner: str, claim: IdempotencyClaim) -> Answer | None:
         """The stored answer for this key; Conflict if the key was used for another request."""
-        with self._db.transaction() as conn:
-            stored = idempotency.find_answer(conn, owner, claim.key, self._ttl)
+        with self.db.transaction() as conn:
+            stored = idempotency.find_answer(conn, owner, claim.key, self.ttl)
         if stored is None:
             return None
         if stored.request_hash != claim.request_hash:
             raise Conflict("this Idempotency-Key was already used for a different request")
         return Answer(stored.status_code, stored.response)
 
-    def _await_stored(self, staged: Sequence[StagedUpload]) -> None:
-        failed: Exception | None = None
-        for item in staged:
-            try:
-                item.stored.result()
-            except Exception as exc:
-                failed = exc
-        if failed is not None:
-            self._delete_originals([s.new for s in staged])
-            raise failed
+    def prune_expired_answers(self) -> None:
+        """Keep `idempotency_keys` from growing: expired answers go, now and then."""
+        now = time.monotonic()
+        if now < self._next_prune:
+            return
+        self._next_prune = now + PRUNE_INTERVAL_SECONDS
+        try:
+            with self.db.transaction() as conn:
+                removed = idempotency.delete_expired(conn, self.ttl)
+        except DependencyUnavailable:
+            return
+        if removed:
+            log.info("removed %d expired idempotency answers", removed)
 
-    def _plan(
-        self, owner: str, staged: Sequence[StagedUpload], dedupe: bool
-    ) -> tuple[dict[str, ImageRecord], list[StagedUpload], list[StagedUpload]]:
-        """Earlier images to reuse (by digest), the new images to create, and the staged copies
-        that de-duplication makes unnecessary."""
-        if not dedupe:
-            return {}, list(staged), []
-        existing: dict[str, ImageRecord] = {}
-        if staged:
-            with self._db.transaction() as conn:
-                existing = images.find_by_digest(conn, owner, [s.new.sha256 for s in staged])
+
+class UploadBatch:
+    """One request's uploads, from the first original stored to the jobs queued.
+
+    A unit of work: leaving the `with` block before `commit` kept the uploads (any exception,
+    a replayed answer, a refusal) removes every original it stored and their intents. That is
+    the only clean-up path; callers never discard anything themselves.
+    """
+
+    def __init__(self, intake: ImageIntake, owner: str) -> None:
+        self._intake = intake
+        self._owner = owner
+        self._staged: list[StagedUpload] = []
+        self._unused_ids: list[uuid.UUID] = []
+        self._announced: list[uuid.UUID] = []
+        self._kept: set[uuid.UUID] = set()
+
+    def __enter__(self) -> UploadBatch:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        # Also on BaseException: gunicorn ends a request past its graceful timeout with
+        # SystemExit, and the originals must not outlive it.
+        self._undo()
+
+    @property
+    def staged_count(self) -> int:
+        return len(self._staged)
+
+    def stage(self, upload: UploadedImage) -> None:
+        """Start storing an original now, while the rest of the request is still being read."""
+        image_id = self._next_id()
+        new = _new_image(image_id, self._owner, original_key(image_id), upload)
+        self._staged.append(StagedUpload(new, self._intake.put_original(new, upload)))
+
+    def commit(
+        self,
+        request_id: str,
+        parts: Sequence[BulkPart] | None = None,
+        *,
+        dedupe: bool = False,
+        claim: IdempotencyClaim | None = None,
+    ) -> Answer:
+        """Accept the staged uploads together: one INSERT, one batch of confirmed publishes.
+
+        The answer is the bulk answer for `parts` (one entry per part, the staged ones in
+        order), or the single-image answer when `parts` is None. With a claim, an answer stored
+        earlier for the same key is returned instead, and nothing of this request is kept.
+        """
+        self._await_stored()
+        if claim is not None:
+            replay = self._intake.replay(self._owner, claim)
+            if replay is not None:
+                return replay
+        existing, fresh = self._plan(dedupe)
+        try:
+            answer = self._commit_rows(existing, fresh, parts, claim)
+        except _AnsweredMeanwhile:
+            replay = self._intake.replay(self._owner, claim) if claim else None
+            if replay is None:
+                raise Conflict("a request with this Idempotency-Key is in progress") from None
+            return replay
+        self._kept = {s.new.id for s in fresh}
+        self._publish(request_id, fresh, claim)
+        if claim is not None:
+            self._intake.prune_expired_answers()
+        return answer
+
+    def _next_id(self) -> uuid.UUID:
+        """An image id whose original is already announced in `upload_intents`."""
+        if not self._unused_ids:
+            size = min(MAX_INTENT_GROUP, max(1, len(self._announced)))
+            group = [uuid.uuid4() for _ in range(size)]
+            with self._intake.db.transaction() as conn:
+                upload_intents.record(conn, group)
+            self._announced.extend(group)
+            self._unused_ids = group
+        return self._unused_ids.pop(0)
+
+    def _await_stored(self) -> None:
+        for item in self._staged:
+            item.stored.result()
+
+    def _plan(self, dedupe: bool) -> tuple[dict[str, ImageRecord], list[StagedUpload]]:
+        """Earlier images to reuse (by digest) and the staged uploads that become new images."""
+        if not dedupe or not self._staged:
+            return {}, list(self._staged)
+        with self._intake.db.transaction() as conn:
+            existing = images.find_by_digest(
+                conn, self._owner, [s.new.sha256 for s in self._staged]
+            )
         fresh: list[StagedUpload] = []
-        copies: list[StagedUpload] = []
         planned: set[str] = set()
-        for item in staged:
+        for item in self._staged:
             digest = item.new.sha256
-            if digest in existing or digest in planned:
-                copies.append(item)
-            else:
+            if digest not in existing and digest not in planned:
                 planned.add(digest)
                 fresh.append(item)
-        return existing, fresh, copies
+        return existing, fresh
 
-    def _commit(
+    def _commit_rows(
         self,
-        owner: str,
-        staged: Sequence[StagedUpload],
         existing: dict[str, ImageRecord],
         fresh: list[StagedUpload],
-        render: Render,
+        parts: Sequence[BulkPart] | None,
         claim: IdempotencyClaim | None,
     ) -> Answer:
-        fresh_ids = {s.new.id for s in fresh}
-        with self._db.transaction() as conn:
+        """Insert the rows, release their intents and store the answer, in one transaction."""
+        fresh_ids = [s.new.id for s in fresh]
+        # The intents of the new rows and of ids never used; de-duplicated copies keep theirs
+        # until their originals are removed.
+        releasing = [*fresh_ids, *self._unused_ids]
+        with self._intake.db.transaction() as conn:
+            if releasing and upload_intents.release(conn, releasing) != len(releasing):
+                # Swept as abandoned: this request outlived the sweeper's age threshold, and
+                # some originals may be gone.
+                raise DependencyUnavailable("database", "the upload took too long; send it again")
             records = images.insert_images(conn, [s.new for s in fresh]) if fresh else []
-            by_id = {r.id: r for r in records}
-            # A digest sent twice in one de-duplicated request maps to the image made for it.
-            made_for_digest = {s.new.sha256: by_id[s.new.id] for s in reversed(fresh)}
-            accepted = []
-            for item in staged:
-                if item.new.id in fresh_ids:
-                    accepted.append(Accepted(by_id[item.new.id], deduplicated=False))
-                else:
-                    digest = item.new.sha256
-                    reused = existing.get(digest) or made_for_digest[digest]
-                    accepted.append(Accepted(reused, deduplicated=True))
-            answer = render(accepted)
+            answer = self._answer(_accepted(self._staged, existing, records), parts)
             if claim is not None and not idempotency.store_answer(
                 conn,
-                owner,
+                self._owner,
                 claim.key,
                 claim.request_hash,
                 answer.status_code,
                 answer.body,
-                self._ttl,
+                self._intake.ttl,
             ):
                 raise _AnsweredMeanwhile
+        self._unused_ids = []
         return answer
 
-    def _delete_originals(self, news: Sequence[NewImage]) -> None:
-        for new in news:
-            try:
-                self._store.delete_original(new.original_key)
-            except DependencyUnavailable:
-                log.warning("could not remove original %s of a rejected upload", new.original_key)
+    @staticmethod
+    def _answer(accepted: list[Accepted], parts: Sequence[BulkPart] | None) -> Answer:
+        if parts is None:
+            [only] = accepted
+            return single_answer(only)
+        return bulk_answer(parts, accepted)
 
-    def _mark_enqueued(self, image_ids: list[uuid.UUID]) -> None:
-        if not image_ids:
+    def _publish(
+        self, request_id: str, fresh: list[StagedUpload], claim: IdempotencyClaim | None
+    ) -> None:
+        new_ids = [s.new.id for s in fresh]
+        if not new_ids:
             return
         try:
-            with self._db.transaction() as conn:
-                images.mark_enqueued(conn, image_ids)
-        except DependencyUnavailable:
-            # The jobs are queued; at worst the sweeper publishes them again and the engine
-            # acknowledges the duplicates without work.
-            log.warning("%d images queued but not marked enqueued", len(image_ids))
+            self._intake.publisher.publish([JobMessage(i, request_id) for i in new_ids])
+        except Exception:
+            self._forget(new_ids, claim)
+            raise
+        _mark_enqueued(self._intake.db, new_ids)
 
-    def _forget(
-        self,
-        owner: str,
-        image_ids: list[uuid.UUID],
-        fresh: list[StagedUpload],
-        claim: IdempotencyClaim | None,
-    ) -> None:
-        """Undo accepted-but-unqueued uploads; what cannot be undone now is swept up later."""
+    def _forget(self, image_ids: list[uuid.UUID], claim: IdempotencyClaim | None) -> None:
+        """Take back committed rows whose jobs were not queued; the originals go on exit. If the
+        database does not answer, the rows stay and the outbox sweeper queues them later."""
         try:
-            with self._db.transaction() as conn:
+            with self._intake.db.transaction() as conn:
                 images.delete_images(conn, image_ids)
+                upload_intents.record(conn, image_ids)
                 if claim is not None:
-                    idempotency.forget_answer(conn, owner, claim.key)
+                    idempotency.forget_answer(conn, self._owner, claim.key)
         except DependencyUnavailable:
             log.warning(
                 "could not roll back %d images; the outbox sweeper will queue them", len(image_ids)
             )
             return
-        self._delete_originals([s.new for s in fresh])
+        self._kept = set()
+
+    def _undo(self) -> None:
+        """Remove the originals not kept, then their intents; what cannot be removed now stays
+        announced, and the abandoned-upload sweeper removes it later."""
+        dropped = [s for s in self._staged if s.new.id not in self._kept]
+        for item in dropped:
+            # Wait for every put: one still running would otherwise land after the delete.
+            # A failed put stored nothing; deleting its key below is harmless.
+            with contextlib.suppress(Exception):
+                item.stored.result()
+        removed = True
+        for item in dropped:
+            try:
+                self._intake.store.delete_original(item.new.original_key)
+            except DependencyUnavailable:
+                removed = False
+        leftover = [*(s.new.id for s in dropped), *self._unused_ids]
+        if not removed:
+            log.warning("could not remove the originals of %d rejected uploads", len(dropped))
+        elif leftover:
+            _release_intents(self._intake.db, leftover)
+        self._staged, self._unused_ids = [], []
+
+
+def _accepted(
+    staged: Sequence[StagedUpload],
+    existing: dict[str, ImageRecord],
+    records: Sequence[ImageRecord],
+) -> list[Accepted]:
+    """Each staged upload's image in request order: its new row, or the earlier copy it matched
+    (a digest sent twice in one de-duplicated request maps to the image made for it)."""
+    by_id = {r.id: r for r in records}
+    made_for_digest = {r.sha256: r for r in reversed(records)}
+    accepted = []
+    for item in staged:
+        record = by_id.get(item.new.id)
+        if record is not None:
+            accepted.append(Accepted(record, deduplicated=False))
+        else:
+            digest = item.new.sha256
+            reused = existing.get(digest) or made_for_digest[digest]
+            accepted.append(Accepted(reused, deduplicated=True))
+    return accepted
+
+
+def _mark_enqueued(db: Database, image_ids: list[uuid.UUID]) -> None:
+    try:
+        with db.transaction() as conn:
+            images.mark_enqueued(conn, image_ids)
+    except DependencyUnavailable:
+        # The jobs are queued; at worst the sweeper publishes them again and the engine
+        # acknowledges the duplicates without work.
+        log.warning("%d images queued but not marked enqueued", len(image_ids))
+
+
+def _release_intents(db: Database, image_ids: list[uuid.UUID]) -> None:
+    try:
+        with db.transaction() as conn:
+            upload_intents.release(conn, image_ids)
+    except DependencyUnavailable:
+        log.warning("could not release %d upload intents; the sweeper will", len(image_ids))
 
 
 def _new_image(image_id: uuid.UUID, owner: str, key: str, upload: UploadedImage) -> NewImage:

@@ -62,36 +62,29 @@ def check_declared_length(req: falcon.Request, max_body_bytes: int) -> None:
         raise PayloadTooLarge(f"request body exceeds the {max_body_bytes}-byte limit")
 
 
-@dataclass(frozen=True)
-class RawPart:
-    """A file part read off the wire, not yet validated."""
-
-    filename: str | None
-    data: bytes
-
-
-def read_file_part(part: BodyPart, max_bytes: int) -> RawPart:
+def read_file_part(part: BodyPart, max_bytes: int) -> bytes:
     """Read at most `max_bytes` of one part; a larger part is refused without reading the rest."""
-    data = part.stream.read(max_bytes + 1)
+    data: bytes = part.stream.read(max_bytes + 1)
     if len(data) > max_bytes:
         raise PayloadTooLarge(f"image exceeds the {max_bytes}-byte upload limit")
-    return RawPart(part.filename, data)
+    return data
 
 
-def validate_image(raw: RawPart) -> UploadedImage:
-    """Check that a complete part is a JPEG or PNG file, by content."""
-    if raw.filename is None:
+def validate_image(filename: str | None, data: bytes) -> UploadedImage:
+    """Check that a complete part (`filename` None: a text field) is a JPEG or PNG file, by
+    content."""
+    if filename is None:
         raise BadRequest("the 'image' field must be a file, not a text value")
-    if not raw.data:
+    if not data:
         raise BadRequest("the uploaded file is empty")
-    header = probe(raw.data)
+    header = probe(data)
     if header is None:
         raise UnsupportedMediaType("the file is not a JPEG or PNG image")
     return UploadedImage(
-        filename=clean_filename(raw.filename),
-        data=raw.data,
+        filename=clean_filename(filename),
+        data=data,
         header=header,
-        sha256=hashlib.sha256(raw.data).hexdigest(),
+        sha256=hashlib.sha256(data).hexdigest(),
     )
 
 
@@ -120,7 +113,7 @@ def malformed_form_is_bad_request() -> Iterator[None]:
 def read_single_upload(req: falcon.Request, max_bytes: int, max_pixels: int) -> UploadedImage:
     """The one `image` part of a single-image upload; every other field is ignored."""
     check_declared_length(req, max_bytes)
-    found: RawPart | None = None
+    found: tuple[str | None, bytes] | None = None
     with malformed_form_is_bad_request():
         # The whole form is walked before the image is judged, so a truncated body is
         # reported as such rather than as a bad image.
@@ -129,10 +122,10 @@ def read_single_upload(req: falcon.Request, max_bytes: int, max_pixels: int) -> 
                 continue
             if found is not None:
                 raise BadRequest("send exactly one 'image' part (use /api/v1/uploads for many)")
-            found = read_file_part(part, max_bytes)
+            found = (part.filename, read_file_part(part, max_bytes))
     if found is None:
         raise BadRequest("the form has no 'image' file field")
-    upload = validate_image(found)
+    upload = validate_image(*found)
     check_pixel_limit(upload.header, max_pixels)
     return upload
 
@@ -147,12 +140,13 @@ class BulkLimits:
 
 @dataclass(frozen=True)
 class BulkPart:
-    """One `image` part of a bulk upload: validated, or refused with its own error."""
+    """One `image` part of a bulk upload as the answer describes it: refused with its own
+    error, or an image with its digest (its bytes travel separately, to be let go of early)."""
 
     index: int
     filename: str
-    upload: UploadedImage | None = None
     error: PixelmillError | None = None
+    sha256: str = ""
 
 
 def bulk_form_handler(max_parts: int) -> falcon.media.MultipartFormHandler:
@@ -163,9 +157,12 @@ def bulk_form_handler(max_parts: int) -> falcon.media.MultipartFormHandler:
     return falcon.media.MultipartFormHandler(options)
 
 
-def iter_bulk_upload(req: falcon.Request, limits: BulkLimits) -> Iterator[BulkPart]:
-    """Each `image` part, judged as soon as it is read, so the caller can store it and let its
-    bytes go before the next part arrives. Other fields are ignored.
+def iter_bulk_upload(
+    req: falcon.Request, limits: BulkLimits
+) -> Iterator[tuple[BulkPart, UploadedImage | None]]:
+    """Each `image` part, judged as soon as it is read, with its image when it is one, so the
+    caller can store it and let its bytes go before the next part arrives. Other fields are
+    ignored.
 
     Only the whole request can fail here (not multipart, too large, too many parts, malformed),
     possibly after some parts were yielded: the caller then discards what it stored.
@@ -182,23 +179,22 @@ def iter_bulk_upload(req: falcon.Request, limits: BulkLimits) -> Iterator[BulkPa
                 raise PayloadTooLarge(f"send at most {limits.max_parts} images per request")
             index, count = count, count + 1
             try:
-                raw: RawPart | PixelmillError = read_file_part(part, limits.max_part_bytes)
+                data = read_file_part(part, limits.max_part_bytes)
             except PayloadTooLarge as exc:
-                raw = exc
-            yield _judge(index, part.filename, raw, limits)
+                yield BulkPart(index, clean_filename(part.filename), error=exc), None
+                continue
+            yield _judge(index, part.filename, data, limits.max_pixels)
     if count == 0:
         raise BadRequest("the form has no 'image' file field")
 
 
 def _judge(
-    index: int, raw_name: str | None, raw: RawPart | PixelmillError, limits: BulkLimits
-) -> BulkPart:
+    index: int, raw_name: str | None, data: bytes, max_pixels: int
+) -> tuple[BulkPart, UploadedImage | None]:
     filename = clean_filename(raw_name)
-    if isinstance(raw, PixelmillError):
-        return BulkPart(index, filename, error=raw)
     try:
-        upload = validate_image(raw)
-        check_pixel_limit(upload.header, limits.max_pixels)
+        upload = validate_image(raw_name, data)
+        check_pixel_limit(upload.header, max_pixels)
     except PixelmillError as exc:
-        return BulkPart(index, filename, error=exc)
-    return BulkPart(index, filename, upload=upload)
+        return BulkPart(index, filename, error=exc), None
+    return BulkPart(index, filename, sha256=upload.sha256), upload

@@ -149,6 +149,11 @@ class StackProbe:
             response.close()
             response.release_conn()
 
+    def upload_intents(self) -> set[uuid.UUID]:
+        """Image ids announced as being stored and not yet released (see `upload_intents`)."""
+        with psycopg.connect(self.settings.postgres_url) as conn:
+            return {row[0] for row in conn.execute("SELECT image_id FROM upload_intents")}
+
 
 def free_port() -> int:
     with socket.socket() as sock:

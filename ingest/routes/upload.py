@@ -5,16 +5,15 @@ from __future__ import annotations
 import hashlib
 import logging
 import re
-from dataclasses import dataclass
 
 import falcon
 
 from common.config import ApiSettings, EngineSettings
-from common.errors import BadRequest, PixelmillError
-from ingest.documents import image_document
-from ingest.intake import Accepted, Answer, IdempotencyClaim, ImageIntake, StagedUpload
+from common.errors import BadRequest
+from ingest.documents import Answer
+from ingest.intake import IdempotencyClaim, ImageIntake
 from ingest.rate_limit import UploadRateLimiter
-from ingest.upload_reader import BulkLimits, iter_bulk_upload, read_single_upload
+from ingest.upload_reader import BulkLimits, BulkPart, iter_bulk_upload, read_single_upload
 
 log = logging.getLogger(__name__)
 
@@ -78,16 +77,9 @@ class UploadResource(_UploadRoute):
         upload = read_single_upload(req, self._limits.max_part_bytes, self._limits.max_pixels)
         dedupe = req.get_param_as_bool("dedupe", default=False)
         claim = idempotency_claim(req, str(dedupe), upload.filename, upload.sha256)
-
-        def render(accepted: list[Accepted]) -> Answer:
-            [only] = accepted
-            document = {**image_document(only.record), "deduplicated": only.deduplicated}
-            return Answer(200 if only.deduplicated else 201, document)
-
-        staged = self._intake.stage(principal.subject, upload)
-        answer = self._intake.accept(
-            principal.subject, [staged], req.context.request_id, render, dedupe=dedupe, claim=claim
-        )
+        with self._intake.begin(principal.subject) as batch:
+            batch.stage(upload)
+            answer = batch.commit(req.context.request_id, dedupe=dedupe, claim=claim)
         resp.location = f"/api/v1/images/{answer.body['id']}"
         log_accepted(req, [answer.body["id"]])
         send(resp, answer)
@@ -101,86 +93,22 @@ class BulkUploadResource(_UploadRoute):
         # Refused before the body is read when not even one more image fits; charged for every
         # accepted part once they are known (a refused request takes nothing).
         self._limiter.ensure_room(principal.subject)
-        entries = self._stage_parts(req, principal.subject)
-        staged = [e.staged for e in entries if e.staged is not None]
-        try:
-            if staged:
-                self._limiter.charge(principal.subject, len(staged))
+        with self._intake.begin(principal.subject) as batch:
+            # Each valid image is stored as soon as it is read (its bytes are then let go).
+            parts: list[BulkPart] = []
+            for part, upload in iter_bulk_upload(req, self._limits):
+                if upload is not None:
+                    batch.stage(upload)
+                parts.append(part)
+            if batch.staged_count:
+                self._limiter.charge(principal.subject, batch.staged_count)
             dedupe = req.get_param_as_bool("dedupe", default=False)
-            claim = idempotency_claim(req, str(dedupe), *map(_fingerprint, entries))
-        except Exception:
-            self._intake.discard(staged)
-            raise
-
-        def render(accepted: list[Accepted]) -> Answer:
-            return Answer(207, bulk_answer(entries, accepted))
-
-        answer = self._intake.accept(
-            principal.subject, staged, req.context.request_id, render, dedupe=dedupe, claim=claim
-        )
+            claim = idempotency_claim(req, str(dedupe), *map(_fingerprint, parts))
+            answer = batch.commit(req.context.request_id, parts, dedupe=dedupe, claim=claim)
         log_accepted(req, [str(i["id"]) for i in answer.body["items"] if "id" in i])
         send(resp, answer)
 
-    def _stage_parts(self, req: falcon.Request, owner: str) -> list[PartEntry]:
-        """Read the parts, storing each valid image as soon as it is read (its bytes are then
-        let go); if the request as a whole fails, what was stored is removed."""
-        entries: list[PartEntry] = []
-        try:
-            for part in iter_bulk_upload(req, self._limits):
-                staged = self._intake.stage(owner, part.upload) if part.upload else None
-                entries.append(PartEntry(part.index, part.filename, part.error, staged))
-        except Exception:
-            self._intake.discard([e.staged for e in entries if e.staged is not None])
-            raise
-        return entries
 
-
-@dataclass(frozen=True)
-class PartEntry:
-    """A bulk part after reading: refused with an error, or staged for acceptance."""
-
-    index: int
-    filename: str
-    error: PixelmillError | None
-    staged: StagedUpload | None
-
-
-def _fingerprint(entry: PartEntry) -> str:
-    if entry.staged is not None:
-        outcome = entry.staged.new.sha256
-    else:
-        outcome = entry.error.code if entry.error else ""
-    return f"{entry.index}|{entry.filename}|{outcome}"
-
-
-def bulk_answer(parts: list[PartEntry], accepted: list[Accepted]) -> dict[str, object]:
-    """Per-part entries in request order: refused parts with their error, accepted with ids."""
-    remaining = iter(accepted)
-    items: list[dict[str, object]] = []
-    for part in parts:
-        if part.error is not None:
-            items.append(
-                {
-                    "index": part.index,
-                    "filename": part.filename,
-                    "status": part.error.status,
-                    "error": {"code": part.error.code, "message": part.error.message},
-                }
-            )
-            continue
-        outcome = next(remaining)
-        items.append(
-            {
-                "index": part.index,
-                "filename": part.filename,
-                "status": 200 if outcome.deduplicated else 201,
-                "id": str(outcome.record.id),
-                "deduplicated": outcome.deduplicated,
-                "image": image_document(outcome.record),
-            }
-        )
-    return {
-        "items": items,
-        "accepted": len(accepted),
-        "rejected": len(parts) - len(accepted),
-    }
+def _fingerprint(part: BulkPart) -> str:
+    outcome = part.error.code if part.error is not None else part.sha256
+    return f"{part.index}|{part.filename}|{outcome}"
