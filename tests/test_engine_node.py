@@ -16,8 +16,8 @@ from pathlib import Path
 import pika
 import pytest
 
-from common.broker import declare_topology
-from common.config import QueueSettings, Settings
+from common.broker import declare_topology, delete_topology, queue_depth
+from common.config import Settings
 from common.jobs import JobMessage
 from engine.slots import SHM_DIR
 from tests.support import (
@@ -58,14 +58,7 @@ class IsolatedStack:
         return ids
 
     def queue_depth(self, queue: str | None = None) -> int:
-        connection = pika.BlockingConnection(pika.URLParameters(self.settings.queue.url))
-        try:
-            declared = connection.channel().queue_declare(
-                queue or self.settings.queue.queue, passive=True
-            )
-            return int(declared.method.message_count)
-        finally:
-            connection.close()
+        return queue_depth(self.settings.queue, queue)
 
     def publish_raw(self, body: bytes) -> None:
         connection = pika.BlockingConnection(pika.URLParameters(self.settings.queue.url))
@@ -99,15 +92,7 @@ def stack(request, env, settings, issuer, user_id, tmp_path) -> Iterator[Isolate
         if node.poll() is None:
             stop_worker(node)
     deps.close()
-    _delete_queues(isolated.queue)
-
-
-def _delete_queues(queue: QueueSettings) -> None:
-    connection = pika.BlockingConnection(pika.URLParameters(queue.url))
-    channel = connection.channel()
-    channel.queue_delete(queue.queue)
-    channel.queue_delete(queue.dead_letter_queue)
-    connection.close()
+    delete_topology(isolated.queue)
 
 
 def assert_all_completed_once(probe: StackProbe, owner: str, ids: list[str]) -> None:

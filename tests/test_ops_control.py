@@ -20,11 +20,12 @@ import redis
 from hypothesis import given
 from hypothesis import strategies as st
 
-from common.broker import declare_topology
+from common.broker import declare_topology, delete_topology, queue_depth
 from common.cache import image_cache_key
 from common.config import Settings
 from common.jobs import JobMessage
 from db.migrate import apply_migrations
+from db.schemas import throwaway_schema, with_search_path
 from ops.dlq import (
     Selection,
     dlq_command,
@@ -34,7 +35,7 @@ from ops.dlq import (
 )
 from ops.scale import Autoscaler, Bounds, decide, history_key, scale_command
 from ops.status import node_key, processes_key, status_command
-from tests.support import BASE_POSTGRES_URL, database_schema, wait_for
+from tests.support import BASE_POSTGRES_URL, wait_for
 
 # --- decide: the autoscaling rule ---------------------------------------------------------------
 
@@ -92,7 +93,7 @@ def test_decide_always_answers_inside_the_bounds_one_step_at_most(
 
 @pytest.fixture(scope="module")
 def ops_schema(run_id: str) -> Iterator[str]:
-    with database_schema(BASE_POSTGRES_URL, f"pm_ops_{run_id}") as name:
+    with throwaway_schema(BASE_POSTGRES_URL, f"pm_ops_{run_id}") as name:
         yield name
 
 
@@ -100,11 +101,10 @@ def ops_schema(run_id: str) -> Iterator[str]:
 def ops_settings(env: dict[str, str], ops_schema: str) -> Iterator[Settings]:
     """The session's environment with this module's schema and this test's queues and prefix."""
     tag = uuid.uuid4().hex[:8]
-    separator = "&" if "?" in BASE_POSTGRES_URL else "?"
     settings = Settings.from_env(
         {
             **env,
-            "POSTGRES_URL": f"{BASE_POSTGRES_URL}{separator}options=-csearch_path%3D{ops_schema}",
+            "POSTGRES_URL": with_search_path(BASE_POSTGRES_URL, ops_schema),
             "RABBITMQ_QUEUE": f"pm-ops-{tag}",
             "REDIS_PREFIX": f"pmops:{tag}:",
         }
@@ -113,9 +113,7 @@ def ops_settings(env: dict[str, str], ops_schema: str) -> Iterator[Settings]:
     with _channel(settings) as channel:
         declare_topology(channel, settings.queue)
     yield settings
-    with _channel(settings) as channel:
-        channel.queue_delete(settings.queue.queue)
-        channel.queue_delete(settings.queue.dead_letter_queue)
+    delete_topology(settings.queue)
     client = _redis(settings)
     keys = list(client.scan_iter(f"{settings.redis_prefix}*"))
     if keys:
@@ -142,8 +140,7 @@ def _redis(settings: Settings) -> redis.Redis:
 
 
 def _depth(settings: Settings, queue: str) -> int:
-    with _channel(settings) as channel:
-        return int(channel.queue_declare(queue, passive=True).method.message_count)
+    return queue_depth(settings.queue, queue)
 
 
 def _publish_jobs(settings: Settings, bodies: list[bytes]) -> None:
