@@ -287,13 +287,14 @@ def test_node_scales_its_cpu_processes_on_command_and_reports_metrics(
 
 
 def test_existing_queue_with_other_arguments_is_used_as_it_is(
-    stack: IsolatedStack, probe: StackProbe
+    stack: IsolatedStack, probe: StackProbe, user_id: str
 ) -> None:
     """Queue arguments cannot change after creation: a deployment whose queue was made with
     another delivery limit must keep working rather than refuse every publish."""
     from common.broker import dead_letter_queue_arguments, job_queue_arguments
 
     older = dataclasses.replace(stack.settings.queue, delivery_limit=3)
+    assert job_queue_arguments(older) != job_queue_arguments(stack.settings.queue)
     connection = pika.BlockingConnection(pika.URLParameters(older.url))
     channel = connection.channel()
     channel.queue_delete(older.queue)
@@ -303,9 +304,28 @@ def test_existing_queue_with_other_arguments_is_used_as_it_is(
     channel.queue_declare(older.queue, durable=True, arguments=job_queue_arguments(older))
     connection.close()
 
-    [image_id] = stack.upload_many(1, 900, 600)
+    [image_id] = stack.upload_many(1, 900, 600)  # the API's publish was confirmed: 201
     stack.start_node("--processes", "1")
     wait_for(lambda: probe.status(image_id) == "completed", timeout=60)
+    assert_all_completed_once(probe, user_id, [image_id])
+    wait_for(lambda: stack.queue_depth() == 0, timeout=10)
+    assert stack.queue_depth(stack.settings.queue.dead_letter_queue) == 0
+    assert "PRECONDITION_FAILED" not in stack.logs.read_text()
+    # The queue is still the one made with the older limit, not deleted and declared anew: a
+    # declaration must match an existing queue's arguments exactly, or the broker refuses it.
+    connection = pika.BlockingConnection(pika.URLParameters(older.url))
+    try:
+        connection.channel().queue_declare(
+            older.queue, durable=True, arguments=job_queue_arguments(older)
+        )
+        with pytest.raises(pika.exceptions.ChannelClosedByBroker) as refused:
+            connection.channel().queue_declare(
+                older.queue, durable=True, arguments=job_queue_arguments(stack.settings.queue)
+            )
+        assert refused.value.reply_code == 406
+    finally:
+        if connection.is_open:
+            connection.close()
 
 
 @pytest.mark.stack_env(LOG_FORMAT="json")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import io
 import shutil
 import subprocess
@@ -9,6 +10,7 @@ import sys
 import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
+from urllib.parse import urlsplit
 
 import pytest
 from minio import Minio
@@ -222,8 +224,43 @@ def test_background_start_twice_keeps_one_process(tmp_path: Path) -> None:
 # --- backing services ---------------------------------------------------------------------------
 
 
-def test_ensure_services_accepts_the_running_services() -> None:
-    ensure_services(Settings.from_env(), allow_install=False)
+def test_ensure_services_accepts_the_running_services(
+    settings: Settings, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The test session's PostgreSQL, Redis and RabbitMQ each answer their real ping, and
+    nothing is installed or started although this machine would allow it."""
+    import ops.services
+
+    pinged: list[tuple[str, str]] = []
+
+    def recording(service: ops.services.Service) -> ops.services.Service:
+        def ping() -> None:
+            service.ping()
+            pinged.append((service.name, service.address))
+
+        return dataclasses.replace(service, ping=ping)
+
+    real_services_for = ops.services.services_for
+    monkeypatch.setattr(
+        ops.services, "services_for", lambda s: [recording(x) for x in real_services_for(s)]
+    )
+    monkeypatch.setattr(
+        ops.services,
+        "_install_and_start",
+        lambda service: pytest.fail(f"{service.name} was started although it answers"),
+    )
+
+    ensure_services(settings)
+
+    def address(url: str) -> str:
+        parts = urlsplit(url)
+        return f"{parts.hostname}:{parts.port}"
+
+    assert sorted(pinged) == [
+        ("PostgreSQL", address(settings.postgres_url)),
+        ("RabbitMQ", address(settings.queue.url)),
+        ("Redis", address(settings.redis_url)),
+    ]
 
 
 def test_ensure_services_names_the_missing_service_and_how_to_start_it() -> None:
