@@ -171,6 +171,9 @@ class EngineSettings:
     batch_wait_ms: int = 50
     memory_mb: int = 512
     metrics_port: int = 9102
+    # A test hook: every batch lasts at least this long, whatever the CPU's speed. Always 0 in
+    # production.
+    test_hold_batch_seconds: float = 0.0
 
 
 @dataclass(frozen=True)
@@ -280,4 +283,7 @@ def _engine_from(env: _Env) -> EngineSettings:
         batch_wait_ms=env.integer("WORKER_BATCH_WAIT_MS", d.batch_wait_ms),
         memory_mb=env.integer("WORKER_MEMORY_MB", d.memory_mb, minimum=16),
         metrics_port=env.integer("METRICS_PORT", d.metrics_port),
+        test_hold_batch_seconds=env.decimal(
+            "WORKER_TEST_HOLD_BATCH_SECONDS", d.test_hold_batch_seconds
+        ),
     )
