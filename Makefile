@@ -14,7 +14,7 @@ endif
 ROLES ?= user
 BENCH_PROFILE ?= quick
 
-.PHONY: up down logs ps token scale test lint bench clean compose-tool
+.PHONY: up down logs ps token scale test lint bench clean compose-tool promtool
 
 $(STAMP): pyproject.toml
 	@test -x $(PY) || python3 -m venv $(VENV) >&2
@@ -42,7 +42,7 @@ token: $(STAMP)
 scale: $(STAMP)
 	$(PY) -m ops scale --processes '$(N)'
 
-test: $(STAMP) compose-tool
+test: $(STAMP) compose-tool promtool
 	$(PY) -m ops services
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
@@ -71,4 +71,20 @@ compose-tool:
 	  echo "installing docker-compose (apt-get)" >&2; \
 	  apt-get update -q >&2 && DEBIAN_FRONTEND=noninteractive \
 	    apt-get install -y -q --no-install-recommends docker-compose >&2; \
+	fi
+
+# promtool checks the Prometheus config and the dashboards' queries in the tests; Debian ships it
+# in the `prometheus` package, whose install may start and enable a Prometheus server: the tests
+# need only the tool, so the server is stopped and disabled again.
+promtool:
+	@if ! command -v promtool >/dev/null 2>&1 \
+	    && [ -f /etc/debian_version ] && [ "$$(id -u)" = 0 ]; then \
+	  echo "installing promtool (apt-get prometheus)" >&2; \
+	  apt-get update -q >&2 && DEBIAN_FRONTEND=noninteractive \
+	    apt-get install -y -q --no-install-recommends prometheus >&2; \
+	  if [ -d /run/systemd/system ]; then \
+	    systemctl disable --now prometheus >&2 || true; \
+	  else \
+	    service prometheus stop >&2 || true; update-rc.d prometheus disable >&2 || true; \
+	  fi; \
 	fi

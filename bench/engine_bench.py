@@ -19,9 +19,7 @@ from __future__ import annotations
 import ast
 import contextlib
 import hashlib
-import os
 import re
-import signal
 import subprocess
 import sys
 import tempfile
@@ -33,7 +31,6 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-import pika
 import psycopg
 
 from bench.corpus import read_manifest
@@ -45,16 +42,25 @@ from bench.procstat import (
     tree_cpu_seconds,
 )
 from bench.stats import median, ratio
-from common.broker import JobPublisher, declare_topology
-from common.config import Settings
+from common.broker import (
+    BROKER_ERRORS,
+    JobPublisher,
+    delete_topology,
+    ensure_topology,
+    queue_counts,
+)
+from common.config import QueueSettings, Settings
 from common.imageinfo import probe
 from common.jobs import JobMessage
 from common.storage import ObjectStore, original_key
+from common.waiting import wait_for
 from db import images
 from db.images import NewImage
 from db.migrate import apply_migrations
 from db.pool import Database
+from db.schemas import create_schema, drop_schema, with_search_path
 from ops.s3server import LocalS3Server, pick_free_s3_port
+from ops.worker_process import start_worker, stop_worker
 
 # The product's wishes: node CPU within 15 % of the kernel's, and small images batched 16 at a
 # time at least 3x as fast as one at a time.
@@ -152,15 +158,13 @@ class IsolatedServices:
             access_key=S3_ACCESS_KEY,
             secret_key=S3_SECRET_KEY,
         )
-        self.queues: list[str] = []
+        self.queues: list[QueueSettings] = []
 
     def env(self, run_index: int) -> dict[str, str]:
         """The environment of a node for run `run_index` (each run has its own queue)."""
-        separator = "&" if "?" in self.base.postgres_url else "?"
-        search_path = f"options=-csearch_path%3D{self.schema}"
         queue = f"pm-bench-{self.run_id}-{run_index}"
         return {
-            "POSTGRES_URL": f"{self.base.postgres_url}{separator}{search_path}",
+            "POSTGRES_URL": with_search_path(self.base.postgres_url, self.schema),
             "REDIS_URL": self.base.redis_url,
             "REDIS_PREFIX": f"pmbench:{self.run_id}:",
             "RABBITMQ_URL": self.base.queue.url,
@@ -175,25 +179,17 @@ class IsolatedServices:
 
     def start(self) -> None:
         self.s3.start()
-        with psycopg.connect(self.base.postgres_url, autocommit=True) as conn:
-            conn.execute(f"CREATE SCHEMA {self.schema}")
+        create_schema(self.base.postgres_url, self.schema)
         settings = Settings.from_env(self.env(0))
         apply_migrations(settings.postgres_url)
         ObjectStore(settings.storage).ensure_buckets()
 
     def stop(self) -> None:
-        with (
-            contextlib.suppress(psycopg.Error),
-            psycopg.connect(self.base.postgres_url, autocommit=True) as conn,
-        ):
-            conn.execute(f"DROP SCHEMA IF EXISTS {self.schema} CASCADE")
-        with contextlib.suppress(pika.exceptions.AMQPError, OSError):
-            connection = pika.BlockingConnection(pika.URLParameters(self.base.queue.url))
-            channel = connection.channel()
-            for queue in self.queues:
-                channel.queue_delete(queue)
-                channel.queue_delete(f"{queue}.dead")
-            connection.close()
+        with contextlib.suppress(psycopg.Error):
+            drop_schema(self.base.postgres_url, self.schema)
+        for queue in self.queues:
+            with contextlib.suppress(*BROKER_ERRORS):
+                delete_topology(queue)
         self.s3.stop()
 
 
@@ -256,36 +252,12 @@ def _new_image(payload: bytes, index: int) -> NewImage:
     )
 
 
-def _consumers(queue_url: str, queue: str) -> int:
-    connection = pika.BlockingConnection(pika.URLParameters(queue_url))
-    try:
-        return int(connection.channel().queue_declare(queue, passive=True).method.consumer_count)
-    finally:
-        connection.close()
-
-
-def _declare(settings: Settings) -> None:
-    connection = pika.BlockingConnection(pika.URLParameters(settings.queue.url))
-    try:
-        declare_topology(connection.channel(), settings.queue)
-    finally:
-        connection.close()
-
-
 def _terminal_count(conninfo: str, ids: list[uuid.UUID]) -> dict[str, int]:
     with psycopg.connect(conninfo) as conn:
         rows = conn.execute(
             "SELECT status, count(*) FROM images WHERE id = ANY(%s) GROUP BY status", (ids,)
         ).fetchall()
     return {str(status): int(n) for status, n in rows}
-
-
-def _wait_until(predicate: Any, timeout_s: float, what: str, interval_s: float = 0.05) -> None:
-    deadline = time.monotonic() + timeout_s
-    while not predicate():
-        if time.monotonic() > deadline:
-            raise TimeoutError(f"{what} within {timeout_s:.0f}s")
-        time.sleep(interval_s)
 
 
 def _service_pids(services: IsolatedServices) -> dict[str, list[int]]:
@@ -347,25 +319,24 @@ def run_engine_once(
     """Preload, start the node, publish everything, time it to the last terminal row."""
     env = services.env(run_index)
     settings = Settings.from_env(env)
-    services.queues.append(settings.queue.queue)
+    services.queues.append(settings.queue)
     ids = preload(settings, payloads, spec.count)
-    _declare(settings)
+    ensure_topology(settings.queue)
     log_path = log_dir / f"node-{run_index}.log"
-    node = _start_node(env, spec.node, log_path)
+    # A fresh log per run: an earlier invocation's lines would mix into this run's stages.
+    node = start_worker(env, log_path, *spec.node.flags(), fresh_log=True)
     try:
-        _wait_until(
-            lambda: (
-                _consumers(settings.queue.url, settings.queue.queue) > 0 or node.poll() is not None
-            ),
+        wait_for(
+            lambda: queue_counts(settings.queue).consumers > 0 or node.poll() is not None,
             60,
-            "the node did not consume",
-            interval_s=0.2,
+            0.2,
+            what="the node to consume",
         )
         if node.poll() is not None:
             raise RuntimeError(f"the node exited: {log_path.read_text()[-2000:]}")
         return _measure(services, settings, spec, ids, node, log_path)
     finally:
-        _stop_node(node)
+        stop_worker(node)
 
 
 def _measure(
@@ -387,16 +358,16 @@ def _measure(
         publisher.close()
     # The end is read from the rows themselves, so the check for it can be infrequent: a tight
     # loop of queries would take CPU from the node it measures.
-    _wait_until(
+    wait_for(
         lambda: _done(settings.postgres_url, ids) >= len(ids),
         spec.timeout_s,
-        f"not every image was terminal ({_terminal_count(settings.postgres_url, ids)})",
-        interval_s=DONE_POLL_SECONDS,
+        DONE_POLL_SECONDS,
+        what=lambda: f"every image to be terminal ({_terminal_count(settings.postgres_url, ids)})",
     )
     wall = _last_update(settings.postgres_url, ids) - started
     cpu_after = _cpu_snapshot(node.pid, service_pids)
     sampler.stop()
-    _stop_node(node)
+    stop_worker(node)
     statuses = _terminal_count(settings.postgres_url, ids)
     batches = parse_stage_lines(log_path.read_text(errors="replace").splitlines())
     return _run_row(spec, wall, statuses, cpu_used(cpu_before, cpu_after), sampler, batches)
@@ -477,30 +448,6 @@ def _run_row(
         "batches": len(batches),
         "stages_ms": stage_medians_ms(batches),
     }
-
-
-def _start_node(
-    env: Mapping[str, str], node: NodeSettings, log_path: Path
-) -> subprocess.Popen[bytes]:
-    # A fresh log per run: an earlier invocation's lines would mix into this run's stages.
-    with log_path.open("wb") as log:
-        return subprocess.Popen(
-            [sys.executable, "-m", "engine", *node.flags()],
-            env={**os.environ, **env},
-            stdout=log,
-            stderr=subprocess.STDOUT,
-        )
-
-
-def _stop_node(node: subprocess.Popen[bytes]) -> None:
-    if node.poll() is not None:
-        return
-    node.send_signal(signal.SIGTERM)
-    try:
-        node.wait(30)
-    except subprocess.TimeoutExpired:
-        node.kill()
-        node.wait()
 
 
 # ---------------------------------------------------------------------------------------------

@@ -1,4 +1,5 @@
-"""RabbitMQ topology and the confirmed publisher of job messages.
+"""RabbitMQ topology (declaring, inspecting and deleting the queues) and the confirmed publisher
+of job messages.
 
 The job queue is a quorum queue with a delivery limit: a message that keeps coming back (a worker
 crashing on it) is moved to the dead-letter queue instead of looping forever.
@@ -10,6 +11,7 @@ import contextlib
 import logging
 import threading
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import pika
@@ -80,6 +82,44 @@ def ensure_topology(settings: QueueSettings) -> None:
     connection = pika.BlockingConnection(connection_parameters(settings))
     try:
         declare_topology(connection.channel(), settings)
+    finally:
+        if connection.is_open:
+            connection.close()
+
+
+@dataclass(frozen=True)
+class QueueCounts:
+    """What a passive declaration tells about a queue: ready messages and consumers."""
+
+    ready: int
+    consumers: int
+
+
+def queue_counts(settings: QueueSettings, queue: str | None = None) -> QueueCounts:
+    """Counts of `queue` (the job queue by default), over a short-lived connection. A missing
+    queue raises the broker's ChannelClosedByBroker (404)."""
+    connection = pika.BlockingConnection(connection_parameters(settings))
+    try:
+        declared = connection.channel().queue_declare(queue or settings.queue, passive=True)
+        return QueueCounts(int(declared.method.message_count), int(declared.method.consumer_count))
+    finally:
+        if connection.is_open:
+            connection.close()
+
+
+def queue_depth(settings: QueueSettings, queue: str | None = None) -> int:
+    """Ready messages in `queue` (the job queue by default)."""
+    return queue_counts(settings, queue).ready
+
+
+def delete_topology(settings: QueueSettings) -> None:
+    """Delete the job queue and its dead-letter queue, messages and all (a missing one is fine):
+    the clean-up of a throwaway queue of a test or benchmark run."""
+    connection = pika.BlockingConnection(connection_parameters(settings))
+    try:
+        channel = connection.channel()
+        for queue in (settings.queue, settings.dead_letter_queue):
+            channel.queue_delete(queue)
     finally:
         if connection.is_open:
             connection.close()

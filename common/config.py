@@ -176,6 +176,9 @@ class EngineSettings:
     metrics_port: int = 9102
     abandoned_upload_sweep_seconds: float = 60.0
     abandoned_upload_age_seconds: float = 3600.0
+    # A test hook: every batch lasts at least this long, whatever the CPU's speed. Always 0 in
+    # production.
+    test_hold_batch_seconds: float = 0.0
 
 
 @dataclass(frozen=True)
@@ -293,5 +296,8 @@ def _engine_from(env: _Env) -> EngineSettings:
         ),
         abandoned_upload_age_seconds=env.decimal(
             "ABANDONED_UPLOAD_AGE_SECONDS", d.abandoned_upload_age_seconds, minimum=1.0
+        ),
+        test_hold_batch_seconds=env.decimal(
+            "WORKER_TEST_HOLD_BATCH_SECONDS", d.test_hold_batch_seconds
         ),
     )

@@ -16,10 +16,9 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
-import pika
 import redis
 
-from common.broker import BROKER_ERRORS, connection_parameters
+from common.broker import BROKER_ERRORS, queue_depth
 from common.config import QueueSettings
 from common.node_control import (
     CONTROL_INTERVAL_SECONDS,
@@ -123,15 +122,5 @@ class NodeControl:
         pipe.execute()
 
     def _measure_queue(self) -> None:
-        try:
-            connection = pika.BlockingConnection(connection_parameters(self._queue))
-        except BROKER_ERRORS:
-            return
-        try:
-            declared = connection.channel().queue_declare(self._queue.queue, passive=True)
-            metrics.QUEUE_DEPTH.set(declared.method.message_count)
-        except BROKER_ERRORS:
-            pass
-        finally:
-            if connection.is_open:
-                connection.close()
+        with contextlib.suppress(*BROKER_ERRORS):
+            metrics.QUEUE_DEPTH.set(queue_depth(self._queue))

@@ -6,6 +6,7 @@ from __future__ import annotations
 import logging
 import signal
 import threading
+import time
 from types import FrameType
 
 from prometheus_client import start_http_server
@@ -87,6 +88,11 @@ class WorkerNode:
         self.control = NodeControl(
             cache.client, settings.redis_prefix, settings.queue, self._counters, self.pool.resize
         )
+        if engine.test_hold_batch_seconds:
+            log.warning(
+                "test hook: every batch is held for %.1f s (WORKER_TEST_HOLD_BATCH_SECONDS)",
+                engine.test_hold_batch_seconds,
+            )
         metrics.PROCESSES.set(engine.processes)
         metrics.SLOTS_IN_USE.set_function(lambda: self.inputs.in_use)
         log.info(
@@ -103,6 +109,8 @@ class WorkerNode:
         )
 
     def _process_batch(self, deliveries: list[Delivery]) -> Verdict:
+        if self.settings.engine.test_hold_batch_seconds:
+            time.sleep(self.settings.engine.test_hold_batch_seconds)
         verdict = self.processor.process(deliveries)
         stages = self.processor.last_stage_times.seconds
         log.info(

@@ -390,20 +390,45 @@ def send_with_retries(
     return None, policy.max_attempts, f"gave up after {policy.max_attempts} attempts: {reason}"
 
 
-def multipart_body(files: Sequence[tuple[str, bytes]]) -> tuple[list[bytes], str]:
-    """Body chunks and content type of a multipart form with one `image` part per file."""
-    boundary = f"pixelmill-{uuid.uuid4().hex}"
+@dataclass(frozen=True)
+class FormPart:
+    """One part of a multipart/form-data body: a file when `filename` is set, else a field."""
+
+    name: str
+    data: bytes
+    filename: str | None = None
+    content_type: str = "application/octet-stream"
+
+
+def encode_multipart(
+    parts: Iterable[FormPart], boundary: str | None = None
+) -> tuple[list[bytes], str]:
+    """Body chunks (each part's data is a chunk of its own, not copied) and the Content-Type of
+    a multipart/form-data body; the boundary is random unless given."""
+    boundary = boundary or f"pixelmill-{uuid.uuid4().hex}"
     chunks: list[bytes] = []
-    for filename, data in files:
-        safe_name = filename.replace('"', "%22").replace("\r", "").replace("\n", "")
+    for part in parts:
+        disposition = f'form-data; name="{_header_quoted(part.name)}"'
+        if part.filename is not None:
+            disposition += f'; filename="{_header_quoted(part.filename)}"'
         chunks.append(
-            f'--{boundary}\r\nContent-Disposition: form-data; name="image"; '
-            f'filename="{safe_name}"\r\nContent-Type: application/octet-stream\r\n\r\n'.encode()
+            f"--{boundary}\r\nContent-Disposition: {disposition}\r\n"
+            f"Content-Type: {part.content_type}\r\n\r\n".encode()
         )
-        chunks.append(data)
+        chunks.append(part.data)
         chunks.append(b"\r\n")
     chunks.append(f"--{boundary}--\r\n".encode())
     return chunks, f"multipart/form-data; boundary={boundary}"
+
+
+def _header_quoted(value: str) -> str:
+    """A name that cannot end its quoted string or its header line early."""
+    return value.replace('"', "%22").replace("\r", "").replace("\n", "")
+
+
+def multipart_body(files: Sequence[tuple[str, bytes]]) -> tuple[list[bytes], str]:
+    """Body chunks and content type of a multipart form with one `image` part per file."""
+    return encode_multipart(FormPart("image", data, filename) for filename, data in files)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -8,12 +8,13 @@ import uuid
 from collections.abc import Iterator
 from typing import Any
 
-import pika
 import pytest
 import redis
 
+from common.broker import delete_topology
 from common.config import Settings
 from db.migrate import apply_migrations
+from db.schemas import throwaway_schema, with_search_path
 from ops.issuer import LocalIssuer, running
 from ops.s3server import LocalS3Server, pick_free_s3_port
 from tests.support import (
@@ -24,7 +25,6 @@ from tests.support import (
     S3_SECRET_KEY,
     ApiClient,
     StackProbe,
-    database_schema,
     start_worker,
     stop_worker,
 )
@@ -56,16 +56,15 @@ def issuer(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalIssuer]:
 
 @pytest.fixture(scope="session")
 def schema(run_id: str) -> Iterator[str]:
-    with database_schema(BASE_POSTGRES_URL, f"pm_test_{run_id}") as name:
+    with throwaway_schema(BASE_POSTGRES_URL, f"pm_test_{run_id}") as name:
         yield name
 
 
 @pytest.fixture(scope="session")
 def env(run_id: str, schema: str, s3_server: LocalS3Server, issuer: LocalIssuer) -> dict[str, str]:
     """The environment a pixelmill process of this test session runs with."""
-    separator = "&" if "?" in BASE_POSTGRES_URL else "?"
     return {
-        "POSTGRES_URL": f"{BASE_POSTGRES_URL}{separator}options=-csearch_path%3D{schema}",
+        "POSTGRES_URL": with_search_path(BASE_POSTGRES_URL, schema),
         "REDIS_URL": REDIS_URL,
         "REDIS_PREFIX": f"pmtest:{run_id}:",
         "RABBITMQ_URL": RABBITMQ_URL,
@@ -92,16 +91,8 @@ def settings(env: dict[str, str]) -> Iterator[Settings]:
 
     ObjectStore(settings.storage).ensure_buckets()
     yield settings
-    _delete_queues(settings)
+    delete_topology(settings.queue)
     _delete_redis_keys(settings)
-
-
-def _delete_queues(settings: Settings) -> None:
-    connection = pika.BlockingConnection(pika.URLParameters(settings.queue.url))
-    channel = connection.channel()
-    for queue in (settings.queue.queue, settings.queue.dead_letter_queue):
-        channel.queue_delete(queue)
-    connection.close()
 
 
 def _delete_redis_keys(settings: Settings) -> None:

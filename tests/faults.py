@@ -10,14 +10,13 @@ import socket
 import subprocess
 import threading
 import time
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import psycopg
 import redis
 
-from tests.support import ApiClient, StackProbe, free_port
+from tests.support import ApiClient, StackProbe, free_port, wait_for
 
 
 def _close(sock: socket.socket) -> None:
@@ -121,7 +120,7 @@ class PrivateRedis:
                 stderr=subprocess.STDOUT,
             )
         client = redis.Redis.from_url(self.url, socket_connect_timeout=0.2)
-        wait_until(lambda: _pings(client), timeout)
+        wait_for(lambda: _pings(client), timeout, what="the private Redis to answer")
 
     def kill(self) -> None:
         if self._process is not None and self._process.poll() is None:
@@ -134,14 +133,6 @@ def _pings(client: redis.Redis) -> bool:
         return bool(client.ping())
     except redis.RedisError:
         return False
-
-
-def wait_until(predicate: Callable[[], object], timeout: float, interval: float = 0.1) -> None:
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"condition not met within {timeout}s")
-        time.sleep(interval)
 
 
 @dataclass

@@ -1,4 +1,9 @@
-"""Test helpers: building multipart bodies and images, calling the API, inspecting the stack."""
+"""Test helpers: building multipart bodies and images, calling the API, inspecting the stack.
+
+Helpers that benchmarks need too live in the package and are re-exported here, so that a test
+module finds every helper in this one place: waiting (common.waiting), worker nodes
+(ops.worker_process), the multipart encoder (ingest.client); queue depth and deletion are in
+common.broker, throwaway schemas in db.schemas."""
 
 from __future__ import annotations
 
@@ -8,7 +13,6 @@ import signal
 import socket
 import subprocess
 import sys
-import time
 import urllib.request
 import uuid
 from collections.abc import Iterator
@@ -22,6 +26,10 @@ import psycopg
 from minio import Minio
 
 from common.config import Settings
+from common.waiting import wait_for as wait_for
+from ingest.client import FormPart, encode_multipart
+from ops.worker_process import start_worker as start_worker
+from ops.worker_process import stop_worker as stop_worker
 
 ROOT = Path(__file__).resolve().parent.parent
 BASE_POSTGRES_URL = os.environ.get("TEST_POSTGRES_URL", "postgresql://postgres@127.0.0.1:5432/test")
@@ -31,21 +39,16 @@ S3_ACCESS_KEY = "pixelmill-test"
 S3_SECRET_KEY = "pixelmill-test-secret"
 
 
-def multipart(parts: list[tuple[str, str | None, bytes, str]], boundary: str = "pmboundary42"):
-    """Encode (field, filename, data, content type) parts; filename None makes a plain field."""
-    chunks: list[bytes] = []
-    for name, filename, data, content_type in parts:
-        disposition = f'form-data; name="{name}"'
-        if filename is not None:
-            disposition += f'; filename="{filename}"'
-        chunks.append(
-            f"--{boundary}\r\nContent-Disposition: {disposition}\r\n"
-            f"Content-Type: {content_type}\r\n\r\n".encode()
-            + data
-            + b"\r\n"
-        )
-    chunks.append(f"--{boundary}--\r\n".encode())
-    return b"".join(chunks), f"multipart/form-data; boundary={boundary}"
+def multipart(
+    parts: list[tuple[str, str | None, bytes, str]], boundary: str = "pmboundary42"
+) -> tuple[bytes, str]:
+    """Encode (field, filename, data, content type) parts; filename None makes a plain field.
+    Malformed bodies for hostile-input tests are written out by hand where they are used."""
+    chunks, content_type = encode_multipart(
+        (FormPart(name, data, filename, part_type) for name, filename, data, part_type in parts),
+        boundary,
+    )
+    return b"".join(chunks), content_type
 
 
 def photo(width: int, height: int, seed: int = 1) -> np.ndarray:
@@ -186,11 +189,10 @@ def served_api(
         )
     base = f"http://127.0.0.1:{port}"
     try:
-        deadline = time.monotonic() + 60
-        while not _answers(f"{base}/health"):
-            if process.poll() is not None or time.monotonic() > deadline:
-                raise AssertionError(f"the API did not start:\n{log_path.read_text()[-3000:]}")
-            time.sleep(0.1)
+        with contextlib.suppress(TimeoutError):
+            wait_for(lambda: process.poll() is not None or _answers(f"{base}/health"), 60)
+        if process.poll() is not None or not _answers(f"{base}/health"):
+            raise AssertionError(f"the API did not start:\n{log_path.read_text()[-3000:]}")
         yield base, process
     finally:
         if process.poll() is None:
@@ -200,46 +202,3 @@ def served_api(
             except subprocess.TimeoutExpired:
                 process.kill()
                 process.wait()
-
-
-@contextlib.contextmanager
-def database_schema(conninfo: str, name: str) -> Iterator[str]:
-    """A PostgreSQL schema of its own for a test module or session, dropped afterwards."""
-    with psycopg.connect(conninfo, autocommit=True) as conn:
-        conn.execute(f"CREATE SCHEMA {name}")
-    try:
-        yield name
-    finally:
-        with psycopg.connect(conninfo, autocommit=True) as conn:
-            conn.execute(f"DROP SCHEMA {name} CASCADE")
-
-
-def start_worker(env: dict[str, str], log_path: Path, *args: str) -> subprocess.Popen[bytes]:
-    with log_path.open("ab") as log:
-        return subprocess.Popen(
-            [sys.executable, "-m", "engine", *args],
-            cwd=ROOT,
-            env={**os.environ, **env},
-            stdout=log,
-            stderr=subprocess.STDOUT,
-        )
-
-
-def stop_worker(process: subprocess.Popen[bytes], timeout: float = 30) -> int:
-    process.terminate()
-    try:
-        return process.wait(timeout)
-    except subprocess.TimeoutExpired:
-        process.kill()
-        return process.wait()
-
-
-def wait_for(predicate: Any, timeout: float = 60.0, interval: float = 0.1) -> Any:
-    deadline = time.monotonic() + timeout
-    while True:
-        value = predicate()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"condition not met within {timeout}s")
-        time.sleep(interval)

@@ -35,7 +35,7 @@ from ingest.auth import (
     require_role,
 )
 from ops.issuer import LocalIssuer, rfc7638_thumbprint, running, serve, stop, token_command
-from tests.support import free_port
+from tests.support import free_port, wait_for
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 REFRESH_SECONDS = 60
@@ -542,10 +542,11 @@ def get_json(url: str) -> Any:
         return json.loads(response.read())
 
 
-def wait_for_json(url: str, attempts: int = 100) -> Any:
-    for _ in range(attempts):
+def wait_for_json(url: str, timeout: float = 10.0) -> Any:
+    def answer() -> Any:
         try:
             return get_json(url)
         except OSError:
-            time.sleep(0.1)
-    raise AssertionError(f"{url} never answered")
+            return None
+
+    return wait_for(answer, timeout, what=f"{url} to answer")

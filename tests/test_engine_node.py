@@ -16,8 +16,8 @@ from pathlib import Path
 import pika
 import pytest
 
-from common.broker import declare_topology
-from common.config import QueueSettings, Settings
+from common.broker import declare_topology, delete_topology, queue_depth
+from common.config import Settings
 from common.jobs import JobMessage
 from engine.slots import SHM_DIR
 from tests.support import (
@@ -58,14 +58,7 @@ class IsolatedStack:
         return ids
 
     def queue_depth(self, queue: str | None = None) -> int:
-        connection = pika.BlockingConnection(pika.URLParameters(self.settings.queue.url))
-        try:
-            declared = connection.channel().queue_declare(
-                queue or self.settings.queue.queue, passive=True
-            )
-            return int(declared.method.message_count)
-        finally:
-            connection.close()
+        return queue_depth(self.settings.queue, queue)
 
     def publish_raw(self, body: bytes) -> None:
         connection = pika.BlockingConnection(pika.URLParameters(self.settings.queue.url))
@@ -99,15 +92,7 @@ def stack(request, env, settings, issuer, user_id, tmp_path) -> Iterator[Isolate
         if node.poll() is None:
             stop_worker(node)
     deps.close()
-    _delete_queues(isolated.queue)
-
-
-def _delete_queues(queue: QueueSettings) -> None:
-    connection = pika.BlockingConnection(pika.URLParameters(queue.url))
-    channel = connection.channel()
-    channel.queue_delete(queue.queue)
-    channel.queue_delete(queue.dead_letter_queue)
-    connection.close()
+    delete_topology(isolated.queue)
 
 
 def assert_all_completed_once(probe: StackProbe, owner: str, ids: list[str]) -> None:
@@ -302,13 +287,14 @@ def test_node_scales_its_cpu_processes_on_command_and_reports_metrics(
 
 
 def test_existing_queue_with_other_arguments_is_used_as_it_is(
-    stack: IsolatedStack, probe: StackProbe
+    stack: IsolatedStack, probe: StackProbe, user_id: str
 ) -> None:
     """Queue arguments cannot change after creation: a deployment whose queue was made with
     another delivery limit must keep working rather than refuse every publish."""
     from common.broker import dead_letter_queue_arguments, job_queue_arguments
 
     older = dataclasses.replace(stack.settings.queue, delivery_limit=3)
+    assert job_queue_arguments(older) != job_queue_arguments(stack.settings.queue)
     connection = pika.BlockingConnection(pika.URLParameters(older.url))
     channel = connection.channel()
     channel.queue_delete(older.queue)
@@ -318,9 +304,28 @@ def test_existing_queue_with_other_arguments_is_used_as_it_is(
     channel.queue_declare(older.queue, durable=True, arguments=job_queue_arguments(older))
     connection.close()
 
-    [image_id] = stack.upload_many(1, 900, 600)
+    [image_id] = stack.upload_many(1, 900, 600)  # the API's publish was confirmed: 201
     stack.start_node("--processes", "1")
     wait_for(lambda: probe.status(image_id) == "completed", timeout=60)
+    assert_all_completed_once(probe, user_id, [image_id])
+    wait_for(lambda: stack.queue_depth() == 0, timeout=10)
+    assert stack.queue_depth(stack.settings.queue.dead_letter_queue) == 0
+    assert "PRECONDITION_FAILED" not in stack.logs.read_text()
+    # The queue is still the one made with the older limit, not deleted and declared anew: a
+    # declaration must match an existing queue's arguments exactly, or the broker refuses it.
+    connection = pika.BlockingConnection(pika.URLParameters(older.url))
+    try:
+        connection.channel().queue_declare(
+            older.queue, durable=True, arguments=job_queue_arguments(older)
+        )
+        with pytest.raises(pika.exceptions.ChannelClosedByBroker) as refused:
+            connection.channel().queue_declare(
+                older.queue, durable=True, arguments=job_queue_arguments(stack.settings.queue)
+            )
+        assert refused.value.reply_code == 406
+    finally:
+        if connection.is_open:
+            connection.close()
 
 
 @pytest.mark.stack_env(LOG_FORMAT="json")
@@ -391,28 +396,36 @@ def test_outbox_sweeper_queues_an_upload_whose_publish_never_happened(
     assert_all_completed_once(probe, user_id, [str(image_id)])
 
 
-@pytest.mark.stack_env(RABBITMQ_HEARTBEAT_SECONDS="1", WORKER_MEMORY_MB="16")
+# Three times the silence (about 2 s) after which the broker drops a connection with a 1 s
+# heartbeat.
+HOLD_BATCH_SECONDS = 6
+
+
+@pytest.mark.stack_env(
+    RABBITMQ_HEARTBEAT_SECONDS="1", WORKER_TEST_HOLD_BATCH_SECONDS=str(HOLD_BATCH_SECONDS)
+)
 def test_heartbeats_are_served_while_a_long_batch_runs(
     stack: IsolatedStack, probe: StackProbe, user_id: str
 ) -> None:
-    """With a 1 s heartbeat the broker drops a connection silent for about 2 s. One batch of
-    large images rendered large (2400 px) through one CPU process takes several seconds, so
-    only a consumer that keeps serving the connection while the batch runs keeps it."""
-    from datetime import datetime
+    """With a 1 s heartbeat the broker drops a connection silent for about 2 s. The node holds
+    its batch for 6 s (a test hook), so only a consumer that keeps serving the connection while
+    the batch runs keeps it; one that does not loses its acks and sees the batch redelivered."""
+    import socket
 
-    large = jpeg(4032, 3024)
-    ids = [stack.api.upload(large, f"large-{i}.jpg").json["id"] for i in range(24)]
-    stack.env["TARGET_WIDTH"] = "2400"
-    stack.start_node("--processes", "1", "--batch-size", "24", "--batch-wait-ms", "3000")
-    wait_for(lambda: all(probe.status(i) == "completed" for i in ids), timeout=240)
+    import redis
+
+    from engine.control import heartbeat_key
+
+    ids = stack.upload_many(4, 900, 600)
+    node = stack.start_node("--processes", "1", "--batch-size", "4", "--batch-wait-ms", "3000")
+    wait_for(lambda: all(probe.status(i) == "completed" for i in ids), timeout=120)
+    client = redis.Redis.from_url(stack.settings.redis_url, decode_responses=True)
+    beat = heartbeat_key(stack.settings.redis_prefix, socket.gethostname(), node.pid)
+    wait_for(lambda: client.hget(beat, "completed") == "4", timeout=30)
+    wait_for(lambda: stack.queue_depth() == 0, timeout=10)
     log = stack.logs.read_text()
-    lines = log.splitlines()
-
-    def stamp(text: str) -> datetime:
-        line = next(line for line in lines if text in line)
-        return datetime.strptime(line[:23], "%Y-%m-%d %H:%M:%S,%f")
-
-    batch_seconds = (stamp("batch of 24") - stamp("consuming from")).total_seconds()
-    assert batch_seconds > 3, f"the batch took {batch_seconds:.1f}s: too short to prove anything"
+    assert f"every batch is held for {HOLD_BATCH_SECONDS:.1f} s" in log, "the hook was not on"
+    assert client.hget(beat, "batches") == "1", "the batch was delivered more than once"
     assert "lost RabbitMQ" not in log and "connection closed" not in log.lower()
+    assert node.poll() is None
     assert_all_completed_once(probe, user_id, ids)

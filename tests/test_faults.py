@@ -21,10 +21,10 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from urllib.parse import urlsplit, urlunsplit
 
-import pika
 import pytest
 
-from common.config import Settings
+from common.broker import delete_topology, queue_depth
+from common.config import QueueSettings, Settings
 from common.storage import ObjectStore
 from ops.s3server import LocalS3Server, pick_free_s3_port
 from tests.faults import (
@@ -36,7 +36,6 @@ from tests.faults import (
     first_completion_after,
     terminal_count,
     upload_until_accepted,
-    wait_until,
 )
 from tests.support import (
     S3_ACCESS_KEY,
@@ -46,6 +45,7 @@ from tests.support import (
     jpeg,
     start_worker,
     stop_worker,
+    wait_for,
 )
 
 pytestmark = pytest.mark.slow
@@ -102,7 +102,8 @@ class FaultStack:
 
     env: dict[str, str]
     settings: Settings
-    direct_amqp: str
+    # The queues as reached without the proxy, so a witness sees through a broker outage.
+    direct_queue: QueueSettings
     api: ApiClient
     probe: StackProbe
     owner: str
@@ -120,22 +121,7 @@ class FaultStack:
     def wait_until_consuming(self, index: int) -> None:
         """A node SIGTERMed before it installed its handlers just dies; wait until it serves."""
         log = self.node_log(index)
-        wait_until(lambda: log.exists() and b"consuming from" in log.read_bytes(), 60)
-
-    def queue_depth(self, queue: str) -> int:
-        connection = pika.BlockingConnection(pika.URLParameters(self.direct_amqp))
-        try:
-            declared = connection.channel().queue_declare(queue, passive=True)
-            return int(declared.method.message_count)
-        finally:
-            connection.close()
-
-    def delete_queues(self) -> None:
-        connection = pika.BlockingConnection(pika.URLParameters(self.direct_amqp))
-        channel = connection.channel()
-        channel.queue_delete(self.settings.queue.queue)
-        channel.queue_delete(self.settings.queue.dead_letter_queue)
-        connection.close()
+        wait_for(lambda: log.exists() and b"consuming from" in log.read_bytes(), 60)
 
 
 @pytest.fixture
@@ -160,13 +146,14 @@ def stack(env, infra, issuer, user_id, tmp_path) -> Iterator[FaultStack]:
     probe = StackProbe(Settings.from_env({**stack_env, "POSTGRES_URL": env["POSTGRES_URL"]}))
     deps = Dependencies.connect(settings)
     api = ApiClient(create_app(settings, deps), issuer.mint_token(user_id, ("user",)))
-    built = FaultStack(stack_env, settings, env["RABBITMQ_URL"], api, probe, user_id, tmp_path)
+    direct_queue = dataclasses.replace(settings.queue, url=env["RABBITMQ_URL"])
+    built = FaultStack(stack_env, settings, direct_queue, api, probe, user_id, tmp_path)
     yield built
     for node in built.nodes:
         if node.poll() is None:
             stop_worker(node)
     deps.close()
-    built.delete_queues()
+    delete_topology(direct_queue)
 
 
 @functools.cache
@@ -194,9 +181,9 @@ def upload_all(stack: FaultStack, images: list[tuple[str, bytes]], log: UploadLo
 def settle(stack: FaultStack, log: UploadLog) -> None:
     """Wait until every accepted upload is terminal and the job queue is empty."""
     accepted = len(log.accepted)
-    wait_until(lambda: terminal_count(stack.probe, stack.owner) >= accepted, SETTLE_SECONDS, 0.2)
-    wait_until(lambda: stack.queue_depth(stack.settings.queue.queue) == 0, 30)
-    assert stack.queue_depth(stack.settings.queue.dead_letter_queue) == 0
+    wait_for(lambda: terminal_count(stack.probe, stack.owner) >= accepted, SETTLE_SECONDS, 0.2)
+    wait_for(lambda: queue_depth(stack.direct_queue) == 0, 30, what="an empty job queue")
+    assert queue_depth(stack.direct_queue, stack.direct_queue.dead_letter_queue) == 0
 
 
 def report(infra: Infrastructure, scenario: str, tally: Tally, recovery: float | None) -> None:
@@ -218,7 +205,7 @@ def run_through_fault(stack: FaultStack, inject: Callable[[], None]) -> tuple[Ta
     log = UploadLog()
     upload_all(stack, before, log)
     stack.start_node("--processes", "2", "--batch-size", "8")
-    wait_until(lambda: terminal_count(stack.probe, stack.owner) > 0, 60, 0.01)
+    wait_for(lambda: terminal_count(stack.probe, stack.owner) > 0, 60, 0.01)
     uploader = threading.Thread(target=upload_all, args=(stack, during, log))
     uploader.start()
     try:
@@ -332,7 +319,7 @@ def test_concurrent_load_while_nodes_are_sigtermed_and_restarted_twice(
     restarts = 0
     try:
         for round_number in range(2):
-            wait_until(functools.partial(accepted_at_least, log, 50 * (round_number + 1)), 60)
+            wait_for(functools.partial(accepted_at_least, log, 50 * (round_number + 1)), 60)
             stack.wait_until_consuming(round_number)
             assert stop_worker(stack.nodes[round_number], timeout=60) == 0
             stack.start_node("--processes", "1", "--batch-size", "8")

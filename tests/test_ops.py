@@ -2,15 +2,15 @@
 
 from __future__ import annotations
 
+import dataclasses
 import io
 import shutil
-import socket
 import subprocess
 import sys
-import time
 import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
+from urllib.parse import urlsplit
 
 import pytest
 from minio import Minio
@@ -22,6 +22,7 @@ from ops.background import BackgroundProcess, Stopped, command_line
 from ops.s3server import LocalS3Server, WeedPorts, pick_free_s3_port, port_is_open
 from ops.services import ServicesUnavailable, ensure_services
 from ops.stack import LocalStack, StatePaths
+from tests.support import free_port, wait_for
 
 ROOT = Path(__file__).resolve().parent.parent
 ACCESS_KEY = "ops-test"
@@ -48,20 +49,12 @@ def _client(server: LocalS3Server, secret_key: str = SECRET_KEY, access_key: str
     return Minio(server.endpoint, access_key=access_key, secret_key=secret_key, secure=False)
 
 
-def _closed_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
 def _wait_for_text(path: Path, text: str, timeout: float = 10.0) -> str:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        content = path.read_text() if path.exists() else ""
-        if text in content:
-            return content
-        time.sleep(0.05)
-    raise AssertionError(f"{text!r} never appeared in {path}")
+    def content() -> str:
+        found = path.read_text() if path.exists() else ""
+        return found if text in found else ""
+
+    return wait_for(content, timeout, 0.05, what=f"{text!r} in {path}")
 
 
 # --- LocalS3Server ------------------------------------------------------------------------------
@@ -200,10 +193,7 @@ def test_background_stop_also_ends_children_left_behind(tmp_path: Path) -> None:
 
     assert parent.stop(timeout=5.0) is Stopped.TERMINATED
 
-    deadline = time.monotonic() + 5
-    while command_line(child_pid) is not None and time.monotonic() < deadline:
-        time.sleep(0.05)
-    assert command_line(child_pid) is None
+    wait_for(lambda: command_line(child_pid) is None, 5, 0.05, what="the child to end")
 
 
 def test_background_ignores_a_pid_file_naming_someone_elses_process(tmp_path: Path) -> None:
@@ -234,12 +224,47 @@ def test_background_start_twice_keeps_one_process(tmp_path: Path) -> None:
 # --- backing services ---------------------------------------------------------------------------
 
 
-def test_ensure_services_accepts_the_running_services() -> None:
-    ensure_services(Settings.from_env(), allow_install=False)
+def test_ensure_services_accepts_the_running_services(
+    settings: Settings, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The test session's PostgreSQL, Redis and RabbitMQ each answer their real ping, and
+    nothing is installed or started although this machine would allow it."""
+    import ops.services
+
+    pinged: list[tuple[str, str]] = []
+
+    def recording(service: ops.services.Service) -> ops.services.Service:
+        def ping() -> None:
+            service.ping()
+            pinged.append((service.name, service.address))
+
+        return dataclasses.replace(service, ping=ping)
+
+    real_services_for = ops.services.services_for
+    monkeypatch.setattr(
+        ops.services, "services_for", lambda s: [recording(x) for x in real_services_for(s)]
+    )
+    monkeypatch.setattr(
+        ops.services,
+        "_install_and_start",
+        lambda service: pytest.fail(f"{service.name} was started although it answers"),
+    )
+
+    ensure_services(settings)
+
+    def address(url: str) -> str:
+        parts = urlsplit(url)
+        return f"{parts.hostname}:{parts.port}"
+
+    assert sorted(pinged) == [
+        ("PostgreSQL", address(settings.postgres_url)),
+        ("RabbitMQ", address(settings.queue.url)),
+        ("Redis", address(settings.redis_url)),
+    ]
 
 
 def test_ensure_services_names_the_missing_service_and_how_to_start_it() -> None:
-    port = _closed_port()
+    port = free_port()
     settings = Settings(postgres_url=f"postgresql://postgres@127.0.0.1:{port}/postgres")
 
     with pytest.raises(ServicesUnavailable) as missing:
@@ -260,7 +285,7 @@ def test_ensure_services_reports_a_service_that_refuses_the_credentials() -> Non
 
 
 def test_services_command_exits_1_with_the_message(monkeypatch: pytest.MonkeyPatch, capsys) -> None:
-    monkeypatch.setenv("REDIS_URL", f"redis://127.0.0.1:{_closed_port()}/0")
+    monkeypatch.setenv("REDIS_URL", f"redis://127.0.0.1:{free_port()}/0")
 
     assert ops_main(["services", "--check-only"]) == 1
     assert "Redis is not listening" in capsys.readouterr().err
