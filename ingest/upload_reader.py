@@ -172,7 +172,7 @@ def iter_bulk_upload(req: falcon.Request, limits: BulkLimits) -> Iterator[BulkPa
     """
     check_declared_length(req, limits.max_body_bytes)
     handler = bulk_form_handler(limits.max_parts)
-    count = 0
+    count = files = 0
     with malformed_form_is_bad_request():
         form = handler.deserialize(req.bounded_stream, req.content_type, req.content_length)
         for part in form:
@@ -181,12 +181,14 @@ def iter_bulk_upload(req: falcon.Request, limits: BulkLimits) -> Iterator[BulkPa
             if count == limits.max_parts:
                 raise PayloadTooLarge(f"send at most {limits.max_parts} images per request")
             index, count = count, count + 1
+            files += part.filename is not None
             try:
                 raw: RawPart | PixelmillError = read_file_part(part, limits.max_part_bytes)
             except PayloadTooLarge as exc:
                 raw = exc
             yield _judge(index, part.filename, raw, limits)
-    if count == 0:
+    if files == 0:
+        # Text values alone are not an upload: refuse the request rather than answer 207.
         raise BadRequest("the form has no 'image' file field")
 
 
