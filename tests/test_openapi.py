@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 import falcon.inspect
 import jsonschema
 import pytest
@@ -57,6 +59,26 @@ def test_real_responses_match_their_schemas(api: ApiClient, document: dict) -> N
     check(document, "/api/v1/images/{image_id}", "get", api.get("/api/v1/images/nope"))
     anonymous = ApiClient(api.client.app, None)
     check(document, "/api/v1/images", "get", anonymous.get("/api/v1/images"))
+
+
+def schema_refs(node: object) -> list[str]:
+    if isinstance(node, dict):
+        own = [node["$ref"]] if isinstance(node.get("$ref"), str) else []
+        return own + [ref for value in node.values() for ref in schema_refs(value)]
+    if isinstance(node, list):
+        return [ref for value in node for ref in schema_refs(value)]
+    return []
+
+
+def test_operations_and_schemas_are_named_for_client_generators(document: dict) -> None:
+    operations = [op for item in document["paths"].values() for op in item.values()]
+    names = [op.get("operationId") for op in operations]
+    assert None not in names and len(set(names)) == len(names)
+    # Generators follow references to whole schemas only, never into a schema's properties.
+    component = re.compile(r"^#/components/schemas/[A-Za-z]+$")
+    assert [ref for ref in schema_refs(document) if not component.match(ref)] == []
+    bodies = [op["requestBody"]["content"] for op in operations if "requestBody" in op]
+    assert all("$ref" in media["schema"] for body in bodies for media in body.values())
 
 
 def test_listing_by_ids_refuses_a_status_outside_the_enum_and_a_bad_limit(api: ApiClient) -> None:
