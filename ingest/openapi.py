@@ -11,20 +11,36 @@ from typing import Any
 import falcon
 
 from common.config import Settings
+from common.formats import UPLOAD_CONTENT_TYPE_BY_FORMAT
+from db.images import STATUSES
+from ingest.routes.images import MAX_IDS
+
+IMAGE_TYPES = sorted(UPLOAD_CONTENT_TYPE_BY_FORMAT.values())
+
+ERROR_DETAIL = {
+    "type": "object",
+    "required": ["code", "message"],
+    "properties": {
+        "code": {"type": "string"},
+        "message": {"type": "string"},
+        "dependency": {"type": "string"},
+    },
+}
 
 ERROR = {
     "type": "object",
     "required": ["error"],
+    "properties": {"error": {"$ref": "#/components/schemas/ErrorDetail"}},
+}
+
+IMAGE_RESULT = {
+    "type": "object",
+    "required": ["key", "content_type", "width", "height"],
     "properties": {
-        "error": {
-            "type": "object",
-            "required": ["code", "message"],
-            "properties": {
-                "code": {"type": "string"},
-                "message": {"type": "string"},
-                "dependency": {"type": "string"},
-            },
-        }
+        "key": {"type": "string"},
+        "content_type": {"type": "string"},
+        "width": {"type": "integer"},
+        "height": {"type": "integer"},
     },
 }
 
@@ -48,22 +64,14 @@ IMAGE = {
         "id": {"type": "string", "format": "uuid"},
         "owner": {"type": "string"},
         "filename": {"type": "string"},
-        "status": {"enum": ["pending", "processing", "completed", "failed"]},
+        "status": {"$ref": "#/components/schemas/ImageStatus"},
         "error": {"type": ["string", "null"]},
-        "content_type": {"enum": ["image/jpeg", "image/png"]},
+        "content_type": {"$ref": "#/components/schemas/ImageContentType"},
         "size_bytes": {"type": "integer"},
         "sha256": {"type": "string"},
         "width": {"type": "integer"},
         "height": {"type": "integer"},
-        "result": {
-            "type": ["object", "null"],
-            "properties": {
-                "key": {"type": "string"},
-                "content_type": {"type": "string"},
-                "width": {"type": "integer"},
-                "height": {"type": "integer"},
-            },
-        },
+        "result": {"anyOf": [{"$ref": "#/components/schemas/ImageResult"}, {"type": "null"}]},
         "download_url": {"type": ["string", "null"]},
         "deduplicated": {"type": "boolean"},
         "created_at": {"type": "string", "format": "date-time"},
@@ -81,7 +89,7 @@ BULK_ITEM = {
         "id": {"type": "string", "format": "uuid"},
         "deduplicated": {"type": "boolean"},
         "image": {"$ref": "#/components/schemas/Image"},
-        "error": {"$ref": "#/components/schemas/Error/properties/error"},
+        "error": {"$ref": "#/components/schemas/ErrorDetail"},
     },
 }
 
@@ -104,6 +112,33 @@ IMAGE_LIST = {
     },
 }
 
+# A single upload is refused as a whole unless its file is a non-empty JPEG or PNG, recognised
+# by content (the part's declared type is not trusted, but clients should send it).
+IMAGE_FILE = {
+    "type": "string",
+    "format": "binary",
+    "minLength": 1,
+    "description": "a non-empty JPEG or PNG file, recognised by its content",
+}
+# A bulk upload takes any file parts and answers for each: one that is empty, not a JPEG or
+# PNG, or too large is refused in its own entry, not by failing the request.
+BULK_FILE = {
+    "type": "string",
+    "format": "binary",
+    "description": "a JPEG or PNG file; any other is refused in its own entry of the answer",
+}
+
+
+def _upload_form(file_schema: str, max_parts: int | None = None) -> dict[str, Any]:
+    """The multipart form of an upload: one `image` file, or 1 to `max_parts` of them."""
+    file_ref = {"$ref": f"#/components/schemas/{file_schema}"}
+    image = (
+        file_ref
+        if max_parts is None
+        else {"type": "array", "items": file_ref, "minItems": 1, "maxItems": max_parts}
+    )
+    return {"type": "object", "required": ["image"], "properties": {"image": image}}
+
 
 def _json(schema_name: str, description: str) -> dict[str, Any]:
     return {
@@ -118,14 +153,13 @@ def _errors(*statuses: int) -> dict[str, Any]:
     return {str(s): _json("Error", falcon.code_to_http_status(s)[4:]) for s in statuses}
 
 
-def _upload_body(many: bool) -> dict[str, Any]:
-    file_schema = {"type": "string", "format": "binary"}
-    image = {"type": "array", "items": file_schema} if many else file_schema
+def _upload_body(form_name: str) -> dict[str, Any]:
     return {
         "required": True,
         "content": {
             "multipart/form-data": {
-                "schema": {"type": "object", "required": ["image"], "properties": {"image": image}}
+                "schema": {"$ref": f"#/components/schemas/{form_name}"},
+                "encoding": {"image": {"contentType": ", ".join(IMAGE_TYPES)}},
             }
         },
     }
@@ -141,7 +175,9 @@ IDEMPOTENCY_KEY = {
     "name": "Idempotency-Key",
     "in": "header",
     "required": False,
-    "schema": {"type": "string", "minLength": 1, "maxLength": 200},
+    "description": "1-200 visible ASCII characters; a retry with the same key and request "
+    "gets the first answer, with another request 409",
+    "schema": {"type": "string", "pattern": "^[\\x21-\\x7e]{1,200}$"},
 }
 DEDUPE = {"name": "dedupe", "in": "query", "required": False, "schema": {"type": "boolean"}}
 SECURED: list[dict[str, list[str]]] = [{"bearer": []}]
@@ -152,6 +188,7 @@ def _paths(settings: Settings) -> dict[str, Any]:
     return {
         "/health": {
             "get": {
+                "operationId": "health",
                 "summary": "Liveness",
                 "security": [],
                 "responses": {"200": {"description": "serving"}},
@@ -159,6 +196,7 @@ def _paths(settings: Settings) -> dict[str, Any]:
         },
         "/ready": {
             "get": {
+                "operationId": "ready",
                 "summary": "Readiness: database, broker and storage answer",
                 "security": [],
                 "responses": {
@@ -169,6 +207,7 @@ def _paths(settings: Settings) -> dict[str, Any]:
         },
         "/metrics": {
             "get": {
+                "operationId": "metrics",
                 "summary": "Prometheus metrics",
                 "security": [],
                 "responses": {"200": {"description": "text exposition format"}},
@@ -176,6 +215,7 @@ def _paths(settings: Settings) -> dict[str, Any]:
         },
         "/openapi.json": {
             "get": {
+                "operationId": "openapi_document",
                 "summary": "This document",
                 "security": [],
                 "responses": {"200": {"description": "OpenAPI document"}},
@@ -183,9 +223,10 @@ def _paths(settings: Settings) -> dict[str, Any]:
         },
         "/api/v1/upload": {
             "post": {
+                "operationId": "upload_image",
                 "summary": f"Upload one JPEG or PNG (at most {api.max_upload_bytes} bytes)",
                 "parameters": [IDEMPOTENCY_KEY, DEDUPE],
-                "requestBody": _upload_body(many=False),
+                "requestBody": _upload_body("UploadForm"),
                 "responses": {
                     "201": _json("Image", "accepted, pending"),
                     "200": _json("Image", "an earlier copy (dedupe=true)"),
@@ -195,9 +236,13 @@ def _paths(settings: Settings) -> dict[str, Any]:
         },
         "/api/v1/uploads": {
             "post": {
+                "operationId": "upload_images",
                 "summary": f"Upload up to {api.max_bulk_parts} images, answered per part",
+                "description": "Each file part is accepted or refused on its own (a part "
+                "that is empty, not a JPEG or PNG, or too large is refused in its entry); "
+                "a form without any file part is refused as a whole with 400.",
                 "parameters": [IDEMPOTENCY_KEY, DEDUPE],
-                "requestBody": _upload_body(many=True),
+                "requestBody": _upload_body("BulkUploadForm"),
                 "responses": {
                     "207": _json("BulkAnswer", "one entry per image part"),
                     **_errors(400, 401, 403, 409, 411, 413, 415, 429, 503),
@@ -206,18 +251,28 @@ def _paths(settings: Settings) -> dict[str, Any]:
         },
         "/api/v1/images": {
             "get": {
+                "operationId": "list_images",
                 "summary": "List images newest first, or fetch many by id",
                 "parameters": [
                     {
                         "name": "ids",
                         "in": "query",
-                        "schema": {"type": "string"},
-                        "description": "comma-separated ids (at most 100)",
+                        # Comma-separated, so that the most ids allowed fit in a request line.
+                        "style": "form",
+                        "explode": False,
+                        "schema": {
+                            "type": "array",
+                            "items": {"type": "string", "format": "uuid"},
+                            "maxItems": MAX_IDS,
+                        },
+                        "description": f"fetch these images (at most {MAX_IDS}) instead of a "
+                        "page: `ids=a,b` (`ids=a&ids=b` works too)",
                     },
                     {
                         "name": "status",
                         "in": "query",
-                        "schema": {"enum": ["pending", "processing", "completed", "failed"]},
+                        "schema": {"$ref": "#/components/schemas/ImageStatus"},
+                        "description": "only images in this status (also with `ids`)",
                     },
                     {
                         "name": "owner",
@@ -230,13 +285,25 @@ def _paths(settings: Settings) -> dict[str, Any]:
                         "in": "query",
                         "schema": {"type": "integer", "minimum": 1, "maximum": 100},
                     },
-                    {"name": "cursor", "in": "query", "schema": {"type": "string"}},
+                    {
+                        "name": "cursor",
+                        "in": "query",
+                        # Not a registered format: it names the opaque token, so that a
+                        # fuzzer or client can be told how to make real ones.
+                        "schema": {"type": "string", "format": "cursor"},
+                        "description": "a `next_cursor` this API returned; any other is 400",
+                    },
                 ],
-                "responses": {"200": _json("ImageList", "images"), **_errors(400, 401, 403, 503)},
+                "responses": {
+                    "200": _json("ImageList", "images"),
+                    # A request line over 4 KiB, which many ids and long filters can make.
+                    **_errors(400, 401, 403, 414, 503),
+                },
             }
         },
         "/api/v1/images/{image_id}": {
             "get": {
+                "operationId": "get_image",
                 "summary": "One image's status, with a presigned download_url once completed",
                 "parameters": [
                     IMAGE_ID,
@@ -257,6 +324,7 @@ def _paths(settings: Settings) -> dict[str, Any]:
                 },
             },
             "delete": {
+                "operationId": "delete_image",
                 "summary": "Delete an image, its objects and cache entry (admin)",
                 "parameters": [IMAGE_ID],
                 "responses": {
@@ -285,10 +353,18 @@ def openapi_document(settings: Settings) -> dict[str, Any]:
             },
             "schemas": {
                 "Error": ERROR,
+                "ErrorDetail": ERROR_DETAIL,
+                "ImageStatus": {"type": "string", "enum": list(STATUSES)},
+                "ImageContentType": {"type": "string", "enum": IMAGE_TYPES},
+                "ImageResult": IMAGE_RESULT,
                 "Image": IMAGE,
                 "BulkItem": BULK_ITEM,
                 "BulkAnswer": BULK_ANSWER,
                 "ImageList": IMAGE_LIST,
+                "ImageFile": IMAGE_FILE,
+                "BulkImageFile": BULK_FILE,
+                "UploadForm": _upload_form("ImageFile"),
+                "BulkUploadForm": _upload_form("BulkImageFile", settings.api.max_bulk_parts),
             },
         },
     }

@@ -169,7 +169,7 @@ def iter_bulk_upload(
     """
     check_declared_length(req, limits.max_body_bytes)
     handler = bulk_form_handler(limits.max_parts)
-    count = 0
+    count = files = 0
     with malformed_form_is_bad_request():
         form = handler.deserialize(req.bounded_stream, req.content_type, req.content_length)
         for part in form:
@@ -178,13 +178,15 @@ def iter_bulk_upload(
             if count == limits.max_parts:
                 raise PayloadTooLarge(f"send at most {limits.max_parts} images per request")
             index, count = count, count + 1
+            files += part.filename is not None
             try:
                 data = read_file_part(part, limits.max_part_bytes)
             except PayloadTooLarge as exc:
                 yield BulkPart(index, clean_filename(part.filename), error=exc), None
                 continue
             yield _judge(index, part.filename, data, limits.max_pixels)
-    if count == 0:
+    if files == 0:
+        # Text values alone are not an upload: refuse the request rather than answer 207.
         raise BadRequest("the form has no 'image' file field")
 
 

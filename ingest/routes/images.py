@@ -118,18 +118,20 @@ class ImageCollectionResource:
 
     def on_get(self, req: falcon.Request, resp: falcon.Response) -> None:
         principal = req.context.principal
-        ids = req.get_param_as_list("ids")
-        if ids is not None:
-            # `?ids=a,b` and `?ids=a&ids=b` both work.
-            split = [i.strip() for value in ids for i in value.split(",") if i.strip()]
-            resp.media = {"items": self._by_ids(split, principal)}
-            return
-        owner = self._owner_filter(req, principal)
+        # Every parameter is checked, even those `ids` makes moot, so none is silently ignored.
         status = req.get_param("status")
         if status is not None and status not in images.STATUSES:
             raise BadRequest(f"status must be one of {', '.join(images.STATUSES)}")
         limit = req.get_param_as_int("limit", min_value=1, max_value=MAX_PAGE, default=20)
         after = decode_cursor(req.get_param("cursor"))
+        ids = req.get_param_as_list("ids")
+        if ids is not None:
+            # `?ids=a,b` and `?ids=a&ids=b` both work.
+            split = [i.strip() for value in ids for i in value.split(",") if i.strip()]
+            found = self._by_ids(split, principal)
+            resp.media = {"items": [d for d in found if status in (None, d["status"])]}
+            return
+        owner = self._owner_filter(req, principal)
         with self._db.transaction() as conn:
             rows = images.list_images(conn, owner=owner, status=status, limit=limit, after=after)
         next_cursor = (
