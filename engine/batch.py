@@ -15,10 +15,8 @@ from concurrent.futures import ThreadPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass, field
 
-from minio.error import S3Error
-
 from common.cache import ImageCache
-from common.errors import DependencyUnavailable
+from common.errors import DependencyUnavailable, ObjectMissing, ObjectTooLarge
 from common.jobs import JobMessage, MalformedJob
 from common.storage import ObjectStore, result_key
 from db import images
@@ -249,14 +247,12 @@ class BatchProcessor:
         started = time.perf_counter()
         try:
             length = self._store.read_original_into(record.original_key, self._inputs.view(slot))
+        except ObjectMissing:
+            return Outcome(record.id, "failed", error="the original image is missing")
+        except ObjectTooLarge as exc:
+            return Outcome(record.id, "failed", error=str(exc))
         except DependencyUnavailable as exc:
             raise Transient(str(exc)) from exc
-        except S3Error as exc:
-            if exc.code in ("NoSuchKey", "NoSuchObject"):
-                return Outcome(record.id, "failed", error="the original image is missing")
-            raise Transient(str(exc)) from exc
-        except ValueError as exc:
-            return Outcome(record.id, "failed", error=str(exc))
         times.add("download", started)
         return length
 
