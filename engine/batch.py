@@ -12,7 +12,6 @@ import time
 import uuid
 from collections import defaultdict
 from concurrent.futures import ThreadPoolExecutor
-from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass, field
 
 from common.cache import ImageCache
@@ -23,7 +22,7 @@ from db import images
 from db.images import ImageRecord, Outcome
 from db.pool import Database
 from engine import metrics
-from engine.cpu_pool import KernelPool, RenderResult, RenderTask
+from engine.cpu_pool import KernelPool, RenderCrashed, RenderResult, RenderTask
 from engine.slots import SlotArena
 
 log = logging.getLogger(__name__)
@@ -204,10 +203,9 @@ class BatchProcessor:
     def _retry_crashed(
         self, crashed: list[ImageRecord], transient: list[uuid.UUID], times: StageTimes
     ) -> list[Outcome]:
-        """A CPU process died: restart the pool, then retry each affected image on its own, so a
-        poisonous image fails alone instead of taking its batch-mates down with it again."""
-        log.warning("a CPU process died; restarting the pool and retrying %d images", len(crashed))
-        self._pool.restart()
+        """A CPU process died: retry each affected image once more; crashing a second one fails
+        it. Only the crashed image's own render failed: the others ran on other processes."""
+        log.warning("a CPU process died; retrying %d images", len(crashed))
         outcomes = []
         for record in crashed:
             try:
@@ -216,7 +214,6 @@ class BatchProcessor:
                 transient.append(record.id)
             except ProcessCrashed:
                 log.error("image %s crashed a CPU process twice; failing it", record.id)
-                self._pool.restart()
                 outcomes.append(Outcome(record.id, "failed", error=CRASH_REASON))
         return outcomes
 
@@ -229,8 +226,8 @@ class BatchProcessor:
                 return length
             started = time.perf_counter()
             try:
-                result = self._pool.submit(RenderTask(in_slot, length, out_slot)).result()
-            except BrokenProcessPool as exc:
+                result = self._pool.render(RenderTask(in_slot, length, out_slot))
+            except RenderCrashed as exc:
                 raise ProcessCrashed(str(record.id)) from exc
             times.add("render", started)
             times.seconds["kernel_cpu"] += result.cpu_seconds

@@ -4,8 +4,10 @@ started together and stopped together (SIGTERM drains)."""
 from __future__ import annotations
 
 import logging
+import multiprocessing
 import signal
 import threading
+from multiprocessing.context import ForkServerContext
 from types import FrameType
 
 from prometheus_client import start_http_server
@@ -38,7 +40,9 @@ def slot_count(memory_mb: int, input_slot_bytes: int) -> int:
 class WorkerNode:
     """Everything one `pixelmill-worker` process runs."""
 
-    def __init__(self, settings: Settings) -> None:
+    def __init__(self, settings: Settings, cpu_context: ForkServerContext | None = None) -> None:
+        """`cpu_context` starts the CPU processes: the fork server the entry point prepared
+        (see `engine.__main__`); a plain fork server by default."""
         self.settings = settings
         engine = settings.engine
         removed = sweep_stale_segments()
@@ -53,6 +57,7 @@ class WorkerNode:
             (self.inputs.name, self.inputs.slot_bytes),
             (self.outputs.name, self.outputs.slot_bytes),
             KernelOptions(engine.target_width, engine.output_format, engine.max_pixels),
+            context=cpu_context or multiprocessing.get_context("forkserver"),
         )
         self.db = Database(settings.postgres_url, max_size=4)
         self.store = ObjectStore(settings.storage)
