@@ -66,6 +66,8 @@ class BatchReport:
 
 
 class Fate(enum.Enum):
+    """Where an image stands; every image leaves its batch as UNCLAIMED, FINISHED or RETRY."""
+
     IN_PROGRESS = "in progress"  # still moving through the stages
     UNCLAIMED = "unclaimed"  # already terminal or deleted: acked without work
     FINISHED = "finished"  # has an outcome (completed or failed) to commit
