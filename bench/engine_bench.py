@@ -16,10 +16,8 @@ in this process, on the same files with one OpenCV thread, after the runs.
 
 from __future__ import annotations
 
-import ast
 import contextlib
 import hashlib
-import re
 import subprocess
 import sys
 import tempfile
@@ -42,6 +40,7 @@ from bench.procstat import (
     tree_cpu_seconds,
 )
 from bench.stats import median, ratio
+from common.batch_timing import BatchTiming
 from common.broker import (
     BROKER_ERRORS,
     JobPublisher,
@@ -70,9 +69,6 @@ DONE_POLL_SECONDS = 0.25
 S3_ACCESS_KEY = "pixelmill-bench"
 S3_SECRET_KEY = "pixelmill-bench-secret"
 BENCH_OWNER = "bench"
-STAGE_LINE = re.compile(
-    r"batch of (\d+): completed=(\d+) failed=(\d+) requeued=(\d+) stages=(\{[^}]*\})"
-)
 SERVICE_PROCESSES = {
     "rabbitmq": lambda name: name == "beam.smp",
     "postgresql": lambda name: name.startswith("postgres"),
@@ -100,37 +96,13 @@ class NodeSettings:
         ]
 
 
-@dataclass(frozen=True)
-class BatchLog:
-    """One `batch of N: ... stages={...}` line of the node's log."""
-
-    size: int
-    completed: int
-    failed: int
-    requeued: int
-    stages: dict[str, float]
+def parse_stage_lines(lines: Iterable[str]) -> list[BatchTiming]:
+    """Every batch record (common.batch_timing) in a node log; other lines and records torn by
+    a crash are skipped."""
+    return [timing for line in lines if (timing := BatchTiming.find_in(line)) is not None]
 
 
-def parse_stage_lines(lines: Iterable[str]) -> list[BatchLog]:
-    """Every batch line in a node log; other lines (and malformed stage dicts) are skipped."""
-    batches = []
-    for line in lines:
-        match = STAGE_LINE.search(line)
-        if match is None:
-            continue
-        try:
-            stages = ast.literal_eval(match.group(5))
-        except (ValueError, SyntaxError):
-            continue
-        if not isinstance(stages, dict):
-            continue
-        size, completed, failed, requeued = (int(match.group(i)) for i in range(1, 5))
-        floats = {str(k): float(v) for k, v in stages.items()}
-        batches.append(BatchLog(size, completed, failed, requeued, floats))
-    return batches
-
-
-def stage_medians_ms(batches: Sequence[BatchLog]) -> dict[str, float]:
+def stage_medians_ms(batches: Sequence[BatchTiming]) -> dict[str, float]:
     """Per stage: the median over batches of (stage seconds / batch size), in milliseconds."""
     per_image: dict[str, list[float]] = {}
     for batch in batches:
@@ -423,7 +395,7 @@ def _run_row(
     statuses: dict[str, int],
     cpu_seconds: dict[str, float],
     sampler: MemorySampler,
-    batches: list[BatchLog],
+    batches: list[BatchTiming],
 ) -> dict[str, Any]:
     completed = statuses.get("completed", 0)
     cpu = {name: seconds / spec.count for name, seconds in cpu_seconds.items()}

@@ -73,3 +73,23 @@ class DependencyUnavailable(PixelmillError):
         super().__init__(message or f"{dependency} is unavailable, retry later")
         self.dependency = dependency
         self.retry_after = 5
+
+
+class StorageRefused(DependencyUnavailable):
+    """The object store answered but refused the request (credentials, a missing bucket).
+
+    A subclass of `DependencyUnavailable` because, to a caller, the store is out of order until
+    an operator fixes it: an upload answers 503 and a job goes back to the queue, as for an
+    outage."""
+
+    def __init__(self, dependency: str, reason: str) -> None:
+        super().__init__(dependency, f"{dependency} refused the request ({reason}), retry later")
+        self.reason = reason
+
+
+class ObjectMissing(NotFound):
+    """No object is stored under this key."""
+
+
+class ObjectTooLarge(UnprocessableImage):
+    """A stored object does not fit the buffer it is read into."""

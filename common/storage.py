@@ -2,17 +2,26 @@
 
 from __future__ import annotations
 
+import contextlib
 import io
 import uuid
+from collections.abc import Iterator
 from datetime import timedelta
 
 import urllib3
 from minio import Minio
-from minio.error import S3Error
+from minio.error import MinioException, S3Error
 
 from common import formats
 from common.config import StorageSettings
-from common.errors import DependencyUnavailable
+from common.errors import DependencyUnavailable, ObjectMissing, ObjectTooLarge, StorageRefused
+
+DEPENDENCY = "object storage"
+_MISSING_CODES = frozenset({"NoSuchKey", "NoSuchObject"})
+# S3 codes that say "try again", not "you may not": throttling and the server's own trouble.
+_TRANSIENT_CODES = frozenset(
+    {"SlowDown", "ServiceUnavailable", "InternalError", "RequestTimeout", "RequestTimeTooSkewed"}
+)
 
 
 def original_key(image_id: uuid.UUID) -> str:
@@ -41,14 +50,34 @@ def _client(endpoint: str, settings: StorageSettings) -> Minio:
     )
 
 
+@contextlib.contextmanager
+def _translated_errors() -> Iterator[None]:
+    """The S3 client's exceptions as the project's own, so no caller knows which client it is.
+
+    A missing object is `ObjectMissing`; a request the store refuses is `StorageRefused`;
+    anything else (no answer, a 5xx, throttling, or an HTML error page from a proxy in front of
+    the store, which the client cannot parse) is `DependencyUnavailable`."""
+    try:
+        yield
+    except S3Error as exc:
+        if exc.code in _MISSING_CODES:
+            raise ObjectMissing(f"no stored object {exc.object_name}") from exc
+        if exc.code in _TRANSIENT_CODES:
+            raise DependencyUnavailable(DEPENDENCY) from exc
+        raise StorageRefused(DEPENDENCY, exc.code or "no reason given") from exc
+    except (MinioException, urllib3.exceptions.HTTPError, OSError) as exc:
+        raise DependencyUnavailable(DEPENDENCY) from exc
+
+
 class ObjectStore:
     """The two buckets of pixelmill behind one small interface.
 
     Create one per process (after fork): the underlying HTTP pool is not fork-safe.
-    Network failures surface as `DependencyUnavailable("object storage")`.
+    Every method raises only the project's errors: `ObjectMissing`, `ObjectTooLarge`,
+    `StorageRefused` or `DependencyUnavailable("object storage")`.
     """
 
-    dependency = "object storage"
+    dependency = DEPENDENCY
 
     def __init__(self, settings: StorageSettings) -> None:
         self.settings = settings
@@ -59,12 +88,13 @@ class ObjectStore:
 
     def ensure_buckets(self) -> None:
         for bucket in (self.settings.raw_bucket, self.settings.processed_bucket):
-            try:
-                if not self._client.bucket_exists(bucket):
-                    self._client.make_bucket(bucket)
-            except S3Error as exc:
-                if exc.code not in ("BucketAlreadyOwnedByYou", "BucketAlreadyExists"):
-                    raise
+            with _translated_errors():
+                try:
+                    if not self._client.bucket_exists(bucket):
+                        self._client.make_bucket(bucket)
+                except S3Error as exc:
+                    if exc.code not in ("BucketAlreadyOwnedByYou", "BucketAlreadyExists"):
+                        raise
 
     def put_original(self, key: str, data: bytes, content_type: str) -> None:
         self._put(self.settings.raw_bucket, key, data, content_type)
@@ -76,37 +106,34 @@ class ObjectStore:
         return self._get(self.settings.raw_bucket, key)
 
     def read_original_into(self, key: str, buffer: memoryview) -> int:
-        """Stream an original into `buffer` and return its length; ValueError if it does not fit."""
-        try:
+        """Stream an original into `buffer` and return its length; ObjectTooLarge if it does not
+        fit, ObjectMissing if there is none."""
+        with _translated_errors():
             response = self._client.get_object(self.settings.raw_bucket, key)
             try:
                 filled = 0
                 for chunk in response.stream(256 * 1024):
                     end = filled + len(chunk)
                     if end > len(buffer):
-                        raise ValueError(f"object {key} is larger than its {len(buffer)}-byte slot")
+                        raise ObjectTooLarge(
+                            f"object {key} is larger than its {len(buffer)}-byte slot"
+                        )
                     buffer[filled:end] = chunk
                     filled = end
                 return filled
             finally:
                 response.close()
                 response.release_conn()
-        except (urllib3.exceptions.HTTPError, OSError) as exc:
-            raise DependencyUnavailable(self.dependency) from exc
 
     def delete_image_objects(self, original: str, result: str | None) -> None:
-        try:
+        with _translated_errors():
             self._client.remove_object(self.settings.raw_bucket, original)
             if result:
                 self._client.remove_object(self.settings.processed_bucket, result)
-        except (urllib3.exceptions.HTTPError, OSError) as exc:
-            raise DependencyUnavailable(self.dependency) from exc
 
     def delete_result(self, key: str) -> None:
-        try:
+        with _translated_errors():
             self._client.remove_object(self.settings.processed_bucket, key)
-        except (urllib3.exceptions.HTTPError, OSError) as exc:
-            raise DependencyUnavailable(self.dependency) from exc
 
     def delete_original(self, key: str) -> None:
         self.delete_image_objects(key, None)
@@ -120,28 +147,22 @@ class ObjectStore:
 
     def check(self) -> None:
         """Raise DependencyUnavailable unless the raw bucket answers (readiness probe)."""
-        try:
+        with _translated_errors():
             self._client.bucket_exists(self.settings.raw_bucket)
-        except (urllib3.exceptions.HTTPError, OSError, S3Error) as exc:
-            raise DependencyUnavailable(self.dependency) from exc
 
     def _put(self, bucket: str, key: str, data: bytes | memoryview, content_type: str) -> None:
-        try:
+        # A refused write (credentials, missing bucket) is the store's problem, not the
+        # caller's: StorageRefused is a DependencyUnavailable.
+        with _translated_errors():
             self._client.put_object(
                 bucket, key, io.BytesIO(data), length=len(data), content_type=content_type
             )
-        except (urllib3.exceptions.HTTPError, OSError, S3Error) as exc:
-            # An S3 error on a write (refused credentials, missing bucket) is the store's
-            # problem, not the client's: it is reported as the dependency failing.
-            raise DependencyUnavailable(self.dependency) from exc
 
     def _get(self, bucket: str, key: str) -> bytes:
-        try:
+        with _translated_errors():
             response = self._client.get_object(bucket, key)
             try:
                 return response.read()
             finally:
                 response.close()
                 response.release_conn()
-        except (urllib3.exceptions.HTTPError, OSError) as exc:
-            raise DependencyUnavailable(self.dependency) from exc

@@ -6,10 +6,15 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import multiprocessing
+import multiprocessing.forkserver
+import os
 import sys
+from multiprocessing.context import ForkServerContext
 
 from common.config import ConfigError, Settings
 from common.logs import configure_logging
+from engine.orphans import FORK_SERVER_GUARD, NODE_PID_ENV
 
 
 def parse_args(argv: list[str] | None, settings: Settings) -> Settings:
@@ -35,6 +40,19 @@ def parse_args(argv: list[str] | None, settings: Settings) -> Settings:
     return dataclasses.replace(settings, engine=tuned)
 
 
+def start_fork_server() -> ForkServerContext:
+    """The process-wide effects of a node, here in plain sight, before any thread starts.
+
+    CPU processes come from a fork server, never forked from the threaded node. The fork server
+    learns the node's pid from the environment it inherits, and preloads the guard that ends it
+    with the node (a SIGKILLed node must not leave CPU processes behind)."""
+    os.environ[NODE_PID_ENV] = str(os.getpid())
+    context = multiprocessing.get_context("forkserver")
+    context.set_forkserver_preload([FORK_SERVER_GUARD])
+    multiprocessing.forkserver.ensure_running()
+    return context
+
+
 def main(argv: list[str] | None = None) -> int:
     try:
         settings = parse_args(argv, Settings.from_env())
@@ -44,7 +62,7 @@ def main(argv: list[str] | None = None) -> int:
     configure_logging(settings.log_format)
     from engine.node import WorkerNode
 
-    WorkerNode(settings).run()
+    WorkerNode(settings, start_fork_server()).run()
     return 0
 
 

@@ -1,36 +1,39 @@
 """One batch of job messages, from claim to commit.
 
-Claim every image of the batch in one statement, run each through download -> render -> upload on
-I/O threads (the CPU processes do the rendering), then write every outcome in one statement,
-invalidate the cache in one pipeline, and only then tell the consumer which messages to ack.
+Each image of a batch is one `ImageWork` record that every stage returns updated: claim (one
+statement for the batch) -> download -> render -> upload (on I/O threads; the CPU processes
+render) -> commit (one statement for the batch, then one cache pipeline). A record leaves with
+exactly one fate, and only then is the consumer told which messages to ack.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import enum
 import logging
 import time
 import uuid
 from collections import defaultdict
+from collections.abc import Callable, Iterable
 from concurrent.futures import ThreadPoolExecutor
-from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass, field
 
-from minio.error import S3Error
-
+from common.batch_timing import BatchTiming
 from common.cache import ImageCache
-from common.errors import DependencyUnavailable
+from common.errors import DependencyUnavailable, ObjectMissing, ObjectTooLarge
 from common.jobs import JobMessage, MalformedJob
 from common.storage import ObjectStore, result_key
 from db import images
 from db.images import ImageRecord, Outcome
 from db.pool import Database
 from engine import metrics
-from engine.cpu_pool import KernelPool, RenderResult, RenderTask
+from engine.cpu_pool import KernelPool, RenderCrashed, RenderResult, RenderTask
 from engine.slots import SlotArena
 
 log = logging.getLogger(__name__)
 
 CRASH_REASON = "processing this image crashed the image decoder process"
+MISSING_REASON = "the original image is missing"
 
 
 @dataclass(frozen=True)
@@ -54,43 +57,67 @@ class Verdict:
     failed: int = 0
 
 
-def _record_committed(outcome: Outcome, request_id: str) -> None:
-    """Metrics and one log event for an image whose outcome is committed, carrying the id of
-    the request that uploaded it."""
-    metrics.IMAGES.labels(outcome.status).inc()
-    if outcome.status == "failed":
-        metrics.FAILURES.labels(metrics.failure_reason(outcome.error or "")).inc()
-    log.info(
-        "image %s %s",
-        outcome.id,
-        outcome.status,
-        extra={
-            "image_id": str(outcome.id),
-            "request_id": request_id,
-            "status": outcome.status,
-            "reason": outcome.error,
-        },
-    )
+@dataclass(frozen=True)
+class BatchReport:
+    """What `BatchProcessor.process` returns: the consumer's verdict, and this batch's timing."""
+
+    verdict: Verdict
+    timing: BatchTiming
 
 
-class Transient(Exception):
-    """A dependency failed for one image; its message goes back to the queue."""
+class Fate(enum.Enum):
+    """Where an image stands; every image leaves its batch as UNCLAIMED, FINISHED or RETRY."""
+
+    IN_PROGRESS = "in progress"  # still moving through the stages
+    UNCLAIMED = "unclaimed"  # already terminal or deleted: acked without work
+    FINISHED = "finished"  # has an outcome (completed or failed) to commit
+    CRASHED = "crashed"  # its CPU process died while rendering it
+    RETRY = "retry"  # a dependency failed: its message goes back to the queue
 
 
-class ProcessCrashed(Exception):
-    """The CPU process rendering this image died."""
+@dataclass(frozen=True)
+class ImageWork:
+    """One image of a batch on its way through the stages; each stage returns it updated."""
 
+    image_id: uuid.UUID
+    tags: tuple[int, ...]  # a job may arrive twice in one batch
+    request_id: str
+    # Requeued once more, its message would be dead-lettered by the broker.
+    last_delivery: bool
+    fate: Fate = Fate.IN_PROGRESS
+    record: ImageRecord | None = None  # set once claimed
+    outcome: Outcome | None = None  # set with Fate.FINISHED
+    input_length: int = 0  # set by download
+    rendered: RenderResult | None = None  # set by render
+    crashes: int = 0
+    # (stage, seconds) this image spent, summed into the batch's timing by the batch thread.
+    seconds: tuple[tuple[str, float], ...] = ()
 
-@dataclass
-class StageTimes:
-    """Seconds spent per stage over a batch (summed over images), for logs and metrics."""
+    def finish(self, outcome: Outcome) -> ImageWork:
+        return dataclasses.replace(self, fate=Fate.FINISHED, outcome=outcome)
 
-    seconds: dict[str, float] = field(default_factory=lambda: defaultdict(float))
+    def fail(self, reason: str) -> ImageWork:
+        return self.finish(Outcome(self.image_id, "failed", error=reason))
 
-    def add(self, stage: str, started: float) -> None:
+    def retry(self) -> ImageWork:
+        return dataclasses.replace(self, fate=Fate.RETRY)
+
+    def crashed(self) -> ImageWork:
+        return dataclasses.replace(self, fate=Fate.CRASHED, crashes=self.crashes + 1)
+
+    def timed(self, stage: str, started: float) -> ImageWork:
+        """This record with the seconds since `started` counted for `stage`."""
         elapsed = time.perf_counter() - started
-        self.seconds[stage] += elapsed
         metrics.STAGE_SECONDS.labels(stage).observe(elapsed)
+        return dataclasses.replace(self, seconds=(*self.seconds, (stage, elapsed)))
+
+
+@dataclass(frozen=True)
+class _Slots:
+    """The input and output shared-memory slots one image holds through its stages."""
+
+    input: int
+    output: int
 
 
 class BatchProcessor:
@@ -115,206 +142,125 @@ class BatchProcessor:
         self._outputs = outputs
         self._delivery_limit = delivery_limit
         self._io = ThreadPoolExecutor(max_workers=io_threads, thread_name_prefix="engine-io")
-        self.last_stage_times = StageTimes()
 
     def close(self) -> None:
         self._io.shutdown(wait=True)
 
-    def process(self, deliveries: list[Delivery]) -> Verdict:
-        verdict = Verdict()
+    def process(self, deliveries: list[Delivery]) -> BatchReport:
+        """Take every image of the batch through the stages; safe to run for two batches at
+        once (nothing here is shared between batches but the arenas and the CPU pool)."""
         metrics.BATCH_SIZE.observe(len(deliveries))
-        tags_by_image, request_ids = self._decode(deliveries, verdict)
-        last_chance = self._on_last_delivery(deliveries, tags_by_image)
-        if not tags_by_image:
-            return verdict
-        times = StageTimes()
+        work, malformed = self._decode(deliveries)
+        batch_seconds: dict[str, float] = {}
         started = time.perf_counter()
-        try:
-            with self._db.transaction() as conn:
-                claimed = images.claim_batch(conn, list(tags_by_image))
-        except DependencyUnavailable:
-            log.warning("database unavailable while claiming a batch; requeueing it")
-            verdict.requeue.extend(t for tags in tags_by_image.values() for t in tags)
-            return verdict
-        times.add("claim", started)
-        claimed_ids = {r.id for r in claimed}
-        for image_id, tags in tags_by_image.items():
-            if image_id not in claimed_ids:  # already terminal or deleted: nothing to do
-                verdict.ack.extend(tags)
-        outcomes, transient = self._run(claimed, times)
-        outcomes.extend(self._give_up(transient, last_chance))
-        self._commit(outcomes, transient, tags_by_image, request_ids, verdict, times)
-        self.last_stage_times = times
-        return verdict
+        work = self._claim(work)
+        if work:
+            batch_seconds["claim"] = time.perf_counter() - started
+        work = self._run_stages(work)
+        work = self._retry_crashed(work)
+        work = [self._give_up_on_last_delivery(w) for w in work]
+        started = time.perf_counter()
+        if any(w.fate is Fate.FINISHED for w in work):
+            work = self._commit(work)
+            batch_seconds["commit"] = time.perf_counter() - started
+        return _report(len(deliveries), work, malformed, batch_seconds)
 
-    def _decode(
-        self, deliveries: list[Delivery], verdict: Verdict
-    ) -> tuple[dict[uuid.UUID, list[int]], dict[uuid.UUID, str]]:
-        """Delivery tags by image (a job may arrive twice) and the request that sent each."""
-        tags_by_image: dict[uuid.UUID, list[int]] = defaultdict(list)
+    # -- stages of the whole batch ------------------------------------------------------------
+
+    def _decode(self, deliveries: list[Delivery]) -> tuple[list[ImageWork], list[int]]:
+        """One record per image (a job may arrive twice), and the tags of malformed messages."""
+        tags: dict[uuid.UUID, list[int]] = defaultdict(list)
         request_ids: dict[uuid.UUID, str] = {}
+        last: set[uuid.UUID] = set()
+        malformed: list[int] = []
         for delivery in deliveries:
             try:
                 job = JobMessage.decode(delivery.body)
             except MalformedJob as exc:
                 log.error("dead-lettering a malformed message: %s", exc)
-                verdict.dead_letter.append(delivery.tag)
+                malformed.append(delivery.tag)
                 continue
-            tags_by_image[job.image_id].append(delivery.tag)
+            tags[job.image_id].append(delivery.tag)
             request_ids[job.image_id] = job.request_id
-        return tags_by_image, request_ids
+            if delivery.previous_deliveries + 1 >= self._delivery_limit:
+                last.add(job.image_id)
+        work = [
+            ImageWork(image_id, tuple(t), request_ids[image_id], image_id in last)
+            for image_id, t in tags.items()
+        ]
+        return work, malformed
 
-    def _on_last_delivery(
-        self, deliveries: list[Delivery], tags_by_image: dict[uuid.UUID, list[int]]
-    ) -> set[uuid.UUID]:
-        """Images whose message will be dead-lettered by the broker if it is requeued again."""
-        final_tags = {
-            d.tag for d in deliveries if d.previous_deliveries + 1 >= self._delivery_limit
-        }
-        return {i for i, tags in tags_by_image.items() if final_tags.intersection(tags)}
+    def _claim(self, work: list[ImageWork]) -> list[ImageWork]:
+        if not work:
+            return work
+        try:
+            with self._db.transaction() as conn:
+                claimed = images.claim_batch(conn, [w.image_id for w in work])
+        except DependencyUnavailable:
+            log.warning("database unavailable while claiming a batch; requeueing it")
+            return [w.retry() for w in work]
+        records = {r.id: r for r in claimed}
+        return [
+            dataclasses.replace(w, record=records[w.image_id])
+            if w.image_id in records
+            else dataclasses.replace(w, fate=Fate.UNCLAIMED)
+            for w in work
+        ]
 
-    def _give_up(self, transient: list[uuid.UUID], last_chance: set[uuid.UUID]) -> list[Outcome]:
-        """Fail, with a reason, the images that failed transiently on their last delivery."""
-        given_up = [i for i in transient if i in last_chance]
-        for image_id in given_up:
-            transient.remove(image_id)
-            log.error("image %s: giving up after %d deliveries", image_id, self._delivery_limit)
-        reason = (
+    def _run_stages(self, work: list[ImageWork]) -> list[ImageWork]:
+        """Download, render and upload every image still in progress, on the I/O threads."""
+        moving = [w for w in work if w.fate is Fate.IN_PROGRESS]
+        if not moving:
+            return work
+        done = {w.image_id: w for w in self._io.map(self._through_stages, moving)}
+        return [done.get(w.image_id, w) for w in work]
+
+    def _retry_crashed(self, work: list[ImageWork]) -> list[ImageWork]:
+        """Images whose CPU process died get one more try; crashing a second one fails them.
+        Only the crashed image's own render fails: the others, here and in any other batch,
+        run on other processes."""
+        crashed = [w for w in work if w.fate is Fate.CRASHED]
+        if not crashed:
+            return work
+        log.warning("a CPU process died; retrying %d images", len(crashed))
+        again = [dataclasses.replace(w, fate=Fate.IN_PROGRESS) for w in crashed]
+        work = self._run_stages([*[w for w in work if w.fate is not Fate.CRASHED], *again])
+        return [self._fail_crashed_twice(w) for w in work]
+
+    @staticmethod
+    def _fail_crashed_twice(work: ImageWork) -> ImageWork:
+        if work.fate is not Fate.CRASHED:
+            return work
+        log.error("image %s crashed a CPU process twice; failing it", work.image_id)
+        return work.fail(CRASH_REASON)
+
+    def _give_up_on_last_delivery(self, work: ImageWork) -> ImageWork:
+        """Fail, with a reason, a claimed image that failed transiently on its last delivery."""
+        if work.fate is not Fate.RETRY or not work.last_delivery or work.record is None:
+            return work
+        log.error("image %s: giving up after %d deliveries", work.image_id, self._delivery_limit)
+        return work.fail(
             f"gave up after {self._delivery_limit} attempts: a dependency (storage, database) "
             "kept failing; upload the image again"
         )
-        return [Outcome(i, "failed", error=reason) for i in given_up]
 
-    def _run(
-        self, records: list[ImageRecord], times: StageTimes
-    ) -> tuple[list[Outcome], list[uuid.UUID]]:
-        outcomes: list[Outcome] = []
-        transient: list[uuid.UUID] = []
-        crashed: list[ImageRecord] = []
-        futures = [(r, self._io.submit(self._process_one, r, times)) for r in records]
-        for record, future in futures:
-            try:
-                outcomes.append(future.result())
-            except Transient:
-                transient.append(record.id)
-            except ProcessCrashed:
-                crashed.append(record)
-        if crashed:
-            outcomes.extend(self._retry_crashed(crashed, transient, times))
-        return outcomes, transient
-
-    def _retry_crashed(
-        self, crashed: list[ImageRecord], transient: list[uuid.UUID], times: StageTimes
-    ) -> list[Outcome]:
-        """A CPU process died: restart the pool, then retry each affected image on its own, so a
-        poisonous image fails alone instead of taking its batch-mates down with it again."""
-        log.warning("a CPU process died; restarting the pool and retrying %d images", len(crashed))
-        self._pool.restart()
-        outcomes = []
-        for record in crashed:
-            try:
-                outcomes.append(self._process_one(record, times))
-            except Transient:
-                transient.append(record.id)
-            except ProcessCrashed:
-                log.error("image %s crashed a CPU process twice; failing it", record.id)
-                self._pool.restart()
-                outcomes.append(Outcome(record.id, "failed", error=CRASH_REASON))
-        return outcomes
-
-    def _process_one(self, record: ImageRecord, times: StageTimes) -> Outcome:
-        in_slot = self._inputs.acquire()
-        out_slot = self._outputs.acquire()
-        try:
-            length = self._download(record, in_slot, times)
-            if isinstance(length, Outcome):
-                return length
-            started = time.perf_counter()
-            try:
-                result = self._pool.submit(RenderTask(in_slot, length, out_slot)).result()
-            except BrokenProcessPool as exc:
-                raise ProcessCrashed(str(record.id)) from exc
-            times.add("render", started)
-            times.seconds["kernel_cpu"] += result.cpu_seconds
-            metrics.KERNEL_CPU_SECONDS.inc(result.cpu_seconds)
-            if result.error is not None:
-                log.info("image %s failed: %s", record.id, result.error)
-                return Outcome(record.id, "failed", error=result.error)
-            return self._upload(record, result, out_slot, times)
-        finally:
-            self._inputs.release(in_slot)
-            self._outputs.release(out_slot)
-
-    def _download(self, record: ImageRecord, slot: int, times: StageTimes) -> int | Outcome:
-        started = time.perf_counter()
-        try:
-            length = self._store.read_original_into(record.original_key, self._inputs.view(slot))
-        except DependencyUnavailable as exc:
-            raise Transient(str(exc)) from exc
-        except S3Error as exc:
-            if exc.code in ("NoSuchKey", "NoSuchObject"):
-                return Outcome(record.id, "failed", error="the original image is missing")
-            raise Transient(str(exc)) from exc
-        except ValueError as exc:
-            return Outcome(record.id, "failed", error=str(exc))
-        times.add("download", started)
-        return length
-
-    def _upload(
-        self, record: ImageRecord, result: RenderResult, slot: int, times: StageTimes
-    ) -> Outcome:
-        started = time.perf_counter()
-        key = result_key(record.id, result.content_type)
-        data = result.oversized_output
-        payload = self._outputs.view(slot)[: result.output_length] if data is None else data
-        try:
-            self._store.put_result(key, payload, result.content_type)
-        except DependencyUnavailable as exc:
-            raise Transient(str(exc)) from exc
-        finally:
-            if isinstance(payload, memoryview):
-                payload.release()
-        times.add("upload", started)
-        return Outcome(
-            record.id,
-            "completed",
-            result_key=key,
-            result_content_type=result.content_type,
-            result_width=result.width,
-            result_height=result.height,
-        )
-
-    def _commit(
-        self,
-        outcomes: list[Outcome],
-        transient: list[uuid.UUID],
-        tags_by_image: dict[uuid.UUID, list[int]],
-        request_ids: dict[uuid.UUID, str],
-        verdict: Verdict,
-        times: StageTimes,
-    ) -> None:
-        for image_id in transient:
-            verdict.requeue.extend(tags_by_image[image_id])
+    def _commit(self, work: list[ImageWork]) -> list[ImageWork]:
+        """Write every outcome in one statement; if the database is away, requeue them all."""
+        outcomes = [w.outcome for w in work if w.outcome is not None]
         if not outcomes:
-            return
-        started = time.perf_counter()
+            return work
         try:
             with self._db.transaction() as conn:
                 updated = images.commit_batch(conn, outcomes)
         except DependencyUnavailable:
             log.warning("database unavailable while committing a batch; requeueing it")
-            verdict.requeue.extend(t for o in outcomes for t in tags_by_image[o.id])
-            return
-        times.add("commit", started)
+            return [w.retry() if w.fate is Fate.FINISHED else w for w in work]
         self._remove_orphans(outcomes, updated)
         self._cache.invalidate((o.id for o in outcomes), announce=True)
-        for outcome in outcomes:
-            verdict.ack.extend(tags_by_image[outcome.id])
-            if outcome.status == "completed":
-                verdict.completed += 1
-            else:
-                verdict.failed += 1
-            _record_committed(outcome, request_ids.get(outcome.id, ""))
+        for w in work:
+            if w.outcome is not None:
+                _record_committed(w.outcome, w.request_id)
+        return work
 
     def _remove_orphans(self, outcomes: list[Outcome], updated: set[uuid.UUID]) -> None:
         """Delete results stored for images whose row was deleted while they were processed."""
@@ -326,3 +272,129 @@ class BatchProcessor:
         for outcome in stale:
             if outcome.id not in alive and outcome.result_key:
                 self._store.delete_result(outcome.result_key)
+
+    # -- stages of one image, on an I/O thread ------------------------------------------------
+
+    def _through_stages(self, work: ImageWork) -> ImageWork:
+        stages: tuple[Callable[[ImageWork, _Slots], ImageWork], ...] = (
+            self._download,
+            self._render,
+            self._upload,
+        )
+        slots = _Slots(self._inputs.acquire(), self._outputs.acquire())
+        try:
+            for stage in stages:
+                work = stage(work, slots)
+                if work.fate is not Fate.IN_PROGRESS:
+                    break
+            return work
+        finally:
+            self._inputs.release(slots.input)
+            self._outputs.release(slots.output)
+
+    def _download(self, work: ImageWork, slots: _Slots) -> ImageWork:
+        assert work.record is not None
+        started = time.perf_counter()
+        try:
+            length = self._store.read_original_into(
+                work.record.original_key, self._inputs.view(slots.input)
+            )
+        except ObjectMissing:
+            return work.fail(MISSING_REASON)
+        except ObjectTooLarge as exc:
+            return work.fail(exc.message)
+        except DependencyUnavailable:
+            return work.retry()
+        return dataclasses.replace(work, input_length=length).timed("download", started)
+
+    def _render(self, work: ImageWork, slots: _Slots) -> ImageWork:
+        started = time.perf_counter()
+        try:
+            result = self._pool.render(RenderTask(slots.input, work.input_length, slots.output))
+        except RenderCrashed:
+            return work.crashed()
+        work = work.timed("render", started)
+        work = dataclasses.replace(
+            work, rendered=result, seconds=(*work.seconds, ("kernel_cpu", result.cpu_seconds))
+        )
+        metrics.KERNEL_CPU_SECONDS.inc(result.cpu_seconds)
+        if result.error is not None:
+            log.info("image %s failed: %s", work.image_id, result.error)
+            return work.fail(result.error)
+        return work
+
+    def _upload(self, work: ImageWork, slots: _Slots) -> ImageWork:
+        result = work.rendered
+        assert result is not None
+        started = time.perf_counter()
+        key = result_key(work.image_id, result.content_type)
+        data = result.oversized_output
+        payload = self._outputs.view(slots.output)[: result.output_length] if data is None else data
+        try:
+            self._store.put_result(key, payload, result.content_type)
+        except DependencyUnavailable:
+            return work.retry()
+        finally:
+            if isinstance(payload, memoryview):
+                payload.release()
+        return work.timed("upload", started).finish(
+            Outcome(
+                work.image_id,
+                "completed",
+                result_key=key,
+                result_content_type=result.content_type,
+                result_width=result.width,
+                result_height=result.height,
+            )
+        )
+
+
+def _report(
+    size: int, work: Iterable[ImageWork], malformed: list[int], batch_seconds: dict[str, float]
+) -> BatchReport:
+    """The consumer's verdict and the batch's timing, from the fate of each record."""
+    verdict = Verdict(dead_letter=list(malformed))
+    stages: dict[str, float] = defaultdict(float)
+    for w in work:
+        if w.fate is Fate.RETRY:
+            verdict.requeue.extend(w.tags)
+        elif w.fate is Fate.UNCLAIMED:
+            verdict.ack.extend(w.tags)
+        elif w.fate is Fate.FINISHED and w.outcome is not None:  # committed
+            verdict.ack.extend(w.tags)
+            if w.outcome.status == "completed":
+                verdict.completed += 1
+            else:
+                verdict.failed += 1
+        else:
+            raise AssertionError(f"image {w.image_id} left its batch without a fate: {w.fate}")
+        for stage, seconds in w.seconds:
+            stages[stage] += seconds
+    stages.update(batch_seconds)
+    timing = BatchTiming(
+        size=size,
+        completed=verdict.completed,
+        failed=verdict.failed,
+        requeued=len(verdict.requeue),
+        stages=dict(stages),
+    )
+    return BatchReport(verdict, timing)
+
+
+def _record_committed(outcome: Outcome, request_id: str) -> None:
+    """Metrics and one log event for an image whose outcome is committed, carrying the id of
+    the request that uploaded it."""
+    metrics.IMAGES.labels(outcome.status).inc()
+    if outcome.status == "failed":
+        metrics.FAILURES.labels(metrics.failure_reason(outcome.error or "")).inc()
+    log.info(
+        "image %s %s",
+        outcome.id,
+        outcome.status,
+        extra={
+            "image_id": str(outcome.id),
+            "request_id": request_id,
+            "status": outcome.status,
+            "reason": outcome.error,
+        },
+    )

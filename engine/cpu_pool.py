@@ -1,25 +1,33 @@
 """The CPU processes: decode, resize, grayscale and encode, reading and writing shared slots.
 
-Each process attaches to the node's two arenas once, at start, and then receives only slot numbers.
-A process that dies (killed, or crashed in a codec) breaks the executor; the pool is then rebuilt
-and the caller decides what to retry.
+Each process attaches to the node's two arenas once, at start, and then receives only slot numbers
+over a pipe of its own. The thread that asks for a render holds one process for the round trip, so
+a process that dies or overruns its deadline takes only its own image with it: that caller gets
+`RenderCrashed` or `RenderTimedOut`, the process is replaced, and every other render goes on.
 """
 
 from __future__ import annotations
 
+import contextlib
 import multiprocessing
 import os
 import threading
 import time
-from concurrent.futures import Future, ProcessPoolExecutor
+from collections.abc import Callable
 from dataclasses import dataclass
 from multiprocessing import shared_memory
+from multiprocessing.connection import Connection, wait
+from multiprocessing.context import ForkServerContext
+from multiprocessing.process import BaseProcess
 
 import numpy as np
 
 from engine.kernel import ImageRejected, render_grayscale
-from engine.orphans import NODE_PID_ENV, die_with_parent, exit_when_gone
+from engine.orphans import die_with_parent, exit_when_gone
 from engine.slots import attach_segment
+
+# How long a process asked to stop may take before it is killed.
+STOP_GRACE_SECONDS = 5.0
 
 
 @dataclass(frozen=True)
@@ -53,7 +61,31 @@ class KernelOptions:
     max_pixels: int
 
 
-# State of a CPU process, set once by its initializer.
+class RenderCrashed(Exception):
+    """The CPU process rendering this image died before answering."""
+
+
+class RenderTimedOut(Exception):
+    """The render overran its deadline; its process was killed."""
+
+
+class RenderFailed(RuntimeError):
+    """The render function raised an unexpected exception (a bug, not a bad image)."""
+
+
+@dataclass(frozen=True)
+class _ProcessSetup:
+    """What a CPU process needs at start: the arenas it attaches to, and the node to die with."""
+
+    input_name: str
+    input_slot_bytes: int
+    output_name: str
+    output_slot_bytes: int
+    options: KernelOptions
+    node_pid: int
+
+
+# State of a CPU process, set once at its start.
 _input: shared_memory.SharedMemory | None = None
 _output: shared_memory.SharedMemory | None = None
 _input_slot_bytes = 0
@@ -61,23 +93,16 @@ _output_slot_bytes = 0
 _options: KernelOptions | None = None
 
 
-def _init_process(
-    input_name: str,
-    input_slot_bytes: int,
-    output_name: str,
-    output_slot_bytes: int,
-    options: KernelOptions,
-    node_pid: int,
-) -> None:
+def _init_process(setup: _ProcessSetup) -> None:
     import cv2
 
     die_with_parent()
-    exit_when_gone(node_pid)
+    exit_when_gone(setup.node_pid)
     global _input, _output, _input_slot_bytes, _output_slot_bytes, _options
     cv2.setNumThreads(1)  # one image per process; parallelism comes from the processes
-    _input, _output = attach_segment(input_name), attach_segment(output_name)
-    _input_slot_bytes, _output_slot_bytes = input_slot_bytes, output_slot_bytes
-    _options = options
+    _input, _output = attach_segment(setup.input_name), attach_segment(setup.output_name)
+    _input_slot_bytes, _output_slot_bytes = setup.input_slot_bytes, setup.output_slot_bytes
+    _options = setup.options
 
 
 def render_slot(task: RenderTask) -> RenderResult:
@@ -118,8 +143,117 @@ def render_slot(task: RenderTask) -> RenderResult:
     )
 
 
+def input_view(task: RenderTask) -> memoryview:
+    """In a CPU process: the whole input slot of `task`, writable (for render functions given
+    to the pool in place of `render_slot`)."""
+    assert _input is not None and _input.buf is not None
+    start = task.input_slot * _input_slot_bytes
+    return _input.buf[start : start + _input_slot_bytes]
+
+
+@dataclass(frozen=True)
+class _Failure:
+    """An unexpected exception in a CPU process, carried back as text (it may not pickle)."""
+
+    description: str
+
+
+def _serve(
+    conn: Connection, setup: _ProcessSetup, render: Callable[[RenderTask], RenderResult]
+) -> None:
+    """A CPU process's whole life: start, say so, then answer one task at a time until told
+    to stop (None) or until the node's end of the pipe closes."""
+    _init_process(setup)
+    conn.send(os.getpid())
+    while True:
+        try:
+            task = conn.recv()
+        except EOFError:
+            return
+        if task is None:
+            return
+        try:
+            answer: RenderResult | _Failure = render(task)
+        except Exception as exc:  # the node raises it; this process stays usable
+            answer = _Failure(f"{type(exc).__name__}: {exc}")
+        conn.send(answer)
+
+
+class _CpuProcess:
+    """One CPU process and the node's end of its pipe; used by one thread at a time."""
+
+    def __init__(
+        self,
+        context: ForkServerContext,
+        setup: _ProcessSetup,
+        render: Callable[[RenderTask], RenderResult],
+    ) -> None:
+        self.conn, child_end = context.Pipe(duplex=True)
+        process: BaseProcess = context.Process(
+            target=_serve, args=(child_end, setup, render), name="pixelmill-cpu", daemon=True
+        )
+        process.start()
+        child_end.close()
+        self.process = process
+
+    def wait_started(self) -> None:
+        """Block until the process has attached to the arenas (start-up paid up front)."""
+        if not wait([self.conn, self.process.sentinel]) or not self.conn.poll():
+            raise RenderCrashed("a CPU process died while starting")
+        try:
+            self.conn.recv()
+        except EOFError as exc:
+            raise RenderCrashed("a CPU process died while starting") from exc
+
+    @property
+    def alive(self) -> bool:
+        return self.process.is_alive()
+
+    def render(self, task: RenderTask, timeout: float | None) -> RenderResult:
+        try:
+            self.conn.send(task)
+        except OSError as exc:  # the process is gone: its end of the pipe is closed
+            raise RenderCrashed("the CPU process was gone") from exc
+        ready = wait([self.conn, self.process.sentinel], timeout)
+        if not ready:
+            raise RenderTimedOut(f"no answer within {timeout} s")
+        try:
+            # Answered, or died: a dead process's pipe reads as end-of-file.
+            answer = self.conn.recv() if self.conn.poll() else None
+        except (EOFError, OSError):
+            answer = None
+        if answer is None:
+            raise RenderCrashed(f"the CPU process exited with code {self._exit_code()}")
+        if isinstance(answer, _Failure):
+            raise RenderFailed(f"render failed in a CPU process: {answer.description}")
+        assert isinstance(answer, RenderResult)
+        return answer
+
+    def _exit_code(self) -> int | None:
+        self.process.join(timeout=1.0)
+        return self.process.exitcode
+
+    def stop(self) -> None:
+        """Ask the process to finish; kill it if it does not."""
+        with contextlib.suppress(OSError):
+            self.conn.send(None)
+        self.process.join(STOP_GRACE_SECONDS)
+        self.kill()
+
+    def kill(self) -> None:
+        if self.process.is_alive():
+            self.process.kill()
+        self.process.join()
+        self.conn.close()
+
+
 class KernelPool:
-    """A pool of `processes` CPU processes bound to one input and one output arena."""
+    """`processes` CPU processes bound to one input and one output arena.
+
+    `render()` is called from many threads; each call holds one idle process for its round
+    trip. Processes start from a fork server (never forked from the threaded node), all of
+    them before the constructor returns.
+    """
 
     def __init__(
         self,
@@ -127,51 +261,110 @@ class KernelPool:
         input_arena: tuple[str, int],
         output_arena: tuple[str, int],
         options: KernelOptions,
+        render: Callable[[RenderTask], RenderResult] = render_slot,
+        context: ForkServerContext | None = None,
     ) -> None:
+        self._setup = _ProcessSetup(*input_arena, *output_arena, options, os.getpid())
+        self._render = render
+        self._context = context or multiprocessing.get_context("forkserver")
+        self._changed = threading.Condition()
+        self._members: set[_CpuProcess] = set()  # idle and busy
+        self._idle: list[_CpuProcess] = []
+        self._closed = False
         self.processes = processes
-        self._initargs = (*input_arena, *output_arena, options, os.getpid())
-        # forkserver: children start from a clean process, not from this threaded one.
-        self._context = multiprocessing.get_context("forkserver")
-        # The fork server learns the node's pid from the environment it inherits.
-        os.environ[NODE_PID_ENV] = str(os.getpid())
-        self._context.set_forkserver_preload(["engine.orphans"])
-        # Guards swapping the executor (restart, resize) against concurrent submits.
-        self._swap = threading.Lock()
-        self._executor = self._start()
+        self._add(processes)
 
-    def _start(self) -> ProcessPoolExecutor:
-        executor = ProcessPoolExecutor(
-            max_workers=self.processes,
-            mp_context=self._context,
-            initializer=_init_process,
-            initargs=self._initargs,
-        )
-        # Start every process now rather than on first use, so start-up cost is paid up front.
-        for future in [executor.submit(os.getpid) for _ in range(self.processes)]:
-            future.result()
-        return executor
+    def render(self, task: RenderTask, timeout: float | None = None) -> RenderResult:
+        """Render one image. RenderCrashed if its process died, RenderTimedOut if it took
+        longer than `timeout` seconds (None: no deadline); either way only this render fails."""
+        process = self._borrow()
+        try:
+            result = process.render(task, timeout)
+        except RenderFailed:
+            self._give_back(process)  # it answered: the process is in a known state
+            raise
+        except BaseException:
+            # Crashed, timed out, or interrupted mid-task: a late answer must never reach the
+            # next caller, so the process goes.
+            self._retire(process)
+            raise
+        self._give_back(process)
+        return result
 
-    def submit(self, task: RenderTask) -> Future[RenderResult]:
-        with self._swap:
-            return self._executor.submit(render_slot, task)
-
-    def child_pids(self) -> list[int]:
-        return list(getattr(self._executor, "_processes", {}) or {})
-
-    def restart(self) -> None:
-        """Replace a broken executor (a process died) with a fresh set of processes."""
-        fresh = self._start()
-        with self._swap:
-            broken, self._executor = self._executor, fresh
-        broken.shutdown(wait=False, cancel_futures=True)
+    def pids(self) -> list[int]:
+        """The CPU processes, idle and busy."""
+        with self._changed:
+            return sorted(p.process.pid for p in self._members if p.process.pid is not None)
 
     def resize(self, processes: int) -> None:
-        """Change the number of processes; work already submitted finishes on the old ones."""
-        self.processes = processes
-        fresh = self._start()
-        with self._swap:
-            old, self._executor = self._executor, fresh
-        old.shutdown(wait=True)
+        """Change the number of processes; a busy process above the new number ends when its
+        render does."""
+        with self._changed:
+            self.processes = processes
+            surplus = max(0, len(self._members) - processes)
+            stopping = self._idle[:surplus]
+            del self._idle[: len(stopping)]
+            self._members.difference_update(stopping)
+            missing = max(0, processes - len(self._members))
+        for process in stopping:
+            process.stop()
+        self._add(missing)
 
     def close(self) -> None:
-        self._executor.shutdown(wait=True, cancel_futures=True)
+        """Stop every process, waiting for the busy ones' renders to end."""
+        with self._changed:
+            self._closed = True
+            self._changed.notify_all()
+            self._changed.wait_for(lambda: len(self._idle) == len(self._members))
+            stopping, self._idle = self._idle, []
+            self._members.clear()
+        for process in stopping:
+            process.stop()
+
+    def _add(self, count: int) -> None:
+        started = [_CpuProcess(self._context, self._setup, self._render) for _ in range(count)]
+        try:
+            for process in started:
+                process.wait_started()
+        except RenderCrashed:
+            for process in started:
+                process.kill()
+            raise
+        with self._changed:
+            self._members.update(started)
+            self._idle.extend(started)
+            self._changed.notify(count)
+
+    def _retire(self, process: _CpuProcess) -> None:
+        """End a process that died, overran or was interrupted, and start its successor."""
+        process.kill()
+        with self._changed:
+            self._members.discard(process)
+            wanted = not self._closed and len(self._members) < self.processes
+            self._changed.notify_all()
+        if wanted:
+            self._add(1)
+
+    def _borrow(self) -> _CpuProcess:
+        while True:
+            with self._changed:
+                self._changed.wait_for(lambda: self._idle or self._closed)
+                if self._closed:
+                    raise RuntimeError("the CPU pool is closed")
+                # Oldest-returned first keeps every process warm.
+                process = self._idle.pop(0)
+            if process.alive:
+                return process
+            # Died while idle (killed from outside): not this image's fault.
+            self._retire(process)
+
+    def _give_back(self, process: _CpuProcess) -> None:
+        with self._changed:
+            surplus = len(self._members) > self.processes
+            if surplus:
+                self._members.discard(process)
+            else:
+                self._idle.append(process)
+            self._changed.notify_all()
+        if surplus:
+            process.stop()

@@ -4,9 +4,11 @@ started together and stopped together (SIGTERM drains)."""
 from __future__ import annotations
 
 import logging
+import multiprocessing
 import signal
 import threading
 import time
+from multiprocessing.context import ForkServerContext
 from types import FrameType
 
 from prometheus_client import start_http_server
@@ -41,7 +43,9 @@ def slot_count(memory_mb: int, input_slot_bytes: int) -> int:
 class WorkerNode:
     """Everything one `pixelmill-worker` process runs."""
 
-    def __init__(self, settings: Settings) -> None:
+    def __init__(self, settings: Settings, cpu_context: ForkServerContext | None = None) -> None:
+        """`cpu_context` starts the CPU processes: the fork server the entry point prepared
+        (see `engine.__main__`); a plain fork server by default."""
         self.settings = settings
         engine = settings.engine
         removed = sweep_stale_segments()
@@ -56,6 +60,7 @@ class WorkerNode:
             (self.inputs.name, self.inputs.slot_bytes),
             (self.outputs.name, self.outputs.slot_bytes),
             KernelOptions(engine.target_width, engine.output_format, engine.max_pixels),
+            context=cpu_context or multiprocessing.get_context("forkserver"),
         )
         self.db = Database(settings.postgres_url, max_size=4)
         self.store = ObjectStore(settings.storage)
@@ -111,17 +116,10 @@ class WorkerNode:
     def _process_batch(self, deliveries: list[Delivery]) -> Verdict:
         if self.settings.engine.test_hold_batch_seconds:
             time.sleep(self.settings.engine.test_hold_batch_seconds)
-        verdict = self.processor.process(deliveries)
-        stages = self.processor.last_stage_times.seconds
-        log.info(
-            "batch of %d: completed=%d failed=%d requeued=%d stages=%s",
-            len(deliveries),
-            verdict.completed,
-            verdict.failed,
-            len(verdict.requeue),
-            {k: round(v, 4) for k, v in stages.items()},
-        )
-        return verdict
+        report = self.processor.process(deliveries)
+        # One structured event per batch (common.batch_timing), which the benchmark reads.
+        log.info("batch finished %s", report.timing.encode())
+        return report.verdict
 
     def _counters(self) -> NodeCounters:
         return NodeCounters(

@@ -1,9 +1,10 @@
 """Keeps a node that dies hard (SIGKILL, OOM) from leaving its CPU processes behind.
 
 The CPU processes are children of multiprocessing's fork server, not of the node, so nothing
-ends them when the node dies. The fork server imports this module at start (a preload) and asks
-the kernel to kill it with its parent; each CPU process does the same towards the fork server
-and also watches the node's pid.
+ends them when the node dies. The node's entry point has the fork server run `guard_fork_server`
+at its start (through `engine.forkserver_guard`), which asks the kernel to kill it with its
+parent; each CPU process does the same towards the fork server and also watches the node's pid.
+Nothing here acts on import.
 """
 
 from __future__ import annotations
@@ -14,6 +15,8 @@ import signal
 import threading
 
 NODE_PID_ENV = "PIXELMILL_NODE_PID"
+# The module the fork server preloads; importing it runs `guard_fork_server`.
+FORK_SERVER_GUARD = "engine.forkserver_guard"
 _PR_SET_PDEATHSIG = 1
 
 
@@ -42,13 +45,12 @@ def exit_when_gone(pid: int, interval_seconds: float = 0.5) -> None:
     threading.Thread(target=watch, name="node-watchdog", daemon=True).start()
 
 
-def _guard_fork_server() -> None:
+def guard_fork_server() -> None:
+    """In the fork server, at its start: die with the node whose pid it inherited in
+    NODE_PID_ENV. Does nothing in any other process."""
     # Only the fork server is a direct child of the node that exported its pid.
     node_pid = os.environ.get(NODE_PID_ENV)
     if node_pid and node_pid == str(os.getppid()):
         die_with_parent()
         if str(os.getppid()) != node_pid:  # the node died before the request took effect
             os._exit(1)
-
-
-_guard_fork_server()

@@ -15,6 +15,7 @@ from pathlib import Path
 from minio.error import S3Error
 
 from common.config import ConfigError, Settings
+from common.errors import DependencyUnavailable
 from ops import issuer
 from ops.dlq import dlq_command
 from ops.s3server import S3ServerError
@@ -118,7 +119,14 @@ def main(argv: list[str] | None = None) -> int:
         return 0 if args and args[0] in ("-h", "--help") else 2
     try:
         return COMMANDS[args[0]](args[1:])
-    except (ConfigError, ServicesUnavailable, S3ServerError, StackError, S3Error) as exc:
+    except (
+        ConfigError,
+        ServicesUnavailable,
+        S3ServerError,
+        StackError,
+        S3Error,
+        DependencyUnavailable,  # the object store's wrapper refusing or not answering
+    ) as exc:
         print(f"python -m ops {args[0]}: {exc}", file=sys.stderr)
         return 1
 

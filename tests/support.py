@@ -13,6 +13,7 @@ import signal
 import socket
 import subprocess
 import sys
+import time
 import urllib.request
 import uuid
 from collections.abc import Iterator
@@ -202,3 +203,44 @@ def served_api(
             except subprocess.TimeoutExpired:
                 process.kill()
                 process.wait()
+
+
+# Inputs that make a CPU process misbehave, for tests of the CPU pool and the batch pipeline
+# (see `render_or_misbehave`). Each marker starts the image's bytes.
+CRASH_MARKER = b"PIXELMILL-TEST-CRASH"
+HANG_MARKER = b"PIXELMILL-TEST-HANG"
+FAIL_MARKER = b"PIXELMILL-TEST-RAISE"
+PAUSE_MARKER = b"PIXELMILL-TEST-PAUSE:"
+
+
+def paused(image: bytes, gate: Path) -> bytes:
+    """`image` made to wait in its CPU process: it appends a line to `gate/started`, waits until
+    `gate/release` exists, then renders as usual."""
+    return PAUSE_MARKER + bytes(gate) + b"\n" + image
+
+
+def render_or_misbehave(task: Any) -> Any:
+    """A render function for the CPU pool (it runs in the CPU process): inputs starting with
+    CRASH_MARKER kill their process, HANG_MARKER never finish, FAIL_MARKER raise, PAUSE_MARKER
+    wait (see `paused`); anything else is rendered as in production."""
+    from engine.cpu_pool import RenderTask, input_view, render_slot
+
+    view = input_view(task)
+    head = bytes(view[: min(task.input_length, 4096)])
+    if head.startswith(CRASH_MARKER):
+        os.kill(os.getpid(), signal.SIGKILL)
+    if head.startswith(HANG_MARKER):
+        time.sleep(3600)
+    if head.startswith(FAIL_MARKER):
+        raise RuntimeError("a bug in the render function")
+    if head.startswith(PAUSE_MARKER):
+        gate = Path(head[len(PAUSE_MARKER) : head.index(b"\n")].decode())
+        with (gate / "started").open("a") as started:
+            started.write(f"{os.getpid()}\n")
+        while not (gate / "release").exists():
+            time.sleep(0.01)
+        skip = head.index(b"\n") + 1
+        image = bytes(view[skip : task.input_length])
+        view[: len(image)] = image
+        task = RenderTask(task.input_slot, len(image), task.output_slot)
+    return render_slot(task)

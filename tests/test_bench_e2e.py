@@ -18,6 +18,7 @@ from bench.engine_bench import (
 )
 from bench.procstat import MemorySampler
 from bench.sweep import best_row
+from common.batch_timing import BatchTiming
 from ingest.client import FileResult, RequestRecord, UploadReport
 
 T0 = 1_000.0
@@ -92,17 +93,20 @@ def test_a_run_where_everything_failed_has_zero_throughput_and_no_latency() -> N
     assert stats["latency_ms"] == {}
 
 
-def _batch_line(size: int, completed: int, failed: int, requeued: int, stages: str) -> str:
-    prefix = "2026-11-28 10:00:01 INFO engine.node"
-    return (
-        f"{prefix} batch of {size}: completed={completed} failed={failed} "
-        f"requeued={requeued} stages={stages}"
-    )
+def _batch_line(
+    size: int, completed: int, failed: int, requeued: int, stages: dict[str, float] | None
+) -> str:
+    """The node's per-batch log line; `stages` None makes one torn by a crash."""
+    prefix = "2026-11-28 10:00:01 INFO engine.node: batch finished"
+    timing = BatchTiming(size, completed, failed, requeued, stages or {"claim": 0.001})
+    encoded = timing.encode()
+    return f"{prefix} {encoded if stages is not None else encoded[:40]}"
 
 
-def _stages(claim: float, download: float, render: float, kernel: float, commit: float) -> str:
-    """The dict as the node logs it (its repr)."""
-    values = {
+def _stages(
+    claim: float, download: float, render: float, kernel: float, commit: float
+) -> dict[str, float]:
+    return {
         "claim": claim,
         "download": download,
         "render": render,
@@ -110,7 +114,6 @@ def _stages(claim: float, download: float, render: float, kernel: float, commit:
         "upload": download / 2,
         "commit": commit,
     }
-    return repr(values)
 
 
 NODE_LOG = "\n".join(
@@ -119,7 +122,7 @@ NODE_LOG = "\n".join(
         _batch_line(16, 16, 0, 0, _stages(0.016, 0.32, 1.6, 1.28, 0.008)),
         _batch_line(4, 3, 1, 0, _stages(0.004, 0.12, 0.4, 0.36, 0.004)),
         _batch_line(8, 8, 0, 0, _stages(0.008, 0.08, 0.8, 0.64, 0.016)),
-        _batch_line(2, 0, 0, 2, "{"),  # a line torn by a crash
+        _batch_line(2, 0, 0, 2, None),  # a line torn by a crash
         "2026-11-28 10:00:04 INFO engine.node worker node stopped; shared memory released",
     ]
 )

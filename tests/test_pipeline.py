@@ -63,8 +63,9 @@ def test_undecodable_image_ends_failed_with_a_reason(api: ApiClient, worker) -> 
     assert created.status_code == 201, created.text
     done = wait_terminal(api, created.json["id"])
     assert done["status"] == "failed"
-    assert done["error"]
+    assert done["error"] == "JPEG data could not be decoded"
     assert done["download_url"] is None
+    assert done.get("result") is None
 
 
 def test_second_read_is_served_from_cache_and_fresh_after_processing(

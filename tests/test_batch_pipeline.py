@@ -1,0 +1,307 @@
+"""The batch pipeline driven in-process against the session's real PostgreSQL, Redis and S3: each
+image of a batch leaves with exactly one fate (completed, failed with its reason, requeued, or
+acked without work), and one image's trouble stays its own."""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import http.client
+import threading
+import uuid
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+
+import pytest
+
+from common.cache import ImageCache
+from common.config import Settings
+from common.jobs import JobMessage
+from common.storage import ObjectStore, original_key
+from db import images
+from db.images import NewImage
+from db.pool import Database
+from engine.batch import CRASH_REASON, MISSING_REASON, BatchProcessor, BatchReport, Delivery
+from engine.cpu_pool import KernelOptions, KernelPool
+from engine.slots import SlotArena
+from tests.support import CRASH_MARKER, StackProbe, jpeg, paused, render_or_misbehave, wait_for
+
+MIB = 1024 * 1024
+DELIVERY_LIMIT = 3
+GAVE_UP_REASON = (
+    f"gave up after {DELIVERY_LIMIT} attempts: a dependency (storage, database) kept failing; "
+    "upload the image again"
+)
+
+
+class FailingS3Proxy:
+    """An HTTP proxy in front of the session's S3 server. Requests whose path names a failing
+    key get the HTML 503 page of a proxy that lost its upstream; the rest are forwarded."""
+
+    def __init__(self, upstream: str) -> None:
+        self.failing: set[str] = set()
+        proxy = self
+
+        class Handler(BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+
+            def _forward(self) -> None:
+                length = int(self.headers.get("Content-Length") or 0)
+                body = self.rfile.read(length) if length else None
+                if any(key in self.path for key in proxy.failing):
+                    page = b"<html><body>503 Service Unavailable</body></html>"
+                    self._answer(503, [("Content-Type", "text/html")], page)
+                    return
+                upstream_conn = http.client.HTTPConnection(upstream, timeout=30)
+                try:
+                    upstream_conn.request(self.command, self.path, body, dict(self.headers))
+                    response = upstream_conn.getresponse()
+                    data = response.read()
+                finally:
+                    upstream_conn.close()
+                skip = {"transfer-encoding", "connection", "content-length"}
+                headers = [(k, v) for k, v in response.getheaders() if k.lower() not in skip]
+                self._answer(response.status, headers, data)
+
+            def _answer(self, status: int, headers: list[tuple[str, str]], data: bytes) -> None:
+                self.send_response(status)
+                for name, value in headers:
+                    self.send_header(name, value)
+                self.send_header("Content-Length", str(len(data)))
+                self.end_headers()
+                self.wfile.write(data)
+
+            do_GET = do_PUT = do_POST = do_DELETE = _forward
+
+            def log_message(self, format: str, *args: object) -> None:
+                pass
+
+        self._server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.endpoint = f"127.0.0.1:{self._server.server_address[1]}"
+        threading.Thread(target=self._server.serve_forever, daemon=True).start()
+
+    def close(self) -> None:
+        self._server.shutdown()
+        self._server.server_close()
+
+
+class Pipeline:
+    """A BatchProcessor wired as a node wires it, with a render function that misbehaves on
+    marked inputs, and the means to create pending images and deliver their jobs."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self.inputs = SlotArena(8, 4 * MIB)
+        self.outputs = SlotArena(8, 4 * MIB)
+        self.pool = KernelPool(
+            2,
+            (self.inputs.name, self.inputs.slot_bytes),
+            (self.outputs.name, self.outputs.slot_bytes),
+            KernelOptions(800, "png", settings.engine.max_pixels),
+            render=render_or_misbehave,
+        )
+        self.db = Database(settings.postgres_url, max_size=4)
+        self.store = ObjectStore(settings.storage)
+        self.cache = ImageCache.from_url(settings.redis_url, settings.redis_prefix)
+        self.proxy = FailingS3Proxy(settings.storage.endpoint)
+        self.processor = self.processor_with(self.store)
+        self._tags = iter(range(1, 1_000_000))
+
+    def processor_with(self, store: ObjectStore) -> BatchProcessor:
+        return BatchProcessor(
+            self.db,
+            store,
+            self.cache,
+            self.pool,
+            self.inputs,
+            self.outputs,
+            io_threads=4,
+            delivery_limit=DELIVERY_LIMIT,
+        )
+
+    def pending_image(self, owner: str, original: bytes, *, stored: bool = True) -> uuid.UUID:
+        """A `pending` row as the API leaves it, and its original unless `stored` is False."""
+        image_id = uuid.uuid4()
+        key = original_key(image_id)
+        if stored:
+            self.store.put_original(key, original, "image/jpeg")
+        digest = hashlib.sha256(original).hexdigest()
+        row = NewImage(
+            image_id, owner, "photo.jpg", "image/jpeg", len(original), digest, 1600, 1200, key
+        )
+        with self.db.transaction() as conn:
+            images.insert_images(conn, [row])
+            images.mark_enqueued(conn, [image_id])
+        return image_id
+
+    def delivery(self, image_id: uuid.UUID, previous_deliveries: int = 0) -> Delivery:
+        body = JobMessage(image_id, f"req-{image_id.hex[:8]}").encode()
+        return Delivery(next(self._tags), body, previous_deliveries)
+
+    def processor_behind_proxy(self) -> BatchProcessor:
+        """A processor whose object store is reached through `self.proxy`."""
+        storage = dataclasses.replace(self.settings.storage, endpoint=self.proxy.endpoint)
+        return self.processor_with(ObjectStore(storage))
+
+    def close(self) -> None:
+        self.processor.close()
+        self.proxy.close()
+        self.pool.close()
+        self.db.close()
+        self.inputs.close()
+        self.outputs.close()
+
+
+@pytest.fixture(scope="module")
+def pipeline(settings: Settings) -> Iterator[Pipeline]:
+    built = Pipeline(settings)
+    yield built
+    built.close()
+
+
+def rows(probe: StackProbe, owner: str) -> dict[uuid.UUID, tuple[str, str | None, str | None]]:
+    """status, error and result key of each of the owner's images."""
+    return {r[0]: (r[1], r[2], r[3]) for r in probe.rows_for(owner)}
+
+
+def results_of(probe: StackProbe, image_id: uuid.UUID) -> list[str]:
+    return [key for key in probe.results() if str(image_id) in key]
+
+
+def test_an_image_completes_with_one_result_and_the_batch_reports_its_timing(
+    pipeline: Pipeline, probe: StackProbe, user_id: str
+) -> None:
+    image_id = pipeline.pending_image(user_id, jpeg(1600, 1200))
+    delivery = pipeline.delivery(image_id)
+
+    report = pipeline.processor.process([delivery])
+
+    assert report.verdict.ack == [delivery.tag]
+    assert (report.verdict.requeue, report.verdict.dead_letter) == ([], [])
+    assert (report.verdict.completed, report.verdict.failed) == (1, 0)
+    assert rows(probe, user_id) == {image_id: ("completed", None, f"results/{image_id}.png")}
+    assert results_of(probe, image_id) == [f"results/{image_id}.png"]
+    timing = report.timing
+    assert (timing.size, timing.completed, timing.failed, timing.requeued) == (1, 1, 0, 0)
+    assert set(timing.stages) == {"claim", "download", "render", "kernel_cpu", "upload", "commit"}
+    assert all(seconds >= 0 for seconds in timing.stages.values())
+
+
+def test_a_missing_original_fails_with_its_reason(
+    pipeline: Pipeline, probe: StackProbe, user_id: str
+) -> None:
+    image_id = pipeline.pending_image(user_id, jpeg(900, 600), stored=False)
+    delivery = pipeline.delivery(image_id)
+
+    report = pipeline.processor.process([delivery])
+
+    assert report.verdict.ack == [delivery.tag] and report.verdict.requeue == []
+    assert (report.verdict.completed, report.verdict.failed) == (0, 1)
+    assert rows(probe, user_id) == {image_id: ("failed", MISSING_REASON, None)}
+    assert results_of(probe, image_id) == []
+
+
+def test_a_truncated_jpeg_fails_with_the_decoders_reason(
+    pipeline: Pipeline, probe: StackProbe, user_id: str
+) -> None:
+    image_id = pipeline.pending_image(user_id, jpeg(1600, 1200)[:600])
+
+    report = pipeline.processor.process([pipeline.delivery(image_id)])
+
+    assert report.verdict.failed == 1
+    assert rows(probe, user_id) == {image_id: ("failed", "JPEG data could not be decoded", None)}
+    assert results_of(probe, image_id) == []
+
+
+def test_a_storage_outage_on_one_image_requeues_it_and_completes_the_other(
+    pipeline: Pipeline, probe: StackProbe, user_id: str
+) -> None:
+    healthy = pipeline.pending_image(user_id, jpeg(900, 600, seed=2))
+    unlucky = pipeline.pending_image(user_id, jpeg(900, 600, seed=3))
+    pipeline.proxy.failing = {str(unlucky)}
+    processor = pipeline.processor_behind_proxy()
+    first, second = pipeline.delivery(healthy), pipeline.delivery(unlucky)
+    try:
+        report = processor.process([first, second])
+    finally:
+        processor.close()
+        pipeline.proxy.failing = set()
+
+    assert report.verdict.ack == [first.tag]
+    assert report.verdict.requeue == [second.tag]
+    assert (report.verdict.completed, report.verdict.failed) == (1, 0)
+    assert report.timing.requeued == 1
+    assert rows(probe, user_id) == {
+        healthy: ("completed", None, f"results/{healthy}.png"),
+        # Not failed: a later delivery will process it.
+        unlucky: ("processing", None, None),
+    }
+    assert results_of(probe, unlucky) == []
+
+
+def test_the_last_delivery_of_an_image_whose_storage_keeps_failing_gives_up_with_the_reason(
+    pipeline: Pipeline, probe: StackProbe, user_id: str
+) -> None:
+    image_id = pipeline.pending_image(user_id, jpeg(900, 600))
+    pipeline.proxy.failing = {str(image_id)}
+    processor = pipeline.processor_behind_proxy()
+    delivery = pipeline.delivery(image_id, previous_deliveries=DELIVERY_LIMIT - 1)
+    try:
+        report = processor.process([delivery])
+    finally:
+        processor.close()
+        pipeline.proxy.failing = set()
+
+    assert report.verdict.ack == [delivery.tag]
+    assert report.verdict.requeue == [] and report.verdict.dead_letter == []
+    assert rows(probe, user_id) == {image_id: ("failed", GAVE_UP_REASON, None)}
+
+
+def test_a_redelivered_job_of_a_finished_image_is_acked_without_work_and_junk_dead_lettered(
+    pipeline: Pipeline, probe: StackProbe, user_id: str
+) -> None:
+    image_id = pipeline.pending_image(user_id, jpeg(900, 600))
+    pipeline.processor.process([pipeline.delivery(image_id)])
+    before = probe.updated_at(image_id)
+    again, junk = pipeline.delivery(image_id), Delivery(999_999_999, b"not a job")
+
+    report = pipeline.processor.process([again, junk])
+
+    assert report.verdict.ack == [again.tag] and report.verdict.dead_letter == [junk.tag]
+    assert (report.verdict.completed, report.verdict.failed) == (0, 0)
+    assert probe.updated_at(image_id) == before
+    assert set(report.timing.stages) == {"claim"}, "no image went through the stages"
+
+
+def test_an_image_that_crashes_its_process_fails_alone_across_two_batches_in_flight(
+    pipeline: Pipeline, probe: StackProbe, user_id: str, tmp_path: Path
+) -> None:
+    def plain(seed: int) -> uuid.UUID:
+        return pipeline.pending_image(user_id, jpeg(900, 600, seed=seed))
+
+    poison = pipeline.pending_image(user_id, CRASH_MARKER + jpeg(900, 600))
+    batch_a = [poison, plain(1), plain(2), plain(3)]
+    held = pipeline.pending_image(user_id, paused(jpeg(900, 600, seed=9), tmp_path))
+    batch_b = [held, plain(4), plain(5)]
+
+    with ThreadPoolExecutor(1) as other_batch:
+        # Batch B holds a CPU process mid-render for as long as batch A runs.
+        running_b = other_batch.submit(
+            pipeline.processor.process, [pipeline.delivery(i) for i in batch_b]
+        )
+        wait_for(lambda: (tmp_path / "started").exists(), timeout=30)
+        report_a = pipeline.processor.process([pipeline.delivery(i) for i in batch_a])
+        (tmp_path / "release").touch()
+        report_b: BatchReport = running_b.result(timeout=120)
+
+    assert (report_a.verdict.completed, report_a.verdict.failed) == (3, 1)
+    assert (report_b.verdict.completed, report_b.verdict.failed) == (3, 0)
+    assert report_a.verdict.requeue == [] == report_b.verdict.requeue
+    statuses = rows(probe, user_id)
+    assert statuses.pop(poison) == ("failed", CRASH_REASON, None)
+    assert {status for status, _, _ in statuses.values()} == {"completed"}
+    assert len(statuses) == 6
+    # The render held in batch B ran once: the crashes in batch A never touched it.
+    assert (tmp_path / "started").read_text().count("\n") == 1
