@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import time
+from http import HTTPStatus
 from typing import Any
 
 import falcon
@@ -36,6 +37,22 @@ UPLOAD_BYTES = Counter("pixelmill_upload_bytes", "Bytes of request bodies on upl
 
 _UPLOAD_ROUTES = ("/api/v1/upload", "/api/v1/uploads")
 
+# Every label value comes from a fixed set, so no request can add series: a client chooses the
+# method (gunicorn passes any token) and the path, and statuses are whatever the code sets.
+KNOWN_METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"})
+KNOWN_STATUSES = frozenset(str(status.value) for status in HTTPStatus)
+OTHER = "other"
+UNMATCHED_ROUTE = "unmatched"
+
+
+def request_labels(req: falcon.Request, resp: falcon.Response) -> tuple[str, str, str]:
+    """(route, method, status) of a request, each from a bounded set: the route is the template
+    the app registered (or `unmatched`), anything else unknown is `other`."""
+    route = req.uri_template or UNMATCHED_ROUTE
+    method = req.method if req.method in KNOWN_METHODS else OTHER
+    status = str(resp.status_code)
+    return route, method, status if status in KNOWN_STATUSES else OTHER
+
 
 class MetricsMiddleware:
     """Counts and times every request, labelled by route template (never by raw path)."""
@@ -46,12 +63,11 @@ class MetricsMiddleware:
     def process_response(
         self, req: falcon.Request, resp: falcon.Response, resource: Any, req_succeeded: bool
     ) -> None:
-        route = req.uri_template or "unmatched"
-        status = str(resp.status_code)
-        REQUESTS.labels(route, req.method, status).inc()
+        route, method, status = request_labels(req, resp)
+        REQUESTS.labels(route, method, status).inc()
         started = getattr(req.context, "started", None)
         if started is not None:
-            LATENCY.labels(route, req.method).observe(time.perf_counter() - started)
+            LATENCY.labels(route, method).observe(time.perf_counter() - started)
         if route in _UPLOAD_ROUTES and req.content_length:
             UPLOAD_BYTES.inc(req.content_length)
 
