@@ -159,6 +159,17 @@ class ApiSettings:
 
 
 @dataclass(frozen=True)
+class ServerSettings:
+    """How `pixelmill-api` runs gunicorn, and where its processes merge their metrics."""
+
+    bind: str = "127.0.0.1:3000"
+    workers: int = 2
+    threads: int = 8
+    # prometheus_client's multiprocess directory; empty: `pixelmill-api` makes a fresh one.
+    metrics_dir: str = ""
+
+
+@dataclass(frozen=True)
 class EngineSettings:
     """How a worker node processes images."""
 
@@ -186,6 +197,7 @@ class Settings:
     api: ApiSettings = field(default_factory=ApiSettings)
     engine: EngineSettings = field(default_factory=EngineSettings)
     log_format: str = "text"
+    server: ServerSettings = field(default_factory=ServerSettings)
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None) -> Settings:
@@ -201,6 +213,7 @@ class Settings:
             api=_api_from(env),
             engine=_engine_from(env),
             log_format=env.choice("LOG_FORMAT", defaults.log_format, ("text", "json")),
+            server=_server_from(env),
         )
 
 
@@ -265,6 +278,16 @@ def _api_from(env: _Env) -> ApiSettings:
         cache_ttl_seconds=env.integer("CACHE_TTL_SECONDS", d.cache_ttl_seconds, minimum=1),
         cors_origins=env.names("CORS_ORIGINS", ""),
         uploads_per_minute=env.integer("UPLOADS_PER_MINUTE", d.uploads_per_minute),
+    )
+
+
+def _server_from(env: _Env) -> ServerSettings:
+    d = ServerSettings()
+    return ServerSettings(
+        bind=env.text("API_BIND", d.bind),
+        workers=env.integer("API_WORKERS", d.workers, minimum=1),
+        threads=env.integer("API_THREADS", d.threads, minimum=1),
+        metrics_dir=env.text("PROMETHEUS_MULTIPROC_DIR", d.metrics_dir),
     )
 
 

@@ -1,5 +1,6 @@
 """The Falcon application: `create_app` wires resources to the clients it is given;
-`get_app` builds those clients from the environment (gunicorn calls it in each worker)."""
+`get_app` builds settings and clients from the environment, for a gunicorn started by hand
+(`pixelmill-api` passes its own settings to `create_app`)."""
 
 from __future__ import annotations
 
@@ -79,7 +80,7 @@ def create_app(settings: Settings, deps: Dependencies) -> falcon.App:
     )
     app.add_route("/health", HealthResource())
     app.add_route("/openapi.json", OpenApiResource(openapi_document(settings)))
-    app.add_route("/metrics", MetricsResource())
+    app.add_route("/metrics", MetricsResource(settings.server.metrics_dir))
     app.add_route(
         "/ready",
         ReadinessResource(

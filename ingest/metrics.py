@@ -1,12 +1,11 @@
 """Prometheus metrics of the API: requests by route and status, latency, upload bytes.
 
 Under gunicorn the metrics of all worker processes are merged through prometheus_client's
-multiprocess mode (`PROMETHEUS_MULTIPROC_DIR`, set by `pixelmill-api`).
+multiprocess mode, in the directory `pixelmill-api` shares between them (`ServerSettings`).
 """
 
 from __future__ import annotations
 
-import os
 import time
 from http import HTTPStatus
 from typing import Any
@@ -73,15 +72,18 @@ class MetricsMiddleware:
 
 
 class MetricsResource:
-    """`GET /metrics` in Prometheus' text format (unauthenticated, like /health)."""
+    """`GET /metrics` in Prometheus' text format (unauthenticated, like /health): this process's
+    metrics, or every worker's merged when given their multiprocess directory."""
 
     auth_required = False
 
+    def __init__(self, multiprocess_dir: str = "") -> None:
+        self._multiprocess_dir = multiprocess_dir
+
     def on_get(self, req: falcon.Request, resp: falcon.Response) -> None:
-        if os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
+        registry: CollectorRegistry = REGISTRY
+        if self._multiprocess_dir:
             registry = CollectorRegistry()
-            multiprocess.MultiProcessCollector(registry)
-        else:
-            registry = REGISTRY
+            multiprocess.MultiProcessCollector(registry, path=self._multiprocess_dir)
         resp.content_type = CONTENT_TYPE_LATEST
         resp.data = generate_latest(registry)
