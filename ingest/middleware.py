@@ -143,6 +143,11 @@ class DeadlineStream:
     def readline(self, size: int | None = -1) -> bytes:
         return self._checked(self.inner.readline, size)
 
+    def __getattr__(self, name: str) -> Any:
+        # Whatever else a WSGI input offers (readlines, close...), unchecked: Falcon reads
+        # bodies through read and readline.
+        return getattr(self.inner, name)
+
     def _checked(self, read: Any, size: int | None) -> bytes:
         try:
             data: bytes = read(size)
