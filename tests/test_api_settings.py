@@ -74,3 +74,17 @@ def test_only_the_configuration_module_reads_the_environment_in_the_api() -> Non
         if path.name != "client.py" and _ENVIRONMENT_READ.search(path.read_text())
     ]
     assert readers == [], "read settings through common.config instead"
+
+
+def test_uploads_must_leave_threads_for_health_checks() -> None:
+    with pytest.raises(ConfigError, match="API_UPLOAD_THREADS"):
+        Settings.from_env({"API_THREADS": "4", "API_UPLOAD_THREADS": "4"})
+    with pytest.raises(ConfigError, match="API_UPLOAD_THREADS"):
+        with_command_line(
+            Settings.from_env({"API_UPLOAD_THREADS": "6"}), parse_args(["--threads", "4"])
+        )
+
+
+@pytest.mark.parametrize(("threads", "slots"), [(8, 6), (4, 2), (2, 2), (1, 1)])
+def test_uploads_take_all_threads_but_two_by_default(threads: int, slots: int) -> None:
+    assert Settings.from_env({"API_THREADS": str(threads)}).server.upload_slots == slots
