@@ -159,6 +159,41 @@ class ApiSettings:
     cache_ttl_seconds: int = 30
     cors_origins: tuple[str, ...] = ()
     uploads_per_minute: int = 600
+    # A body must average this rate (after `body_timeout_seconds` of grace) or it is cut off.
+    body_min_bytes_per_second: int = 16 * 1024
+    # Uploads one user may send at once to one API process.
+    max_uploads_per_user: int = 4
+
+    def body_deadline_seconds(self, content_length: int) -> float:
+        """How long a body of `content_length` bytes may take to arrive, in all."""
+        return self.body_timeout_seconds + content_length / self.body_min_bytes_per_second
+
+
+@dataclass(frozen=True)
+class ServerSettings:
+    """How `pixelmill-api` runs gunicorn, and where its processes merge their metrics."""
+
+    bind: str = "127.0.0.1:3000"
+    workers: int = 2
+    threads: int = 8
+    # prometheus_client's multiprocess directory; empty: `pixelmill-api` makes a fresh one.
+    metrics_dir: str = ""
+    # Threads of a process that uploads may hold at once (0: see `upload_slots`), so that the
+    # others answer /health, /metrics and reads however slowly upload bodies arrive.
+    upload_threads: int = 0
+
+    def __post_init__(self) -> None:
+        if self.upload_threads >= self.threads:
+            raise ConfigError(
+                f"API_UPLOAD_THREADS={self.upload_threads} must be below API_THREADS="
+                f"{self.threads}, leaving threads for /health and /metrics"
+            )
+
+    @property
+    def upload_slots(self) -> int:
+        """`upload_threads`, or all threads but two, but at least two: a process of two or three
+        threads keeps fewer for the rest rather than take one upload at a time."""
+        return self.upload_threads or max(self.threads - 2, min(self.threads, 2))
 
 
 @dataclass(frozen=True)
@@ -194,6 +229,7 @@ class Settings:
     api: ApiSettings = field(default_factory=ApiSettings)
     engine: EngineSettings = field(default_factory=EngineSettings)
     log_format: str = "text"
+    server: ServerSettings = field(default_factory=ServerSettings)
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None) -> Settings:
@@ -209,6 +245,7 @@ class Settings:
             api=_api_from(env),
             engine=_engine_from(env),
             log_format=env.choice("LOG_FORMAT", defaults.log_format, ("text", "json")),
+            server=_server_from(env),
         )
 
 
@@ -276,6 +313,21 @@ def _api_from(env: _Env) -> ApiSettings:
         cache_ttl_seconds=env.integer("CACHE_TTL_SECONDS", d.cache_ttl_seconds, minimum=1),
         cors_origins=env.names("CORS_ORIGINS", ""),
         uploads_per_minute=env.integer("UPLOADS_PER_MINUTE", d.uploads_per_minute),
+        body_min_bytes_per_second=env.integer(
+            "BODY_MIN_BYTES_PER_SECOND", d.body_min_bytes_per_second, minimum=1
+        ),
+        max_uploads_per_user=env.integer("MAX_UPLOADS_PER_USER", d.max_uploads_per_user, 1),
+    )
+
+
+def _server_from(env: _Env) -> ServerSettings:
+    d = ServerSettings()
+    return ServerSettings(
+        bind=env.text("API_BIND", d.bind),
+        workers=env.integer("API_WORKERS", d.workers, minimum=1),
+        threads=env.integer("API_THREADS", d.threads, minimum=1),
+        metrics_dir=env.text("PROMETHEUS_MULTIPROC_DIR", d.metrics_dir),
+        upload_threads=env.integer("API_UPLOAD_THREADS", d.upload_threads),
     )
 
 

@@ -1,5 +1,6 @@
 """Log output: a human format for terminals or one JSON object per line for collectors, both with
-credentials (bearer tokens, presigned-URL signatures) masked whatever library logged them."""
+credentials (bearer tokens, presigned-URL signatures) masked whatever library logged them, and
+neither letting a logged client value (a decoded path, a filename) forge a line of its own."""
 
 from __future__ import annotations
 
@@ -20,6 +21,25 @@ _SECRETS = (
 )
 
 
+# C0 and C1 controls, DEL, and the Unicode line and paragraph separators.
+_CONTROL_CHARACTERS = re.compile(r"[\x00-\x1f\x7f-\x9f\u2028\u2029]")
+# What starts each line after an event's first, in text format: an event starts at column 0.
+CONTINUATION_INDENT = "  "
+
+
+def escape_control_characters(text: str) -> str:
+    """`text` on one line: every control character written as its escape (`\\r`, `\\x1b`)."""
+    return _CONTROL_CHARACTERS.sub(lambda m: m.group().encode("unicode_escape").decode(), text)
+
+
+def _continuation(text: str) -> str:
+    """A traceback or stack kept on its own lines, each indented, so none can pass for an event
+    (an exception's message may carry client input)."""
+    return "\n".join(
+        CONTINUATION_INDENT + escape_control_characters(line) for line in text.split("\n")
+    )
+
+
 def redact_secrets(text: str) -> str:
     """`text` with every bearer token, JWT and presigned-URL signature replaced by REDACTED."""
     for pattern in _SECRETS:
@@ -28,17 +48,26 @@ def redact_secrets(text: str) -> str:
 
 
 class TextFormatter(logging.Formatter):
-    """One human-readable line per event (plus any traceback), credentials masked."""
+    """One human-readable line per event, credentials masked and control characters escaped;
+    a traceback follows on indented lines."""
 
     def __init__(self) -> None:
         super().__init__("%(asctime)s %(levelname)-7s %(process)d %(name)s: %(message)s")
 
     def format(self, record: logging.LogRecord) -> str:
-        return redact_secrets(super().format(record))
+        record.message = record.getMessage()
+        record.asctime = self.formatTime(record, self.datefmt)
+        lines = [escape_control_characters(self.formatMessage(record))]
+        if record.exc_info:
+            lines.append(_continuation(self.formatException(record.exc_info)))
+        if record.stack_info:
+            lines.append(_continuation(self.formatStack(record.stack_info)))
+        return redact_secrets("\n".join(lines))
 
 
 class JsonFormatter(logging.Formatter):
-    """One event per line; extra fields passed with `extra=` (image_id, request_id...) are kept."""
+    """One event per line; extra fields passed with `extra=` (image_id, request_id...) are kept.
+    `json.dumps` escapes every control character (and U+2028/U+2029 with `ensure_ascii`)."""
 
     _RESERVED = set(vars(logging.makeLogRecord({}))) | {"message", "asctime"}
 

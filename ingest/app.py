@@ -1,5 +1,6 @@
 """The Falcon application: `create_app` wires resources to the clients it is given;
-`get_app` builds those clients from the environment (gunicorn calls it in each worker)."""
+`get_app` builds settings and clients from the environment, for a gunicorn started by hand
+(`pixelmill-api` passes its own settings to `create_app`)."""
 
 from __future__ import annotations
 
@@ -21,9 +22,12 @@ from ingest.intake import ImageIntake
 from ingest.metrics import MetricsMiddleware, MetricsResource
 from ingest.middleware import (
     AuthMiddleware,
+    BodyDeadlines,
     BodyTimeoutMiddleware,
     RequestIdMiddleware,
     SecurityHeadersMiddleware,
+    UploadSlotMiddleware,
+    UploadSlots,
 )
 from ingest.openapi import OpenApiResource, openapi_document
 from ingest.rate_limit import UploadRateLimiter
@@ -32,6 +36,9 @@ from ingest.routes.images import ImageCollectionResource, ImageResource
 from ingest.routes.upload import BulkUploadResource, UploadResource
 
 log = logging.getLogger(__name__)
+
+SINGLE_UPLOAD_ROUTE = "/api/v1/upload"
+BULK_UPLOAD_ROUTE = "/api/v1/uploads"
 
 
 @dataclass(frozen=True)
@@ -60,12 +67,16 @@ class Dependencies:
 
 
 def create_app(settings: Settings, deps: Dependencies) -> falcon.App:
+    """The app of one process; call it in each worker after fork (it starts the process's body
+    deadline thread)."""
+    upload_slots = UploadSlots(settings.server.upload_slots, settings.api.max_uploads_per_user)
     middleware: list[Any] = [
         MetricsMiddleware(),
         RequestIdMiddleware(),
-        BodyTimeoutMiddleware(settings.api.body_timeout_seconds),
+        BodyTimeoutMiddleware(settings.api, BodyDeadlines()),
         SecurityHeadersMiddleware(),
         AuthMiddleware(deps.verifier),
+        UploadSlotMiddleware(upload_slots, frozenset({SINGLE_UPLOAD_ROUTE, BULK_UPLOAD_ROUTE})),
     ]
     if settings.api.cors_origins:
         middleware.insert(0, falcon.CORSMiddleware(allow_origins=list(settings.api.cors_origins)))
@@ -79,7 +90,7 @@ def create_app(settings: Settings, deps: Dependencies) -> falcon.App:
     )
     app.add_route("/health", HealthResource())
     app.add_route("/openapi.json", OpenApiResource(openapi_document(settings)))
-    app.add_route("/metrics", MetricsResource())
+    app.add_route("/metrics", MetricsResource(settings.server.metrics_dir))
     app.add_route(
         "/ready",
         ReadinessResource(
@@ -90,9 +101,11 @@ def create_app(settings: Settings, deps: Dependencies) -> falcon.App:
             }
         ),
     )
-    app.add_route("/api/v1/upload", UploadResource(intake, limiter, settings.api, settings.engine))
     app.add_route(
-        "/api/v1/uploads", BulkUploadResource(intake, limiter, settings.api, settings.engine)
+        SINGLE_UPLOAD_ROUTE, UploadResource(intake, limiter, settings.api, settings.engine)
+    )
+    app.add_route(
+        BULK_UPLOAD_ROUTE, BulkUploadResource(intake, limiter, settings.api, settings.engine)
     )
     app.add_route("/api/v1/images", ImageCollectionResource(deps.db))
     app.add_route(

@@ -107,7 +107,9 @@ def malformed_form_is_bad_request() -> Iterator[None]:
     except UnicodeDecodeError as exc:
         raise BadRequest("malformed multipart body: part headers must be UTF-8") from exc
     except TimeoutError as exc:
-        raise RequestTimeout("the request body stopped arriving; send it again") from exc
+        raise RequestTimeout(
+            "the request body stopped arriving, or arrived too slowly; send it again"
+        ) from exc
 
 
 def read_single_upload(req: falcon.Request, max_bytes: int, max_pixels: int) -> UploadedImage:
