@@ -160,6 +160,7 @@ class IsolatedServices:
         search_path = f"options=-csearch_path%3D{self.schema}"
         queue = f"pm-bench-{self.run_id}-{run_index}"
         return {
+            "PIXELMILL_ENV": "local",
             "POSTGRES_URL": f"{self.base.postgres_url}{separator}{search_path}",
             "REDIS_URL": self.base.redis_url,
             "REDIS_PREFIX": f"pmbench:{self.run_id}:",

@@ -30,7 +30,7 @@ import jwt
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import rsa
 
-from common.config import Settings
+from common.config import Settings, declare_local
 
 log = logging.getLogger(__name__)
 
@@ -372,7 +372,7 @@ def running(
 
 
 def _serve_arguments(argv: list[str]) -> argparse.Namespace:
-    auth = Settings.from_env().auth
+    auth = Settings.from_env(declare_local(os.environ)).auth
     parser = argparse.ArgumentParser(
         prog="python -m ops issuer",
         description="Serve a local development OIDC issuer (discovery + JWKS).",
@@ -423,7 +423,7 @@ def _token_arguments(argv: list[str]) -> argparse.Namespace:
 def token_command(argv: list[str]) -> int:
     """Print one access token for `--user` with `--roles`; nothing else goes to stdout."""
     args = _token_arguments(argv)
-    auth = Settings.from_env().auth
+    auth = Settings.from_env(declare_local(os.environ)).auth
     issuer = LocalIssuer(args.state_dir, auth.keycloak_url, auth.realm, auth.client_id)
     roles = [role.strip() for role in args.roles.split(",") if role.strip()]
     print(issuer.mint_token(args.user, roles, expires_in=args.expires_in))

@@ -65,6 +65,8 @@ def env(run_id: str, schema: str, s3_server: LocalS3Server, issuer: LocalIssuer)
     """The environment a pixelmill process of this test session runs with."""
     separator = "&" if "?" in BASE_POSTGRES_URL else "?"
     return {
+        # Development secrets on purpose: the tests' services are throwaway and local.
+        "PIXELMILL_ENV": "local",
         "POSTGRES_URL": f"{BASE_POSTGRES_URL}{separator}options=-csearch_path%3D{schema}",
         "REDIS_URL": REDIS_URL,
         "REDIS_PREFIX": f"pmtest:{run_id}:",

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import os
 import shutil
 import socket
 import subprocess
@@ -16,7 +17,7 @@ import pytest
 from minio import Minio
 from minio.error import S3Error
 
-from common.config import QueueSettings, Settings, StorageSettings
+from common.config import QueueSettings, Settings, StorageSettings, declare_local
 from ops.__main__ import main as ops_main
 from ops.background import BackgroundProcess, Stopped, command_line
 from ops.s3server import LocalS3Server, WeedPorts, pick_free_s3_port, port_is_open
@@ -235,7 +236,7 @@ def test_background_start_twice_keeps_one_process(tmp_path: Path) -> None:
 
 
 def test_ensure_services_accepts_the_running_services() -> None:
-    ensure_services(Settings.from_env(), allow_install=False)
+    ensure_services(Settings.from_env(declare_local(os.environ)), allow_install=False)
 
 
 def test_ensure_services_names_the_missing_service_and_how_to_start_it() -> None:
@@ -260,6 +261,7 @@ def test_ensure_services_reports_a_service_that_refuses_the_credentials() -> Non
 
 
 def test_services_command_exits_1_with_the_message(monkeypatch: pytest.MonkeyPatch, capsys) -> None:
+    monkeypatch.setenv("PIXELMILL_ENV", "local")
     monkeypatch.setenv("REDIS_URL", f"redis://127.0.0.1:{_closed_port()}/0")
 
     assert ops_main(["services", "--check-only"]) == 1
@@ -271,7 +273,11 @@ def test_services_command_exits_1_with_the_message(monkeypatch: pytest.MonkeyPat
 
 def test_stack_leaves_remote_storage_and_keycloak_alone(tmp_path: Path) -> None:
     settings = Settings.from_env(
-        {"MINIO_ENDPOINT": "minio:9000", "KEYCLOAK_URL": "http://keycloak:8080"}
+        {
+            "PIXELMILL_ENV": "local",
+            "MINIO_ENDPOINT": "minio:9000",
+            "KEYCLOAK_URL": "http://keycloak:8080",
+        }
     )
     stack = LocalStack(settings, StatePaths(tmp_path), child_env={})
 

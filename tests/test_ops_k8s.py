@@ -23,7 +23,7 @@ import kubernetes_validate
 import pytest
 import yaml
 
-from common.config import Settings
+from common.config import ConfigError, Settings
 from ops.__main__ import COMMANDS
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -100,6 +100,13 @@ def _env(container: dict[str, Any]) -> dict[str, str]:
     return env
 
 
+def _filled(env: dict[str, str]) -> dict[str, str]:
+    """`env` as an operator fills it in: each placeholder replaced by a secret of its own."""
+    return {
+        name: value.replace("CHANGE-ME", f"s3cr3t-{name.lower()}") for name, value in env.items()
+    }
+
+
 # --- Kubernetes: schemas and kustomize ----------------------------------------------------------
 
 
@@ -156,8 +163,9 @@ def test_every_selector_matches_the_pod_labels_it_should() -> None:
 def test_env_sources_exist_and_the_application_accepts_every_value() -> None:
     for workload in _workloads():
         for container in _containers(workload):
-            env = _env(container)
+            env = _filled(_env(container))
             settings = Settings.from_env(env)
+            assert not settings.is_local
             assert settings.queue.queue == env["RABBITMQ_QUEUE"]
 
 
@@ -200,7 +208,7 @@ def test_worker_shared_memory_and_cpu_fit_its_settings_and_limits() -> None:
     volumes = {v["name"]: v for v in deployment["spec"]["template"]["spec"]["volumes"]}
     [shm] = [m for m in worker["volumeMounts"] if m["mountPath"] == "/dev/shm"]
     shm_volume = volumes[shm["name"]]["emptyDir"]
-    settings = Settings.from_env(_env(worker))
+    settings = Settings.from_env(_filled(_env(worker)))
     shm_bytes = _quantity_bytes(shm_volume["sizeLimit"])
 
     assert shm_volume["medium"] == "Memory"
@@ -235,6 +243,21 @@ def test_secret_holds_placeholders_only() -> None:
     secret = _one("Secret", "pixelmill-secrets")["stringData"]
 
     assert all("CHANGE-ME" in value for value in secret.values())
+
+
+def test_workloads_refuse_to_start_until_every_placeholder_is_replaced() -> None:
+    secret = _one("Secret", "pixelmill-secrets")["stringData"]
+    for workload in _workloads():
+        for container in _containers(workload):
+            env = _env(container)
+            assert env["PIXELMILL_ENV"] == "production"
+            with pytest.raises(ConfigError, match="MINIO_ACCESS_KEY"):
+                Settings.from_env(env)
+            for name in secret:
+                # Only this one still a placeholder: its own name is what stops the start.
+                one_left = {**_filled(env), name: env[name]}
+                with pytest.raises(ConfigError, match=name):
+                    Settings.from_env(one_left)
 
 
 def test_migrate_job_runs_the_migrations_once() -> None:
