@@ -193,6 +193,13 @@ class LocalIssuer:
         log.info("rotated issuer signing key kid=%s keep_old=%s", replacement.kid, keep_old)
         return replacement.kid
 
+    def withdraw_retired_keys(self) -> None:
+        """Stop publishing the keys `rotate_key(keep_old=True)` kept: tokens they signed must
+        stop verifying once resource servers refresh."""
+        with self._lock:
+            self._retired_keys = []
+        log.info("withdrew retired issuer signing keys")
+
     def public_key_pem(self) -> bytes:
         return (
             self._current_key()
