@@ -70,7 +70,12 @@ class WorkerNode:
         self.consumer = BatchConsumer(settings.queue, engine, self._process_batch)
         self.sweeper = OutboxSweeper(self.db, JobPublisher(settings.queue))
         self.control = NodeControl(
-            cache.client, settings.redis_prefix, settings.queue, self._counters, self.pool.resize
+            cache.client,
+            settings.redis_prefix,
+            settings.queue,
+            self._counters,
+            self.pool.resize,
+            max_processes=engine.max_processes,
         )
         metrics.PROCESSES.set(engine.processes)
         metrics.SLOTS_IN_USE.set_function(lambda: self.inputs.in_use)
