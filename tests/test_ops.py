@@ -23,6 +23,7 @@ from ops.background import BackgroundProcess, Stopped, command_line
 from ops.s3server import LocalS3Server, WeedPorts, pick_free_s3_port, port_is_open
 from ops.services import ServicesUnavailable, ensure_services
 from ops.stack import LocalStack, StatePaths
+from tests.support import COMPOSE_SECRETS
 
 ROOT = Path(__file__).resolve().parent.parent
 ACCESS_KEY = "ops-test"
@@ -312,7 +313,11 @@ def test_compose_file_is_valid_and_defines_every_service() -> None:
     assert COMPOSE is not None
     command = [COMPOSE, "-f", str(ROOT / "compose.yaml")]
     result = subprocess.run(
-        [*command, "config", "--services"], capture_output=True, text=True, check=False
+        [*command, "config", "--services"],
+        capture_output=True,
+        text=True,
+        check=False,
+        env={**os.environ, **COMPOSE_SECRETS},
     )
 
     assert result.returncode == 0, result.stderr
@@ -338,6 +343,7 @@ def test_compose_worker_publishes_no_ports_so_it_can_scale() -> None:
         capture_output=True,
         text=True,
         check=True,
+        env={**os.environ, **COMPOSE_SECRETS},
     )
     worker = _service_block(result.stdout, "worker")
     api = _service_block(result.stdout, "api")

@@ -10,6 +10,7 @@ and secret names that exist, values the application accepts, and KEDA's ScaledOb
 from __future__ import annotations
 
 import json
+import os
 import re
 import shlex
 import shutil
@@ -25,6 +26,7 @@ import yaml
 
 from common.config import ConfigError, Settings
 from ops.__main__ import COMMANDS
+from tests.support import COMPOSE_SECRETS
 
 ROOT = Path(__file__).resolve().parent.parent
 K8S = ROOT / "ops" / "k8s"
@@ -365,7 +367,8 @@ COMPOSE = shutil.which("docker-compose")
 def _compose_config(*profile: str) -> dict[str, Any]:
     assert COMPOSE is not None
     command = [COMPOSE, "-f", str(ROOT / "compose.yaml"), *profile, "config"]
-    result = subprocess.run(command, capture_output=True, text=True, check=False)
+    environ = {**os.environ, **COMPOSE_SECRETS}
+    result = subprocess.run(command, capture_output=True, text=True, check=False, env=environ)
     assert result.returncode == 0, result.stderr
     return dict(yaml.safe_load(result.stdout))
 
