@@ -212,7 +212,7 @@ class Settings:
         env = _Env(os.environ if environ is None else environ)
         environment = env.choice("PIXELMILL_ENV", PRODUCTION, ENVIRONMENTS)
         if environment == PRODUCTION:
-            refuse_development_secrets(env)
+            _refuse_development_secrets(env)
         defaults = cls()
         return cls(
             postgres_url=env.url("POSTGRES_URL", defaults.postgres_url, ("postgresql", "postgres")),
@@ -243,7 +243,7 @@ def _is_well_known(secret: str | None) -> bool:
     return secret is not None and secret.strip().lower() in WELL_KNOWN_SECRETS
 
 
-def refuse_development_secrets(env: _Env) -> None:
+def _refuse_development_secrets(env: _Env) -> None:
     """Raise ConfigError naming the first variable that still holds a development secret.
 
     Unset secrets count too: their defaults are the development ones. Only PIXELMILL_ENV=local
