@@ -13,6 +13,8 @@ TOKEN_USER := user
 endif
 ROLES ?= user
 BENCH_PROFILE ?= quick
+# Every target runs against the local stack, whose secrets are the development ones.
+export PIXELMILL_ENV ?= local
 
 .PHONY: up down logs ps token scale test lint bench clean compose-tool promtool
 

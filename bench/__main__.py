@@ -33,7 +33,7 @@ from bench.report import (
 )
 from bench.results import build_document, new_run_dir, write_results
 from bench.sweep import engine_grid, sweep_e2e, sweep_engine
-from common.config import Settings
+from common.config import Settings, declare_local
 from ops.stack import http_ok
 
 DEFAULT_RESULTS_ROOT = REPO_ROOT / "bench" / "results"
@@ -159,7 +159,9 @@ def run_engine(
 ) -> Path:
     """Engine runs on isolated services; results.json + summary.md + plots."""
     log_dir = results_root / ".cache" / "engine-logs" / command
-    payload = run_engine_benchmark(Settings.from_env(), corpus_dir.resolve(), specs, log_dir)
+    payload = run_engine_benchmark(
+        Settings.from_env(declare_local(os.environ)), corpus_dir.resolve(), specs, log_dir
+    )
     payload["stages_ms"] = payload["runs"][0]["stages_ms"] if payload["runs"] else {}
     settings = {"corpus_dir": str(corpus_dir), "runs": [_spec_settings(s) for s in specs]}
     return _write(command, settings, payload, results_root, engine_summary_markdown)
@@ -237,7 +239,9 @@ def command_sweep(args: argparse.Namespace) -> None:
             args.memory_mb,
         )
         log_dir = args.results_dir / ".cache" / "engine-logs" / "sweep"
-        payload = sweep_engine(Settings.from_env(), args.corpus.resolve(), specs, log_dir)
+        payload = sweep_engine(
+            Settings.from_env(declare_local(os.environ)), args.corpus.resolve(), specs, log_dir
+        )
         settings = {"mode": "engine", "runs": [_spec_settings(s) for s in specs]}
     else:
         with _stack(args.url, args.start_stack):

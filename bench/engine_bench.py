@@ -136,6 +136,7 @@ class IsolatedServices:
         """The environment of a node for run `run_index` (each run has its own queue)."""
         queue = f"pm-bench-{self.run_id}-{run_index}"
         return {
+            "PIXELMILL_ENV": "local",
             "POSTGRES_URL": with_search_path(self.base.postgres_url, self.schema),
             "REDIS_URL": self.base.redis_url,
             "REDIS_PREFIX": f"pmbench:{self.run_id}:",

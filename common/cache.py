@@ -1,8 +1,15 @@
 """Redis cache of image status documents. An optimisation only: every failure falls back to
-PostgreSQL, and writers invalidate after the database write."""
+PostgreSQL, and writers invalidate after the database write.
+
+Redis is not trusted to decide who may see an image: each entry carries an HMAC over the image
+id and the document, keyed by a secret Redis never sees, so an entry written by anyone else
+(or moved to another image's key) reads as a miss.
+"""
 
 from __future__ import annotations
 
+import hashlib
+import hmac
 import json
 import logging
 import time
@@ -19,22 +26,33 @@ def image_cache_key(prefix: str, image_id: uuid.UUID | str) -> str:
     return f"{prefix}image:{image_id}"
 
 
+def cache_signing_key(service_secret: str) -> bytes:
+    """The HMAC key for cache entries, derived from a secret every API process shares and Redis
+    does not hold (the S3 secret key), so no separate secret has to be distributed."""
+    return hashlib.sha256(b"pixelmill image cache v1\0" + service_secret.encode()).digest()
+
+
 def image_done_channel(prefix: str, image_id: uuid.UUID | str) -> str:
     """Pub/sub channel announcing that an image reached a terminal status (for long polls)."""
     return f"{prefix}image-done:{image_id}"
 
 
 class ImageCache:
-    """Status documents by image id, with a TTL; swallows Redis outages (logs them once a while)."""
+    """Status documents by image id, with a TTL; swallows Redis outages (logs them once a while).
 
-    def __init__(self, client: redis.Redis, prefix: str) -> None:
+    `get` returns only entries `put` by a cache holding the same `signing_key`; processes that
+    only invalidate (the engine, ops) need none.
+    """
+
+    def __init__(self, client: redis.Redis, prefix: str, signing_key: bytes = b"") -> None:
         self._client = client
         self._prefix = prefix
+        self._signing_key = signing_key
 
     @classmethod
-    def from_url(cls, url: str, prefix: str) -> ImageCache:
+    def from_url(cls, url: str, prefix: str, signing_key: bytes = b"") -> ImageCache:
         client = redis.Redis.from_url(url, socket_timeout=0.5, socket_connect_timeout=0.5)
-        return cls(client, prefix)
+        return cls(client, prefix, signing_key)
 
     def get(self, image_id: uuid.UUID) -> dict[str, Any] | None:
         try:
@@ -42,15 +60,40 @@ class ImageCache:
         except redis.RedisError as exc:
             log.warning("cache read skipped: %s", exc)
             return None
-        return None if raw is None else json.loads(raw)
+        return None if raw is None else self._verified(image_id, raw)
 
     def put(self, image_id: uuid.UUID, document: dict[str, Any], ttl_seconds: int) -> None:
+        if not self._signing_key:
+            return  # an entry no reader could verify is not worth writing
+        body = json.dumps(document, separators=(",", ":"), sort_keys=True)
+        entry = json.dumps({"mac": self._mac(image_id, body), "document": body})
         try:
-            self._client.set(
-                image_cache_key(self._prefix, image_id), json.dumps(document), ex=ttl_seconds
-            )
+            self._client.set(image_cache_key(self._prefix, image_id), entry, ex=ttl_seconds)
         except redis.RedisError as exc:
             log.warning("cache write skipped: %s", exc)
+
+    def _mac(self, image_id: uuid.UUID, body: str) -> str:
+        message = f"{image_id}\n{body}".encode()
+        return hmac.new(self._signing_key, message, hashlib.sha256).hexdigest()
+
+    def _verified(self, image_id: uuid.UUID, raw: bytes | str) -> dict[str, Any] | None:
+        """The cached document, or None for an entry this cache did not write for this id."""
+        try:
+            entry = json.loads(raw)
+            body, mac = entry["document"], entry["mac"]
+            trusted = (
+                bool(self._signing_key)
+                and isinstance(body, str)
+                and isinstance(mac, str)
+                and hmac.compare_digest(mac, self._mac(image_id, body))
+            )
+            document = json.loads(body) if trusted else None
+        except (ValueError, TypeError, KeyError):
+            document = None
+        if document is None or not isinstance(document, dict):
+            log.warning("ignoring a cache entry for image %s that this API did not write", image_id)
+            return None
+        return document
 
     def invalidate(self, image_ids: Iterable[uuid.UUID], *, announce: bool = False) -> None:
         """Drop the cached documents in one round trip; with `announce`, also wake the long

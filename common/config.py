@@ -11,11 +11,20 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TypeVar
-from urllib.parse import urlsplit
+from urllib.parse import unquote, urlsplit
 
 from common.formats import OUTPUT_FORMATS
 
 T = TypeVar("T")
+
+LOCAL = "local"
+PRODUCTION = "production"
+ENVIRONMENTS = (PRODUCTION, LOCAL)
+# Secrets that ship in this repository, its examples or the images' own defaults. A production
+# process refuses every one of them; the local stack and the tests use them knowingly.
+WELL_KNOWN_SECRETS = frozenset(
+    {"pixelmill", "pixelmill-secret", "guest", "admin", "minioadmin", "postgres", "change-me"}
+)
 
 
 class ConfigError(ValueError):
@@ -109,6 +118,10 @@ class StorageSettings:
     processed_bucket: str = "processed-images"
     public_endpoint: str = ""
     presign_seconds: int = 900
+    # Signs download URLs: a key that can only read the results bucket, so a leaked or
+    # tampered URL can never fetch an original. Locally it defaults to the main key.
+    presign_access_key: str = "pixelmill"
+    presign_secret_key: str = "pixelmill-secret"
 
 
 @dataclass(frozen=True)
@@ -214,6 +227,8 @@ class EngineSettings:
     # A test hook: every batch lasts at least this long, whatever the CPU's speed. Always 0 in
     # production.
     test_hold_batch_seconds: float = 0.0
+    # Upper bound on any process count, whoever asks (`engine:processes` in Redis included).
+    max_processes: int = 64
 
 
 @dataclass(frozen=True)
@@ -230,10 +245,19 @@ class Settings:
     engine: EngineSettings = field(default_factory=EngineSettings)
     log_format: str = "text"
     server: ServerSettings = field(default_factory=ServerSettings)
+    environment: str = PRODUCTION
+
+    @property
+    def is_local(self) -> bool:
+        return self.environment == LOCAL
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None) -> Settings:
+        """Read and validate; a production environment also refuses well-known secrets."""
         env = _Env(os.environ if environ is None else environ)
+        environment = env.choice("PIXELMILL_ENV", PRODUCTION, ENVIRONMENTS)
+        if environment == PRODUCTION:
+            _refuse_development_secrets(env)
         defaults = cls()
         return cls(
             postgres_url=env.url("POSTGRES_URL", defaults.postgres_url, ("postgresql", "postgres")),
@@ -246,21 +270,83 @@ class Settings:
             engine=_engine_from(env),
             log_format=env.choice("LOG_FORMAT", defaults.log_format, ("text", "json")),
             server=_server_from(env),
+            environment=environment,
+        )
+
+
+def declare_local(environ: Mapping[str, str]) -> dict[str, str]:
+    """`environ` with PIXELMILL_ENV=local unless it names an environment itself: for the
+    commands that only ever run the local stack (its start-up, the local issuer)."""
+    return {**environ, "PIXELMILL_ENV": environ.get("PIXELMILL_ENV") or LOCAL}
+
+
+def _url_password(value: str) -> str | None:
+    password = urlsplit(value).password
+    return None if password is None else unquote(password)
+
+
+def _is_well_known(secret: str | None) -> bool:
+    return secret is not None and secret.strip().lower() in WELL_KNOWN_SECRETS
+
+
+def _refuse_development_secrets(env: _Env) -> None:
+    """Raise ConfigError naming the first variable that still holds a development secret.
+
+    Unset secrets count too: their defaults are the development ones. Only PIXELMILL_ENV=local
+    (the local stack and the tests) skips this.
+    """
+    hint = "production needs its own secret (or set PIXELMILL_ENV=local for the local stack)"
+    for name in ("MINIO_ACCESS_KEY", "MINIO_SECRET_KEY", "POSTGRES_URL", "RABBITMQ_URL"):
+        if env.raw(name, "") == "":
+            raise ConfigError(f"{name} is not set; {hint}")
+    for name in ("MINIO_ACCESS_KEY", "MINIO_SECRET_KEY"):
+        if _is_well_known(env.raw(name, "")):
+            raise ConfigError(f"{name} holds a well-known development secret; {hint}")
+    for name in ("POSTGRES_URL", "RABBITMQ_URL", "REDIS_URL"):
+        if _is_well_known(_url_password(env.raw(name, ""))):
+            raise ConfigError(f"{name} holds a well-known development password; {hint}")
+    if _url_password(env.raw("REDIS_URL", "")) in (None, ""):
+        raise ConfigError(
+            "REDIS_URL has no password; production Redis must require one "
+            "(redis://:PASSWORD@host:6379/0 or rediss:// for TLS)"
+        )
+    _refuse_shared_presign_key(env, hint)
+
+
+def _refuse_shared_presign_key(env: _Env, hint: str) -> None:
+    for name in ("MINIO_PRESIGN_ACCESS_KEY", "MINIO_PRESIGN_SECRET_KEY"):
+        value = env.raw(name, "")
+        if value == "":
+            raise ConfigError(
+                f"{name} is not set; production signs download URLs with a key that can only "
+                "read the results bucket"
+            )
+        if _is_well_known(value):
+            raise ConfigError(f"{name} holds a well-known development secret; {hint}")
+    if env.raw("MINIO_PRESIGN_ACCESS_KEY", "") == env.raw("MINIO_ACCESS_KEY", ""):
+        raise ConfigError(
+            "MINIO_PRESIGN_ACCESS_KEY equals MINIO_ACCESS_KEY; download URLs need a key that can "
+            "only read the results bucket"
         )
 
 
 def _storage_from(env: _Env) -> StorageSettings:
     d = StorageSettings()
+    access_key = env.text("MINIO_ACCESS_KEY", d.access_key)
+    secret_key = env.text("MINIO_SECRET_KEY", d.secret_key)
     return StorageSettings(
         endpoint=env.host_port("MINIO_ENDPOINT", d.endpoint),
-        access_key=env.text("MINIO_ACCESS_KEY", d.access_key),
-        secret_key=env.text("MINIO_SECRET_KEY", d.secret_key),
+        access_key=access_key,
+        secret_key=secret_key,
         secure=env.boolean("MINIO_SECURE", d.secure),
         region=env.text("MINIO_REGION", d.region),
         raw_bucket=env.text("MINIO_RAW_BUCKET", d.raw_bucket),
         processed_bucket=env.text("MINIO_PROCESSED_BUCKET", d.processed_bucket),
         public_endpoint=env.text("MINIO_PUBLIC_ENDPOINT", d.public_endpoint),
         presign_seconds=env.integer("PRESIGN_SECONDS", d.presign_seconds, minimum=1),
+        # Production refuses a missing presign key before this point; locally it is the main one.
+        presign_access_key=env.text("MINIO_PRESIGN_ACCESS_KEY", access_key),
+        presign_secret_key=env.text("MINIO_PRESIGN_SECRET_KEY", secret_key),
     )
 
 
@@ -333,11 +419,17 @@ def _server_from(env: _Env) -> ServerSettings:
 
 def _engine_from(env: _Env) -> EngineSettings:
     d = EngineSettings()
+    max_processes = env.integer("WORKER_MAX_PROCESSES", d.max_processes, minimum=1)
+    processes = env.integer("WORKER_PROCESSES", min(d.processes, max_processes), minimum=1)
+    if processes > max_processes:
+        raise ConfigError(
+            f"WORKER_PROCESSES={processes} is above WORKER_MAX_PROCESSES={max_processes}"
+        )
     return EngineSettings(
         target_width=env.integer("TARGET_WIDTH", d.target_width, minimum=1),
         output_format=env.choice("OUTPUT_FORMAT", d.output_format, OUTPUT_FORMATS),
         max_pixels=env.integer("MAX_PIXELS", d.max_pixels, minimum=1),
-        processes=env.integer("WORKER_PROCESSES", d.processes, minimum=1),
+        processes=processes,
         prefetch=env.integer("WORKER_PREFETCH", d.prefetch, minimum=1),
         batch_size=env.integer("WORKER_BATCH_SIZE", d.batch_size, minimum=1),
         batch_wait_ms=env.integer("WORKER_BATCH_WAIT_MS", d.batch_wait_ms),
@@ -352,4 +444,5 @@ def _engine_from(env: _Env) -> EngineSettings:
         test_hold_batch_seconds=env.decimal(
             "WORKER_TEST_HOLD_BATCH_SECONDS", d.test_hold_batch_seconds
         ),
+        max_processes=max_processes,
     )

@@ -34,7 +34,7 @@ def result_key(image_id: uuid.UUID, content_type: str) -> str:
     return f"results/{image_id}.{formats.EXTENSION_BY_CONTENT_TYPE[content_type]}"
 
 
-def _client(endpoint: str, settings: StorageSettings) -> Minio:
+def _client(endpoint: str, settings: StorageSettings, access_key: str, secret_key: str) -> Minio:
     http = urllib3.PoolManager(
         timeout=urllib3.Timeout(connect=3.0, read=30.0),
         maxsize=32,
@@ -42,8 +42,8 @@ def _client(endpoint: str, settings: StorageSettings) -> Minio:
     )
     return Minio(
         endpoint,
-        access_key=settings.access_key,
-        secret_key=settings.secret_key,
+        access_key=access_key,
+        secret_key=secret_key,
         secure=settings.secure,
         region=settings.region,
         http_client=http,
@@ -81,10 +81,15 @@ class ObjectStore:
 
     def __init__(self, settings: StorageSettings) -> None:
         self.settings = settings
-        self._client = _client(settings.endpoint, settings)
-        # Presigned URLs must name the host clients reach, which may differ from the internal one.
+        self._client = _client(
+            settings.endpoint, settings, settings.access_key, settings.secret_key
+        )
+        # Presigned URLs must name the host clients reach, which may differ from the internal one,
+        # and are signed with a key that can only read results: a URL is a bearer credential.
         public = settings.public_endpoint or settings.endpoint
-        self._presigner = _client(public, settings)
+        self._presigner = _client(
+            public, settings, settings.presign_access_key, settings.presign_secret_key
+        )
 
     def ensure_buckets(self) -> None:
         for bucket in (self.settings.raw_bucket, self.settings.processed_bucket):

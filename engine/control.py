@@ -1,8 +1,10 @@
 """The node's control loop: heartbeat for operators, desired process count, queue-depth gauge.
 
 Operators set `{prefix}engine:processes` (`python -m ops scale`); every node reads it every two
-seconds and resizes its CPU pool. Each node publishes a heartbeat hash that `python -m ops status`
-reads; it expires on its own when the node dies. Keys and fields: `common.node_control`.
+seconds and resizes its CPU pool, never beyond its own WORKER_MAX_PROCESSES: whoever can write
+Redis must not be able to make a node fork thousands of processes. Each node publishes a
+heartbeat hash that `python -m ops status` reads; it expires on its own when the node dies.
+Keys and fields: `common.node_control`.
 """
 
 from __future__ import annotations
@@ -52,8 +54,11 @@ class NodeControl:
         queue: QueueSettings,
         counters: Callable[[], NodeCounters],
         resize: Callable[[int], None],
+        *,
+        max_processes: int,
     ) -> None:
         self._client = client
+        self._max_processes = max_processes
         self._prefix = prefix
         self._queue = queue
         self._counters = counters
@@ -98,11 +103,14 @@ class NodeControl:
         except ValueError:
             log.warning("ignoring a desired process count that is not a number: %r", raw)
             return
+        capped = min(desired, self._max_processes)
         current = self._counters().processes
-        if desired >= 1 and desired != current:
-            log.info("scaling CPU processes %d -> %d", current, desired)
-            self._resize(desired)
-            metrics.PROCESSES.set(desired)
+        if capped >= 1 and capped != current:
+            if capped < desired:
+                log.warning("%d processes asked, WORKER_MAX_PROCESSES allows %d", desired, capped)
+            log.info("scaling CPU processes %d -> %d", current, capped)
+            self._resize(capped)
+            metrics.PROCESSES.set(capped)
 
     def _beat(self) -> None:
         counters = self._counters()

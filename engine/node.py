@@ -91,7 +91,12 @@ class WorkerNode:
             age_seconds=engine.abandoned_upload_age_seconds,
         )
         self.control = NodeControl(
-            cache.client, settings.redis_prefix, settings.queue, self._counters, self.pool.resize
+            cache.client,
+            settings.redis_prefix,
+            settings.queue,
+            self._counters,
+            self.pool.resize,
+            max_processes=engine.max_processes,
         )
         if engine.test_hold_batch_seconds:
             log.warning(

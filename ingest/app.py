@@ -12,7 +12,7 @@ import falcon
 from falcon.media.multipart import MultipartParseOptions
 
 from common.broker import JobPublisher
-from common.cache import ImageCache
+from common.cache import ImageCache, cache_signing_key
 from common.config import Settings
 from common.storage import ObjectStore
 from db.pool import Database
@@ -57,7 +57,11 @@ class Dependencies:
             db=Database(settings.postgres_url),
             store=ObjectStore(settings.storage),
             publisher=JobPublisher(settings.queue),
-            cache=ImageCache.from_url(settings.redis_url, settings.redis_prefix),
+            cache=ImageCache.from_url(
+                settings.redis_url,
+                settings.redis_prefix,
+                cache_signing_key(settings.storage.secret_key),
+            ),
             verifier=TokenVerifier(settings.auth),
         )
 

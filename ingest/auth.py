@@ -1,9 +1,11 @@
 """Bearer-token authentication for the API: verifies OIDC access tokens from the configured issuer
 (Keycloak) as a resource server should (RFC 6750, RFC 8725, RFC 9068) and yields a `Principal`.
 
-The issuer's signing keys are fetched lazily from its discovery document and JWKS, cached by `kid`,
-and refreshed for an unknown `kid` at most once per `jwks_refresh_seconds`, so the API starts while
-the issuer is down and forged tokens cannot make it hammer the issuer.
+The issuer's signing keys are fetched lazily from its discovery document and JWKS and cached by
+`kid`. The whole set is fetched again once it is `jwks_refresh_seconds` old, so a key the issuer
+withdraws stops verifying within that time, and an unknown `kid` triggers no more than one fetch
+per interval either, so the API starts while the issuer is down and forged tokens cannot make it
+hammer the issuer.
 """
 
 from __future__ import annotations
@@ -145,11 +147,14 @@ def parse_jwks(document: Any) -> dict[str, PublishedKey]:
 
 
 class SigningKeyCache:
-    """The issuer's public signing keys by `kid`, fetched on first need and refreshed, for an
-    unknown `kid`, at most once per `refresh_seconds` (sooner after a failed fetch).
+    """The issuer's public signing keys by `kid`, fetched on first need and again whenever the
+    set is `refresh_seconds` old (or an unknown `kid` arrives after that), never more than once
+    per `refresh_seconds` (sooner after a failed fetch).
 
-    Lookups of known keys take no lock; a refresh replaces the whole mapping at once. A failed
-    refresh keeps the keys already cached, so verification survives an issuer outage.
+    A refresh replaces the whole mapping at once, so keys the issuer no longer publishes are
+    dropped. The request that finds the set due refreshes it; concurrent ones keep using the
+    current set rather than queue behind the fetch. A failed refresh keeps the keys already
+    cached, so verification survives an issuer outage.
     """
 
     def __init__(
@@ -177,6 +182,8 @@ class SigningKeyCache:
         Raises DependencyUnavailable when no keys were ever fetched and the issuer cannot be
         reached: the token may well be valid, so the client should retry rather than log in.
         """
+        if self._loaded and self._clock() >= self._next_fetch_at:
+            self._scheduled_refresh()
         key = self._keys.get(kid)
         if key is not None:
             return key
@@ -188,6 +195,15 @@ class SigningKeyCache:
             if key is None and not self._loaded:
                 raise DependencyUnavailable("identity provider")
             return key
+
+    def _scheduled_refresh(self) -> None:
+        if not self._lock.acquire(blocking=False):
+            return  # another request is refreshing; the current keys serve meanwhile
+        try:
+            if self._clock() >= self._next_fetch_at:
+                self._refresh()
+        finally:
+            self._lock.release()
 
     def _refresh(self) -> None:
         try:

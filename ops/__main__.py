@@ -14,7 +14,7 @@ from pathlib import Path
 
 from minio.error import S3Error
 
-from common.config import ConfigError, Settings
+from common.config import ConfigError, Settings, declare_local
 from common.errors import DependencyUnavailable
 from ops import issuer
 from ops.dlq import dlq_command
@@ -34,7 +34,8 @@ def state_dir() -> Path:
 
 
 def local_stack() -> LocalStack:
-    return LocalStack(Settings.from_env(), StatePaths(state_dir()), child_env=os.environ)
+    environ = declare_local(os.environ)
+    return LocalStack(Settings.from_env(environ), StatePaths(state_dir()), child_env=environ)
 
 
 def up_command(argv: list[str]) -> int:

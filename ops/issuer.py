@@ -30,7 +30,7 @@ import jwt
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import rsa
 
-from common.config import Settings
+from common.config import Settings, declare_local
 
 log = logging.getLogger(__name__)
 
@@ -192,6 +192,13 @@ class LocalIssuer:
             self._retired_keys = [*self._retired_keys, previous] if keep_old else []
         log.info("rotated issuer signing key kid=%s keep_old=%s", replacement.kid, keep_old)
         return replacement.kid
+
+    def withdraw_retired_keys(self) -> None:
+        """Stop publishing the keys `rotate_key(keep_old=True)` kept: tokens they signed must
+        stop verifying once resource servers refresh."""
+        with self._lock:
+            self._retired_keys = []
+        log.info("withdrew retired issuer signing keys")
 
     def public_key_pem(self) -> bytes:
         return (
@@ -372,7 +379,7 @@ def running(
 
 
 def _serve_arguments(argv: list[str]) -> argparse.Namespace:
-    auth = Settings.from_env().auth
+    auth = Settings.from_env(declare_local(os.environ)).auth
     parser = argparse.ArgumentParser(
         prog="python -m ops issuer",
         description="Serve a local development OIDC issuer (discovery + JWKS).",
@@ -423,7 +430,7 @@ def _token_arguments(argv: list[str]) -> argparse.Namespace:
 def token_command(argv: list[str]) -> int:
     """Print one access token for `--user` with `--roles`; nothing else goes to stdout."""
     args = _token_arguments(argv)
-    auth = Settings.from_env().auth
+    auth = Settings.from_env(declare_local(os.environ)).auth
     issuer = LocalIssuer(args.state_dir, auth.keycloak_url, auth.realm, auth.client_id)
     roles = [role.strip() for role in args.roles.split(",") if role.strip()]
     print(issuer.mint_token(args.user, roles, expires_in=args.expires_in))

@@ -2,7 +2,8 @@
 
 Used by `python -m ops up` and by the tests. Every port the process listens on is derived from the
 S3 port (see `WeedPorts`), so two instances with different S3 ports never collide, and signatures
-are checked against one identity written next to the data.
+are checked against the identities written next to the data: the main one, and optionally a key
+that may only read one bucket (what production uses to sign download URLs).
 """
 
 from __future__ import annotations
@@ -24,6 +25,15 @@ from ops.background import BackgroundProcess, Stopped, log_tail
 
 _GRPC_OFFSET = 10000
 _READY_POLL_SECONDS = 0.2
+
+
+@dataclass(frozen=True)
+class ReadOnlyKey:
+    """A second S3 identity allowed to read objects of one bucket and nothing else."""
+
+    access_key: str
+    secret_key: str
+    bucket: str
 
 
 class S3ServerError(RuntimeError):
@@ -126,8 +136,10 @@ class LocalS3Server:
         secret_key: str,
         log_path: Path | None = None,
         pid_path: Path | None = None,
+        reader: ReadOnlyKey | None = None,
     ) -> None:
         self.data_dir = Path(data_dir).resolve()
+        self.reader = reader
         self.ports = WeedPorts.from_s3_port(port)
         self.access_key = access_key
         self.secret_key = secret_key
@@ -206,16 +218,25 @@ class LocalS3Server:
         # `weed mini` saves its flags here and re-reads them on the next start, which would
         # bring back old ports or settings; the command line is the only source of truth.
         (self.data_dir / "mini.options").unlink(missing_ok=True)
-        identities = {
-            "identities": [
+        identities = [
+            {
+                "name": "pixelmill",
+                "credentials": [{"accessKey": self.access_key, "secretKey": self.secret_key}],
+                "actions": ["Admin", "Read", "Write", "List", "Tagging"],
+            }
+        ]
+        if self.reader is not None:
+            reader = self.reader
+            identities.append(
                 {
-                    "name": "pixelmill",
-                    "credentials": [{"accessKey": self.access_key, "secretKey": self.secret_key}],
-                    "actions": ["Admin", "Read", "Write", "List", "Tagging"],
+                    "name": "results-reader",
+                    "credentials": [
+                        {"accessKey": reader.access_key, "secretKey": reader.secret_key}
+                    ],
+                    "actions": [f"Read:{reader.bucket}"],
                 }
-            ]
-        }
-        self._identities_path.write_text(json.dumps(identities, indent=2))
+            )
+        self._identities_path.write_text(json.dumps({"identities": identities}, indent=2))
         self._identities_path.chmod(0o600)
 
     def _refuse_busy_ports(self) -> None:

@@ -19,7 +19,7 @@ from urllib.parse import urlsplit
 from common.config import Settings
 from common.storage import ObjectStore
 from ops.background import BackgroundProcess, Stopped, log_tail
-from ops.s3server import LocalS3Server
+from ops.s3server import LocalS3Server, ReadOnlyKey
 from ops.services import ensure_services
 
 API_BIND = "127.0.0.1:3000"
@@ -171,13 +171,21 @@ class LocalStack:
 
     def _s3_server(self, port: int = DEFAULT_S3_PORT) -> LocalS3Server:
         # Ownership is recognised by the data directory, so any port finds a running server.
+        storage = self.settings.storage
+        reader = None
+        if storage.presign_access_key != storage.access_key:
+            # Configured like production: download URLs signed by a key that only reads results.
+            reader = ReadOnlyKey(
+                storage.presign_access_key, storage.presign_secret_key, storage.processed_bucket
+            )
         return LocalS3Server(
             self.state.s3_data,
             port=port,
-            access_key=self.settings.storage.access_key,
-            secret_key=self.settings.storage.secret_key,
+            access_key=storage.access_key,
+            secret_key=storage.secret_key,
             log_path=self.state.log_file("s3"),
             pid_path=self.state.pid_file("s3"),
+            reader=reader,
         )
 
     def _issuer_process(self, port: int) -> BackgroundProcess:

@@ -64,6 +64,8 @@ def schema(run_id: str) -> Iterator[str]:
 def env(run_id: str, schema: str, s3_server: LocalS3Server, issuer: LocalIssuer) -> dict[str, str]:
     """The environment a pixelmill process of this test session runs with."""
     return {
+        # Development secrets on purpose: the tests' services are throwaway and local.
+        "PIXELMILL_ENV": "local",
         "POSTGRES_URL": with_search_path(BASE_POSTGRES_URL, schema),
         "REDIS_URL": REDIS_URL,
         "REDIS_PREFIX": f"pmtest:{run_id}:",

@@ -38,6 +38,21 @@ REDIS_URL = os.environ.get("TEST_REDIS_URL", "redis://127.0.0.1:6379/0")
 RABBITMQ_URL = os.environ.get("TEST_RABBITMQ_URL", "amqp://guest:guest@127.0.0.1:5672/%2F")
 S3_ACCESS_KEY = "pixelmill-test"
 S3_SECRET_KEY = "pixelmill-test-secret"
+# What an operator must set before `docker compose` accepts compose.yaml (its comment lists them).
+COMPOSE_SECRETS = {
+    name: f"test-{name.lower().replace('_', '-')}-0f3c9a"
+    for name in (
+        "POSTGRES_PASSWORD",
+        "REDIS_PASSWORD",
+        "RABBITMQ_PASSWORD",
+        "MINIO_ROOT_USER",
+        "MINIO_ROOT_PASSWORD",
+        "MINIO_APP_SECRET_KEY",
+        "MINIO_PRESIGN_SECRET_KEY",
+        "KEYCLOAK_ADMIN_PASSWORD",
+        "GRAFANA_ADMIN_PASSWORD",
+    )
+}
 
 
 def multipart(

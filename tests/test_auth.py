@@ -344,6 +344,65 @@ def test_rotation_keeping_the_old_key_verifies_both(
     assert verifier.verify(bearer(old_token)).subject == "u1"
 
 
+def test_withdrawn_key_stops_verifying_at_the_scheduled_refresh_though_its_kid_is_known(
+    issuer: LocalIssuer, verifier: TokenVerifier, clock: ManualClock
+) -> None:
+    old_token = issuer.mint_token("u1")
+    verifier.verify(bearer(old_token))
+    issuer.rotate_key(keep_old=True)
+    new_token = issuer.mint_token("u2")
+    clock.advance(REFRESH_SECONDS)
+    assert verifier.verify(bearer(new_token)).subject == "u2"
+
+    issuer.withdraw_retired_keys()
+    clock.advance(REFRESH_SECONDS - 1)
+    assert verifier.verify(bearer(old_token)).subject == "u1"  # cached until the set is due
+    clock.advance(1)
+
+    assert_rejected(verifier, bearer(old_token))
+    assert verifier.verify(bearer(new_token)).subject == "u2"
+    assert issuer.jwks_requests == 3
+
+
+def test_scheduled_refresh_fetches_the_jwks_once_per_interval_however_many_requests(
+    issuer: LocalIssuer, verifier: TokenVerifier, clock: ManualClock
+) -> None:
+    token = bearer(issuer.mint_token("u1"))
+    for _ in range(3):
+        for _ in range(20):
+            verifier.verify(token)
+            clock.advance(REFRESH_SECONDS / 40)
+
+    # 60 requests over 1.5 intervals: the first fetch, then one refresh when the set was due.
+    assert issuer.jwks_requests == 2
+    assert issuer.discovery_requests == 1
+
+
+def test_failed_scheduled_refresh_keeps_the_keys_and_retries_after_the_short_delay(
+    tmp_path: Path, clock: ManualClock
+) -> None:
+    port = free_port()
+    issuer = LocalIssuer(tmp_path / "state", f"http://127.0.0.1:{port}")
+    verifier = TokenVerifier(settings_for(issuer), clock=clock)
+    token = bearer(issuer.mint_token("u1"))
+    server, thread = serve(issuer, port=port)
+    try:
+        verifier.verify(token)
+    finally:
+        stop(server, thread)
+    clock.advance(REFRESH_SECONDS)
+    assert verifier.verify(token).subject == "u1"  # the refresh failed; the key still serves
+
+    issuer.rotate_key()
+    server, thread = serve(issuer, port=port)
+    try:
+        clock.advance(RETRY_AFTER_FAILURE_SECONDS)
+        assert_rejected(verifier, token)
+        assert issuer.jwks_requests == 2  # the first fetch and this retry
+    finally:
+        stop(server, thread)
+
+
 def test_unknown_kids_refresh_the_jwks_at_most_once_per_interval(
     issuer: LocalIssuer, verifier: TokenVerifier, clock: ManualClock, tmp_path: Path
 ) -> None:

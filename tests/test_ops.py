@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import io
+import os
 import shutil
 import subprocess
 import sys
@@ -22,7 +23,7 @@ from ops.background import BackgroundProcess, Stopped, command_line
 from ops.s3server import LocalS3Server, WeedPorts, pick_free_s3_port, port_is_open
 from ops.services import ServicesUnavailable, ensure_services
 from ops.stack import LocalStack, StatePaths
-from tests.support import free_port, wait_for
+from tests.support import COMPOSE_SECRETS, free_port, wait_for
 
 ROOT = Path(__file__).resolve().parent.parent
 ACCESS_KEY = "ops-test"
@@ -285,6 +286,7 @@ def test_ensure_services_reports_a_service_that_refuses_the_credentials() -> Non
 
 
 def test_services_command_exits_1_with_the_message(monkeypatch: pytest.MonkeyPatch, capsys) -> None:
+    monkeypatch.setenv("PIXELMILL_ENV", "local")
     monkeypatch.setenv("REDIS_URL", f"redis://127.0.0.1:{free_port()}/0")
 
     assert ops_main(["services", "--check-only"]) == 1
@@ -296,7 +298,11 @@ def test_services_command_exits_1_with_the_message(monkeypatch: pytest.MonkeyPat
 
 def test_stack_leaves_remote_storage_and_keycloak_alone(tmp_path: Path) -> None:
     settings = Settings.from_env(
-        {"MINIO_ENDPOINT": "minio:9000", "KEYCLOAK_URL": "http://keycloak:8080"}
+        {
+            "PIXELMILL_ENV": "local",
+            "MINIO_ENDPOINT": "minio:9000",
+            "KEYCLOAK_URL": "http://keycloak:8080",
+        }
     )
     stack = LocalStack(settings, StatePaths(tmp_path), child_env={})
 
@@ -331,7 +337,11 @@ def test_compose_file_is_valid_and_defines_every_service() -> None:
     assert COMPOSE is not None
     command = [COMPOSE, "-f", str(ROOT / "compose.yaml")]
     result = subprocess.run(
-        [*command, "config", "--services"], capture_output=True, text=True, check=False
+        [*command, "config", "--services"],
+        capture_output=True,
+        text=True,
+        check=False,
+        env={**os.environ, **COMPOSE_SECRETS},
     )
 
     assert result.returncode == 0, result.stderr
@@ -357,6 +367,7 @@ def test_compose_worker_publishes_no_ports_so_it_can_scale() -> None:
         capture_output=True,
         text=True,
         check=True,
+        env={**os.environ, **COMPOSE_SECRETS},
     )
     worker = _service_block(result.stdout, "worker")
     api = _service_block(result.stdout, "api")

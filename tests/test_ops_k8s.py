@@ -10,6 +10,7 @@ and secret names that exist, values the application accepts, and KEDA's ScaledOb
 from __future__ import annotations
 
 import json
+import os
 import re
 import shlex
 import shutil
@@ -23,8 +24,9 @@ import kubernetes_validate
 import pytest
 import yaml
 
-from common.config import Settings
+from common.config import ConfigError, Settings
 from ops.__main__ import COMMANDS
+from tests.support import COMPOSE_SECRETS
 
 ROOT = Path(__file__).resolve().parent.parent
 K8S = ROOT / "ops" / "k8s"
@@ -100,6 +102,13 @@ def _env(container: dict[str, Any]) -> dict[str, str]:
     return env
 
 
+def _filled(env: dict[str, str]) -> dict[str, str]:
+    """`env` as an operator fills it in: each placeholder replaced by a secret of its own."""
+    return {
+        name: value.replace("CHANGE-ME", f"s3cr3t-{name.lower()}") for name, value in env.items()
+    }
+
+
 # --- Kubernetes: schemas and kustomize ----------------------------------------------------------
 
 
@@ -156,8 +165,9 @@ def test_every_selector_matches_the_pod_labels_it_should() -> None:
 def test_env_sources_exist_and_the_application_accepts_every_value() -> None:
     for workload in _workloads():
         for container in _containers(workload):
-            env = _env(container)
+            env = _filled(_env(container))
             settings = Settings.from_env(env)
+            assert not settings.is_local
             assert settings.queue.queue == env["RABBITMQ_QUEUE"]
 
 
@@ -200,7 +210,7 @@ def test_worker_shared_memory_and_cpu_fit_its_settings_and_limits() -> None:
     volumes = {v["name"]: v for v in deployment["spec"]["template"]["spec"]["volumes"]}
     [shm] = [m for m in worker["volumeMounts"] if m["mountPath"] == "/dev/shm"]
     shm_volume = volumes[shm["name"]]["emptyDir"]
-    settings = Settings.from_env(_env(worker))
+    settings = Settings.from_env(_filled(_env(worker)))
     shm_bytes = _quantity_bytes(shm_volume["sizeLimit"])
 
     assert shm_volume["medium"] == "Memory"
@@ -235,6 +245,21 @@ def test_secret_holds_placeholders_only() -> None:
     secret = _one("Secret", "pixelmill-secrets")["stringData"]
 
     assert all("CHANGE-ME" in value for value in secret.values())
+
+
+def test_workloads_refuse_to_start_until_every_placeholder_is_replaced() -> None:
+    secret = _one("Secret", "pixelmill-secrets")["stringData"]
+    for workload in _workloads():
+        for container in _containers(workload):
+            env = _env(container)
+            assert env["PIXELMILL_ENV"] == "production"
+            with pytest.raises(ConfigError, match="MINIO_ACCESS_KEY"):
+                Settings.from_env(env)
+            for name in secret:
+                # Only this one still a placeholder: its own name is what stops the start.
+                one_left = {**_filled(env), name: env[name]}
+                with pytest.raises(ConfigError, match=name):
+                    Settings.from_env(one_left)
 
 
 def test_migrate_job_runs_the_migrations_once() -> None:
@@ -342,7 +367,8 @@ COMPOSE = shutil.which("docker-compose")
 def _compose_config(*profile: str) -> dict[str, Any]:
     assert COMPOSE is not None
     command = [COMPOSE, "-f", str(ROOT / "compose.yaml"), *profile, "config"]
-    result = subprocess.run(command, capture_output=True, text=True, check=False)
+    environ = {**os.environ, **COMPOSE_SECRETS}
+    result = subprocess.run(command, capture_output=True, text=True, check=False, env=environ)
     assert result.returncode == 0, result.stderr
     return dict(yaml.safe_load(result.stdout))
 

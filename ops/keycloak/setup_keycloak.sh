@@ -2,13 +2,14 @@
 # Create the pixelmill realm in a running Keycloak through its admin REST API, for servers that
 # were not started with `--import-realm`. Idempotent: every object is looked up before it is
 # created, so running it twice changes nothing. Definitions come from realm-ImageProcessor.json
-# next to this script, the same file `kc.sh start-dev --import-realm` reads.
+# next to this script, the same file `kc.sh start --import-realm` reads.
+#
+#   setup_keycloak.sh                    # realm, roles, the API's client: fit for production
+#   setup_keycloak.sh --with-demo-users  # also demo-ImageProcessor.json: user/user, admin/admin
+#                                        # and a password-login client (development only)
 #
 # Environment: KEYCLOAK_URL (default http://127.0.0.1:8180), KEYCLOAK_ADMIN (default admin),
 # KEYCLOAK_ADMIN_PASSWORD (required). Needs curl and jq.
-#
-# The demo users user/user and admin/admin are for local development only; never run this
-# against a production Keycloak.
 set -euo pipefail
 
 KEYCLOAK_URL="${KEYCLOAK_URL:-http://127.0.0.1:8180}"
@@ -20,7 +21,16 @@ for tool in curl jq; do
     command -v "$tool" >/dev/null || { echo "setup_keycloak: $tool is required" >&2; exit 1; }
 done
 
-REALM_FILE="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)/realm-ImageProcessor.json"
+WITH_DEMO_USERS=false
+case "${1:-}" in
+    "") ;;
+    --with-demo-users) WITH_DEMO_USERS=true ;;
+    *) echo "usage: setup_keycloak.sh [--with-demo-users]" >&2; exit 2 ;;
+esac
+
+HERE="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
+REALM_FILE="${HERE}/realm-ImageProcessor.json"
+DEMO_FILE="${HERE}/demo-ImageProcessor.json"
 REALM="$(jq -r '.realm' "$REALM_FILE")"
 CLIENT_ID="$(jq -r '.clients[0].clientId' "$REALM_FILE")"
 RESPONSE_BODY="$(mktemp)"
@@ -63,7 +73,7 @@ ensure_realm() {
     api GET "/${REALM}"
     if [[ "$STATUS" == 404 ]]; then
         log "creating realm ${REALM}"
-        api POST "" "$(jq -c 'del(.users, .clients, .roles, .components)' "$REALM_FILE")"
+        api POST "" "$(jq -c 'del(.clients, .roles, .components)' "$REALM_FILE")"
     else
         log "realm ${REALM} exists"
     fi
@@ -117,6 +127,10 @@ ensure_client() {
         log "creating client ${CLIENT_ID}"
         api POST "/${REALM}/clients" "$client"
         client_uuid
+    else
+        # Brings the flows of an existing client in line: earlier set-ups allowed password logins.
+        log "updating client ${CLIENT_ID}"
+        api PUT "/${REALM}/clients/${FOUND_ID}" "$(jq -c 'del(.protocolMappers)' <<<"$client")"
     fi
     id="$FOUND_ID"
     while IFS= read -r mapper; do
@@ -129,34 +143,10 @@ ensure_client() {
     done < <(jq -c '.protocolMappers[]' <<<"$client")
 }
 
-user_uuid() {
-    api GET "/${REALM}/users?username=$1&exact=true"
-    FOUND_ID="$(jq -r '.[0].id // empty' "$RESPONSE_BODY")"
-}
-
-ensure_user() {
-    local user="$1" username id name roles="[]"
-    username="$(jq -r '.username' <<<"$user")"
-    user_uuid "$username"
-    if [[ -z "$FOUND_ID" ]]; then
-        log "creating demo user ${username}"
-        api POST "/${REALM}/users" "$(jq -c 'del(.realmRoles)' <<<"$user")"
-        user_uuid "$username"
-    fi
-    id="$FOUND_ID"
-    for name in $(jq -r '.realmRoles[]' <<<"$user"); do
-        api GET "/${REALM}/roles/${name}"
-        roles="$(jq -c --slurpfile role "$RESPONSE_BODY" '. + $role' <<<"$roles")"
-    done
-    # Adding a role the user already holds is a no-op in Keycloak.
-    api POST "/${REALM}/users/${id}/role-mappings/realm" "$roles"
-}
-
-ensure_users() {
-    local user
-    while IFS= read -r user; do
-        ensure_user "$user"
-    done < <(jq -c '.users[]' "$REALM_FILE")
+# Keycloak's partial import skips users and clients that already exist.
+ensure_demo_users() {
+    log "importing demo users and the password-login client (development only)"
+    api POST "/${REALM}/partialImport" "$(jq -c '.ifResourceExists = "SKIP"' "$DEMO_FILE")"
 }
 
 TOKEN="$(admin_token)"
@@ -164,5 +154,7 @@ ensure_realm
 ensure_user_profile
 ensure_roles
 ensure_client
-ensure_users
+if [[ "$WITH_DEMO_USERS" == true ]]; then
+    ensure_demo_users
+fi
 log "realm ${REALM} ready at ${KEYCLOAK_URL}/realms/${REALM}"
