@@ -1,7 +1,9 @@
 """The node's control loop: heartbeat for operators, desired process count, queue-depth gauge.
 
-Operators set `{prefix}engine:processes` (`python -m ops scale`); every node reads it every two
-seconds and resizes its CPU pool. Each node publishes a heartbeat hash that `python -m ops status`
+Operators set `{prefix}engine:processes` (`python -m ops scale`, or the autoscaler's lease);
+every node reads it every two seconds and resizes its CPU pool, and goes back to the count it
+started with once the key is gone (reset by an operator, or the autoscaler's lease lapsed).
+Each node publishes a heartbeat hash that `python -m ops status`
 reads; it expires on its own when the node dies. Keys and fields: `common.node_control`.
 """
 
@@ -21,6 +23,7 @@ import redis
 
 from common.broker import BROKER_ERRORS, connection_parameters
 from common.config import QueueSettings
+from common.cpu_limit import usable_cores
 from common.node_control import (
     CONTROL_INTERVAL_SECONDS,
     HEARTBEAT_TTL_SECONDS,
@@ -53,12 +56,17 @@ class NodeControl:
         queue: QueueSettings,
         counters: Callable[[], NodeCounters],
         resize: Callable[[int], None],
+        *,
+        start_processes: int | None = None,
     ) -> None:
         self._client = client
         self._prefix = prefix
         self._queue = queue
         self._counters = counters
         self._resize = resize
+        # The count to return to when no desired count is set (None: keep whatever runs).
+        self._start_processes = start_processes
+        self._cores = usable_cores()
         self._started_at = int(time.time())
         self._key = heartbeat_key(prefix, socket.gethostname(), os.getpid())
         self._stop = threading.Event()
@@ -69,7 +77,8 @@ class NodeControl:
 
     def stop(self) -> None:
         self._stop.set()
-        self._thread.join(timeout=5)
+        if self._thread.is_alive():
+            self._thread.join(timeout=5)
         with contextlib.suppress(redis.RedisError):
             self._client.delete(self._key)
 
@@ -93,15 +102,19 @@ class NodeControl:
     def _apply_desired_processes(self) -> None:
         raw = self._client.get(desired_processes_key(self._prefix))
         if raw is None:
-            return
-        try:
-            desired = int(raw)
-        except ValueError:
-            log.warning("ignoring a desired process count that is not a number: %r", raw)
-            return
+            desired = self._start_processes
+            if desired is None:
+                return
+        else:
+            try:
+                desired = int(raw)
+            except ValueError:
+                log.warning("ignoring a desired process count that is not a number: %r", raw)
+                return
         current = self._counters().processes
         if desired >= 1 and desired != current:
-            log.info("scaling CPU processes %d -> %d", current, desired)
+            why = "the desired count" if raw is not None else "no desired count: the start-up count"
+            log.info("scaling CPU processes %d -> %d (%s)", current, desired, why)
             self._resize(desired)
             metrics.PROCESSES.set(desired)
 
@@ -116,6 +129,8 @@ class NodeControl:
             started_at=self._started_at,
             heartbeat=int(time.time()),
             queue=self._queue.queue,
+            cores=self._cores,
+            start_processes=self._start_processes or 0,
         )
         # Built in place: redis's stubs accept no dict whose key type is narrower than theirs.
         pipe.hset(self._key, mapping={name: value for name, value in beat.to_hash().items()})

@@ -78,7 +78,12 @@ class WorkerNode:
             interval_seconds=min(30.0, max(1.0, settings.queue.dead_letter_grace_seconds)),
         )
         self.control = NodeControl(
-            cache.client, settings.redis_prefix, settings.queue, self._counters, self.pool.resize
+            cache.client,
+            settings.redis_prefix,
+            settings.queue,
+            self._counters,
+            self.pool.resize,
+            start_processes=engine.processes,
         )
         metrics.PROCESSES.set(engine.processes)
         metrics.SLOTS_IN_USE.set_function(lambda: self.inputs.in_use)
