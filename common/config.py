@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import TypeVar
 from urllib.parse import unquote, urlsplit
 
+from common.cpu_limit import usable_cores
 from common.formats import OUTPUT_FORMATS
 
 T = TypeVar("T")
@@ -216,7 +217,7 @@ class EngineSettings:
     target_width: int = 800
     output_format: str = "png"
     max_pixels: int = 100_000_000
-    processes: int = field(default_factory=lambda: os.cpu_count() or 1)
+    processes: int = field(default_factory=usable_cores)
     prefetch: int = 64
     batch_size: int = 16
     batch_wait_ms: int = 50

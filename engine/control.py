@@ -1,10 +1,12 @@
 """The node's control loop: heartbeat for operators, desired process count, queue-depth gauge.
 
-Operators set `{prefix}engine:processes` (`python -m ops scale`); every node reads it every two
-seconds and resizes its CPU pool, never beyond its own WORKER_MAX_PROCESSES: whoever can write
-Redis must not be able to make a node fork thousands of processes. Each node publishes a
-heartbeat hash that `python -m ops status` reads; it expires on its own when the node dies.
-Keys and fields: `common.node_control`.
+Operators set `{prefix}engine:processes` (`python -m ops scale`, or the autoscaler's lease);
+every node reads it every two seconds and resizes its CPU pool, never beyond its own
+WORKER_MAX_PROCESSES (whoever can write Redis must not be able to make a node fork thousands of
+processes), and goes back to the count it started with once the key is gone (reset by an
+operator, or the autoscaler's lease lapsed). Each node publishes a heartbeat hash that
+`python -m ops status` reads; it expires on its own when the node dies. Keys and fields:
+`common.node_control`.
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ import redis
 
 from common.broker import BROKER_ERRORS, queue_depth
 from common.config import QueueSettings
+from common.cpu_limit import usable_cores
 from common.node_control import (
     CONTROL_INTERVAL_SECONDS,
     HEARTBEAT_TTL_SECONDS,
@@ -56,6 +59,7 @@ class NodeControl:
         resize: Callable[[int], None],
         *,
         max_processes: int,
+        start_processes: int | None = None,
     ) -> None:
         self._client = client
         self._max_processes = max_processes
@@ -63,6 +67,9 @@ class NodeControl:
         self._queue = queue
         self._counters = counters
         self._resize = resize
+        # The count to return to when no desired count is set (None: keep whatever runs).
+        self._start_processes = start_processes
+        self._cores = usable_cores()
         self._started_at = int(time.time())
         self._key = heartbeat_key(prefix, socket.gethostname(), os.getpid())
         self._stop = threading.Event()
@@ -73,7 +80,8 @@ class NodeControl:
 
     def stop(self) -> None:
         self._stop.set()
-        self._thread.join(timeout=5)
+        if self._thread.is_alive():
+            self._thread.join(timeout=5)
         with contextlib.suppress(redis.RedisError):
             self._client.delete(self._key)
 
@@ -97,18 +105,22 @@ class NodeControl:
     def _apply_desired_processes(self) -> None:
         raw = self._client.get(desired_processes_key(self._prefix))
         if raw is None:
-            return
-        try:
-            desired = int(raw)
-        except ValueError:
-            log.warning("ignoring a desired process count that is not a number: %r", raw)
-            return
+            desired = self._start_processes
+            if desired is None:
+                return
+        else:
+            try:
+                desired = int(raw)
+            except ValueError:
+                log.warning("ignoring a desired process count that is not a number: %r", raw)
+                return
         capped = min(desired, self._max_processes)
         current = self._counters().processes
         if capped >= 1 and capped != current:
             if capped < desired:
                 log.warning("%d processes asked, WORKER_MAX_PROCESSES allows %d", desired, capped)
-            log.info("scaling CPU processes %d -> %d", current, capped)
+            why = "the desired count" if raw is not None else "no desired count: the start-up count"
+            log.info("scaling CPU processes %d -> %d (%s)", current, capped, why)
             self._resize(capped)
             metrics.PROCESSES.set(capped)
 
@@ -123,6 +135,8 @@ class NodeControl:
             started_at=self._started_at,
             heartbeat=int(time.time()),
             queue=self._queue.queue,
+            cores=self._cores,
+            start_processes=self._start_processes or 0,
         )
         # Built in place: redis's stubs accept no dict whose key type is narrower than theirs.
         pipe.hset(self._key, mapping={name: value for name, value in beat.to_hash().items()})

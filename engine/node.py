@@ -97,6 +97,7 @@ class WorkerNode:
             self._counters,
             self.pool.resize,
             max_processes=engine.max_processes,
+            start_processes=engine.processes,
         )
         if engine.test_hold_batch_seconds:
             log.warning(

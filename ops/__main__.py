@@ -19,7 +19,7 @@ from common.errors import DependencyUnavailable
 from ops import issuer
 from ops.dlq import dlq_command
 from ops.s3server import S3ServerError
-from ops.scale import autoscale_command, scale_command
+from ops.scale import autoscale_command, override_notice, scale_command
 from ops.services import ServicesUnavailable, ensure_services
 from ops.stack import NEXT_STEPS, LocalStack, StackError, StatePaths, project_root
 from ops.status import node_check_command, status_command
@@ -40,7 +40,11 @@ def local_stack() -> LocalStack:
 
 def up_command(argv: list[str]) -> int:
     """Start services, SeaweedFS, the issuer, migrations, the API and a worker."""
-    local_stack().up()
+    stack = local_stack()
+    stack.up()
+    notice = override_notice(stack.settings)
+    if notice:
+        print(notice)
     print(f"\n{NEXT_STEPS}")
     return 0
 

@@ -12,9 +12,11 @@ import redis
 
 from common.node_control import (
     Heartbeat,
+    ScalingSource,
     desired_processes_key,
     heartbeat_key_pattern,
     node_of_heartbeat_key,
+    scaling_source_key,
 )
 
 _NOT_FOUND = 404
@@ -57,6 +59,8 @@ class NodeState:
     started_at: float
     heartbeat: float
     heartbeat_age_seconds: float
+    cores: int = 0
+    start_processes: int = 0
 
 
 def parse_node(key: str, fields: dict[str, str], now: float) -> NodeState | None:
@@ -76,6 +80,8 @@ def parse_node(key: str, fields: dict[str, str], now: float) -> NodeState | None
         started_at=beat.started_at,
         heartbeat=beat.heartbeat,
         heartbeat_age_seconds=round(max(0.0, now - beat.heartbeat), 1),
+        cores=beat.cores,
+        start_processes=beat.start_processes,
     )
 
 
@@ -97,3 +103,41 @@ def live_nodes(client: redis.Redis, prefix: str, host: str = "*") -> list[NodeSt
 def desired_processes(client: redis.Redis, prefix: str) -> int | None:
     raw = client.get(desired_processes_key(prefix))
     return int(raw) if raw is not None else None
+
+
+@dataclass(frozen=True)
+class ScalingOverride:
+    """A desired process count in effect: how many, who set it and when, and for a lease how
+    long it has left (None: until `ops scale --reset`)."""
+
+    processes: int
+    set_by: str
+    set_at: float
+    expires_in_seconds: float | None
+
+    def describe(self, now: float | None = None) -> str:
+        age = max(0.0, (now or time.time()) - self.set_at) if self.set_at else None
+        when = f" {age:.0f} s ago" if age is not None else ""
+        if self.expires_in_seconds is not None:
+            until = f"lease ends in {self.expires_in_seconds:.0f} s unless the autoscaler renews it"
+        else:
+            until = "stays until `python -m ops scale --reset`"
+        return f"{self.processes} processes per node, set by {self.set_by}{when}; {until}"
+
+
+def scaling_override(client: redis.Redis, prefix: str) -> ScalingOverride | None:
+    """The desired count with its source, or None when nodes run their start-up counts."""
+    pipe = client.pipeline(transaction=True)
+    pipe.get(desired_processes_key(prefix))
+    pipe.pttl(desired_processes_key(prefix))
+    pipe.hgetall(scaling_source_key(prefix))
+    raw, ttl_ms, fields = pipe.execute()
+    if raw is None:
+        return None
+    try:
+        processes = int(raw)
+    except ValueError:
+        return None
+    source = ScalingSource.from_hash(fields) or ScalingSource("operator", 0.0)
+    expires = ttl_ms / 1000 if ttl_ms is not None and ttl_ms >= 0 else None
+    return ScalingOverride(processes, source.set_by, source.set_at, expires)

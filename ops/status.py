@@ -25,9 +25,10 @@ from ops.connections import SERVICE_ERRORS, broker_connection, database, redis_c
 from ops.pipeline_state import (
     NodeState,
     QueueState,
-    desired_processes,
+    ScalingOverride,
     inspect_queue,
     live_nodes,
+    scaling_override,
 )
 
 T = TypeVar("T")
@@ -64,6 +65,7 @@ class StatusReport:
     queues: dict[str, QueueState] = field(default_factory=dict)
     nodes: list[NodeState] = field(default_factory=list)
     desired_processes: int | None = None
+    scaling_override: ScalingOverride | None = None
     throughput: Throughput | None = None
     failures: list[FailureReason] = field(default_factory=list)
     images: dict[str, int] = field(default_factory=dict)
@@ -80,6 +82,7 @@ class StatusReport:
             "queues": {role: asdict(state) for role, state in self.queues.items()},
             "nodes": [asdict(node) for node in self.nodes],
             "desired_processes": self.desired_processes,
+            "scaling_override": asdict(self.scaling_override) if self.scaling_override else None,
             "throughput": throughput,
             "failures": [asdict(failure) for failure in self.failures],
             "images": self.images,
@@ -101,11 +104,11 @@ def queue_states(settings: Settings) -> dict[str, QueueState]:
 # --- Redis --------------------------------------------------------------------------------------
 
 
-def redis_view(settings: Settings) -> tuple[list[NodeState], int | None]:
+def redis_view(settings: Settings) -> tuple[list[NodeState], ScalingOverride | None]:
     client = redis_client(settings)
     try:
         prefix = settings.redis_prefix
-        return live_nodes(client, prefix), desired_processes(client, prefix)
+        return live_nodes(client, prefix), scaling_override(client, prefix)
     finally:
         client.close()
 
@@ -138,9 +141,11 @@ def _section(report: StatusReport, name: str, read: Callable[[], T]) -> T | None
 def collect_status(settings: Settings) -> StatusReport:
     report = StatusReport()
     report.queues = _section(report, "rabbitmq", lambda: queue_states(settings)) or {}
-    nodes_and_desired = _section(report, "redis", lambda: redis_view(settings))
-    if nodes_and_desired is not None:
-        report.nodes, report.desired_processes = nodes_and_desired
+    nodes_and_override = _section(report, "redis", lambda: redis_view(settings))
+    if nodes_and_override is not None:
+        report.nodes, report.scaling_override = nodes_and_override
+        override = report.scaling_override
+        report.desired_processes = override.processes if override else None
 
     def read_database() -> None:
         with database(settings) as conn:
@@ -177,17 +182,22 @@ def render_text(report: StatusReport) -> str:
 
 
 def _render_nodes(report: StatusReport) -> list[str]:
+    override = report.scaling_override
     desired = "unset" if report.desired_processes is None else str(report.desired_processes)
     total = sum(node.processes for node in report.nodes)
     lines = [f"worker nodes: {len(report.nodes)} live, {total} processes (desired/node: {desired})"]
+    if override is not None:
+        lines.append(f"  override in effect: {override.describe()}")
     if report.nodes:
         lines.append(
-            f"  {'host':<24} {'pid':>7} {'procs':>5} {'completed':>10} {'failed':>8} {'age':>6}"
+            f"  {'host':<24} {'pid':>7} {'procs':>5} {'cores':>5} {'completed':>10} "
+            f"{'failed':>8} {'age':>6}"
         )
     for node in report.nodes:
+        cores = str(node.cores) if node.cores else "?"
         lines.append(
-            f"  {node.host:<24} {node.pid:>7} {node.processes:>5} {node.completed:>10} "
-            f"{node.failed:>8} {node.heartbeat_age_seconds:>5.1f}s"
+            f"  {node.host:<24} {node.pid:>7} {node.processes:>5} {cores:>5} "
+            f"{node.completed:>10} {node.failed:>8} {node.heartbeat_age_seconds:>5.1f}s"
         )
     return lines
 

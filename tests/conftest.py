@@ -4,6 +4,7 @@ test its own user, so tests never see each other's data."""
 
 from __future__ import annotations
 
+import dataclasses
 import uuid
 from collections.abc import Iterator
 from typing import Any
@@ -136,3 +137,17 @@ def api(app: Any, issuer: LocalIssuer, user_id: str) -> ApiClient:
 @pytest.fixture
 def probe(settings: Settings) -> StackProbe:
     return StackProbe(settings)
+
+
+@pytest.fixture
+def private_queue(settings: Settings) -> Iterator[Settings]:
+    """The session's services with a job queue, dead-letter queue and Redis prefix of this test
+    only (declared by whoever uses them first), all removed afterwards."""
+    tag = uuid.uuid4().hex[:8]
+    queue = dataclasses.replace(
+        settings.queue, queue=f"pm-q-{tag}", dead_letter_queue=f"pm-q-{tag}.dead"
+    )
+    own = dataclasses.replace(settings, queue=queue, redis_prefix=f"pmq:{tag}:")
+    yield own
+    delete_topology(own.queue)
+    _delete_redis_keys(own)

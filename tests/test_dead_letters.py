@@ -27,22 +27,14 @@ from tests.support import start_worker, stop_worker, wait_for
 
 
 @pytest.fixture
-def own_queue(settings: Settings) -> Iterator[Settings]:
-    """The session's services with a queue pair and Redis prefix of this test only."""
-    tag = uuid.uuid4().hex[:8]
-    queue = dataclasses.replace(
-        settings.queue,
-        queue=f"pm-dl-{tag}",
-        dead_letter_queue=f"pm-dl-{tag}.dead",
-        delivery_limit=2,
+def own_queue(private_queue: Settings) -> Settings:
+    """A private queue pair whose jobs die after two deliveries."""
+    own = dataclasses.replace(
+        private_queue, queue=dataclasses.replace(private_queue.queue, delivery_limit=2)
     )
-    own = dataclasses.replace(settings, queue=queue, redis_prefix=f"pmdl:{tag}:")
     with _channel(own) as channel:
         declare_topology(channel, own.queue)
-    yield own
-    with _channel(own) as channel:
-        channel.queue_delete(own.queue.queue)
-        channel.queue_delete(own.queue.dead_letter_queue)
+    return own
 
 
 class _channel:
