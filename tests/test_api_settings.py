@@ -30,6 +30,7 @@ Counter("pixelmill_http_requests", "", ["route", "method", "status"]).labels(
 def test_server_settings_come_from_the_environment() -> None:
     settings = Settings.from_env(
         {
+            "PIXELMILL_ENV": "local",
             "API_BIND": "0.0.0.0:8080",
             "API_WORKERS": "3",
             "API_THREADS": "12",
@@ -44,11 +45,13 @@ def test_server_settings_come_from_the_environment() -> None:
 @pytest.mark.parametrize("variable", ["API_WORKERS", "API_THREADS"])
 def test_a_malformed_server_setting_stops_start_up_naming_it(variable: str) -> None:
     with pytest.raises(ConfigError, match=variable):
-        Settings.from_env({variable: "many"})
+        Settings.from_env({"PIXELMILL_ENV": "local", variable: "many"})
 
 
 def test_command_line_wins_over_the_environment_only_where_given() -> None:
-    settings = Settings.from_env({"API_WORKERS": "3", "API_THREADS": "12"})
+    settings = Settings.from_env(
+        {"PIXELMILL_ENV": "local", "API_WORKERS": "3", "API_THREADS": "12"}
+    )
     server = with_command_line(settings, parse_args(["--threads", "4"])).server
     assert (server.workers, server.threads) == (3, 4)
 
@@ -78,13 +81,19 @@ def test_only_the_configuration_module_reads_the_environment_in_the_api() -> Non
 
 def test_uploads_must_leave_threads_for_health_checks() -> None:
     with pytest.raises(ConfigError, match="API_UPLOAD_THREADS"):
-        Settings.from_env({"API_THREADS": "4", "API_UPLOAD_THREADS": "4"})
+        Settings.from_env({"PIXELMILL_ENV": "local", "API_THREADS": "4", "API_UPLOAD_THREADS": "4"})
     with pytest.raises(ConfigError, match="API_UPLOAD_THREADS"):
         with_command_line(
-            Settings.from_env({"API_UPLOAD_THREADS": "6"}), parse_args(["--threads", "4"])
+            Settings.from_env({"PIXELMILL_ENV": "local", "API_UPLOAD_THREADS": "6"}),
+            parse_args(["--threads", "4"]),
         )
 
 
 @pytest.mark.parametrize(("threads", "slots"), [(8, 6), (4, 2), (2, 2), (1, 1)])
 def test_uploads_take_all_threads_but_two_by_default(threads: int, slots: int) -> None:
-    assert Settings.from_env({"API_THREADS": str(threads)}).server.upload_slots == slots
+    assert (
+        Settings.from_env(
+            {"PIXELMILL_ENV": "local", "API_THREADS": str(threads)}
+        ).server.upload_slots
+        == slots
+    )

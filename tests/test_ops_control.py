@@ -264,6 +264,7 @@ def _node_control(settings: Settings, processes: int, resized: list[int]) -> Nod
         settings.queue,
         lambda: counters,
         resized.append,
+        max_processes=64,
     )
 
 
