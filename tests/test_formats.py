@@ -93,12 +93,17 @@ def test_result_key_refuses_a_content_type_outside_the_table() -> None:
 
 @pytest.mark.parametrize("name", OUTPUT_FORMATS)
 def test_output_format_setting_accepts_every_format_in_the_table(name: str) -> None:
-    assert Settings.from_env({"OUTPUT_FORMAT": name.upper()}).engine.output_format == name
+    assert (
+        Settings.from_env(
+            {"PIXELMILL_ENV": "local", "OUTPUT_FORMAT": name.upper()}
+        ).engine.output_format
+        == name
+    )
 
 
 def test_output_format_setting_names_the_variable_and_the_choices_for_other_values() -> None:
     with pytest.raises(ConfigError, match="OUTPUT_FORMAT='gif' must be one of png, jpeg, webp"):
-        Settings.from_env({"OUTPUT_FORMAT": "gif"})
+        Settings.from_env({"PIXELMILL_ENV": "local", "OUTPUT_FORMAT": "gif"})
 
 
 @pytest.mark.parametrize(
