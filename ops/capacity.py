@@ -175,28 +175,35 @@ class Limit:
 
 
 def service_limits(per_image: Load, sizes: Sizes) -> list[Limit]:
-    """Each shared service's ceiling, lowest first (the first is the first bottleneck)."""
+    """Each shared service's ceiling, lowest first (the first is the first bottleneck). A
+    service whose cost per image was not measured (zero) sets no ceiling and is left out."""
     network_bytes_per_s = sizes.s3_network_gbps * 1e9 / 8
-    limits = [
-        Limit("object store CPU", f"{sizes.s3_cores:g} cores", sizes.s3_cores / per_image.s3_cores),
-        Limit(
+    candidates = [
+        ("object store CPU", f"{sizes.s3_cores:g} cores", sizes.s3_cores, per_image.s3_cores),
+        (
             "object store network",
             f"{sizes.s3_network_gbps:g} Gbit/s",
-            network_bytes_per_s / max(per_image.s3_in_bytes, per_image.s3_out_bytes),
+            network_bytes_per_s,
+            max(per_image.s3_in_bytes, per_image.s3_out_bytes),
         ),
-        Limit(
+        (
             "PostgreSQL",
             f"{sizes.postgres_cores:g} cores",
-            sizes.postgres_cores / per_image.postgres_cores,
+            sizes.postgres_cores,
+            per_image.postgres_cores,
         ),
-        Limit(
+        (
             "RabbitMQ",
             f"{sizes.rabbitmq_cores:g} cores",
-            sizes.rabbitmq_cores / per_image.rabbitmq_cores,
+            sizes.rabbitmq_cores,
+            per_image.rabbitmq_cores,
         ),
-        Limit(
-            "Redis", f"{sizes.redis_ops_per_s:g} ops/s", sizes.redis_ops_per_s / per_image.redis_ops
-        ),
+        ("Redis", f"{sizes.redis_ops_per_s:g} ops/s", sizes.redis_ops_per_s, per_image.redis_ops),
+    ]
+    limits = [
+        Limit(service, size, capacity / cost)
+        for service, size, capacity, cost in candidates
+        if cost > 0
     ]
     return sorted(limits, key=lambda limit: limit.images_per_s)
 
@@ -344,8 +351,9 @@ def _engine_row(document: dict[str, Any], image_class: str) -> dict[str, Any] | 
 
 def _e2e_rate(document: dict[str, Any]) -> float | None:
     """Accepted images/s of the bulk run of an e2e document (its only run otherwise)."""
-    run = document.get("bulk") or document.get("run")
-    return float(run["accepted_images_per_s"]) if run else None
+    run = document.get("bulk") or document.get("run") or {}
+    rate = run.get("accepted_images_per_s")
+    return float(rate) if rate else None
 
 
 def costs_from_results(
@@ -361,37 +369,51 @@ def costs_from_results(
     row = _engine_row(engine, image_class)
     assert row is not None
     reference = REFERENCE_COSTS.get(image_class)
-    services = row.get("services_cpu_s_per_image", {})
+    api_rate, api_source = _api_rate(documents, image_class, reference, api_processes_measured)
     original, result = _bytes(row, reference, engine["_path"])
-    e2e = _newest(
-        [
-            d
-            for d in documents
-            if d.get("kind") == "e2e" and d.get("settings", {}).get("image_class") == image_class
-        ]
-    )
-    rate = _e2e_rate(e2e) if e2e else None
-    if rate:
-        api_rate = rate / api_processes_measured
-        api_source = f"{e2e['_path'] if e2e else ''} ({api_processes_measured} API processes)"
-    elif reference is not None:
-        api_rate, api_source = reference.api_images_per_s, reference.api_source
-    else:
-        raise CapacityError(
-            f"no e2e results for {image_class}: run `python -m bench e2e --class {image_class}`"
+    services = row.get("services_cpu_s_per_image", {})
+    try:
+        return ImageCosts(
+            image_class=image_class,
+            node_cpu_s=float(row["node_cpu_s_per_image"]),
+            s3_cpu_s=float(services.get("seaweedfs", 0.0)),
+            postgres_cpu_s=float(services.get("postgresql", 0.0)),
+            rabbitmq_cpu_s=float(services.get("rabbitmq", 0.0)),
+            original_bytes=original,
+            result_bytes=result,
+            batch_size=int(row.get("batch_size", 1)),
+            api_images_per_s=api_rate,
+            source=f"{engine['_path']} ({engine.get('timestamp', 'undated')})",
+            api_source=api_source,
         )
-    return ImageCosts(
-        image_class=image_class,
-        node_cpu_s=float(row["node_cpu_s_per_image"]),
-        s3_cpu_s=float(services.get("seaweedfs", 0.0)),
-        postgres_cpu_s=float(services.get("postgresql", 0.0)),
-        rabbitmq_cpu_s=float(services.get("rabbitmq", 0.0)),
-        original_bytes=original,
-        result_bytes=result,
-        batch_size=int(row.get("batch_size", 1)),
-        api_images_per_s=api_rate,
-        source=f"{engine['_path']} ({engine.get('timestamp', 'undated')})",
-        api_source=api_source,
+    except (KeyError, TypeError, ValueError) as exc:
+        raise CapacityError(f"{engine['_path']}: not an engine run's row ({exc})") from exc
+
+
+def _api_rate(
+    documents: list[dict[str, Any]],
+    image_class: str,
+    reference: ImageCosts | None,
+    api_processes_measured: int,
+) -> tuple[float, str]:
+    """Images/s one API process accepts, and where that comes from: the newest e2e document of
+    the class, else the reference profile's figure."""
+    of_class = [
+        d
+        for d in documents
+        if d.get("kind") == "e2e" and d.get("settings", {}).get("image_class") == image_class
+    ]
+    e2e = _newest(of_class)
+    rate = _e2e_rate(e2e) if e2e is not None else None
+    if e2e is not None and rate:
+        return (
+            rate / api_processes_measured,
+            f"{e2e['_path']} ({api_processes_measured} API processes)",
+        )
+    if reference is not None:
+        return reference.api_images_per_s, reference.api_source
+    raise CapacityError(
+        f"no e2e results for {image_class}: run `python -m bench e2e --class {image_class}`"
     )
 
 
@@ -450,6 +472,8 @@ def capacity_command(argv: list[str]) -> int:
     """Size a deployment from the benchmarks (--images-per-day N [--class C] [--json])."""
     args = _parser().parse_args(argv)
     try:
+        if args.e2e_api_processes < 1:
+            raise ValueError("e2e-api-processes must be at least 1")
         sizes = Sizes(**{f.name: getattr(args, f.name) for f in dataclasses.fields(Sizes)})
         costs = load_costs(args.image_class, args.results, args.e2e_api_processes)
         plan = plan_capacity(args.images_per_day, costs, sizes)

@@ -3,6 +3,7 @@ results documents shaped like the benchmark's."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 from typing import Any
@@ -83,6 +84,15 @@ def test_the_first_bottleneck_is_the_lowest_ceiling_and_moves_with_the_sizes() -
     assert wide.to_json()["bottleneck"]["saturated_at_peak"] is False
     ceilings = [limit.images_per_s for limit in wide.limits]
     assert ceilings == sorted(ceilings)
+
+
+def test_a_service_whose_cost_was_not_measured_sets_no_ceiling() -> None:
+    unmeasured = dataclasses.replace(COSTS, rabbitmq_cpu_s=0.0)
+
+    limits = plan_capacity(A_HUNDRED_PER_SECOND, unmeasured, Sizes()).limits
+
+    assert "RabbitMQ" not in [limit.service for limit in limits]
+    assert "PostgreSQL" in [limit.service for limit in limits]
 
 
 def test_sizes_refuse_nothing_at_all_and_a_peak_below_the_average() -> None:
