@@ -274,6 +274,31 @@ def kernel_cpu_per_image(
     return (time.process_time() - started) / (rounds * len(payloads))
 
 
+def result_bytes_per_image(payloads: Sequence[bytes], settings: Settings) -> float:
+    """Mean size of the results the kernel makes of `payloads` (what a node PUTs per image)."""
+    from engine.kernel import render_grayscale
+
+    engine = settings.engine
+    sizes = [
+        len(
+            render_grayscale(
+                payload,
+                target_width=engine.target_width,
+                output_format=engine.output_format,
+                max_pixels=engine.max_pixels,
+            ).data
+        )
+        for payload in payloads
+    ]
+    return sum(sizes) / len(sizes)
+
+
+def original_bytes_per_image(payloads: Sequence[bytes], count: int) -> float:
+    """Mean size of the originals of a run of `count` images (`preload` cycles through
+    `payloads`)."""
+    return sum(len(payloads[i % len(payloads)]) for i in range(count)) / count
+
+
 @dataclass(frozen=True)
 class EngineRunSpec:
     image_class: str
@@ -443,8 +468,14 @@ def run_engine_benchmark(
             row = run_engine_once(services, spec, payloads[spec.image_class], index, log_dir)
             runs.append(row)
     kernel = {name: kernel_cpu_per_image(data, base) for name, data in payloads.items()}
+    results = {name: result_bytes_per_image(data, base) for name, data in payloads.items()}
     for row in runs:
         row["kernel_cpu_s_per_image"] = kernel[row["image_class"]]
+        # What the run moved through S3 per image, for sizing (`python -m ops capacity`).
+        row["original_bytes_per_image"] = original_bytes_per_image(
+            payloads[row["image_class"]], row["count"]
+        )
+        row["result_bytes_per_image"] = results[row["image_class"]]
         row["cpu_ratio"] = ratio(row["node_cpu_s_per_image"], kernel[row["image_class"]])
     return {"kind": "engine", "runs": runs, "batch_comparison": batch_comparison(runs)}
 

@@ -17,6 +17,7 @@ from minio.error import S3Error
 from common.config import ConfigError, Settings, declare_local
 from common.errors import DependencyUnavailable
 from ops import issuer
+from ops.capacity import capacity_command
 from ops.dlq import dlq_command
 from ops.s3server import S3ServerError
 from ops.scale import autoscale_command, override_notice, scale_command
@@ -108,6 +109,7 @@ COMMANDS: dict[str, Command] = {
     "autoscale": autoscale_command,
     "dlq": dlq_command,
     "node-check": node_check_command,
+    "capacity": capacity_command,
 }
 
 
