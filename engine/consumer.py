@@ -184,12 +184,14 @@ class _FillingBatch:
             self._since = now
         self._deliveries.append(delivery)
 
-    def seconds_left(self, now: float) -> float:
-        """Until the batch is due by its wait; zero or less once it is."""
+    def seconds_until_due(self, now: float) -> float:
+        """Until the batch is due: zero once it is full, else until its wait runs out."""
+        if len(self._deliveries) >= self._size:
+            return 0.0
         return self._since + self._wait_seconds - now
 
     def due(self, now: float) -> bool:
-        return len(self._deliveries) >= self._size or self.seconds_left(now) <= 0
+        return self.seconds_until_due(now) <= 0
 
     def take(self, now: float) -> list[Delivery]:
         """The oldest `size` deliveries; what is left begins filling the next batch now."""
@@ -247,15 +249,15 @@ class _Session:
             self._drain(consumer_tag)
 
     def _poll_seconds(self) -> float:
-        """How long to wait for broker events: until the batch deadline while one fills, until
-        the pause ends after a requeue, otherwise up to IDLE_POLL_SECONDS. A message arriving or
+        """How long to wait for broker events: until the filling batch is due (at once when full),
+        until the pause ends after a requeue, otherwise up to IDLE_POLL_SECONDS. A message or
         a batch finishing (see `_wake_on_finish`) ends the wait at once, so nothing spins."""
         now = time.monotonic()
         paused = self._paused_until - now
         if paused > 0:
             return min(paused, IDLE_POLL_SECONDS)
         if self._filling and len(self._running) < MAX_BATCHES_IN_FLIGHT:
-            return max(0.001, self._filling.seconds_left(now))
+            return max(0.001, self._filling.seconds_until_due(now))
         return IDLE_POLL_SECONDS
 
     def _wake_on_finish(self, future: Future[Verdict]) -> None:
