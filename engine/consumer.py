@@ -144,6 +144,8 @@ class BatchConsumer:
         self._batches.shutdown(wait=True)
 
     def _serve(self, connection: pika.BlockingConnection, backoff: Backoff) -> None:
+        """One session on `connection`; after a broker error, wait before the next connection
+        (a session that finished batches counts as a success, so the wait starts short)."""
         session: _Session | None = None
         try:
             session = _Session(
