@@ -12,8 +12,10 @@ import contextlib
 import logging
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Collection, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import NamedTuple
 
 import pika
 from pika.adapters.blocking_connection import BlockingChannel
@@ -52,29 +54,78 @@ class Backoff:
         self._failures = 0
 
 
+def ack_frames(tags: Sequence[int], outstanding: Collection[int]) -> list[tuple[int, bool]]:
+    """The `basic.ack` frames, as (delivery tag, multiple), that acknowledge exactly `tags`.
+
+    A `multiple=True` ack of the highest tag also acknowledges every outstanding delivery below
+    it, so one such frame is sent only when `tags` are exactly the oldest outstanding deliveries
+    (no older one is still waiting for its verdict); otherwise each tag gets a frame of its own.
+    `outstanding` holds every delivery received on the channel and not yet acked or rejected.
+    """
+    if not tags:
+        return []
+    highest = max(tags)
+    if set(tags) == {tag for tag in outstanding if tag <= highest}:
+        return [(highest, True)]
+    return [(tag, False) for tag in tags]
+
+
+@dataclass
+class ConsumerCounters:
+    """What the node reports in its heartbeat. Only the consumer thread writes them."""
+
+    completed: int = 0
+    failed: int = 0
+    batches: int = 0
+
+    def count(self, verdict: Verdict) -> None:
+        self.completed += verdict.completed
+        self.failed += verdict.failed
+        self.batches += 1
+
+
 class BatchConsumer:
-    """Turns a stream of deliveries into batches and their verdicts into acks."""
+    """Turns a stream of deliveries into batches and their verdicts into acks.
+
+    It owns the connection (reopened with a backoff after a broker error), the batch threads and
+    the counters; each connection's consuming is one `_Session`, given what it uses.
+    `requeue_backoff` makes each session's backoff for the pause after a requeue.
+    """
 
     def __init__(
         self,
         queue: QueueSettings,
         engine: EngineSettings,
         process_batch: Callable[[list[Delivery]], Verdict],
+        *,
+        requeue_backoff: Callable[[], Backoff] = Backoff,
     ) -> None:
         self._queue = queue
         self._engine = engine
         self._process_batch = process_batch
+        self._requeue_backoff = requeue_backoff
         self._batches = ThreadPoolExecutor(MAX_BATCHES_IN_FLIGHT, thread_name_prefix="batch")
         self._stop = threading.Event()
-        self.completed = 0
-        self.failed = 0
-        self.batches = 0
+        self._counters = ConsumerCounters()
+
+    @property
+    def completed(self) -> int:
+        return self._counters.completed
+
+    @property
+    def failed(self) -> int:
+        return self._counters.failed
+
+    @property
+    def batches(self) -> int:
+        return self._counters.batches
 
     def stop(self) -> None:
         """Ask the loop to drain: stop receiving, finish and commit what was received, return."""
         self._stop.set()
 
     def run(self) -> None:
+        """Consume until `stop()`, reconnecting after broker errors; returns once drained."""
         backoff = Backoff()
         while not self._stop.is_set():
             try:
@@ -84,61 +135,131 @@ class BatchConsumer:
                 log.warning("cannot reach RabbitMQ (%s); retrying in %.1fs", exc, delay)
                 self._stop.wait(delay)
                 continue
-            session = _Session(connection, self)
             try:
-                session.serve()
-            except BROKER_ERRORS as exc:
-                if session.batches_done:
-                    backoff.succeeded()
-                delay = backoff.failed()
-                log.warning("lost RabbitMQ channel (%s); reconnecting in %.1fs", exc, delay)
-                self._stop.wait(delay)
+                self._serve(connection, backoff)
             finally:
                 if connection.is_open:
                     with contextlib.suppress(*BROKER_ERRORS):
                         connection.close()
         self._batches.shutdown(wait=True)
 
+    def _serve(self, connection: pika.BlockingConnection, backoff: Backoff) -> None:
+        """One session on `connection`; after a broker error, wait before the next connection
+        (a session that finished batches counts as a success, so the wait starts short)."""
+        session: _Session | None = None
+        try:
+            session = _Session(
+                connection,
+                self._queue,
+                self._engine,
+                self._start_batch,
+                self._counters,
+                self._requeue_backoff(),
+            )
+            session.serve(self._stop)
+        except BROKER_ERRORS as exc:
+            if session is not None and session.batches_done:
+                backoff.succeeded()
+            delay = backoff.failed()
+            log.warning("lost RabbitMQ channel (%s); reconnecting in %.1fs", exc, delay)
+            self._stop.wait(delay)
+
+    def _start_batch(self, deliveries: list[Delivery]) -> Future[Verdict]:
+        return self._batches.submit(self._process_batch, deliveries)
+
+
+class _FillingBatch:
+    """Deliveries received and not yet handed to a batch. A batch is due once `size` of them
+    are here, or `wait_seconds` after it began filling."""
+
+    def __init__(self, size: int, wait_seconds: float) -> None:
+        self._size = size
+        self._wait_seconds = wait_seconds
+        self._deliveries: list[Delivery] = []
+        self._since = 0.0
+
+    def __bool__(self) -> bool:
+        return bool(self._deliveries)
+
+    def add(self, delivery: Delivery, now: float) -> None:
+        if not self._deliveries:
+            self._since = now
+        self._deliveries.append(delivery)
+
+    def seconds_until_due(self, now: float) -> float:
+        """Until the batch is due: zero once it is full, else until its wait runs out."""
+        if len(self._deliveries) >= self._size:
+            return 0.0
+        return self._since + self._wait_seconds - now
+
+    def due(self, now: float) -> bool:
+        return self.seconds_until_due(now) <= 0
+
+    def take(self, now: float) -> list[Delivery]:
+        """The oldest `size` deliveries; what is left begins filling the next batch now."""
+        batch = self._deliveries[: self._size]
+        del self._deliveries[: self._size]
+        if self._deliveries:
+            self._since = now
+        return batch
+
+
+class _Running(NamedTuple):
+    tags: list[int]
+    verdict: Future[Verdict]
+
 
 class _Session:
-    """One connection's worth of consuming; ends on stop (after draining) or on a broker error."""
+    """One connection's worth of consuming: receives deliveries, starts batches and applies
+    their verdicts on this connection's channel (delivery tags mean nothing on another).
+    Ends on stop, after draining, or on a broker error."""
 
-    def __init__(self, connection: pika.BlockingConnection, owner: BatchConsumer) -> None:
+    def __init__(
+        self,
+        connection: pika.BlockingConnection,
+        queue: QueueSettings,
+        engine: EngineSettings,
+        start_batch: Callable[[list[Delivery]], Future[Verdict]],
+        counters: ConsumerCounters,
+        requeue_backoff: Backoff,
+    ) -> None:
         self._connection = connection
-        self._owner = owner
-        self._engine = owner._engine
         self._channel: BlockingChannel = connection.channel()
-        self._buffer: list[Delivery] = []
-        self._first_at = 0.0
-        self._in_flight: list[tuple[list[int], Future[Verdict]]] = []
+        self._queue = queue
+        self._prefetch = engine.prefetch
+        self._start_batch = start_batch
+        self._counters = counters
+        self._requeue_backoff = requeue_backoff
+        self._filling = _FillingBatch(engine.batch_size, engine.batch_wait_ms / 1000)
+        self._running: list[_Running] = []
+        # Received and neither acked nor rejected yet: what a `multiple` ack must not cover.
         self._outstanding: set[int] = set()
         self._paused_until = 0.0
-        self._backoff = Backoff()
         self.batches_done = 0
 
-    def serve(self) -> None:
-        declare_topology(self._channel, self._owner._queue)
-        self._channel.basic_qos(prefetch_count=self._engine.prefetch)
-        tag = self._channel.basic_consume(self._owner._queue.queue, self._on_message)
-        log.info("consuming from %s", self._owner._queue.queue)
+    def serve(self, stop: threading.Event) -> None:
+        declare_topology(self._channel, self._queue)
+        self._channel.basic_qos(prefetch_count=self._prefetch)
+        consumer_tag = self._channel.basic_consume(self._queue.queue, self._on_message)
+        log.info("consuming from %s", self._queue.queue)
         try:
-            while not self._owner._stop.is_set():
+            while not stop.is_set():
                 self._connection.process_data_events(time_limit=self._poll_seconds())
                 self._start_ready_batch(force=False)
-                self._apply_finished(block=False)
+                self._apply_finished()
         finally:
-            self._drain(tag)
+            self._drain(consumer_tag)
 
     def _poll_seconds(self) -> float:
-        """How long to wait for broker events: until the batch deadline while one fills, until
-        the pause ends after a requeue, otherwise up to IDLE_POLL_SECONDS. A message arriving or
+        """How long to wait for broker events: until the filling batch is due (at once when full),
+        until the pause ends after a requeue, otherwise up to IDLE_POLL_SECONDS. A message or
         a batch finishing (see `_wake_on_finish`) ends the wait at once, so nothing spins."""
-        paused = self._paused_until - time.monotonic()
+        now = time.monotonic()
+        paused = self._paused_until - now
         if paused > 0:
             return min(paused, IDLE_POLL_SECONDS)
-        if self._buffer and len(self._in_flight) < MAX_BATCHES_IN_FLIGHT:
-            waited_ms = (time.monotonic() - self._first_at) * 1000
-            return max(0.001, (self._engine.batch_wait_ms - waited_ms) / 1000)
+        if self._filling and len(self._running) < MAX_BATCHES_IN_FLIGHT:
+            return max(0.001, self._filling.seconds_until_due(now))
         return IDLE_POLL_SECONDS
 
     def _wake_on_finish(self, future: Future[Verdict]) -> None:
@@ -150,44 +271,41 @@ class _Session:
     def _on_message(
         self, channel: BlockingChannel, method: Basic.Deliver, props: BasicProperties, body: bytes
     ) -> None:
-        if not self._buffer:
-            self._first_at = time.monotonic()
         headers = props.headers or {}
         previous = int(headers.get("x-delivery-count", 0) or 0)
-        self._buffer.append(Delivery(method.delivery_tag, body, previous))
+        self._filling.add(Delivery(method.delivery_tag, body, previous), time.monotonic())
         self._outstanding.add(method.delivery_tag)
 
     def _start_ready_batch(self, *, force: bool) -> None:
-        if not self._buffer or len(self._in_flight) >= MAX_BATCHES_IN_FLIGHT:
+        """Start one batch if a slot is free and the batch is due; `force` (draining) starts it
+        even when it is not full yet or the consumer is pausing after a requeue."""
+        if not self._filling or len(self._running) >= MAX_BATCHES_IN_FLIGHT:
             return
-        if not force and time.monotonic() < self._paused_until:
+        now = time.monotonic()
+        if not force and (now < self._paused_until or not self._filling.due(now)):
             return
-        full = len(self._buffer) >= self._engine.batch_size
-        waited = (time.monotonic() - self._first_at) * 1000 >= self._engine.batch_wait_ms
-        if not (force or full or waited):
-            return
-        batch = self._buffer[: self._engine.batch_size]
-        del self._buffer[: self._engine.batch_size]
-        if self._buffer:
-            self._first_at = time.monotonic()
-        future = self._owner._batches.submit(self._owner._process_batch, batch)
-        self._in_flight.append(([d.tag for d in batch], future))
+        batch = self._filling.take(now)
+        future = self._start_batch(batch)
+        self._running.append(_Running([d.tag for d in batch], future))
         future.add_done_callback(self._wake_on_finish)
 
-    def _apply_finished(self, *, block: bool) -> None:
+    def _apply_finished(self) -> None:
+        """Apply the verdicts of finished batches, oldest first."""
         still_running = []
-        for tags, future in self._in_flight:
-            if not block and not future.done():
-                still_running.append((tags, future))
+        for running in self._running:
+            if not running.verdict.done():
+                still_running.append(running)
                 continue
             try:
-                verdict = future.result()
+                verdict = running.verdict.result()
             except Exception:
-                log.exception("batch failed unexpectedly; requeueing its %d messages", len(tags))
-                verdict = Verdict(requeue=list(tags))
+                log.exception(
+                    "batch failed unexpectedly; requeueing its %d messages", len(running.tags)
+                )
+                verdict = Verdict(requeue=list(running.tags))
             self._apply(verdict)
             self.batches_done += 1
-        self._in_flight = still_running
+        self._running = still_running
 
     def _apply(self, verdict: Verdict) -> None:
         self._ack(verdict.ack)
@@ -198,42 +316,30 @@ class _Session:
         metrics.REQUEUED.inc(len(verdict.requeue))
         self._outstanding.difference_update(verdict.requeue)
         self._outstanding.difference_update(verdict.dead_letter)
-        self._owner.completed += verdict.completed
-        self._owner.failed += verdict.failed
-        self._owner.batches += 1
+        self._counters.count(verdict)
         if verdict.requeue:
-            delay = self._backoff.failed()
+            delay = self._requeue_backoff.failed()
             self._paused_until = time.monotonic() + delay
             log.warning("%d messages requeued; pausing %.1fs", len(verdict.requeue), delay)
         else:
-            self._backoff.succeeded()
+            self._requeue_backoff.succeeded()
 
     def _ack(self, tags: list[int]) -> None:
-        """Ack with one `multiple=True` frame when the tags are exactly the oldest outstanding."""
-        if not tags:
-            return
-        highest = max(tags)
-        if all(t in tags for t in self._outstanding if t <= highest) and len(set(tags)) == sum(
-            1 for t in self._outstanding if t <= highest
-        ):
-            self._channel.basic_ack(highest, multiple=True)
-        else:
-            for tag in tags:
-                self._channel.basic_ack(tag)
+        for tag, multiple in ack_frames(tags, self._outstanding):
+            self._channel.basic_ack(tag, multiple=multiple)
         self._outstanding.difference_update(tags)
 
     def _drain(self, consumer_tag: str) -> None:
-        """Stop receiving, process what was already received, commit, ack, return."""
+        """Stop receiving, process what was already received, commit, ack, return. With the
+        connection gone, only wait for the running batches: the broker redelivers their
+        messages, and their tags cannot be acked on another connection."""
         if not self._connection.is_open:
-            self._in_flight_wait_only()
+            for running in self._running:
+                running.verdict.exception()
             return
         self._channel.basic_cancel(consumer_tag)
-        while self._buffer or self._in_flight:
+        while self._filling or self._running:
             self._start_ready_batch(force=True)
             self._connection.process_data_events(time_limit=0.05)
-            self._apply_finished(block=False)
+            self._apply_finished()
         log.info("drained: every received message was processed and acknowledged")
-
-    def _in_flight_wait_only(self) -> None:
-        for _, future in self._in_flight:
-            future.exception()

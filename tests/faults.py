@@ -29,10 +29,18 @@ def _close(sock: socket.socket) -> None:
 class TcpProxy:
     """Forwards 127.0.0.1:`port` to `target_port`, so a shared service can be made unreachable
     for one stack only: `pause()` drops every open connection and refuses new ones (the listener
-    is closed), `resume()` listens again on the same port."""
+    is closed), `resume()` listens again on the same port. `tap`, when given, is called once per
+    accepted connection and returns the function that sees every chunk the client sends, before
+    the service does."""
 
-    def __init__(self, target_port: int, target_host: str = "127.0.0.1") -> None:
+    def __init__(
+        self,
+        target_port: int,
+        target_host: str = "127.0.0.1",
+        tap: Callable[[], Callable[[bytes], None]] | None = None,
+    ) -> None:
         self.target = (target_host, target_port)
+        self._tap = tap
         self.port = free_port()
         self._lock = threading.Lock()
         self._open: set[socket.socket] = set()
@@ -80,12 +88,20 @@ class TcpProxy:
             upstream.settimeout(None)
             with self._lock:
                 self._open.update((client, upstream))
-            for source, sink in ((client, upstream), (upstream, client)):
-                threading.Thread(target=self._pump, args=(source, sink), daemon=True).start()
+            sent = self._tap() if self._tap is not None else None
+            for source, sink, seen in ((client, upstream, sent), (upstream, client, None)):
+                threading.Thread(target=self._pump, args=(source, sink, seen), daemon=True).start()
 
-    def _pump(self, source: socket.socket, sink: socket.socket) -> None:
+    def _pump(
+        self,
+        source: socket.socket,
+        sink: socket.socket,
+        seen: Callable[[bytes], None] | None = None,
+    ) -> None:
         try:
             while chunk := source.recv(65536):
+                if seen is not None:
+                    seen(chunk)
                 sink.sendall(chunk)
         except OSError:
             pass
