@@ -20,7 +20,7 @@ import pika.spec
 import pytest
 from pika.adapters.blocking_connection import BlockingChannel
 
-from common.broker import ensure_topology
+from common.broker import ensure_topology, queue_depth
 from common.config import EngineSettings, QueueSettings
 from engine.batch import Delivery, Verdict
 from engine.consumer import Backoff, BatchConsumer, ack_frames
@@ -271,12 +271,6 @@ def publish(queue: QueueSettings, bodies: Iterable[bytes]) -> None:
             )
 
 
-def ready(queue: QueueSettings) -> int:
-    """Messages waiting in the job queue, not counting those delivered and unanswered."""
-    with broker_channel(queue) as channel:
-        return int(channel.queue_declare(queue.queue, passive=True).method.message_count)
-
-
 def dead_letters(queue: QueueSettings) -> list[bytes]:
     bodies = []
     with broker_channel(queue) as channel:
@@ -312,7 +306,7 @@ def test_batches_are_cut_at_batch_size_and_a_partial_one_waits_for_more(
     batches = ScriptedBatches()
     with consuming(queue, batches, batch_size=4) as running:
         publish(queue, messages(0, 1, 2))
-        wait_for(lambda: ready(queue) == 0)
+        wait_for(lambda: queue_depth(queue) == 0)
         publish(queue, messages(3, 4, 5, 6, 7))
         wait_for(lambda: running.tap.acked() == set(range(1, 9)))
     assert batches.bodies() == [messages(0, 1, 2, 3), messages(4, 5, 6, 7)]
@@ -345,7 +339,7 @@ def test_no_more_than_two_batches_run_at_once(queue: QueueSettings) -> None:
     batches.hold(*messages(0, 2, 4))
     publish(queue, messages(0, 1, 2, 3, 4, 5))
     with consuming(queue, batches, batch_size=2) as running:
-        wait_for(lambda: len(batches.batches) == 2 and ready(queue) == 0)
+        wait_for(lambda: len(batches.batches) == 2 and queue_depth(queue) == 0)
         batches.release(b"m0")
         wait_for(lambda: len(batches.batches) == 3)
         batches.release(b"m2")
@@ -425,7 +419,7 @@ def test_no_batch_starts_while_the_consumer_pauses_after_a_requeue(queue: QueueS
     with consuming(queue, batches, batch_size=1, requeue_backoff=paused) as running:
         wait_for(lambda: running.tap.frames() == [Frame("nack", 1, requeue=True)])
         publish(queue, messages(1))
-        wait_for(lambda: ready(queue) == 0)
+        wait_for(lambda: queue_depth(queue) == 0)
         batches.note("stop")
         running.stop()
     assert batches.log[:3] == ["start m0", "end m0", "stop"]
@@ -443,14 +437,14 @@ def test_stop_processes_and_acks_every_received_message_before_returning(
     batches.hold(b"m0")
     publish(queue, messages(0, 1, 2, 3, 4, 5))
     with consuming(queue, batches, batch_size=4) as running:
-        wait_for(lambda: len(batches.batches) == 1 and ready(queue) == 0)
+        wait_for(lambda: len(batches.batches) == 1 and queue_depth(queue) == 0)
         running.consumer.stop()
         batches.release(b"m0")
         running.stop()
         assert running.tap.acked() == set(range(1, 7))
     assert batches.bodies() == [messages(0, 1, 2, 3), messages(4, 5)]
     assert not [f for f in running.tap.frames() if f.method != "ack"]
-    assert ready(queue) == 0
+    assert queue_depth(queue) == 0
 
 
 def test_after_the_connection_drops_the_consumer_reconnects_and_acks_on_the_new_one(
@@ -464,7 +458,7 @@ def test_after_the_connection_drops_the_consumer_reconnects_and_acks_on_the_new_
     with consuming(queue, batches, batch_size=2) as running:
         wait_for(lambda: len(batches.batches) == 1)
         running.proxy.pause()
-        wait_for(lambda: ready(queue) == 2)
+        wait_for(lambda: queue_depth(queue) == 2)
         running.proxy.resume()
         batches.release(b"m0")
         wait_for(lambda: running.tap.acked(connection=2) == {1, 2})
