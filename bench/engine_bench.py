@@ -53,7 +53,7 @@ from common.imageinfo import probe
 from common.jobs import JobMessage
 from common.storage import ObjectStore, original_key
 from common.waiting import wait_for
-from db import images
+from db import image_stats, images
 from db.images import NewImage
 from db.migrate import apply_migrations
 from db.pool import Database
@@ -227,10 +227,7 @@ def _new_image(payload: bytes, index: int) -> NewImage:
 
 def _terminal_count(conninfo: str, ids: list[uuid.UUID]) -> dict[str, int]:
     with psycopg.connect(conninfo) as conn:
-        rows = conn.execute(
-            "SELECT status, count(*) FROM images WHERE id = ANY(%s) GROUP BY status", (ids,)
-        ).fetchall()
-    return {str(status): int(n) for status, n in rows}
+        return image_stats.status_counts_of(conn, ids)
 
 
 def _service_pids(services: IsolatedServices) -> dict[str, list[int]]:
@@ -374,20 +371,15 @@ def _measure(
 def _database_clock(conninfo: str) -> float:
     """PostgreSQL's clock, in seconds: the same clock as the rows' `updated_at`."""
     with psycopg.connect(conninfo) as conn:
-        row = conn.execute("SELECT extract(epoch FROM clock_timestamp())::float8").fetchone()
-    assert row is not None
-    return float(row[0])
+        return image_stats.database_clock(conn)
 
 
 def _last_update(conninfo: str, ids: list[uuid.UUID]) -> float:
     """When the last of `ids` was committed (its `updated_at`), in seconds on the database clock."""
     with psycopg.connect(conninfo) as conn:
-        row = conn.execute(
-            "SELECT extract(epoch FROM max(updated_at))::float8 FROM images WHERE id = ANY(%s)",
-            (ids,),
-        ).fetchone()
-    assert row is not None and row[0] is not None
-    return float(row[0])
+        last = image_stats.last_update(conn, ids)
+    assert last is not None
+    return last
 
 
 def _done(conninfo: str, ids: list[uuid.UUID]) -> int:
