@@ -29,6 +29,10 @@ def parse_args(argv: list[str] | None, settings: Settings) -> Settings:
     for name in ("processes", "prefetch", "batch_size", "memory_mb"):
         if getattr(args, name) < 1:
             parser.error(f"--{name.replace('_', '-')} must be at least 1")
+    if args.processes > engine.max_processes:
+        parser.error(
+            f"--processes {args.processes} is above WORKER_MAX_PROCESSES={engine.max_processes}"
+        )
     tuned = dataclasses.replace(
         engine,
         processes=args.processes,
