@@ -225,3 +225,17 @@ def test_a_node_returns_to_its_start_up_count_when_no_count_is_set(
 
 def _own_node() -> tuple[str, int]:
     return socket.gethostname(), os.getpid()
+
+
+def test_the_processes_flag_cannot_pass_the_configured_ceiling(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    from engine.__main__ import parse_args
+
+    ceiling = Settings.from_env({"PIXELMILL_ENV": "local", "WORKER_MAX_PROCESSES": "4"})
+
+    assert parse_args(["--processes", "4"], ceiling).engine.processes == 4
+    with pytest.raises(SystemExit) as refused:
+        parse_args(["--processes", "8"], ceiling)
+    assert refused.value.code == 2
+    assert "WORKER_MAX_PROCESSES=4" in capsys.readouterr().err
