@@ -9,12 +9,11 @@ originals it names that have no row are removed, and so are the announcements.
 from __future__ import annotations
 
 import logging
-import threading
 
-from common.errors import DependencyUnavailable
 from common.storage import ObjectStore, original_key
 from db import upload_intents
 from db.pool import Database
+from engine.periodic import PeriodicChore
 
 log = logging.getLogger(__name__)
 
@@ -37,18 +36,13 @@ class AbandonedUploadSweeper:
         self._interval = interval_seconds
         self._age = age_seconds
         self._limit = batch_limit
-        self._stop = threading.Event()
-        self._thread = threading.Thread(
-            target=self._loop, name="abandoned-upload-sweeper", daemon=True
-        )
+        self._chore = PeriodicChore("abandoned-upload-sweeper", self.sweep_once, interval_seconds)
 
     def start(self) -> None:
-        self._thread.start()
+        self._chore.start()
 
     def stop(self) -> None:
-        self._stop.set()
-        if self._thread.is_alive():
-            self._thread.join(timeout=10)
+        self._chore.stop()
 
     def sweep_once(self) -> int:
         """Remove one round of abandoned originals; returns how many."""
@@ -65,12 +59,3 @@ class AbandonedUploadSweeper:
         if abandoned:
             log.info("removed %d originals of abandoned uploads", len(abandoned))
         return len(abandoned)
-
-    def _loop(self) -> None:
-        while not self._stop.wait(self._interval):
-            try:
-                self.sweep_once()
-            except DependencyUnavailable as exc:
-                log.warning("abandoned-upload sweep skipped: %s", exc)
-            except Exception:
-                log.exception("abandoned-upload sweep failed")

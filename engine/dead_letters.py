@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import threading
 
 import pika
 
@@ -23,6 +22,7 @@ from common.dead_letters import DeadLetter, take_dead_letters
 from common.errors import DependencyUnavailable
 from db import images
 from db.pool import Database
+from engine.periodic import PeriodicChore
 
 log = logging.getLogger(__name__)
 
@@ -52,17 +52,16 @@ class DeadLetterReaper:
         self._cache = cache
         self._queue = queue
         self._grace = grace_seconds
-        self._interval = interval_seconds
         self._limit = scan_limit
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._loop, name="dead-letter-reaper", daemon=True)
+        self._chore = PeriodicChore(
+            "dead-letter-reaper", self.reap_once, interval_seconds, expected=_EXPECTED_ERRORS
+        )
 
     def start(self) -> None:
-        self._thread.start()
+        self._chore.start()
 
     def stop(self) -> None:
-        self._stop.set()
-        self._thread.join(timeout=10)
+        self._chore.stop()
 
     def reap_once(self) -> int:
         """One round; returns how many images it ended as failed."""
@@ -92,12 +91,3 @@ class DeadLetterReaper:
         if letter.image_id is None:
             return False  # malformed: left for an operator (`ops dlq list`, `ops dlq fail`)
         return letter.died_at is None or letter.dead_for_seconds() >= self._grace
-
-    def _loop(self) -> None:
-        while not self._stop.wait(self._interval):
-            try:
-                self.reap_once()
-            except _EXPECTED_ERRORS as exc:
-                log.warning("dead-letter reaping skipped: %s", exc)
-            except Exception:
-                log.exception("dead-letter reaping failed")

@@ -7,13 +7,12 @@ row with no `enqueued_at`; without this sweeper that image would never be proces
 from __future__ import annotations
 
 import logging
-import threading
 
 from common.broker import JobPublisher
-from common.errors import DependencyUnavailable
 from common.jobs import JobMessage
 from db import images
 from db.pool import Database
+from engine.periodic import PeriodicChore
 
 log = logging.getLogger(__name__)
 
@@ -32,18 +31,15 @@ class OutboxSweeper:
     ) -> None:
         self._db = db
         self._publisher = publisher
-        self._interval = interval_seconds
         self._grace = grace_seconds
         self._limit = batch_limit
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._loop, name="outbox-sweeper", daemon=True)
+        self._chore = PeriodicChore("outbox-sweeper", self.sweep_once, interval_seconds)
 
     def start(self) -> None:
-        self._thread.start()
+        self._chore.start()
 
     def stop(self) -> None:
-        self._stop.set()
-        self._thread.join(timeout=10)
+        self._chore.stop()
         self._publisher.close()
 
     def sweep_once(self) -> int:
@@ -56,12 +52,3 @@ class OutboxSweeper:
             images.mark_enqueued(conn, [r.id for r in stranded])
         log.info("outbox sweeper re-published %d stranded jobs", len(stranded))
         return len(stranded)
-
-    def _loop(self) -> None:
-        while not self._stop.wait(self._interval):
-            try:
-                self.sweep_once()
-            except DependencyUnavailable as exc:
-                log.warning("outbox sweep skipped: %s", exc)
-            except Exception:
-                log.exception("outbox sweep failed")
