@@ -14,6 +14,7 @@ from typing import TypeVar
 from urllib.parse import unquote, urlsplit
 
 from common.cpu_limit import usable_cores
+from common.decode_budget import DEFAULT_MAX_DECODE_MB
 from common.formats import OUTPUT_FORMATS
 
 T = TypeVar("T")
@@ -217,6 +218,8 @@ class EngineSettings:
     target_width: int = 800
     output_format: str = "png"
     max_pixels: int = 100_000_000
+    # Memory one image may need while decoded (common.decode_budget); README: memory arithmetic.
+    max_decode_mb: int = DEFAULT_MAX_DECODE_MB
     processes: int = field(default_factory=usable_cores)
     prefetch: int = 64
     batch_size: int = 16
@@ -230,6 +233,10 @@ class EngineSettings:
     test_hold_batch_seconds: float = 0.0
     # Upper bound on any process count, whoever asks (`engine:processes` in Redis included).
     max_processes: int = 64
+
+    @property
+    def max_decode_bytes(self) -> int:
+        return self.max_decode_mb * 1024 * 1024
 
 
 @dataclass(frozen=True)
@@ -430,6 +437,7 @@ def _engine_from(env: _Env) -> EngineSettings:
         target_width=env.integer("TARGET_WIDTH", d.target_width, minimum=1),
         output_format=env.choice("OUTPUT_FORMAT", d.output_format, OUTPUT_FORMATS),
         max_pixels=env.integer("MAX_PIXELS", d.max_pixels, minimum=1),
+        max_decode_mb=env.integer("MAX_DECODE_MB", d.max_decode_mb, minimum=1),
         processes=processes,
         prefetch=env.integer("WORKER_PREFETCH", d.prefetch, minimum=1),
         batch_size=env.integer("WORKER_BATCH_SIZE", d.batch_size, minimum=1),
