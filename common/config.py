@@ -220,6 +220,8 @@ class EngineSettings:
     max_pixels: int = 100_000_000
     # Memory one image may need while decoded (common.decode_budget); README: memory arithmetic.
     max_decode_mb: int = DEFAULT_MAX_DECODE_MB
+    # A render that runs longer is stopped and its image fails.
+    max_render_seconds: float = 30.0
     processes: int = field(default_factory=usable_cores)
     prefetch: int = 64
     batch_size: int = 16
@@ -438,6 +440,7 @@ def _engine_from(env: _Env) -> EngineSettings:
         output_format=env.choice("OUTPUT_FORMAT", d.output_format, OUTPUT_FORMATS),
         max_pixels=env.integer("MAX_PIXELS", d.max_pixels, minimum=1),
         max_decode_mb=env.integer("MAX_DECODE_MB", d.max_decode_mb, minimum=1),
+        max_render_seconds=env.decimal("MAX_RENDER_SECONDS", d.max_render_seconds, minimum=0.1),
         processes=processes,
         prefetch=env.integer("WORKER_PREFETCH", d.prefetch, minimum=1),
         batch_size=env.integer("WORKER_BATCH_SIZE", d.batch_size, minimum=1),

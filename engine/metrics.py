@@ -29,6 +29,7 @@ PROCESSES = Gauge("pixelmill_engine_processes", "CPU processes of this node.")
 
 _REASONS = (
     ("too_large", re.compile(r"pixels|too large|larger than|memory", re.I)),
+    ("too_slow", re.compile(r"took longer than", re.I)),
     ("crashed", re.compile(r"crashed", re.I)),
     ("gave_up", re.compile(r"gave up", re.I)),
     ("missing_original", re.compile(r"missing", re.I)),

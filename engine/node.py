@@ -8,6 +8,7 @@ import multiprocessing
 import signal
 import threading
 import time
+from collections.abc import Callable
 from multiprocessing.context import ForkServerContext
 from types import FrameType
 
@@ -23,7 +24,7 @@ from engine.abandoned_uploads import AbandonedUploadSweeper
 from engine.batch import BatchProcessor, Delivery, Verdict
 from engine.consumer import BatchConsumer
 from engine.control import NodeControl, NodeCounters
-from engine.cpu_pool import KernelOptions, KernelPool
+from engine.cpu_pool import KernelOptions, KernelPool, RenderResult, RenderTask, render_slot
 from engine.dead_letters import DeadLetterReaper
 from engine.outbox import OutboxSweeper
 from engine.slots import SlotArena, sweep_stale_segments
@@ -43,9 +44,15 @@ def slot_count(memory_mb: int, input_slot_bytes: int) -> int:
 class WorkerNode:
     """Everything one `pixelmill-worker` process runs."""
 
-    def __init__(self, settings: Settings, cpu_context: ForkServerContext | None = None) -> None:
+    def __init__(
+        self,
+        settings: Settings,
+        cpu_context: ForkServerContext | None = None,
+        render: Callable[[RenderTask], RenderResult] = render_slot,
+    ) -> None:
         """`cpu_context` starts the CPU processes: the fork server the entry point prepared
-        (see `engine.__main__`); a plain fork server by default."""
+        (see `engine.__main__`); a plain fork server by default. `render` runs in the CPU
+        processes (tests give one that misbehaves on purpose)."""
         self.settings = settings
         engine = settings.engine
         removed = sweep_stale_segments()
@@ -65,6 +72,7 @@ class WorkerNode:
                 engine.max_pixels,
                 engine.max_decode_bytes,
             ),
+            render=render,
             context=cpu_context or multiprocessing.get_context("forkserver"),
         )
         self.db = Database(settings.postgres_url, max_size=4)
@@ -79,6 +87,7 @@ class WorkerNode:
             self.outputs,
             io_threads=min(count, max(4, engine.processes * 3)),
             delivery_limit=settings.queue.delivery_limit,
+            render_timeout=engine.max_render_seconds,
         )
         self.consumer = BatchConsumer(settings.queue, engine, self._process_batch)
         self.sweeper = OutboxSweeper(self.db, JobPublisher(settings.queue))
