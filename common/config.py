@@ -7,6 +7,7 @@ the project reads `os.environ`.
 from __future__ import annotations
 
 import os
+import tempfile
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -222,6 +223,10 @@ class EngineSettings:
     max_decode_mb: int = DEFAULT_MAX_DECODE_MB
     # A render that runs longer is stopped and its image fails.
     max_render_seconds: float = 30.0
+    # The node's local health record, which `python -m ops node-check` reads.
+    health_file: str = field(
+        default_factory=lambda: os.path.join(tempfile.gettempdir(), "pixelmill-worker-health.json")
+    )
     processes: int = field(default_factory=usable_cores)
     prefetch: int = 64
     batch_size: int = 16
@@ -441,6 +446,7 @@ def _engine_from(env: _Env) -> EngineSettings:
         max_pixels=env.integer("MAX_PIXELS", d.max_pixels, minimum=1),
         max_decode_mb=env.integer("MAX_DECODE_MB", d.max_decode_mb, minimum=1),
         max_render_seconds=env.decimal("MAX_RENDER_SECONDS", d.max_render_seconds, minimum=0.1),
+        health_file=env.text("WORKER_HEALTH_FILE", d.health_file),
         processes=processes,
         prefetch=env.integer("WORKER_PREFETCH", d.prefetch, minimum=1),
         batch_size=env.integer("WORKER_BATCH_SIZE", d.batch_size, minimum=1),

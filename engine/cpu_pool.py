@@ -310,9 +310,13 @@ class KernelPool:
         options: KernelOptions,
         render: Callable[[RenderTask], RenderResult] = render_slot,
         context: ForkServerContext | None = None,
+        after_render: Callable[[], None] | None = None,
     ) -> None:
+        """`after_render` is called on the rendering thread after every render, whatever its
+        outcome (the node counts it as progress)."""
         self._setup = _ProcessSetup(*input_arena, *output_arena, options, os.getpid())
         self._render = render
+        self._after_render = after_render
         self._context = context or multiprocessing.get_context("forkserver")
         self._changed = threading.Condition()
         self._members: set[_CpuProcess] = set()  # idle and busy
@@ -335,6 +339,9 @@ class KernelPool:
             # next caller, so the process goes.
             self._retire(process)
             raise
+        finally:
+            if self._after_render is not None:
+                self._after_render()
         self._give_back(process)
         return result
 

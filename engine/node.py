@@ -10,6 +10,7 @@ import threading
 import time
 from collections.abc import Callable
 from multiprocessing.context import ForkServerContext
+from pathlib import Path
 from types import FrameType
 
 from prometheus_client import start_http_server
@@ -26,6 +27,7 @@ from engine.consumer import BatchConsumer
 from engine.control import NodeControl, NodeCounters
 from engine.cpu_pool import KernelOptions, KernelPool, RenderResult, RenderTask, render_slot
 from engine.dead_letters import DeadLetterReaper
+from engine.health import HealthReporter, WorkProgress
 from engine.outbox import OutboxSweeper
 from engine.slots import SlotArena, sweep_stale_segments
 
@@ -55,6 +57,7 @@ class WorkerNode:
         processes (tests give one that misbehaves on purpose)."""
         self.settings = settings
         engine = settings.engine
+        self.progress = WorkProgress()
         removed = sweep_stale_segments()
         if removed:
             log.info("removed %d shared-memory segments left by dead nodes", len(removed))
@@ -74,6 +77,7 @@ class WorkerNode:
             ),
             render=render,
             context=cpu_context or multiprocessing.get_context("forkserver"),
+            after_render=self.progress.progressed,
         )
         self.db = Database(settings.postgres_url, max_size=4)
         self.store = ObjectStore(settings.storage)
@@ -104,6 +108,9 @@ class WorkerNode:
             interval_seconds=engine.abandoned_upload_sweep_seconds,
             age_seconds=engine.abandoned_upload_age_seconds,
         )
+        self.health = HealthReporter(
+            Path(engine.health_file), self.progress, engine.max_render_seconds
+        )
         self.control = NodeControl(
             cache.client,
             settings.redis_prefix,
@@ -112,6 +119,7 @@ class WorkerNode:
             self.pool.resize,
             max_processes=engine.max_processes,
             start_processes=engine.processes,
+            health=self.health,
         )
         if engine.test_hold_batch_seconds:
             log.warning(
@@ -134,9 +142,13 @@ class WorkerNode:
         )
 
     def _process_batch(self, deliveries: list[Delivery]) -> Verdict:
-        if self.settings.engine.test_hold_batch_seconds:
-            time.sleep(self.settings.engine.test_hold_batch_seconds)
-        report = self.processor.process(deliveries)
+        self.progress.took(len(deliveries))
+        try:
+            if self.settings.engine.test_hold_batch_seconds:
+                time.sleep(self.settings.engine.test_hold_batch_seconds)
+            report = self.processor.process(deliveries)
+        finally:
+            self.progress.released(len(deliveries))
         # One structured event per batch (common.batch_timing), which the benchmark reads.
         log.info("batch finished %s", report.timing.encode())
         return report.verdict
@@ -178,6 +190,7 @@ class WorkerNode:
 
     def close(self) -> None:
         self.control.stop()
+        self.health.remove()
         self.sweeper.stop()
         self.reaper.stop()
         self.upload_sweeper.stop()

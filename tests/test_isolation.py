@@ -42,7 +42,9 @@ def running_node(settings: Settings, tmp_path: Path, **engine: object) -> Iterat
     """A worker node in this process whose CPU processes misbehave on marked inputs."""
     tuned = dataclasses.replace(
         settings,
-        engine=dataclasses.replace(settings.engine, processes=2, **engine),
+        engine=dataclasses.replace(
+            settings.engine, processes=2, health_file=str(tmp_path / "health.json"), **engine
+        ),
     )
     node = WorkerNode(tuned, render=render_or_misbehave)
     thread = threading.Thread(target=node.run, name="node-under-test", daemon=True)
