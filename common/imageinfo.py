@@ -36,6 +36,9 @@ _PNG_MAX_DIMENSION = 2**31 - 1
 # Samples per pixel as decoded (palette expanded to RGB); a tRNS chunk adds an alpha channel.
 _PNG_CHANNELS = {0: 1, 2: 3, 3: 3, 4: 2, 6: 4}
 _PNG_TRNS_GAINS_ALPHA = frozenset({0, 2, 3})
+# Chunks or segments walked past the frame header before assuming the costlier layout (alpha,
+# whole-image coefficients): bounds the work a hostile file of tiny chunks can cause.
+_MAX_LAYOUT_WALK = 1000
 
 
 @dataclass(frozen=True)
@@ -116,16 +119,19 @@ def _probe_png(view: memoryview) -> ImageHeader | None:
 
 
 def _png_has_transparency(view: memoryview) -> bool:
-    """Whether a tRNS chunk comes before the image data (where the spec puts it)."""
+    """Whether a tRNS chunk comes before the image data (where the spec puts it); past
+    _MAX_LAYOUT_WALK chunks without reaching the data, assume it does."""
     pos = 33  # after the signature and IHDR
-    while pos + 8 <= len(view):
+    for _ in range(_MAX_LAYOUT_WALK):
+        if pos + 8 > len(view):
+            return False
         length, chunk_type = struct.unpack_from(">I4s", view, pos)
         if chunk_type == b"tRNS":
             return True
         if chunk_type in (b"IDAT", b"IEND"):
             return False
         pos += 12 + length  # length, type, data, CRC
-    return False
+    return True
 
 
 def _probe_jpeg(view: memoryview) -> ImageHeader | None:
@@ -192,7 +198,7 @@ def _jpeg_frame_header(segment: memoryview, orientation: int) -> ImageHeader | N
 def _with_scan_layout(header: ImageHeader, view: memoryview, pos: int) -> ImageHeader:
     """A sequential JPEG whose first scan carries every component decodes row by row; one
     whose scans split the components keeps every coefficient (as does a file cut short)."""
-    while True:
+    for _ in range(_MAX_LAYOUT_WALK):
         marker, pos = _next_jpeg_marker(view, pos)
         if marker is None or marker == 0xD9:
             return header
@@ -205,6 +211,7 @@ def _with_scan_layout(header: ImageHeader, view: memoryview, pos: int) -> ImageH
             interleaved = scan_components >= header.channels
             return dataclasses.replace(header, whole_image_coefficients=not interleaved)
         pos += length
+    return header
 
 
 def exif_orientation(tiff: bytes | memoryview) -> int:

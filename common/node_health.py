@@ -46,7 +46,10 @@ class HealthRecord:
         waits on purpose and is alive."""
         age = now - self.written_at
         if age > stale_after_seconds:
-            return f"its health record was last written {age:.0f} s ago (control loop stuck)"
+            return (
+                f"its health record was last written {age:.0f} s ago "
+                "(the node is gone, or its control loop is stuck)"
+            )
         if self.paused is not None or self.holding == 0:
             return None
         stalled = now - self.progress_at

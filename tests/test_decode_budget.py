@@ -126,6 +126,21 @@ def test_a_baseline_jpeg_needs_only_its_output_and_a_transparent_palette_counts_
     assert decode_bytes(transparent) == 4 * 2 * 4
 
 
+def test_a_jpeg_whose_first_scan_splits_the_components_keeps_every_coefficient() -> None:
+    data = bytearray(jpeg(64, 48))
+    sos = data.index(b"\xff\xda")
+    data[sos + 4] = 1  # the first scan carries one of the three components
+    header = probe(bytes(data))
+    assert header is not None and header.whole_image_coefficients
+    assert decode_bytes(header) == 64 * 48 + jpeg_coefficient_bytes(header)
+
+
+def test_a_png_whose_data_hides_behind_endless_chunks_is_sized_with_alpha() -> None:
+    filler = png_chunk(b"tEXt", b"k\0v") * 1001
+    header = probe(png_file(4, 2, 2, 8, iter([bytes(13), bytes(13)]), filler))
+    assert header is not None and header.channels == 4
+
+
 # --- refused at upload ---------------------------------------------------------------------------
 
 
@@ -202,15 +217,17 @@ def test_a_png_decodes_to_the_same_gray_as_a_whole_image_conversion(
 
 
 def render_or_hog(task: RenderTask) -> RenderResult:
-    """A render function for the CPU pool: inputs starting with HOG_MARKER allocate 4 GiB, far
-    past the memory cap, as a decoder surprised by its input would; the rest render normally."""
+    """A render function for the CPU pool: inputs starting with HOG_MARKER ask for 4 GiB, far
+    past the memory cap, as a decoder surprised by its input would (left untouched, so that
+    without a cap the test fails instead of eating the machine's memory); the rest render
+    normally."""
     from engine.cpu_pool import input_view, render_slot
 
     view = input_view(task)
     head = bytes(view[: len(HOG_MARKER)])
     view.release()
     if head == HOG_MARKER:
-        hog = np.ones(4 * 1024 * MIB, np.uint8)
+        hog = np.empty(4 * 1024 * MIB, np.uint8)
         return RenderResult(error=f"allocated {hog.nbytes} bytes")
     return render_slot(task)
 
