@@ -7,6 +7,7 @@ the project reads `os.environ`.
 from __future__ import annotations
 
 import os
+import tempfile
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -14,6 +15,7 @@ from typing import TypeVar
 from urllib.parse import unquote, urlsplit
 
 from common.cpu_limit import usable_cores
+from common.decode_budget import DEFAULT_MAX_DECODE_MB
 from common.formats import OUTPUT_FORMATS
 
 T = TypeVar("T")
@@ -217,6 +219,14 @@ class EngineSettings:
     target_width: int = 800
     output_format: str = "png"
     max_pixels: int = 100_000_000
+    # Memory one image may need while decoded (common.decode_budget); README: memory arithmetic.
+    max_decode_mb: int = DEFAULT_MAX_DECODE_MB
+    # A render that runs longer is stopped and its image fails.
+    max_render_seconds: float = 30.0
+    # The node's local health record, which `python -m ops node-check` reads.
+    health_file: str = field(
+        default_factory=lambda: os.path.join(tempfile.gettempdir(), "pixelmill-worker-health.json")
+    )
     processes: int = field(default_factory=usable_cores)
     prefetch: int = 64
     batch_size: int = 16
@@ -230,6 +240,10 @@ class EngineSettings:
     test_hold_batch_seconds: float = 0.0
     # Upper bound on any process count, whoever asks (`engine:processes` in Redis included).
     max_processes: int = 64
+
+    @property
+    def max_decode_bytes(self) -> int:
+        return self.max_decode_mb * 1024 * 1024
 
 
 @dataclass(frozen=True)
@@ -430,6 +444,9 @@ def _engine_from(env: _Env) -> EngineSettings:
         target_width=env.integer("TARGET_WIDTH", d.target_width, minimum=1),
         output_format=env.choice("OUTPUT_FORMAT", d.output_format, OUTPUT_FORMATS),
         max_pixels=env.integer("MAX_PIXELS", d.max_pixels, minimum=1),
+        max_decode_mb=env.integer("MAX_DECODE_MB", d.max_decode_mb, minimum=1),
+        max_render_seconds=env.decimal("MAX_RENDER_SECONDS", d.max_render_seconds, minimum=0.1),
+        health_file=env.text("WORKER_HEALTH_FILE", d.health_file),
         processes=processes,
         prefetch=env.integer("WORKER_PREFETCH", d.prefetch, minimum=1),
         batch_size=env.integer("WORKER_BATCH_SIZE", d.batch_size, minimum=1),

@@ -1,4 +1,5 @@
-"""Image header probe: format, stored size and EXIF orientation of a JPEG or PNG, without decoding.
+"""Image header probe: format, stored size, EXIF orientation and decoded sample layout of a JPEG
+or PNG, without decoding.
 
 Used at upload time to accept or refuse a file by its content (never its name) and by the engine
 to size its decode before touching pixel data. Every read is bounds-checked: hostile bytes give
@@ -7,9 +8,10 @@ None (or orientation 1), never an exception.
 
 from __future__ import annotations
 
+import dataclasses
 import struct
 import zlib
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 JPEG_SOI = b"\xff\xd8\xff"
@@ -19,6 +21,9 @@ _JPEG_SOF_MARKERS = frozenset(range(0xC0, 0xD0)) - {0xC4, 0xC8, 0xCC}
 # Markers without a length field: TEM, RST0..RST7 (SOI is consumed before the walk).
 _JPEG_STANDALONE_MARKERS = frozenset({0x01, *range(0xD0, 0xD8)})
 _JPEG_END_OF_HEADERS = frozenset({0xD9, 0xDA})  # EOI, SOS: no frame header can follow in time
+_JPEG_SOS = 0xDA
+# SOF2, SOF6, SOF10, SOF14: progressive frames, decoded through a whole-image coefficient buffer.
+_JPEG_PROGRESSIVE_SOF = frozenset({0xC2, 0xC6, 0xCA, 0xCE})
 _JPEG_APP1 = 0xE1
 _EXIF_PREFIX = b"Exif\x00\x00"
 _EXIF_ORIENTATION_TAG = 0x0112
@@ -28,6 +33,12 @@ _TIFF_BYTE_ORDERS = {b"II": "<", b"MM": ">"}
 # Allowed PNG bit depths per colour type (PNG spec, table 11.1).
 _PNG_BIT_DEPTHS = {0: {1, 2, 4, 8, 16}, 2: {8, 16}, 3: {1, 2, 4, 8}, 4: {8, 16}, 6: {8, 16}}
 _PNG_MAX_DIMENSION = 2**31 - 1
+# Samples per pixel as decoded (palette expanded to RGB); a tRNS chunk adds an alpha channel.
+_PNG_CHANNELS = {0: 1, 2: 3, 3: 3, 4: 2, 6: 4}
+_PNG_TRNS_GAINS_ALPHA = frozenset({0, 2, 3})
+# Chunks or segments walked past the frame header before assuming the costlier layout (alpha,
+# whole-image coefficients): bounds the work a hostile file of tiny chunks can cause.
+_MAX_LAYOUT_WALK = 1000
 
 
 @dataclass(frozen=True)
@@ -38,6 +49,13 @@ class ImageHeader:
     width: int
     height: int
     orientation: int = 1  # EXIF 1..8; 1 when absent or unreadable
+    # How the decoder will hold the pixels (see common.decode_budget); not part of equality.
+    channels: int = field(default=1, compare=False)  # samples per pixel once decoded
+    sample_bytes: int = field(default=1, compare=False)  # 2 for 16-bit PNG samples
+    # JPEG only: (horizontal, vertical) sampling factors of each component.
+    sampling: tuple[tuple[int, int], ...] = field(default=(), compare=False)
+    # JPEG only: progressive or multi-scan, so libjpeg keeps every DCT coefficient at once.
+    whole_image_coefficients: bool = field(default=False, compare=False)
 
     @property
     def display_size(self) -> tuple[int, int]:
@@ -92,7 +110,28 @@ def _probe_png(view: memoryview) -> ImageHeader | None:
         return None
     if bit_depth not in _PNG_BIT_DEPTHS.get(colour_type, ()):
         return None
-    return ImageHeader("png", width, height)
+    channels = _PNG_CHANNELS[colour_type]
+    if colour_type in _PNG_TRNS_GAINS_ALPHA and _png_has_transparency(view):
+        channels += 1
+    return ImageHeader(
+        "png", width, height, channels=channels, sample_bytes=2 if bit_depth == 16 else 1
+    )
+
+
+def _png_has_transparency(view: memoryview) -> bool:
+    """Whether a tRNS chunk comes before the image data (where the spec puts it); past
+    _MAX_LAYOUT_WALK chunks without reaching the data, assume it does."""
+    pos = 33  # after the signature and IHDR
+    for _ in range(_MAX_LAYOUT_WALK):
+        if pos + 8 > len(view):
+            return False
+        length, chunk_type = struct.unpack_from(">I4s", view, pos)
+        if chunk_type == b"tRNS":
+            return True
+        if chunk_type in (b"IDAT", b"IEND"):
+            return False
+        pos += 12 + length  # length, type, data, CRC
+    return True
 
 
 def _probe_jpeg(view: memoryview) -> ImageHeader | None:
@@ -113,7 +152,10 @@ def _probe_jpeg(view: memoryview) -> ImageHeader | None:
         if length < 2 or len(segment) != length - 2:
             return None
         if marker in _JPEG_SOF_MARKERS:
-            return _jpeg_frame_header(segment, orientation)
+            header = _jpeg_frame_header(segment, orientation)
+            if header is None or marker in _JPEG_PROGRESSIVE_SOF:
+                return header
+            return _with_scan_layout(header, view, pos + length)
         if marker == _JPEG_APP1 and not seen_exif and segment[:6] == _EXIF_PREFIX:
             seen_exif = True
             orientation = exif_orientation(segment[6:])
@@ -137,7 +179,39 @@ def _jpeg_frame_header(segment: memoryview, orientation: int) -> ImageHeader | N
     _precision, height, width, components = struct.unpack_from(">BHHB", segment)
     if width == 0 or height == 0 or components == 0:
         return None  # height 0 means "defined later by DNL", which decoders here do not support
-    return ImageHeader("jpeg", width, height, orientation)
+    if len(segment) < 6 + 3 * components:
+        return None
+    # Each component: id, sampling factors (high nibble horizontal), quantisation table.
+    factors = [segment[6 + 3 * index + 1] for index in range(components)]
+    sampling = tuple((max(1, f >> 4), max(1, f & 0x0F)) for f in factors)
+    return ImageHeader(
+        "jpeg",
+        width,
+        height,
+        orientation,
+        channels=components,
+        sampling=sampling,
+        whole_image_coefficients=True,  # until the first scan shows otherwise
+    )
+
+
+def _with_scan_layout(header: ImageHeader, view: memoryview, pos: int) -> ImageHeader:
+    """A sequential JPEG whose first scan carries every component decodes row by row; one
+    whose scans split the components keeps every coefficient (as does a file cut short)."""
+    for _ in range(_MAX_LAYOUT_WALK):
+        marker, pos = _next_jpeg_marker(view, pos)
+        if marker is None or marker == 0xD9:
+            return header
+        if marker in _JPEG_STANDALONE_MARKERS:
+            continue
+        if pos + 3 > len(view):
+            return header
+        length, scan_components = struct.unpack_from(">HB", view, pos)
+        if marker == _JPEG_SOS:
+            interleaved = scan_components >= header.channels
+            return dataclasses.replace(header, whole_image_coefficients=not interleaved)
+        pos += length
+    return header
 
 
 def exif_orientation(tiff: bytes | memoryview) -> int:

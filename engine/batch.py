@@ -27,7 +27,7 @@ from db import images
 from db.images import ImageRecord, Outcome
 from db.pool import Database
 from engine import metrics
-from engine.cpu_pool import KernelPool, RenderCrashed, RenderResult, RenderTask
+from engine.cpu_pool import KernelPool, RenderCrashed, RenderResult, RenderTask, RenderTimedOut
 from engine.slots import SlotArena
 
 log = logging.getLogger(__name__)
@@ -133,7 +133,10 @@ class BatchProcessor:
         outputs: SlotArena,
         io_threads: int,
         delivery_limit: int,
+        render_timeout: float | None = None,
     ) -> None:
+        """`render_timeout`: seconds one image's render may take (MAX_RENDER_SECONDS); None:
+        no deadline."""
         self._db = db
         self._store = store
         self._cache = cache
@@ -141,6 +144,7 @@ class BatchProcessor:
         self._inputs = inputs
         self._outputs = outputs
         self._delivery_limit = delivery_limit
+        self._render_timeout = render_timeout
         self._io = ThreadPoolExecutor(max_workers=io_threads, thread_name_prefix="engine-io")
 
     def close(self) -> None:
@@ -309,10 +313,16 @@ class BatchProcessor:
 
     def _render(self, work: ImageWork, slots: _Slots) -> ImageWork:
         started = time.perf_counter()
+        task = RenderTask(slots.input, work.input_length, slots.output)
         try:
-            result = self._pool.render(RenderTask(slots.input, work.input_length, slots.output))
+            result = self._pool.render(task, timeout=self._render_timeout)
         except RenderCrashed:
             return work.crashed()
+        except RenderTimedOut:
+            # Not retried: the same input would take as long again, on every delivery.
+            reason = f"took longer than {self._render_timeout:g} s to render"
+            log.info("image %s failed: %s", work.image_id, reason)
+            return work.timed("render", started).fail(reason)
         work = work.timed("render", started)
         work = dataclasses.replace(
             work, rendered=result, seconds=(*work.seconds, ("kernel_cpu", result.cpu_seconds))

@@ -1,4 +1,5 @@
-"""The node's control loop: heartbeat for operators, desired process count, queue-depth gauge.
+"""The node's control loop: local health record, heartbeat for operators, desired process count,
+queue-depth gauge.
 
 Operators set `{prefix}engine:processes` (`python -m ops scale`, or the autoscaler's lease);
 every node reads it every two seconds and resizes its CPU pool, never beyond its own
@@ -6,7 +7,8 @@ WORKER_MAX_PROCESSES (whoever can write Redis must not be able to make a node fo
 processes), and goes back to the count it started with once the key is gone (reset by an
 operator, or the autoscaler's lease lapsed). Each node publishes a heartbeat hash that
 `python -m ops status` reads; it expires on its own when the node dies. Keys and fields:
-`common.node_control`.
+`common.node_control`. The health record the liveness probe reads is written first on every
+tick, to local disk, so that Redis being away never makes a working node look dead.
 """
 
 from __future__ import annotations
@@ -33,6 +35,7 @@ from common.node_control import (
     heartbeat_key,
 )
 from engine import metrics
+from engine.health import HealthReporter
 
 log = logging.getLogger(__name__)
 
@@ -48,7 +51,7 @@ class NodeCounters:
 
 
 class NodeControl:
-    """A daemon thread: heartbeat, scaling commands and the queue-depth gauge."""
+    """A daemon thread: health record, heartbeat, scaling commands and the queue-depth gauge."""
 
     def __init__(
         self,
@@ -60,8 +63,10 @@ class NodeControl:
         *,
         max_processes: int,
         start_processes: int | None = None,
+        health: HealthReporter | None = None,
     ) -> None:
         self._client = client
+        self._health = health
         self._max_processes = max_processes
         self._prefix = prefix
         self._queue = queue
@@ -94,6 +99,7 @@ class NodeControl:
     def _loop(self) -> None:
         tick = 0
         while not self._stop.wait(CONTROL_INTERVAL_SECONDS if tick else 0):
+            self._write_health()
             try:
                 self.tick(tick)
             except redis.RedisError as exc:
@@ -101,6 +107,16 @@ class NodeControl:
             except Exception:
                 log.exception("control loop failed")
             tick += 1
+
+    def _write_health(self) -> None:
+        if self._health is None:
+            return
+        try:
+            self._health.write()
+        except OSError as exc:
+            log.warning(
+                "control loop: cannot write the health record %s (%s)", self._health.path, exc
+            )
 
     def _apply_desired_processes(self) -> None:
         raw = self._client.get(desired_processes_key(self._prefix))

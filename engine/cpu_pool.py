@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import multiprocessing
 import os
+import resource
 import threading
 import time
 from collections.abc import Callable
@@ -20,6 +21,7 @@ from multiprocessing.connection import Connection, wait
 from multiprocessing.context import ForkServerContext
 from multiprocessing.process import BaseProcess
 
+import cv2
 import numpy as np
 
 from engine.kernel import ImageRejected, render_grayscale
@@ -28,6 +30,10 @@ from engine.slots import attach_segment
 
 # How long a process asked to stop may take before it is killed.
 STOP_GRACE_SECONDS = 5.0
+# Memory a process may allocate beyond its start-up size and the decode budget: the resize,
+# encode and libraries' own working buffers.
+MEMORY_CAP_HEADROOM_BYTES = 128 * 1024 * 1024
+OUT_OF_MEMORY_REASON = "processing this image needed more memory than a CPU process may use"
 
 
 @dataclass(frozen=True)
@@ -59,6 +65,9 @@ class KernelOptions:
     target_width: int
     output_format: str
     max_pixels: int
+    # The decode budget (common.decode_budget); it also sizes each process's memory cap.
+    # None: neither the budget nor the cap applies.
+    max_decode_bytes: int | None = None
 
 
 class RenderCrashed(Exception):
@@ -94,8 +103,6 @@ _options: KernelOptions | None = None
 
 
 def _init_process(setup: _ProcessSetup) -> None:
-    import cv2
-
     die_with_parent()
     exit_when_gone(setup.node_pid)
     global _input, _output, _input_slot_bytes, _output_slot_bytes, _options
@@ -103,6 +110,36 @@ def _init_process(setup: _ProcessSetup) -> None:
     _input, _output = attach_segment(setup.input_name), attach_segment(setup.output_name)
     _input_slot_bytes, _output_slot_bytes = setup.input_slot_bytes, setup.output_slot_bytes
     _options = setup.options
+    if setup.options.max_decode_bytes is not None:
+        cap_private_memory(setup.options.max_decode_bytes + MEMORY_CAP_HEADROOM_BYTES)
+
+
+def cap_private_memory(extra_bytes: int) -> int:
+    """Limit this process's private writable memory to what it holds now plus `extra_bytes`;
+    returns the limit. An allocation past it fails (MemoryError: a clean failure of the image
+    at hand) instead of growing the process until the kernel OOM-kills the node's pod.
+
+    RLIMIT_DATA, not RLIMIT_AS: the address-space limit counts the shared slot arenas (mapped
+    whole into every process, however few of their pages it touches), reserved but unused
+    allocator and thread-stack space, and every library mapping, so it would have to be sized
+    from numbers that change with the slot count and the libraries. RLIMIT_DATA (Linux 4.7+)
+    counts only private writable mappings: the heap and anonymous buffers a decode allocates.
+    """
+    limit = _private_memory_bytes() + extra_bytes
+    _soft, hard = resource.getrlimit(resource.RLIMIT_DATA)
+    if hard != resource.RLIM_INFINITY:
+        limit = min(limit, hard)
+    resource.setrlimit(resource.RLIMIT_DATA, (limit, hard))
+    return limit
+
+
+def _private_memory_bytes() -> int:
+    """VmData: the size of this process's private writable mappings, which RLIMIT_DATA limits."""
+    with open("/proc/self/status", encoding="ascii") as status:
+        for line in status:
+            if line.startswith("VmData:"):
+                return int(line.split()[1]) * 1024
+    raise RuntimeError("/proc/self/status has no VmData line")
 
 
 def render_slot(task: RenderTask) -> RenderResult:
@@ -118,6 +155,7 @@ def render_slot(task: RenderTask) -> RenderResult:
             target_width=_options.target_width,
             output_format=_options.output_format,
             max_pixels=_options.max_pixels,
+            max_decode_bytes=_options.max_decode_bytes,
         )
     except ImageRejected as exc:
         return RenderResult(error=str(exc))
@@ -176,7 +214,16 @@ def _serve(
             answer: RenderResult | _Failure = render(task)
         except Exception as exc:  # the node raises it; this process stays usable
             answer = _Failure(f"{type(exc).__name__}: {exc}")
+            if _out_of_memory(exc):
+                answer = RenderResult(error=OUT_OF_MEMORY_REASON)  # this image's own failure
         conn.send(answer)
+
+
+def _out_of_memory(exc: Exception) -> bool:
+    """An allocation refused under the memory cap, by Python or numpy, or inside OpenCV."""
+    if isinstance(exc, MemoryError):
+        return True
+    return isinstance(exc, cv2.error) and exc.code == cv2.Error.StsNoMem
 
 
 class _CpuProcess:
@@ -263,9 +310,13 @@ class KernelPool:
         options: KernelOptions,
         render: Callable[[RenderTask], RenderResult] = render_slot,
         context: ForkServerContext | None = None,
+        after_render: Callable[[], None] | None = None,
     ) -> None:
+        """`after_render` is called on the rendering thread after every render, whatever its
+        outcome (the node counts it as progress)."""
         self._setup = _ProcessSetup(*input_arena, *output_arena, options, os.getpid())
         self._render = render
+        self._after_render = after_render
         self._context = context or multiprocessing.get_context("forkserver")
         self._changed = threading.Condition()
         self._members: set[_CpuProcess] = set()  # idle and busy
@@ -288,6 +339,9 @@ class KernelPool:
             # next caller, so the process goes.
             self._retire(process)
             raise
+        finally:
+            if self._after_render is not None:
+                self._after_render()
         self._give_back(process)
         return result
 

@@ -26,11 +26,14 @@ import cv2
 import imagecodecs
 import numpy as np
 
+from common.decode_budget import over_budget_reason
 from common.formats import CONTENT_TYPE_BY_FORMAT, OUTPUT_FORMATS
 from common.imageinfo import ImageHeader, probe
 from engine.pngwrite import encode_png_gray
 
 JPEG_QUALITY = 85
+# Rows converted at a time when a PNG is turned to gray inside its own decode buffer.
+_PNG_STRIP_ROWS = 256
 WEBP_QUALITY = 85
 
 # Largest DCT reduction first; OpenCV maps these flags to libjpeg's scale_denom.
@@ -88,17 +91,19 @@ def render_grayscale(
     target_width: int = 800,
     output_format: str = "png",
     max_pixels: int = 100_000_000,
+    max_decode_bytes: int | None = None,
 ) -> RenderedImage:
     """Decode a JPEG or PNG file, resize it to `target_width` and encode it as 8-bit grayscale.
 
     `data` holds the encoded file (a uint8 ndarray is read as the file's bytes, not as pixels).
-    Raises ImageRejected for unsupported, undecodable or oversized (> max_pixels) input, and
-    ValueError for a bad `output_format` or `target_width`, which are the caller's mistakes.
+    Raises ImageRejected for unsupported, undecodable or oversized input (> max_pixels, or a
+    decode needing more than `max_decode_bytes`, None: no limit), and ValueError for a bad
+    `output_format` or `target_width`, which are the caller's mistakes.
     """
     if output_format not in OUTPUT_FORMATS:
         raise ValueError(f"output_format {output_format!r} is not one of {sorted(OUTPUT_FORMATS)}")
     encoded = _encoded_bytes(data)
-    header = read_header(encoded, max_pixels)
+    header = read_header(encoded, max_pixels, max_decode_bytes)
     width, height = target_size(*header.display_size, target_width)
     stored = decode_gray(encoded, header, target_width)
     resized = _resize_stored(stored, header.orientation, width, height)
@@ -114,8 +119,11 @@ def render_grayscale(
     )
 
 
-def read_header(encoded: memoryview, max_pixels: int) -> ImageHeader:
-    """Probe the header and apply the decompression-bomb guard, before any pixel is decoded."""
+def read_header(
+    encoded: memoryview, max_pixels: int, max_decode_bytes: int | None = None
+) -> ImageHeader:
+    """Probe the header and apply the decompression-bomb guards (pixels, decode memory), before
+    any pixel is decoded."""
     header = probe(encoded)
     if header is None:
         raise ImageRejected("not a JPEG or PNG image (or its header is damaged or truncated)")
@@ -124,6 +132,10 @@ def read_header(encoded: memoryview, max_pixels: int) -> ImageHeader:
             f"image is {header.width}x{header.height} = {header.pixels} pixels, "
             f"over the limit of {max_pixels}"
         )
+    if max_decode_bytes is not None:
+        reason = over_budget_reason(header, max_decode_bytes)
+        if reason is not None:
+            raise ImageRejected(reason)
     return header
 
 
@@ -188,24 +200,44 @@ def _decode_png_gray(encoded: memoryview) -> np.ndarray:
         image = imagecodecs.png_decode(encoded)  # type: ignore[arg-type]
     except (imagecodecs.PngError, ValueError, MemoryError) as exc:
         raise ImageRejected(f"PNG data could not be decoded ({exc})") from None
-    if image.dtype == np.uint16:
-        image = cv2.convertScaleAbs(image, alpha=1 / 257)  # 65535 -> 255, rounded
-    elif image.dtype != np.uint8:
+    if image.dtype not in (np.uint8, np.uint16):
         raise ImageRejected(f"unsupported PNG sample type {image.dtype}")
     return _png_pixels_to_gray(image)
 
 
 def _png_pixels_to_gray(image: np.ndarray) -> np.ndarray:
-    """Gray, gray+alpha, RGB or RGBA (libpng's channel order) -> gray composited onto white."""
-    channels = 1 if image.ndim == 2 else image.shape[2]
+    """Gray, gray+alpha, RGB or RGBA (libpng's channel order), 8 or 16 bits -> 8-bit gray
+    composited onto white.
+
+    The gray image is written over the front of the decoded buffer, a strip of rows at a time:
+    a 16-bit or alpha image never exists twice at full size. Gray row r lands before byte
+    (r + 1) * width, and the rows still to convert start at byte (r + 1) * width * channels or
+    later, so each strip, converted into a small buffer first, only overwrites rows already read.
+    """
+    if image.ndim == 2 and image.dtype == np.uint8:
+        return image
+    height, width = image.shape[:2]
+    pixels = np.ascontiguousarray(image)
+    gray = pixels.reshape(-1).view(np.uint8)[: height * width].reshape(height, width)
+    for top in range(0, height, _PNG_STRIP_ROWS):
+        bottom = min(height, top + _PNG_STRIP_ROWS)
+        gray[top:bottom] = _png_strip_to_gray(pixels[top:bottom])
+    return gray
+
+
+def _png_strip_to_gray(strip: np.ndarray) -> np.ndarray:
+    """A few rows of any PNG layout -> a new 8-bit gray array of those rows."""
+    if strip.dtype == np.uint16:
+        strip = cv2.convertScaleAbs(strip, alpha=1 / 257)  # 65535 -> 255, rounded
+    channels = 1 if strip.ndim == 2 else strip.shape[2]
     if channels == 1:
-        return image if image.ndim == 2 else image[:, :, 0]
+        return strip.copy() if strip.ndim == 2 else strip[:, :, 0].copy()
     if channels == 2:
-        return _composite_on_white(np.ascontiguousarray(image[:, :, 0]), image[:, :, 1])
+        return _composite_on_white(np.ascontiguousarray(strip[:, :, 0]), strip[:, :, 1])
     if channels == 3:
-        return cv2.cvtColor(image, cv2.COLOR_RGB2GRAY)
-    gray = cv2.cvtColor(image, cv2.COLOR_RGBA2GRAY)
-    return _composite_on_white(gray, image[:, :, 3])
+        return cv2.cvtColor(strip, cv2.COLOR_RGB2GRAY)
+    gray = cv2.cvtColor(strip, cv2.COLOR_RGBA2GRAY)
+    return _composite_on_white(gray, strip[:, :, 3])
 
 
 def _composite_on_white(gray: np.ndarray, alpha: np.ndarray) -> np.ndarray:

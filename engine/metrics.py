@@ -28,7 +28,8 @@ SLOTS_IN_USE = Gauge("pixelmill_engine_slots_in_use", "Shared-memory image slots
 PROCESSES = Gauge("pixelmill_engine_processes", "CPU processes of this node.")
 
 _REASONS = (
-    ("too_large", re.compile(r"pixels|too large|larger than", re.I)),
+    ("too_large", re.compile(r"pixels|too large|larger than|memory", re.I)),
+    ("too_slow", re.compile(r"took longer than", re.I)),
     ("crashed", re.compile(r"crashed", re.I)),
     ("gave_up", re.compile(r"gave up", re.I)),
     ("missing_original", re.compile(r"missing", re.I)),

@@ -8,7 +8,9 @@ import multiprocessing
 import signal
 import threading
 import time
+from collections.abc import Callable
 from multiprocessing.context import ForkServerContext
+from pathlib import Path
 from types import FrameType
 
 from prometheus_client import start_http_server
@@ -23,8 +25,9 @@ from engine.abandoned_uploads import AbandonedUploadSweeper
 from engine.batch import BatchProcessor, Delivery, Verdict
 from engine.consumer import BatchConsumer
 from engine.control import NodeControl, NodeCounters
-from engine.cpu_pool import KernelOptions, KernelPool
+from engine.cpu_pool import KernelOptions, KernelPool, RenderResult, RenderTask, render_slot
 from engine.dead_letters import DeadLetterReaper
+from engine.health import HealthReporter, WorkProgress
 from engine.outbox import OutboxSweeper
 from engine.slots import SlotArena, sweep_stale_segments
 
@@ -43,11 +46,18 @@ def slot_count(memory_mb: int, input_slot_bytes: int) -> int:
 class WorkerNode:
     """Everything one `pixelmill-worker` process runs."""
 
-    def __init__(self, settings: Settings, cpu_context: ForkServerContext | None = None) -> None:
+    def __init__(
+        self,
+        settings: Settings,
+        cpu_context: ForkServerContext | None = None,
+        render: Callable[[RenderTask], RenderResult] = render_slot,
+    ) -> None:
         """`cpu_context` starts the CPU processes: the fork server the entry point prepared
-        (see `engine.__main__`); a plain fork server by default."""
+        (see `engine.__main__`); a plain fork server by default. `render` runs in the CPU
+        processes (tests give one that misbehaves on purpose)."""
         self.settings = settings
         engine = settings.engine
+        self.progress = WorkProgress()
         removed = sweep_stale_segments()
         if removed:
             log.info("removed %d shared-memory segments left by dead nodes", len(removed))
@@ -59,8 +69,15 @@ class WorkerNode:
             engine.processes,
             (self.inputs.name, self.inputs.slot_bytes),
             (self.outputs.name, self.outputs.slot_bytes),
-            KernelOptions(engine.target_width, engine.output_format, engine.max_pixels),
+            KernelOptions(
+                engine.target_width,
+                engine.output_format,
+                engine.max_pixels,
+                engine.max_decode_bytes,
+            ),
+            render=render,
             context=cpu_context or multiprocessing.get_context("forkserver"),
+            after_render=self.progress.progressed,
         )
         self.db = Database(settings.postgres_url, max_size=4)
         self.store = ObjectStore(settings.storage)
@@ -74,6 +91,7 @@ class WorkerNode:
             self.outputs,
             io_threads=min(count, max(4, engine.processes * 3)),
             delivery_limit=settings.queue.delivery_limit,
+            render_timeout=engine.max_render_seconds,
         )
         self.consumer = BatchConsumer(settings.queue, engine, self._process_batch)
         self.sweeper = OutboxSweeper(self.db, JobPublisher(settings.queue))
@@ -90,6 +108,9 @@ class WorkerNode:
             interval_seconds=engine.abandoned_upload_sweep_seconds,
             age_seconds=engine.abandoned_upload_age_seconds,
         )
+        self.health = HealthReporter(
+            Path(engine.health_file), self.progress, engine.max_render_seconds
+        )
         self.control = NodeControl(
             cache.client,
             settings.redis_prefix,
@@ -98,6 +119,7 @@ class WorkerNode:
             self.pool.resize,
             max_processes=engine.max_processes,
             start_processes=engine.processes,
+            health=self.health,
         )
         if engine.test_hold_batch_seconds:
             log.warning(
@@ -120,9 +142,13 @@ class WorkerNode:
         )
 
     def _process_batch(self, deliveries: list[Delivery]) -> Verdict:
-        if self.settings.engine.test_hold_batch_seconds:
-            time.sleep(self.settings.engine.test_hold_batch_seconds)
-        report = self.processor.process(deliveries)
+        self.progress.took(len(deliveries))
+        try:
+            if self.settings.engine.test_hold_batch_seconds:
+                time.sleep(self.settings.engine.test_hold_batch_seconds)
+            report = self.processor.process(deliveries)
+        finally:
+            self.progress.released(len(deliveries))
         # One structured event per batch (common.batch_timing), which the benchmark reads.
         log.info("batch finished %s", report.timing.encode())
         return report.verdict
@@ -164,6 +190,7 @@ class WorkerNode:
 
     def close(self) -> None:
         self.control.stop()
+        self.health.remove()
         self.sweeper.stop()
         self.reaper.stop()
         self.upload_sweeper.stop()

@@ -11,6 +11,7 @@ from dataclasses import dataclass
 import falcon
 from falcon.media.multipart import BodyPart, MultipartParseError, MultipartParseOptions
 
+from common.decode_budget import DEFAULT_MAX_DECODE_MB, MIB, over_budget_reason
 from common.errors import (
     BadRequest,
     LengthRequired,
@@ -24,6 +25,8 @@ from common.formats import UPLOAD_CONTENT_TYPE_BY_FORMAT
 from common.imageinfo import ImageHeader, probe
 
 IMAGE_FIELD = "image"
+# For callers that pass no decode budget of their own: MAX_DECODE_MB's default.
+DEFAULT_MAX_DECODE_BYTES = DEFAULT_MAX_DECODE_MB * MIB
 # Room for the boundaries and part headers around the file itself.
 MULTIPART_OVERHEAD = 64 * 1024
 MAX_FILENAME_CHARS = 255
@@ -88,12 +91,19 @@ def validate_image(filename: str | None, data: bytes) -> UploadedImage:
     )
 
 
-def check_pixel_limit(header: ImageHeader, max_pixels: int) -> None:
+def check_pixel_limit(
+    header: ImageHeader, max_pixels: int, max_decode_bytes: int = DEFAULT_MAX_DECODE_BYTES
+) -> None:
+    """Refuse (422) an image whose header declares more pixels, or a decode needing more memory,
+    than the engine will process."""
     if header.width * header.height > max_pixels:
         raise UnprocessableImage(
             f"image is {header.width}x{header.height} pixels, above the limit of "
             f"{max_pixels} pixels"
         )
+    reason = over_budget_reason(header, max_decode_bytes)
+    if reason is not None:
+        raise UnprocessableImage(reason)
 
 
 @contextmanager
@@ -112,7 +122,12 @@ def malformed_form_is_bad_request() -> Iterator[None]:
         ) from exc
 
 
-def read_single_upload(req: falcon.Request, max_bytes: int, max_pixels: int) -> UploadedImage:
+def read_single_upload(
+    req: falcon.Request,
+    max_bytes: int,
+    max_pixels: int,
+    max_decode_bytes: int = DEFAULT_MAX_DECODE_BYTES,
+) -> UploadedImage:
     """The one `image` part of a single-image upload; every other field is ignored."""
     check_declared_length(req, max_bytes)
     found: tuple[str | None, bytes] | None = None
@@ -128,7 +143,7 @@ def read_single_upload(req: falcon.Request, max_bytes: int, max_pixels: int) -> 
     if found is None:
         raise BadRequest("the form has no 'image' file field")
     upload = validate_image(*found)
-    check_pixel_limit(upload.header, max_pixels)
+    check_pixel_limit(upload.header, max_pixels, max_decode_bytes)
     return upload
 
 
@@ -138,6 +153,7 @@ class BulkLimits:
     max_body_bytes: int
     max_part_bytes: int
     max_pixels: int
+    max_decode_bytes: int = DEFAULT_MAX_DECODE_BYTES
 
 
 @dataclass(frozen=True)
@@ -186,19 +202,19 @@ def iter_bulk_upload(
             except PayloadTooLarge as exc:
                 yield BulkPart(index, clean_filename(part.filename), error=exc), None
                 continue
-            yield _judge(index, part.filename, data, limits.max_pixels)
+            yield _judge(index, part.filename, data, limits)
     if files == 0:
         # Text values alone are not an upload: refuse the request rather than answer 207.
         raise BadRequest("the form has no 'image' file field")
 
 
 def _judge(
-    index: int, raw_name: str | None, data: bytes, max_pixels: int
+    index: int, raw_name: str | None, data: bytes, limits: BulkLimits
 ) -> tuple[BulkPart, UploadedImage | None]:
     filename = clean_filename(raw_name)
     try:
         upload = validate_image(raw_name, data)
-        check_pixel_limit(upload.header, max_pixels)
+        check_pixel_limit(upload.header, limits.max_pixels, limits.max_decode_bytes)
     except PixelmillError as exc:
         return BulkPart(index, filename, error=exc), None
     return BulkPart(index, filename, sha256=upload.sha256), upload

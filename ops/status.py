@@ -10,16 +10,17 @@ from __future__ import annotations
 
 import argparse
 import json
-import socket
 import sys
+import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 from typing import Any, TypeVar
 
 import psycopg
-import redis
 
 from common.config import Settings
+from common.node_health import STALL_MARGIN_SECONDS, HealthRecordUnreadable, read_health_record
 from db.image_stats import count_by_status, recent_outcomes, top_failure_reasons
 from ops.connections import SERVICE_ERRORS, broker_connection, database, redis_client
 from ops.pipeline_state import (
@@ -216,21 +217,32 @@ def status_command(argv: list[str], settings: Settings | None = None) -> int:
 
 
 def node_check_command(argv: list[str], settings: Settings | None = None) -> int:
-    """Exit 0 while a worker node on this host has a fresh heartbeat (liveness probe)."""
+    """Exit 0 while the worker node on this machine gets its work done (liveness probe).
+
+    Reads the node's local health record (WORKER_HEALTH_FILE), never Redis: a node fails when
+    its control loop stopped writing the record, or when it holds images and made no progress
+    for longer than a render may take (MAX_RENDER_SECONDS) plus `--margin`. An idle node, a
+    paused one, and one whose Redis is away all pass.
+    """
     parser = argparse.ArgumentParser(prog="python -m ops node-check")
-    parser.add_argument("--host", default=socket.gethostname(), help="default: this host")
+    parser.add_argument("--file", help="the health record (default: WORKER_HEALTH_FILE)")
+    parser.add_argument(
+        "--margin",
+        type=float,
+        default=STALL_MARGIN_SECONDS,
+        help="seconds beyond MAX_RENDER_SECONDS a node holding work may go without progress",
+    )
     args = parser.parse_args(argv)
-    settings = settings or Settings.from_env()
-    client = redis_client(settings)
+    path = Path(args.file or (settings or Settings.from_env()).engine.health_file)
+    now = time.time()
     try:
-        nodes = live_nodes(client, settings.redis_prefix, args.host)
-    except redis.RedisError as exc:
-        print(f"node-check: Redis: {exc}", file=sys.stderr)
+        record = read_health_record(path)
+    except HealthRecordUnreadable as exc:
+        print(f"node-check: {exc}", file=sys.stderr)
         return 1
-    finally:
-        client.close()
-    if not nodes:
-        print(f"node-check: no live worker node on {args.host}", file=sys.stderr)
+    problem = record.problem(now, margin_seconds=args.margin)
+    if problem is not None:
+        print(f"node-check: the node is stuck: {problem}", file=sys.stderr)
         return 1
-    print(", ".join(f"{n.host}:{n.pid} heartbeat {n.heartbeat_age_seconds}s ago" for n in nodes))
+    print(f"node-check: {record.describe(now)}")
     return 0

@@ -8,6 +8,7 @@ common.broker, throwaway schemas in db.schemas."""
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import os
 import signal
 import socket
@@ -26,8 +27,14 @@ import numpy as np
 import psycopg
 from minio import Minio
 
+from common.broker import JobPublisher, ensure_topology
 from common.config import Settings
+from common.jobs import JobMessage
+from common.storage import ObjectStore, original_key
 from common.waiting import wait_for as wait_for
+from db import images
+from db.images import NewImage
+from db.pool import Database
 from ingest.client import FormPart, encode_multipart
 from ops.worker_process import start_worker as start_worker
 from ops.worker_process import stop_worker as stop_worker
@@ -259,3 +266,35 @@ def render_or_misbehave(task: Any) -> Any:
         view[: len(image)] = image
         task = RenderTask(task.input_slot, len(image), task.output_slot)
     return render_slot(task)
+
+
+class PendingJobs:
+    """Pending images as the API leaves them (row and original, whatever the bytes), and the
+    job messages that start their processing, on `settings`' queue."""
+
+    def __init__(self, settings: Settings, owner: str) -> None:
+        self.owner = owner
+        self._db = Database(settings.postgres_url, max_size=2)
+        self._store = ObjectStore(settings.storage)
+        self._publisher = JobPublisher(settings.queue)
+        ensure_topology(settings.queue)
+
+    def pending(self, original: bytes) -> uuid.UUID:
+        image_id = uuid.uuid4()
+        key = original_key(image_id)
+        self._store.put_original(key, original, "image/jpeg")
+        digest = hashlib.sha256(original).hexdigest()
+        row = NewImage(
+            image_id, self.owner, "photo.jpg", "image/jpeg", len(original), digest, 900, 600, key
+        )
+        with self._db.transaction() as conn:
+            images.insert_images(conn, [row])
+            images.mark_enqueued(conn, [image_id])
+        return image_id
+
+    def publish(self, image_ids: list[uuid.UUID]) -> None:
+        self._publisher.publish([JobMessage(i, f"req-{i.hex[:8]}") for i in image_ids])
+
+    def close(self) -> None:
+        self._publisher.close()
+        self._db.close()

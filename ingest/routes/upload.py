@@ -64,6 +64,7 @@ class _UploadRoute:
             max_body_bytes=api.max_bulk_bytes,
             max_part_bytes=api.max_upload_bytes,
             max_pixels=engine.max_pixels,
+            max_decode_bytes=engine.max_decode_bytes,
         )
 
 
@@ -74,7 +75,9 @@ class UploadResource(_UploadRoute):
         principal = req.context.principal
         # Charged before the body is read, so a flood of uploads costs the API little.
         self._limiter.charge(principal.subject)
-        upload = read_single_upload(req, self._limits.max_part_bytes, self._limits.max_pixels)
+        upload = read_single_upload(
+            req, self._limits.max_part_bytes, self._limits.max_pixels, self._limits.max_decode_bytes
+        )
         dedupe = req.get_param_as_bool("dedupe", default=False)
         claim = idempotency_claim(req, str(dedupe), upload.filename, upload.sha256)
         with self._intake.begin(principal.subject) as batch:
