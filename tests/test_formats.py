@@ -24,6 +24,8 @@ MAGIC = {
     "png": lambda data: data.startswith(b"\x89PNG\r\n\x1a\n"),
     "jpeg": lambda data: data.startswith(b"\xff\xd8\xff"),
     "webp": lambda data: data[:4] == b"RIFF" and data[8:12] == b"WEBP",
+    "avif": lambda data: data[4:12] == b"ftypavif",
+    "jxl": lambda data: data.startswith((b"\xff\x0a", b"\x00\x00\x00\x0cJXL ")),
 }
 
 
@@ -43,6 +45,8 @@ def test_result_keys_and_downloads_keep_the_extensions_already_in_use() -> None:
         "image/png": "png",
         "image/jpeg": "jpg",
         "image/webp": "webp",
+        "image/avif": "avif",
+        "image/jxl": "jxl",
     }
 
 
@@ -93,12 +97,17 @@ def test_result_key_refuses_a_content_type_outside_the_table() -> None:
 
 @pytest.mark.parametrize("name", OUTPUT_FORMATS)
 def test_output_format_setting_accepts_every_format_in_the_table(name: str) -> None:
-    assert Settings.from_env({"OUTPUT_FORMAT": name.upper()}).engine.output_format == name
+    assert (
+        Settings.from_env(
+            {"PIXELMILL_ENV": "local", "OUTPUT_FORMAT": name.upper()}
+        ).engine.output_format
+        == name
+    )
 
 
 def test_output_format_setting_names_the_variable_and_the_choices_for_other_values() -> None:
     with pytest.raises(ConfigError, match="OUTPUT_FORMAT='gif' must be one of png, jpeg, webp"):
-        Settings.from_env({"OUTPUT_FORMAT": "gif"})
+        Settings.from_env({"PIXELMILL_ENV": "local", "OUTPUT_FORMAT": "gif"})
 
 
 @pytest.mark.parametrize(

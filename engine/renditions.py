@@ -1,0 +1,194 @@
+"""Every rendition of an image from one decode: encoded bytes in, one encoded output per rendition.
+
+The file is decoded once, at the DCT scale the largest rendition needs (gray straight from the
+JPEG when no rendition is in colour and no profile must be converted: the kernel's fast path;
+otherwise in colour, converted to sRGB), and each rendition is resized from the nearest larger
+one already made, so the cost of a second or third rendition is a small resize and an encode.
+Gray outputs of a colour decode are computed from the sRGB values at their own size. Outputs
+carry no metadata from the source (no EXIF, GPS or XMP): the EXIF orientation is applied to the
+pixels. Pure functions, like `engine.kernel`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import cv2
+import imagecodecs
+import numpy as np
+
+from common.formats import CONTENT_TYPE_BY_FORMAT
+from common.imageinfo import ImageHeader
+from common.renditions import Rendition
+from engine.colour import source_colour, srgb_profile
+from engine.kernel import (
+    _encoded_bytes,
+    decode_colour,
+    decode_gray,
+    encode_avif,
+    encode_jxl,
+    orient,
+    read_header,
+    resize_stored,
+    target_size,
+)
+from engine.pngwrite import encode_png_gray, encode_png_rgb
+
+
+@dataclass(frozen=True)
+class RenditionImage:
+    """One encoded output."""
+
+    name: str
+    data: bytes
+    width: int
+    height: int
+    content_type: str
+
+
+@dataclass(frozen=True)
+class RenderedSet:
+    """The outputs, in the order asked for, and the displayed size of their source."""
+
+    images: tuple[RenditionImage, ...]
+    source_width: int
+    source_height: int
+
+
+def render_renditions(
+    data: bytes | memoryview | np.ndarray,
+    renditions: Sequence[Rendition],
+    *,
+    max_pixels: int = 100_000_000,
+) -> RenderedSet:
+    """Decode `data` (a JPEG or PNG file) once and encode every rendition of `renditions`.
+
+    Raises `engine.kernel.ImageRejected` for input that cannot or must not be processed, and
+    ValueError when `renditions` is empty.
+    """
+    if not renditions:
+        raise ValueError("at least one rendition is needed")
+    encoded = _encoded_bytes(data)
+    header = read_header(encoded, max_pixels)
+    colour = source_colour(encoded, header)
+    largest = max(r.width for r in renditions)
+    all_gray = all(r.gray for r in renditions)
+    if all_gray and not colour.needs_colour_decode:
+        decoded = decode_gray(encoded, header, largest)
+    else:
+        decoded = decode_colour(encoded, header, largest, colour)
+        if all_gray and decoded.ndim == 3:
+            decoded = cv2.cvtColor(decoded, cv2.COLOR_RGB2GRAY)
+    made = _fan_out(decoded, header, renditions)
+    return RenderedSet(tuple(made), *header.display_size)
+
+
+def _fan_out(
+    decoded: np.ndarray, header: ImageHeader, renditions: Sequence[Rendition]
+) -> list[RenditionImage]:
+    """Resize largest first, each from the smallest image already made that still covers it."""
+    sizes = {r.name: target_size(*header.display_size, r.width) for r in renditions}
+    by_size = sorted(renditions, key=lambda r: sizes[r.name][0] * sizes[r.name][1], reverse=True)
+    resized: dict[tuple[int, int], np.ndarray] = {}
+    chain = [decoded]  # stored orientation, each no larger than the one before
+    outputs: dict[str, RenditionImage] = {}
+    for rendition in by_size:
+        width, height = sizes[rendition.name]
+        image = resized.get((width, height))
+        if image is None:
+            image = resize_stored(chain[-1], header.orientation, width, height)
+            resized[(width, height)] = image
+            chain.append(image)
+        shown = orient(image, header.orientation)
+        outputs[rendition.name] = RenditionImage(
+            rendition.name,
+            encode_rendition(shown, rendition),
+            width,
+            height,
+            CONTENT_TYPE_BY_FORMAT[rendition.format],
+        )
+    return [outputs[r.name] for r in renditions]
+
+
+def encode_rendition(image: np.ndarray, rendition: Rendition) -> bytes:
+    """Encode displayed pixels (2-D gray or HxWx3 sRGB in R, G, B order) as `rendition` says."""
+    if rendition.gray:
+        gray = image if image.ndim == 2 else cv2.cvtColor(image, cv2.COLOR_RGB2GRAY)
+        return _encode_gray(np.ascontiguousarray(gray), rendition)
+    rgb = image if image.ndim == 3 else cv2.cvtColor(image, cv2.COLOR_GRAY2RGB)
+    return _encode_colour(np.ascontiguousarray(rgb), rendition)
+
+
+def _encode_gray(gray: np.ndarray, rendition: Rendition) -> bytes:
+    if rendition.format == "png":
+        return encode_png_gray(gray)
+    if rendition.format == "webp":
+        ok, buffer = cv2.imencode(".webp", gray, [cv2.IMWRITE_WEBP_QUALITY, rendition.quality])
+        if not ok:
+            raise RuntimeError(f"OpenCV could not encode a {gray.shape} image as WebP")
+        return buffer.tobytes()
+    return _encode_lossy(gray, rendition)
+
+
+def _encode_colour(rgb: np.ndarray, rendition: Rendition) -> bytes:
+    if rendition.format == "png":
+        return encode_png_rgb(rgb)
+    return _encode_lossy(rgb, rendition)
+
+
+def _encode_lossy(pixels: np.ndarray, rendition: Rendition) -> bytes:
+    quality = rendition.quality
+    colour = pixels.ndim == 3
+    if rendition.format == "jpeg":
+        return _encode_jpeg(pixels, quality, colour)
+    if rendition.format == "webp":
+        return _tag_webp_srgb(bytes(imagecodecs.webp_encode(pixels, level=quality)), colour)
+    if rendition.format == "avif":
+        return encode_avif(pixels, quality)
+    return encode_jxl(pixels, quality)
+
+
+def _encode_jpeg(pixels: np.ndarray, quality: int, colour: bool) -> bytes:
+    image = cv2.cvtColor(pixels, cv2.COLOR_RGB2BGR) if colour else pixels
+    ok, buffer = cv2.imencode(".jpg", image, [cv2.IMWRITE_JPEG_QUALITY, quality])
+    if not ok:
+        raise RuntimeError(f"OpenCV could not encode a {pixels.shape} image as JPEG")
+    data = buffer.tobytes()
+    return _with_jpeg_profile(data) if colour else data
+
+
+def _with_jpeg_profile(data: bytes) -> bytes:
+    """The JPEG with lcms2's sRGB profile in an APP2 segment right after SOI."""
+    profile = srgb_profile()
+    body = b"ICC_PROFILE\x00\x01\x01" + profile
+    segment = b"\xff\xe2" + (len(body) + 2).to_bytes(2, "big") + body
+    return data[:2] + segment + data[2:]
+
+
+def _tag_webp_srgb(data: bytes, colour: bool) -> bytes:
+    """Rewrite a simple (VP8 or VP8L) WebP as an extended one carrying the sRGB profile."""
+    if not colour or data[12:16] not in (b"VP8 ", b"VP8L"):
+        return data
+    width, height = _webp_size(data)
+    profile = srgb_profile()
+    flags = 0x20  # ICC profile present
+    vp8x = bytes([flags, 0, 0, 0]) + (width - 1).to_bytes(3, "little")
+    vp8x += (height - 1).to_bytes(3, "little")
+    chunks = _riff_chunk(b"VP8X", vp8x) + _riff_chunk(b"ICCP", profile) + data[12:]
+    return b"RIFF" + (4 + len(chunks)).to_bytes(4, "little") + b"WEBP" + chunks
+
+
+def _webp_size(data: bytes) -> tuple[int, int]:
+    if data[12:16] == b"VP8L":
+        bits = int.from_bytes(data[21:25], "little")
+        return (bits & 0x3FFF) + 1, ((bits >> 14) & 0x3FFF) + 1
+    # VP8 key frame: 3-byte frame tag, 3-byte start code, then 14-bit width and height.
+    width = int.from_bytes(data[26:28], "little") & 0x3FFF
+    height = int.from_bytes(data[28:30], "little") & 0x3FFF
+    return width, height
+
+
+def _riff_chunk(fourcc: bytes, payload: bytes) -> bytes:
+    pad = b"\x00" if len(payload) % 2 else b""
+    return fourcc + len(payload).to_bytes(4, "little") + payload + pad
