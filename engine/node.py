@@ -59,7 +59,9 @@ class WorkerNode:
             engine.processes,
             (self.inputs.name, self.inputs.slot_bytes),
             (self.outputs.name, self.outputs.slot_bytes),
-            KernelOptions(engine.target_width, engine.output_format, engine.max_pixels),
+            KernelOptions(
+                engine.target_width, engine.output_format, engine.max_pixels, engine.renditions
+            ),
             context=cpu_context or multiprocessing.get_context("forkserver"),
         )
         self.db = Database(settings.postgres_url, max_size=4)
