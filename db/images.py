@@ -269,6 +269,27 @@ def commit_batch(conn: psycopg.Connection[Any], outcomes: Sequence[Outcome]) -> 
     return {row[0] for row in cur.fetchall()}
 
 
+def request_renditions(
+    conn: psycopg.Connection[Any], image_id: uuid.UUID, names: str | None
+) -> ImageRecord | None:
+    """Ask for more renditions of an image (`names` comma-separated, None for all configured).
+
+    A completed image goes back to `pending` without `enqueued_at`, for a job to make the ones
+    it lacks; a pending or processing one only has its request widened. Failed images are
+    never reopened here (de-duplication skips them)."""
+    with conn.cursor(row_factory=class_row(ImageRecord)) as cur:
+        cur.execute(
+            f"""UPDATE images SET requested_renditions = %s,
+                    status = CASE WHEN status = 'completed' THEN 'pending' ELSE status END,
+                    enqueued_at = CASE WHEN status = 'completed' THEN NULL ELSE enqueued_at END,
+                    updated_at = now()
+                WHERE id = %s AND status <> 'failed'
+                RETURNING {_COLUMNS}""",
+            (names, image_id),
+        )
+        return cur.fetchone()
+
+
 def statuses_of(conn: psycopg.Connection[Any], ids: Sequence[uuid.UUID]) -> dict[uuid.UUID, str]:
     """The current status of each of `ids` that has a row."""
     rows = conn.execute("SELECT id, status FROM images WHERE id = ANY(%s)", (list(ids),))
