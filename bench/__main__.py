@@ -62,7 +62,9 @@ def run_kernel(config: KernelBenchConfig, results_root: Path, command: str, plot
     payload = run_kernel_benchmark(config, os.environ)
     settings = payload.pop("settings")
     document = build_document(command, settings, payload, REPO_ROOT)
-    markdown = kernel_summary_markdown(document)
+    markdown = kernel_summary_markdown(document) + rendition_costs_markdown(
+        payload.get("rendition_costs", [])
+    )
     run_dir = new_run_dir(results_root, command)
     path = write_results(run_dir, document, markdown)
     if plots:
@@ -70,6 +72,28 @@ def run_kernel(config: KernelBenchConfig, results_root: Path, command: str, plot
     print(markdown)
     print(f"results: {path}")
     return path
+
+
+def rendition_costs_markdown(rows: list[dict[str, Any]]) -> str:
+    """The rendition runs' table: the set's CPU over the single render's, each alone, vips."""
+    if not rows:
+        return ""
+    lines = [
+        "",
+        "## Renditions from one decode (CPU ms per image, P = processes)",
+        "",
+        "| class | P | single | set | set / single | each alone | set speed / vips |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for row in rows:
+        alone = ", ".join(f"{name} {ms:.1f}" for name, ms in row["alone_cpu_ms"].items())
+        over_vips = row["speedup_over_vips"]
+        lines.append(
+            f"| {row['image_class']} | {row['processes']} | {row['single_cpu_ms']:.1f} "
+            f"| {row['set_cpu_ms']:.1f} | {row['set_over_single']:.2f}x | {alone} "
+            f"| {'-' if over_vips is None else f'{over_vips:.2f}x'} |"
+        )
+    return "\n".join(lines) + "\n"
 
 
 def _kernel_config(args: argparse.Namespace, corpus_dir: Path) -> KernelBenchConfig:
@@ -84,6 +108,7 @@ def _kernel_config(args: argparse.Namespace, corpus_dir: Path) -> KernelBenchCon
         target_width=args.width,
         max_pixels=args.max_pixels,
         min_batch_images=args.min_batch_images,
+        renditions=getattr(args, "renditions", ""),
     )
 
 
@@ -335,6 +360,12 @@ def build_parser() -> argparse.ArgumentParser:
     kernel.add_argument("--repeat", type=int, default=5)
     kernel.add_argument("--processes", type=int, nargs="+", default=[1])
     kernel.add_argument("--formats", type=_csv, default=["png"])
+    kernel.add_argument(
+        "--renditions",
+        default="",
+        help="also measure this rendition set (RENDITIONS syntax) from one decode, against "
+        "libvips, and each rendition alone",
+    )
     _add_kernel_options(kernel)
 
     report = commands.add_parser("report", help="plots from results files")
