@@ -23,7 +23,13 @@ from bench.corpus import IMAGE_CLASSES, MANIFEST_NAME, bpp_by_class, is_photo_li
 from bench.e2e import E2EConfig, compare_single_and_bulk, e2e_images, e2e_statistics, mint_token
 from bench.e2e import run_upload as run_e2e_upload
 from bench.engine_bench import EngineRunSpec, NodeSettings, run_engine_benchmark
-from bench.kernel_bench import IMPLEMENTATIONS, REPO_ROOT, KernelBenchConfig, run_kernel_benchmark
+from bench.kernel_bench import (
+    IMPLEMENTATIONS,
+    REPO_ROOT,
+    KernelBenchConfig,
+    rendition_costs_markdown,
+    run_kernel_benchmark,
+)
 from bench.report import (
     e2e_summary_markdown,
     engine_summary_markdown,
@@ -72,28 +78,6 @@ def run_kernel(config: KernelBenchConfig, results_root: Path, command: str, plot
     print(markdown)
     print(f"results: {path}")
     return path
-
-
-def rendition_costs_markdown(rows: list[dict[str, Any]]) -> str:
-    """The rendition runs' table: the set's CPU over the single render's, each alone, vips."""
-    if not rows:
-        return ""
-    lines = [
-        "",
-        "## Renditions from one decode (CPU ms per image, P = processes)",
-        "",
-        "| class | P | single | set | set / single | each alone | set speed / vips |",
-        "|---|---|---|---|---|---|---|",
-    ]
-    for row in rows:
-        alone = ", ".join(f"{name} {ms:.1f}" for name, ms in row["alone_cpu_ms"].items())
-        over_vips = row["speedup_over_vips"]
-        lines.append(
-            f"| {row['image_class']} | {row['processes']} | {row['single_cpu_ms']:.1f} "
-            f"| {row['set_cpu_ms']:.1f} | {row['set_over_single']:.2f}x | {alone} "
-            f"| {'-' if over_vips is None else f'{over_vips:.2f}x'} |"
-        )
-    return "\n".join(lines) + "\n"
 
 
 def _kernel_config(args: argparse.Namespace, corpus_dir: Path) -> KernelBenchConfig:
@@ -201,7 +185,14 @@ def command_engine(args: argparse.Namespace) -> None:
         EngineRunSpec(
             args.image_class,
             args.count,
-            NodeSettings(args.processes, args.prefetch, size, args.batch_wait_ms, args.memory_mb),
+            NodeSettings(
+                args.processes,
+                args.prefetch,
+                size,
+                args.batch_wait_ms,
+                args.memory_mb,
+                args.renditions,
+            ),
             args.timeout,
         )
         for size in args.batch_size
@@ -313,6 +304,9 @@ def _add_engine_parser(commands: Any) -> None:
     _add_node_options(engine, many=False)
     engine.add_argument(
         "--batch-size", type=int, nargs="+", default=[16], help="one run per size (e.g. 1 16)"
+    )
+    engine.add_argument(
+        "--renditions", default="", help="the node's RENDITIONS (default: one 800 px gray PNG)"
     )
 
 

@@ -463,3 +463,25 @@ def rendition_costs(summary: list[dict[str, Any]], single: str) -> list[dict[str
             }
         )
     return rows
+
+
+def rendition_costs_markdown(rows: list[dict[str, Any]]) -> str:
+    """The rendition runs' table: the set's CPU over the single render's, each alone, vips."""
+    if not rows:
+        return ""
+    lines = [
+        "",
+        "## Renditions from one decode (CPU ms per image, P = processes)",
+        "",
+        "| class | P | single | set | set / single | each alone | set speed / vips |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for row in rows:
+        alone = ", ".join(f"{name} {ms:.1f}" for name, ms in row["alone_cpu_ms"].items())
+        over_vips = row["speedup_over_vips"]
+        lines.append(
+            f"| {row['image_class']} | {row['processes']} | {row['single_cpu_ms']:.1f} "
+            f"| {row['set_cpu_ms']:.1f} | {row['set_over_single']:.2f}x | {alone} "
+            f"| {'-' if over_vips is None else f'{over_vips:.2f}x'} |"
+        )
+    return "\n".join(lines) + "\n"
