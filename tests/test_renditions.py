@@ -27,12 +27,15 @@ import cv2
 import imagecodecs
 import numpy as np
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 from PIL import Image, ImageCms, ImageOps
 
 from common.config import ConfigError, Settings
 from common.renditions import Rendition, parse_renditions
 from engine import renditions as renditions_module
-from engine.kernel import render_grayscale, target_size
+from engine.colour import is_srgb
+from engine.kernel import ImageRejected, render_grayscale, target_size
 from engine.renditions import RenditionImage, render_renditions
 from tests.support import ApiClient, StackProbe, start_worker, stop_worker, wait_for
 from tests.test_imageinfo import exif_app1, with_segment
@@ -399,6 +402,53 @@ def test_no_output_carries_exif_gps_or_xmp() -> None:
     for output in render_renditions(data, wanted).images:
         for marker in (b"Exif", b"PhoneMaker", b"secret-place", b"xmpmeta"):
             assert marker not in output.data, (output.name, marker)
+
+
+# --- hostile colour metadata -----------------------------------------------------------------
+
+COLOUR_SEEDS = [
+    tagged_jpeg(photo_rgb(96, 64), display_p3_profile()),
+    tagged_png(photo_rgb(96, 64), display_p3_profile()),
+    pillow_bytes(
+        Image.fromarray(photo_rgb(96, 64)).convert("CMYK"), "JPEG", icc_profile=cmyk_profile()
+    ),
+    tagged_png(np.dstack([photo_rgb(96, 64), photo_rgb(96, 64)[:, :, 0]]), display_p3_profile()),
+]
+BOTH = parse_renditions("g:48:gray:png, c:32:color:webp:80")
+
+
+@st.composite
+def mutated_colour_image(draw: st.DrawFn) -> bytes:
+    """A colour-managed file with bytes changed in its headers (where the profile lies)."""
+    data = bytearray(draw(st.sampled_from(COLOUR_SEEDS)))
+    for _ in range(draw(st.integers(1, 8))):
+        position = draw(st.integers(0, min(len(data) - 1, 1200)))
+        data[position] = draw(st.integers(0, 255))
+    return bytes(data[: draw(st.integers(1, len(data)))])
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(data=mutated_colour_image())
+def test_damaged_profiles_and_headers_only_render_or_raise_image_rejected(data: bytes) -> None:
+    try:
+        rendered = render_renditions(data, BOTH, max_pixels=4_000_000)
+    except ImageRejected as exc:
+        assert str(exc)
+        return
+    for output in rendered.images:
+        assert pixels(output).shape[:2] == (output.height, output.width)
+
+
+def test_an_srgb_tagged_file_keeps_the_gray_fast_path() -> None:
+    srgb = ImageCms.ImageCmsProfile(ImageCms.createProfile("sRGB")).tobytes()
+    data = tagged_jpeg(photo_rgb(1200, 900), srgb)
+    [gray] = local().engine.renditions
+
+    [output] = render_renditions(data, [gray]).images
+
+    assert is_srgb(srgb) and not is_srgb(display_p3_profile())
+    # Byte for byte the JPEG decoded straight to gray: no colour decode, no conversion.
+    assert output.data == render_grayscale(data).data
 
 
 # --- through the API and a worker -------------------------------------------------------------
