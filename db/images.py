@@ -118,6 +118,9 @@ class Outcome:
     result_height: int | None = None
     # Every output of the image, the main result first (those it had before included).
     renditions: tuple[StoredRendition, ...] = ()
+    # The row's `requested_renditions` when it was claimed: if an upload widened it since, the
+    # completed image goes back to `pending` for the outbox sweeper to queue again.
+    requested_renditions: str | None = None
 
 
 _COLUMNS = ", ".join(ImageRecord.__dataclass_fields__)
@@ -235,13 +238,21 @@ def commit_batch(conn: psycopg.Connection[Any], outcomes: Sequence[Outcome]) -> 
 
     Statuses only move forward: a row already terminal is left as it is. A completed outcome's
     renditions replace the row's (the engine merges in those the image had); a failed one keeps
-    them, and the main result, for an image that had some before (renditions added later).
+    them, and the main result, for an image that had some before (renditions added later). An
+    image whose requested renditions were widened while it was processed stays `pending`, its
+    job to be queued again, so the renditions asked for meanwhile are made too.
     """
     if not outcomes:
         return set()
     cur = conn.execute(
         """UPDATE images AS i
-           SET status = o.status, error = o.error,
+           SET status = CASE WHEN o.status = 'completed'
+                              AND i.requested_renditions IS DISTINCT FROM o.requested
+                             THEN 'pending' ELSE o.status END,
+               enqueued_at = CASE WHEN o.status = 'completed'
+                                   AND i.requested_renditions IS DISTINCT FROM o.requested
+                                  THEN NULL ELSE i.enqueued_at END,
+               error = o.error,
                result_key = COALESCE(o.result_key, i.result_key),
                result_content_type = COALESCE(o.result_content_type, i.result_content_type),
                result_width = COALESCE(o.result_width, i.result_width),
@@ -250,9 +261,9 @@ def commit_batch(conn: psycopg.Connection[Any], outcomes: Sequence[Outcome]) -> 
                                  ELSE i.renditions END,
                updated_at = now()
            FROM unnest(%s::uuid[], %s::text[], %s::text[], %s::text[], %s::text[],
-                       %s::int[], %s::int[], %s::jsonb[])
+                       %s::int[], %s::int[], %s::jsonb[], %s::text[])
                 AS o(id, status, error, result_key, result_content_type, result_width,
-                     result_height, renditions)
+                     result_height, renditions, requested)
            WHERE i.id = o.id AND i.status NOT IN ('completed', 'failed')
            RETURNING i.id""",
         (
@@ -264,6 +275,7 @@ def commit_batch(conn: psycopg.Connection[Any], outcomes: Sequence[Outcome]) -> 
             [o.result_width for o in outcomes],
             [o.result_height for o in outcomes],
             [Jsonb([asdict(r) for r in o.renditions]) for o in outcomes],
+            [o.requested_renditions for o in outcomes],
         ),
     )
     return {row[0] for row in cur.fetchall()}

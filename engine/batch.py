@@ -359,6 +359,7 @@ class BatchProcessor:
                 result_width=main.width,
                 result_height=main.height,
                 renditions=renditions,
+                requested_renditions=work.record.requested_renditions,
             )
         )
 

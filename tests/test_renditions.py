@@ -27,7 +27,8 @@ import cv2
 import imagecodecs
 import numpy as np
 import pytest
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, given
+from hypothesis import settings as hypothesis_settings
 from hypothesis import strategies as st
 from PIL import Image, ImageCms, ImageOps
 
@@ -427,7 +428,7 @@ def mutated_colour_image(draw: st.DrawFn) -> bytes:
     return bytes(data[: draw(st.integers(1, len(data)))])
 
 
-@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@hypothesis_settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(data=mutated_colour_image())
 def test_damaged_profiles_and_headers_only_render_or_raise_image_rejected(data: bytes) -> None:
     try:
@@ -449,6 +450,66 @@ def test_an_srgb_tagged_file_keeps_the_gray_fast_path() -> None:
     assert is_srgb(srgb) and not is_srgb(display_p3_profile())
     # Byte for byte the JPEG decoded straight to gray: no colour decode, no conversion.
     assert output.data == render_grayscale(data).data
+
+
+# --- the image row ----------------------------------------------------------------------------
+
+
+def _claimed_image(conn: Any, requested: str | None) -> Any:
+    from db import images
+
+    image_id = uuid.uuid4()
+    new = images.NewImage(
+        image_id, "renditions-test", "a.jpg", "image/jpeg", 10, "x", 4, 4, f"originals/{image_id}"
+    )
+    images.insert_images(conn, [dataclasses.replace(new, requested_renditions=requested)])
+    images.mark_enqueued(conn, [image_id])
+    [claimed] = images.claim_batch(conn, [image_id])
+    return claimed
+
+
+def _completed(record: Any) -> Any:
+    from db.images import Outcome, StoredRendition
+
+    thumb = StoredRendition("thumb", f"results/{record.id}/thumb.webp", "image/webp", 4, 4, 9)
+    return Outcome(
+        record.id,
+        "completed",
+        result_key=thumb.key,
+        result_content_type=thumb.content_type,
+        result_width=4,
+        result_height=4,
+        renditions=(thumb,),
+        requested_renditions=record.requested_renditions,
+    )
+
+
+@pytest.mark.parametrize("widened", [False, True])
+def test_an_image_asked_for_more_renditions_while_processed_is_queued_again(
+    settings: Settings, widened: bool
+) -> None:
+    import psycopg
+
+    from db import images
+
+    with psycopg.connect(settings.postgres_url, autocommit=True) as conn:
+        record = _claimed_image(conn, "thumb")
+        if widened:  # a deduplicated upload asked for `default` meanwhile
+            images.request_renditions(conn, record.id, "thumb,default")
+
+        assert images.commit_batch(conn, [_completed(record)]) == {record.id}
+
+        row = images.get_image(conn, record.id)
+    assert row is not None
+    assert [r.name for r in row.stored_renditions] == ["thumb"]
+    if widened:
+        assert (row.status, row.enqueued_at, row.requested) == (
+            "pending",
+            None,
+            ("thumb", "default"),
+        )
+    else:
+        assert row.status == "completed" and row.enqueued_at is not None
 
 
 # --- through the API and a worker -------------------------------------------------------------
