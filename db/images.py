@@ -26,17 +26,19 @@ class StoredRendition:
     content_type: str
     width: int
     height: int
-    bytes: int
+    # None for results stored before renditions, whose size was not recorded.
+    bytes: int | None
 
     @classmethod
     def from_json(cls, item: dict[str, Any]) -> StoredRendition:
+        size = item.get("bytes")
         return cls(
             str(item["name"]),
             str(item["key"]),
             str(item["content_type"]),
             int(item["width"]),
             int(item["height"]),
-            int(item["bytes"]),
+            None if size is None else int(size),
         )
 
 

@@ -53,7 +53,10 @@ RENDITION = {
         "content_type": {"type": "string"},
         "width": {"type": "integer"},
         "height": {"type": "integer"},
-        "bytes": {"type": "integer"},
+        "bytes": {
+            "type": ["integer", "null"],
+            "description": "null for results stored before renditions existed",
+        },
         "url": {"type": "string", "description": "presigned; in single-image answers only"},
     },
 }

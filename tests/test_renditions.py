@@ -512,6 +512,40 @@ def test_an_image_asked_for_more_renditions_while_processed_is_queued_again(
         assert row.status == "completed" and row.enqueued_at is not None
 
 
+def test_results_completed_before_renditions_become_the_default_rendition() -> None:
+    import psycopg
+
+    from db import images
+    from db.schemas import throwaway_schema, with_search_path
+    from tests.support import BASE_POSTGRES_URL
+
+    migrations = sorted(Path(images.__file__).parent.joinpath("migrations").glob("*.sql"))
+    before = [m for m in migrations if m.name < "0005"]
+    renditions = next(m for m in migrations if m.name == "0005_image_renditions.sql")
+    with (
+        throwaway_schema(BASE_POSTGRES_URL, f"pm_rend_{uuid.uuid4().hex[:8]}") as schema,
+        psycopg.connect(with_search_path(BASE_POSTGRES_URL, schema), autocommit=True) as conn,
+    ):
+        for migration in before:
+            conn.execute(migration.read_text())
+        image_id = uuid.uuid4()
+        conn.execute(
+            """INSERT INTO images (id, owner, filename, content_type, size_bytes, sha256,
+                   source_width, source_height, status, original_key, result_key,
+                   result_content_type, result_width, result_height)
+               VALUES (%s, 'o', 'a.jpg', 'image/jpeg', 1, 'x', 8, 6, 'completed',
+                       'originals/x', %s, 'image/png', 4, 3)""",
+            (image_id, f"results/{image_id}.png"),
+        )
+        conn.execute(renditions.read_text())
+        record = images.get_image(conn, image_id)
+
+    assert record is not None
+    assert record.stored_renditions == (
+        images.StoredRendition("default", f"results/{image_id}.png", "image/png", 4, 3, None),
+    )
+
+
 # --- through the API and a worker -------------------------------------------------------------
 
 
