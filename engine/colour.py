@@ -66,17 +66,21 @@ def source_colour(encoded: memoryview, header: ImageHeader) -> SourceColour:
     return SourceColour(_conversion_profile(profile, False), png_colour_type=colour_type)
 
 
-def to_srgb(pixels: np.ndarray, profile: bytes, colorspace: str) -> np.ndarray:
-    """`pixels` (HxWx3 'rgb' or HxWx4 'cmyk', 8 or 16 bits) converted to 8-bit sRGB, perceptual
-    intent, as lcms2 does it."""
-    return imagecodecs.cms_transform(
-        pixels,
-        profile,
-        srgb_profile(),
-        colorspace=colorspace,
-        outcolorspace="rgb",
-        outdtype=np.uint8,
-    )
+def to_srgb(pixels: np.ndarray, profile: bytes, colorspace: str) -> np.ndarray | None:
+    """`pixels` (HxWx3 'rgb' or 'bgr', HxWx4 'cmyk'; 8 or 16 bits) converted to 8-bit sRGB in
+    R, G, B order, perceptual intent. None when lcms2 cannot use the profile (damaged, or of a
+    kind it does not take): the caller renders the values unconverted, as browsers do."""
+    try:
+        return imagecodecs.cms_transform(
+            pixels,
+            profile,
+            srgb_profile(),
+            colorspace=colorspace,
+            outcolorspace="rgb",
+            outdtype=np.uint8,
+        )
+    except (imagecodecs.CmsError, ValueError, TypeError):
+        return None
 
 
 @lru_cache(maxsize=1)

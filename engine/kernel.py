@@ -270,9 +270,8 @@ def decode_colour(
             return _decode_jpeg_cmyk(encoded, colour)
         factor = jpeg_reduction(header.display_size[0], target_width)
         bgr = _decode_jpeg_colour(encoded, factor)
-        if colour.profile is not None:
-            return to_srgb(bgr, colour.profile, "bgr")  # lcms2 writes R, G, B
-        return cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB)
+        converted = None if colour.profile is None else to_srgb(bgr, colour.profile, "bgr")
+        return cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB) if converted is None else converted
     if colour.is_gray:
         return _decode_png_gray(encoded)
     return _decode_png_colour(encoded, colour)
@@ -300,9 +299,10 @@ def _decode_jpeg_cmyk(encoded: memoryview, colour: SourceColour) -> np.ndarray:
         raise ImageRejected("CMYK JPEG data could not be decoded")
     if colour.adobe_inverted:
         cv2.bitwise_not(cmyk, dst=cmyk)  # Adobe's files store 255 for no ink
-    if colour.profile is not None:
-        return to_srgb(cmyk, colour.profile, "cmyk")
-    # No profile: the naive conversion everyone else makes.
+    converted = None if colour.profile is None else to_srgb(cmyk, colour.profile, "cmyk")
+    if converted is not None:
+        return converted
+    # No usable profile: the naive conversion everyone else makes.
     ink = cmyk.astype(np.float32) / 255
     rgb = 255 * (1 - ink[:, :, :3]) * (1 - ink[:, :, 3:4])
     return np.rint(rgb).astype(np.uint8)
@@ -323,8 +323,9 @@ def _decode_png_colour(encoded: memoryview, colour: SourceColour) -> np.ndarray:
     if image.shape[2] == 4:
         alpha = np.ascontiguousarray(image[:, :, 3])
         image = cv2.cvtColor(image, cv2.COLOR_RGBA2RGB)
-    if colour.profile is not None:
-        image = to_srgb(image, colour.profile, "rgb")
+    converted = None if colour.profile is None else to_srgb(image, colour.profile, "rgb")
+    if converted is not None:
+        image = converted
     if alpha is None:
         return image
     return _composite_rgb_on_white(image, alpha)

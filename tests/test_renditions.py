@@ -440,6 +440,19 @@ def test_damaged_profiles_and_headers_only_render_or_raise_image_rejected(data: 
         assert pixels(output).shape[:2] == (output.height, output.width)
 
 
+def test_a_profile_lcms2_cannot_use_renders_the_values_unconverted() -> None:
+    rgb = photo_rgb(600, 400)
+    profile = bytearray(display_p3_profile())
+    profile[128:132] = (1).to_bytes(4, "big")  # one tag left: the colorants and curves are gone
+    broken = tagged_png(rgb, bytes(profile))
+    wanted = (Rendition("colour", 300, "color", "png"),)
+
+    [output] = render_renditions(broken, wanted).images
+
+    [plain] = render_renditions(pillow_bytes(Image.fromarray(rgb), "PNG"), wanted).images
+    assert np.array_equal(pixels(output), pixels(plain))
+
+
 def test_an_srgb_tagged_file_keeps_the_gray_fast_path() -> None:
     srgb = ImageCms.ImageCmsProfile(ImageCms.createProfile("sRGB")).tobytes()
     data = tagged_jpeg(photo_rgb(1200, 900), srgb)
