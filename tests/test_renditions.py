@@ -19,6 +19,7 @@ import io
 import struct
 import urllib.request
 import uuid
+import zlib
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -287,9 +288,16 @@ def test_avif_and_jpeg_xl_renditions_match_pillow(image_format: str) -> None:
 # --- colour management ------------------------------------------------------------------------
 
 
-def test_display_p3_png_is_converted_to_srgb_for_colour_and_gray_outputs() -> None:
+def adobe_rgb_profile() -> bytes:
+    return bytes(imagecodecs.cms_profile("adobergb"))
+
+
+@pytest.mark.parametrize("profile", [display_p3_profile, adobe_rgb_profile])
+def test_wide_gamut_png_is_converted_to_srgb_for_colour_and_gray_outputs(
+    profile: Any,
+) -> None:
     rgb = photo_rgb(1000, 700)
-    data = tagged_png(rgb, display_p3_profile())
+    data = tagged_png(rgb, profile())
     wanted = (Rendition("colour", 500, "color", "png"), Rendition("gray", 250, "gray", "png"))
 
     rendered = render_renditions(data, wanted)
@@ -369,6 +377,26 @@ def test_alpha_is_composited_onto_white_in_colour_renditions() -> None:
 
     assert_matches(output, data, rendition)
     assert pixels(output)[:, :140].min() >= 250  # transparent: white, not black
+
+
+def test_16_bit_display_p3_png_matches_its_8_bit_rendering() -> None:
+    rgb8 = photo_rgb(900, 600)
+    rgb16 = rgb8.astype(np.uint16) * 257
+    profile = display_p3_profile()
+    data16 = bytes(imagecodecs.png_encode(rgb16))
+    chunk = _png_chunk(b"iCCP", b"p3\x00\x00" + zlib.compress(profile))
+    data16 = data16[:33] + chunk + data16[33:]  # right after IHDR
+    rendition = Rendition("colour", 300, "color", "png")
+
+    [output] = render_renditions(data16, [rendition]).images
+
+    expected = reference(tagged_png(rgb8, profile), 300, gray=False)
+    mean, worst = differences(pixels(output), expected)
+    assert mean <= LOSSLESS[0] and worst <= LOSSLESS[1], (mean, worst)
+
+
+def _png_chunk(kind: bytes, body: bytes) -> bytes:
+    return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body))
 
 
 def test_16_bit_png_keeps_its_colours_in_colour_renditions() -> None:
