@@ -112,7 +112,7 @@ def render_grayscale(
     """
     if output_format not in OUTPUT_FORMATS:
         raise ValueError(f"output_format {output_format!r} is not one of {sorted(OUTPUT_FORMATS)}")
-    encoded = _encoded_bytes(data)
+    encoded = encoded_view(data)
     header = read_header(encoded, max_pixels)
     width, height = target_size(*header.display_size, target_width)
     stored = decode_gray(encoded, header, target_width)
@@ -204,7 +204,8 @@ def encode_jxl(pixels: np.ndarray, quality: int) -> bytes:
     )
 
 
-def _encoded_bytes(data: bytes | memoryview | np.ndarray) -> memoryview:
+def encoded_view(data: bytes | memoryview | np.ndarray) -> memoryview:
+    """The encoded file as a flat byte view (a uint8 ndarray is read as the file's bytes)."""
     if isinstance(data, np.ndarray):
         return np.ascontiguousarray(data).reshape(-1).view(np.uint8).data
     try:

@@ -23,11 +23,11 @@ from common.imageinfo import ImageHeader
 from common.renditions import Rendition
 from engine.colour import source_colour, srgb_profile
 from engine.kernel import (
-    _encoded_bytes,
     decode_colour,
     decode_gray,
     encode_avif,
     encode_jxl,
+    encoded_view,
     orient,
     read_header,
     resize_stored,
@@ -73,7 +73,7 @@ def render_renditions(
     """
     if not renditions:
         raise ValueError("at least one rendition is needed")
-    encoded = _encoded_bytes(data)
+    encoded = encoded_view(data)
     header = read_header(encoded, max_pixels)
     colour = source_colour(encoded, header)
     largest = max(r.width for r in renditions)
