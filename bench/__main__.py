@@ -23,7 +23,13 @@ from bench.corpus import IMAGE_CLASSES, MANIFEST_NAME, bpp_by_class, is_photo_li
 from bench.e2e import E2EConfig, compare_single_and_bulk, e2e_images, e2e_statistics, mint_token
 from bench.e2e import run_upload as run_e2e_upload
 from bench.engine_bench import EngineRunSpec, NodeSettings, run_engine_benchmark
-from bench.kernel_bench import IMPLEMENTATIONS, REPO_ROOT, KernelBenchConfig, run_kernel_benchmark
+from bench.kernel_bench import (
+    IMPLEMENTATIONS,
+    REPO_ROOT,
+    KernelBenchConfig,
+    rendition_costs_markdown,
+    run_kernel_benchmark,
+)
 from bench.report import (
     e2e_summary_markdown,
     engine_summary_markdown,
@@ -62,7 +68,9 @@ def run_kernel(config: KernelBenchConfig, results_root: Path, command: str, plot
     payload = run_kernel_benchmark(config, os.environ)
     settings = payload.pop("settings")
     document = build_document(command, settings, payload, REPO_ROOT)
-    markdown = kernel_summary_markdown(document)
+    markdown = kernel_summary_markdown(document) + rendition_costs_markdown(
+        payload.get("rendition_costs", [])
+    )
     run_dir = new_run_dir(results_root, command)
     path = write_results(run_dir, document, markdown)
     if plots:
@@ -84,6 +92,7 @@ def _kernel_config(args: argparse.Namespace, corpus_dir: Path) -> KernelBenchCon
         target_width=args.width,
         max_pixels=args.max_pixels,
         min_batch_images=args.min_batch_images,
+        renditions=getattr(args, "renditions", ""),
     )
 
 
@@ -176,7 +185,14 @@ def command_engine(args: argparse.Namespace) -> None:
         EngineRunSpec(
             args.image_class,
             args.count,
-            NodeSettings(args.processes, args.prefetch, size, args.batch_wait_ms, args.memory_mb),
+            NodeSettings(
+                args.processes,
+                args.prefetch,
+                size,
+                args.batch_wait_ms,
+                args.memory_mb,
+                args.renditions,
+            ),
             args.timeout,
         )
         for size in args.batch_size
@@ -289,6 +305,9 @@ def _add_engine_parser(commands: Any) -> None:
     engine.add_argument(
         "--batch-size", type=int, nargs="+", default=[16], help="one run per size (e.g. 1 16)"
     )
+    engine.add_argument(
+        "--renditions", default="", help="the node's RENDITIONS (default: one 800 px gray PNG)"
+    )
 
 
 def _add_stack_options(parser: argparse.ArgumentParser) -> None:
@@ -335,6 +354,12 @@ def build_parser() -> argparse.ArgumentParser:
     kernel.add_argument("--repeat", type=int, default=5)
     kernel.add_argument("--processes", type=int, nargs="+", default=[1])
     kernel.add_argument("--formats", type=_csv, default=["png"])
+    kernel.add_argument(
+        "--renditions",
+        default="",
+        help="also measure this rendition set (RENDITIONS syntax) from one decode, against "
+        "libvips, and each rendition alone",
+    )
     _add_kernel_options(kernel)
 
     report = commands.add_parser("report", help="plots from results files")

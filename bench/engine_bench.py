@@ -17,6 +17,7 @@ in this process, on the same files with one OpenCV thread, after the runs.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import hashlib
 import subprocess
 import sys
@@ -51,6 +52,7 @@ from common.broker import (
 from common.config import QueueSettings, Settings
 from common.imageinfo import probe
 from common.jobs import JobMessage
+from common.renditions import parse_renditions
 from common.storage import ObjectStore, original_key
 from common.waiting import wait_for
 from db import image_stats, images
@@ -85,6 +87,9 @@ class NodeSettings:
     batch_size: int = 16
     batch_wait_ms: int = 50
     memory_mb: int = 512
+    # RENDITIONS for the node (empty: the default single gray rendition); an environment
+    # variable, not a flag.
+    renditions: str = ""
 
     def flags(self) -> list[str]:
         return [
@@ -240,7 +245,8 @@ def _service_pids(services: IsolatedServices) -> dict[str, list[int]]:
 def kernel_cpu_per_image(
     payloads: Sequence[bytes], settings: Settings, min_renders: int = 30
 ) -> float:
-    """Mean CPU seconds of engine.kernel.render_grayscale per image, one OpenCV thread.
+    """Mean CPU seconds of the node's kernel work per image (every configured rendition from
+    one decode, engine.renditions.render_renditions), one OpenCV thread.
 
     Each file is rendered once untimed first (OpenCV and the codecs set up lazily on first use,
     which would otherwise inflate the figure for small images), then the files are cycled until at
@@ -248,18 +254,13 @@ def kernel_cpu_per_image(
     """
     import cv2
 
-    from engine.kernel import render_grayscale
+    from engine.renditions import render_renditions
 
     cv2.setNumThreads(1)
     engine = settings.engine
 
     def render(payload: bytes) -> None:
-        render_grayscale(
-            payload,
-            target_width=engine.target_width,
-            output_format=engine.output_format,
-            max_pixels=engine.max_pixels,
-        )
+        render_renditions(payload, engine.renditions, max_pixels=engine.max_pixels)
 
     for payload in payloads:
         render(payload)
@@ -313,6 +314,8 @@ def run_engine_once(
 ) -> dict[str, Any]:
     """Preload, start the node, publish everything, time it to the last terminal row."""
     env = services.env(run_index)
+    if spec.node.renditions:
+        env["RENDITIONS"] = spec.node.renditions
     settings = Settings.from_env(env)
     services.queues.append(settings.queue)
     ids = preload(settings, payloads, spec.count)
@@ -459,17 +462,31 @@ def run_engine_benchmark(
             print(f"engine: {spec.image_class} x{spec.count} {spec.node}", file=sys.stderr)
             row = run_engine_once(services, spec, payloads[spec.image_class], index, log_dir)
             runs.append(row)
-    kernel = {name: kernel_cpu_per_image(data, base) for name, data in payloads.items()}
+    kernel = {
+        (spec.image_class, spec.node.renditions): kernel_cpu_per_image(
+            payloads[spec.image_class], _with_renditions(base, spec.node.renditions)
+        )
+        for spec in specs
+    }
     results = {name: result_bytes_per_image(data, base) for name, data in payloads.items()}
-    for row in runs:
-        row["kernel_cpu_s_per_image"] = kernel[row["image_class"]]
+    for row, spec in zip(runs, specs, strict=True):
+        alone = kernel[(spec.image_class, spec.node.renditions)]
+        row["kernel_cpu_s_per_image"] = alone
         # What the run moved through S3 per image, for sizing (`python -m ops capacity`).
         row["original_bytes_per_image"] = original_bytes_per_image(
             payloads[row["image_class"]], row["count"]
         )
         row["result_bytes_per_image"] = results[row["image_class"]]
-        row["cpu_ratio"] = ratio(row["node_cpu_s_per_image"], kernel[row["image_class"]])
+        row["cpu_ratio"] = ratio(row["node_cpu_s_per_image"], alone)
     return {"kind": "engine", "runs": runs, "batch_comparison": batch_comparison(runs)}
+
+
+def _with_renditions(base: Settings, renditions: str) -> Settings:
+    """`base` with the node's RENDITIONS, as a node started with it reads them."""
+    if not renditions:
+        return base
+    engine = dataclasses.replace(base.engine, renditions=parse_renditions(renditions))
+    return dataclasses.replace(base, engine=engine)
 
 
 def batch_comparison(runs: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:

@@ -1,5 +1,9 @@
 """Kernel benchmark: the engine's render_grayscale against reference pipelines on the same files.
 
+With `renditions` (RENDITIONS syntax) the same run also measures, side by side, the engine making
+every rendition from one decode (format "renditions") against libvips making them from one load,
+and each rendition alone (format "rendition:NAME", the engine only) for its cost on its own.
+
 Each implementation runs in fresh child processes (bench.kernel_child, or the Go binary) limited
 to one thread each; "P processes" runs P such children at once, each over the whole class. The
 order of implementations rotates every repeat (ABAB, not AAABBB) so machine noise hits all alike.
@@ -24,8 +28,13 @@ from bench.corpus import CorpusEntry, read_manifest
 from bench.kernel_child import SINGLE_THREAD_ENV
 from bench.progress import ProgressBar
 from bench.stats import median, ratio
+from common.renditions import parse_renditions
 
 IMPLEMENTATIONS = ("pixelmill", "vips", "pillow", "opencv-naive", "go")
+# Who can make a whole rendition set, and who each rendition alone.
+RENDITION_SET_IMPLEMENTATIONS = ("pixelmill", "vips")
+RENDITIONS_FORMAT = "renditions"
+ONE_RENDITION_PREFIX = "rendition:"
 SUBJECT = "pixelmill"
 SIZE_BASELINE = "vips"
 ALL_CLASSES = "all"
@@ -51,6 +60,26 @@ class KernelBenchConfig:
     # Short classes are cycled until each batch holds this many images, so that one batch's
     # wall time is long enough to measure even in a tiny corpus.
     min_batch_images: int = 8
+    # RENDITIONS syntax; empty: no rendition runs.
+    renditions: str = ""
+
+    def all_formats(self) -> tuple[str, ...]:
+        """The formats, then the rendition set and each of its renditions alone."""
+        if not self.renditions:
+            return self.formats
+        names = [r.name for r in parse_renditions(self.renditions)]
+        return (
+            *self.formats,
+            RENDITIONS_FORMAT,
+            *(f"{ONE_RENDITION_PREFIX}{name}" for name in names),
+        )
+
+    def runs_format(self, implementation: str, fmt: str) -> bool:
+        if fmt == RENDITIONS_FORMAT:
+            return implementation in RENDITION_SET_IMPLEMENTATIONS
+        if fmt.startswith(ONE_RENDITION_PREFIX):
+            return implementation == SUBJECT
+        return True
 
     def settings(self) -> dict[str, Any]:
         """The settings as plain JSON values, for the results file."""
@@ -64,6 +93,7 @@ class KernelBenchConfig:
             "target_width": self.target_width,
             "max_pixels": self.max_pixels,
             "min_batch_images": self.min_batch_images,
+            "renditions": self.renditions,
             "threads_per_process": 1,
         }
 
@@ -137,7 +167,17 @@ def _go_command(binary: Path, width: int) -> Callable[[str], list[str]]:
 def _python_command(name: str, config: KernelBenchConfig) -> Callable[[str], list[str]]:
     base = [sys.executable, "-m", "bench.kernel_child", "--impl", name]
     limits = ["--width", str(config.target_width), "--max-pixels", str(config.max_pixels)]
-    return lambda fmt: [*base, *limits, "--format", fmt]
+    by_name = {r.name: r.spelled() for r in parse_renditions(config.renditions or "x:1:gray:png")}
+
+    def command(fmt: str) -> list[str]:
+        if fmt == RENDITIONS_FORMAT:
+            return [*base, *limits, "--renditions", config.renditions]
+        if fmt.startswith(ONE_RENDITION_PREFIX):
+            spelled = by_name[fmt.removeprefix(ONE_RENDITION_PREFIX)]
+            return [*base, *limits, "--renditions", spelled]
+        return [*base, *limits, "--format", fmt]
+
+    return command
 
 
 class ChildWorker:
@@ -280,14 +320,15 @@ def run_kernel_benchmark(config: KernelBenchConfig, environ: Mapping[str, str]) 
     launchers = prepare_launchers(config, environ)
     env = {**environ, **SINGLE_THREAD_ENV}
     names = [name for name in config.implementations if name in launchers.commands]
-    progress = ProgressBar(
-        len(config.formats) * len(config.processes) * config.repeat * len(names), "kernel"
-    )
+    formats = config.all_formats()
+    sessions = sum(1 for f in formats for n in names if config.runs_format(n, f))
+    progress = ProgressBar(sessions * len(config.processes) * config.repeat, "kernel")
     runs = []
-    for fmt in config.formats:
+    for fmt in formats:
+        measured = [name for name in names if config.runs_format(name, fmt)]
         for processes in config.processes:
             for repeat in range(config.repeat):
-                for name in rotated(names, repeat):
+                for name in rotated(measured, repeat):
                     command = launchers.commands[name](fmt)
                     by_class = run_session(
                         command, processes, paths_by_class, megapixels_by_file, env
@@ -305,6 +346,7 @@ def run_kernel_benchmark(config: KernelBenchConfig, environ: Mapping[str, str]) 
         "runs": runs,
         "summary": summary,
         "comparisons": compare_to_references(summary),
+        "rendition_costs": rendition_costs(summary, config.formats[0]) if config.renditions else [],
     }
 
 
@@ -383,3 +425,63 @@ def compare_to_references(summary: list[dict[str, Any]]) -> list[dict[str, Any]]
             {**dict(zip(keys, key, strict=True)), "speedup": speedup, "size_vs_vips": size_ratio}
         )
     return rows
+
+
+def rendition_costs(summary: list[dict[str, Any]], single: str) -> list[dict[str, Any]]:
+    """Per class and process count: the engine's CPU per image for the whole rendition set, and
+    for each rendition alone, over its CPU for the single `single`-format render (the default
+    rendition); and its speed over libvips making the same set."""
+    rows = []
+    for (image_class, processes), group in _group(summary, ("image_class", "processes")).items():
+        cpu = {
+            (row["implementation"], row["format"]): row["cpu_ms_per_image"]
+            for row in group
+            if row["cpu_ms_per_image"]
+        }
+        speed = {(row["implementation"], row["format"]): row["images_per_s"] for row in group}
+        base = cpu.get((SUBJECT, single))
+        whole = cpu.get((SUBJECT, RENDITIONS_FORMAT))
+        if base is None or whole is None:
+            continue
+        alone = {
+            fmt.removeprefix(ONE_RENDITION_PREFIX): ms
+            for (name, fmt), ms in cpu.items()
+            if name == SUBJECT and fmt.startswith(ONE_RENDITION_PREFIX)
+        }
+        vips = speed.get(("vips", RENDITIONS_FORMAT))
+        rows.append(
+            {
+                "image_class": image_class,
+                "processes": processes,
+                "single_cpu_ms": base,
+                "set_cpu_ms": whole,
+                "set_over_single": ratio(whole, base),
+                "alone_cpu_ms": alone,
+                "speedup_over_vips": ratio(speed[(SUBJECT, RENDITIONS_FORMAT)], vips)
+                if vips
+                else None,
+            }
+        )
+    return rows
+
+
+def rendition_costs_markdown(rows: list[dict[str, Any]]) -> str:
+    """The rendition runs' table: the set's CPU over the single render's, each alone, vips."""
+    if not rows:
+        return ""
+    lines = [
+        "",
+        "## Renditions from one decode (CPU ms per image, P = processes)",
+        "",
+        "| class | P | single | set | set / single | each alone | set speed / vips |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for row in rows:
+        alone = ", ".join(f"{name} {ms:.1f}" for name, ms in row["alone_cpu_ms"].items())
+        over_vips = row["speedup_over_vips"]
+        lines.append(
+            f"| {row['image_class']} | {row['processes']} | {row['single_cpu_ms']:.1f} "
+            f"| {row['set_cpu_ms']:.1f} | {row['set_over_single']:.2f}x | {alone} "
+            f"| {'-' if over_vips is None else f'{over_vips:.2f}x'} |"
+        )
+    return "\n".join(lines) + "\n"

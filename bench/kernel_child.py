@@ -35,24 +35,51 @@ SINGLE_THREAD_ENV = {
 
 
 def pixelmill_renderer(target_width: int, output_format: str, max_pixels: int) -> Renderer:
-    """The engine's kernel, engine.kernel.render_grayscale."""
+    """The engine's kernel as a deployment without RENDITIONS runs it: its one default
+    rendition through engine.renditions.render_renditions (the gray fast path)."""
     import cv2
 
-    from engine.kernel import render_grayscale
+    from common.renditions import default_renditions
+    from engine.renditions import render_renditions
 
     cv2.setNumThreads(1)
+    only = default_renditions(target_width, output_format)
 
     def render(data: bytes) -> bytes:
-        rendered = render_grayscale(
-            data, target_width=target_width, output_format=output_format, max_pixels=max_pixels
-        )
-        return rendered.data
+        return render_renditions(data, only, max_pixels=max_pixels).images[0].data
 
     return render
 
 
-def load_renderer(name: str, target_width: int, output_format: str, max_pixels: int) -> Renderer:
-    """The render function of implementation `name` (a reference or "pixelmill")."""
+def pixelmill_renditions_renderer(spec: str, max_pixels: int) -> Renderer:
+    """The engine's rendition fan-out, engine.renditions.render_renditions: every rendition of
+    `spec` (RENDITIONS syntax) from one decode; the output is all of them, concatenated."""
+    import cv2
+
+    from common.renditions import parse_renditions
+    from engine.renditions import render_renditions
+
+    cv2.setNumThreads(1)
+    renditions = parse_renditions(spec)
+
+    def render(data: bytes) -> bytes:
+        rendered = render_renditions(data, renditions, max_pixels=max_pixels)
+        return b"".join(image.data for image in rendered.images)
+
+    return render
+
+
+def load_renderer(
+    name: str, target_width: int, output_format: str, max_pixels: int, renditions: str = ""
+) -> Renderer:
+    """The render function of implementation `name` (a reference or "pixelmill"); with
+    `renditions`, the one making every rendition it names."""
+    if renditions:
+        if name == "pixelmill":
+            return pixelmill_renditions_renderer(renditions, max_pixels)
+        from bench.references import RENDITION_RENDERERS
+
+        return RENDITION_RENDERERS[name](renditions)
     if name == "pixelmill":
         return pixelmill_renderer(target_width, output_format, max_pixels)
     from bench.references import REFERENCE_RENDERERS
@@ -136,9 +163,10 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--format", default="png", choices=("png", "jpeg"))
     parser.add_argument("--width", type=int, default=800)
     parser.add_argument("--max-pixels", type=int, default=100_000_000)
+    parser.add_argument("--renditions", default="", help="RENDITIONS syntax; replaces --format")
     args = parser.parse_args(argv)
     os.environ.update(SINGLE_THREAD_ENV)
-    render = load_renderer(args.impl, args.width, args.format, args.max_pixels)
+    render = load_renderer(args.impl, args.width, args.format, args.max_pixels, args.renditions)
     warmed: set[str] = set()
     while (paths := read_batch(sys.stdin)) is not None:
         run_batch(render, paths, warmed, sys.stdin, sys.stdout)

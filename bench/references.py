@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import io
 from collections.abc import Callable
+from typing import Any
 
 Renderer = Callable[[bytes], bytes]
 
@@ -90,6 +91,45 @@ def opencv_naive_renderer(target_width: int, output_format: str) -> Renderer:
 
     return render
 
+
+def vips_renditions_renderer(spec: str) -> Renderer:
+    """libvips making the same renditions from one load: thumbnail_buffer to the largest width
+    (shrink-on-load, the embedded profile converted to sRGB), then each smaller rendition
+    resized from the one before; gray ones through colourspace b-w."""
+    import pyvips
+
+    from common.renditions import parse_renditions
+
+    pyvips.cache_set_max(0)
+    renditions = sorted(parse_renditions(spec), key=lambda r: r.width, reverse=True)
+
+    def render(data: bytes) -> bytes:
+        largest = pyvips.Image.thumbnail_buffer(
+            data, renditions[0].width, height=_UNBOUNDED_HEIGHT, size="down"
+        )
+        if largest.hasalpha():
+            largest = largest.flatten(background=[255, 255, 255])
+        # Held in memory: every rendition reads it, and the load streams sequentially.
+        largest = largest.copy_memory()
+        outputs, current = [], largest
+        for rendition in renditions:
+            if current.width > rendition.width:
+                current = current.resize(rendition.width / current.width)
+            image = current.colourspace("b-w") if rendition.gray else current
+            outputs.append(bytes(image.write_to_buffer(_vips_suffix(rendition))))
+        return b"".join(outputs)
+
+    return render
+
+
+def _vips_suffix(rendition: Any) -> str:
+    if rendition.format == "png":
+        return ".png"
+    extension = {"jpeg": ".jpg", "webp": ".webp", "avif": ".avif", "jxl": ".jxl"}
+    return f"{extension[rendition.format]}[Q={rendition.quality}]"
+
+
+RENDITION_RENDERERS: dict[str, Callable[[str], Renderer]] = {"vips": vips_renditions_renderer}
 
 REFERENCE_RENDERERS: dict[str, Callable[[int, str], Renderer]] = {
     "pillow": pillow_renderer,

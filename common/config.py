@@ -17,6 +17,12 @@ from urllib.parse import unquote, urlsplit
 from common.cpu_limit import usable_cores
 from common.decode_budget import DEFAULT_MAX_DECODE_MB
 from common.formats import OUTPUT_FORMATS
+from common.renditions import (
+    Rendition,
+    RenditionSpecError,
+    default_renditions,
+    parse_renditions,
+)
 
 T = TypeVar("T")
 
@@ -240,6 +246,14 @@ class EngineSettings:
     test_hold_batch_seconds: float = 0.0
     # Upper bound on any process count, whoever asks (`engine:processes` in Redis included).
     max_processes: int = 64
+    # The outputs made of every image (`RENDITIONS`); empty means the one that `target_width`
+    # and `output_format` describe.
+    renditions: tuple[Rendition, ...] = ()
+
+    def __post_init__(self) -> None:
+        if not self.renditions:
+            defaults = default_renditions(self.target_width, self.output_format)
+            object.__setattr__(self, "renditions", defaults)
 
     @property
     def max_decode_bytes(self) -> int:
@@ -463,4 +477,15 @@ def _engine_from(env: _Env) -> EngineSettings:
             "WORKER_TEST_HOLD_BATCH_SECONDS", d.test_hold_batch_seconds
         ),
         max_processes=max_processes,
+        renditions=_renditions_from(env),
     )
+
+
+def _renditions_from(env: _Env) -> tuple[Rendition, ...]:
+    spec = env.raw("RENDITIONS", "")
+    if not spec.strip():
+        return ()
+    try:
+        return parse_renditions(spec)
+    except RenditionSpecError as exc:
+        raise ConfigError(f"RENDITIONS {exc}") from None

@@ -6,9 +6,10 @@ arithmetic follows what the kernel's decoders allocate:
 
 - PNG: libpng's full image, width x height x channels x bytes per sample (palette and tRNS
   expanded); the kernel then converts it to gray in place, strip by strip.
-- JPEG: the gray output, at most width x height bytes (a reduced DCT scale only makes it
-  smaller), plus, for progressive or multi-scan files, libjpeg's whole-image buffer of DCT
-  coefficients: 64 two-byte coefficients per 8x8 block of every component.
+- JPEG: the output, at most width x height bytes for gray (a reduced DCT scale only makes it
+  smaller) and a byte per component and pixel for colour renditions, plus, for progressive or
+  multi-scan files, libjpeg's whole-image buffer of DCT coefficients: 64 two-byte coefficients
+  per 8x8 block of every component.
 """
 
 from __future__ import annotations
@@ -23,13 +24,15 @@ _BLOCK = 8
 _COEFFICIENT_BYTES_PER_BLOCK = 64 * 2
 
 
-def decode_bytes(header: ImageHeader) -> int:
-    """Bytes the decoder holds for this image at its peak, as the header declares it."""
+def decode_bytes(header: ImageHeader, *, colour: bool = False) -> int:
+    """Bytes the decoder holds for this image at its peak, as the header declares it; `colour`
+    when a colour rendition makes the kernel decode the JPEG in colour rather than gray."""
     pixels = header.width * header.height
     if header.format == "png":
         return pixels * header.channels * header.sample_bytes
     coefficients = jpeg_coefficient_bytes(header) if header.whole_image_coefficients else 0
-    return pixels + coefficients
+    output_channels = max(1, header.channels) if colour else 1
+    return pixels * output_channels + coefficients
 
 
 def jpeg_coefficient_bytes(header: ImageHeader) -> int:
@@ -47,9 +50,11 @@ def jpeg_coefficient_bytes(header: ImageHeader) -> int:
     return total * _COEFFICIENT_BYTES_PER_BLOCK
 
 
-def over_budget_reason(header: ImageHeader, max_decode_bytes: int) -> str | None:
+def over_budget_reason(
+    header: ImageHeader, max_decode_bytes: int, *, colour: bool = False
+) -> str | None:
     """Why this image must not be decoded under `max_decode_bytes`, or None when it may."""
-    needed = decode_bytes(header)
+    needed = decode_bytes(header, colour=colour)
     if needed <= max_decode_bytes:
         return None
     return (

@@ -2,8 +2,8 @@
 
 Every part that names a format reads this table: the API (which uploads it accepts and the
 content type it records), the engine (the type it labels a result with), object storage (result
-keys), configuration (`OUTPUT_FORMAT`) and the upload client (result file names). Standard
-library only, because the upload client imports it.
+keys), configuration (`OUTPUT_FORMAT`, `RENDITIONS`) and the upload client (result file
+names). Standard library only, because the upload client imports it.
 """
 
 from __future__ import annotations
@@ -26,7 +26,12 @@ FORMATS = (
     ImageFormat("png", "image/png", "png", uploadable=True),
     ImageFormat("jpeg", "image/jpeg", "jpg", uploadable=True),
     ImageFormat("webp", "image/webp", "webp", uploadable=False),
+    ImageFormat("avif", "image/avif", "avif", uploadable=False),
+    ImageFormat("jxl", "image/jxl", "jxl", uploadable=False),
 )
+
+# Formats whose encoder takes a quality (0-100); the others are lossless.
+LOSSY_FORMATS = ("jpeg", "webp", "avif", "jxl")
 
 # Every format can be a result; the order is the one `OUTPUT_FORMAT`'s error message lists.
 OUTPUT_FORMATS = tuple(f.name for f in FORMATS)

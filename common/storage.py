@@ -5,7 +5,7 @@ from __future__ import annotations
 import contextlib
 import io
 import uuid
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from datetime import timedelta
 
 import urllib3
@@ -32,6 +32,15 @@ def original_key(image_id: uuid.UUID) -> str:
 def result_key(image_id: uuid.UUID, content_type: str) -> str:
     """Deterministic, so a redelivered job overwrites rather than duplicates its result."""
     return f"results/{image_id}.{formats.EXTENSION_BY_CONTENT_TYPE[content_type]}"
+
+
+def rendition_key(image_id: uuid.UUID, name: str, content_type: str, *, first: bool) -> str:
+    """Where a rendition lives: the deployment's first rendition at `result_key` (the key
+    results had before renditions), every other one at `results/<id>/<name>.<ext>`.
+    Deterministic for the same reason as `result_key`."""
+    if first:
+        return result_key(image_id, content_type)
+    return f"results/{image_id}/{name}.{formats.EXTENSION_BY_CONTENT_TYPE[content_type]}"
 
 
 def _client(endpoint: str, settings: StorageSettings, access_key: str, secret_key: str) -> Minio:
@@ -130,11 +139,13 @@ class ObjectStore:
                 response.close()
                 response.release_conn()
 
-    def delete_image_objects(self, original: str, result: str | None) -> None:
+    def delete_image_objects(self, original: str, results: str | Sequence[str] | None) -> None:
+        """Delete an original and its results (one key, or every rendition's)."""
+        keys = [results] if isinstance(results, str) else list(results or ())
         with _translated_errors():
             self._client.remove_object(self.settings.raw_bucket, original)
-            if result:
-                self._client.remove_object(self.settings.processed_bucket, result)
+            for key in keys:
+                self._client.remove_object(self.settings.processed_bucket, key)
 
     def delete_result(self, key: str) -> None:
         with _translated_errors():

@@ -5,15 +5,41 @@ from __future__ import annotations
 
 import uuid
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from datetime import datetime
 from typing import Any
 
 import psycopg
 from psycopg.rows import class_row
+from psycopg.types.json import Jsonb
 
 TERMINAL_STATUSES = ("completed", "failed")
 STATUSES = ("pending", "processing", *TERMINAL_STATUSES)
+
+
+@dataclass(frozen=True)
+class StoredRendition:
+    """One stored output of an image, as the `renditions` column lists it."""
+
+    name: str
+    key: str
+    content_type: str
+    width: int
+    height: int
+    # None for results stored before renditions, whose size was not recorded.
+    bytes: int | None
+
+    @classmethod
+    def from_json(cls, item: dict[str, Any]) -> StoredRendition:
+        size = item.get("bytes")
+        return cls(
+            str(item["name"]),
+            str(item["key"]),
+            str(item["content_type"]),
+            int(item["width"]),
+            int(item["height"]),
+            None if size is None else int(size),
+        )
 
 
 @dataclass(frozen=True)
@@ -37,10 +63,33 @@ class ImageRecord:
     attempts: int
     created_at: datetime
     updated_at: datetime
+    # The stored outputs (JSON objects as `StoredRendition` reads them), first rendition first.
+    renditions: list[dict[str, Any]]
+    # Comma-separated rendition names the upload asked for; None for all configured ones.
+    requested_renditions: str | None
 
     @property
     def is_terminal(self) -> bool:
         return self.status in TERMINAL_STATUSES
+
+    @property
+    def stored_renditions(self) -> tuple[StoredRendition, ...]:
+        return tuple(StoredRendition.from_json(item) for item in self.renditions or ())
+
+    @property
+    def requested(self) -> tuple[str, ...] | None:
+        """The rendition names asked for, or None for every configured one."""
+        if self.requested_renditions is None:
+            return None
+        return tuple(n for n in self.requested_renditions.split(",") if n)
+
+    @property
+    def result_keys(self) -> tuple[str, ...]:
+        """Every stored output's key (the main result's included, once)."""
+        keys = [r.key for r in self.stored_renditions]
+        if self.result_key and self.result_key not in keys:
+            keys.insert(0, self.result_key)
+        return tuple(keys)
 
 
 @dataclass(frozen=True)
@@ -54,6 +103,8 @@ class NewImage:
     source_width: int
     source_height: int
     original_key: str
+    # Comma-separated rendition names; None for every configured rendition.
+    requested_renditions: str | None = None
 
 
 @dataclass(frozen=True)
@@ -67,6 +118,11 @@ class Outcome:
     result_content_type: str | None = None
     result_width: int | None = None
     result_height: int | None = None
+    # Every output of the image, the main result first (those it had before included).
+    renditions: tuple[StoredRendition, ...] = ()
+    # The row's `requested_renditions` when it was claimed: if an upload widened it since, the
+    # completed image goes back to `pending` for the outbox sweeper to queue again.
+    requested_renditions: str | None = None
 
 
 _COLUMNS = ", ".join(ImageRecord.__dataclass_fields__)
@@ -75,7 +131,7 @@ _COLUMNS = ", ".join(ImageRecord.__dataclass_fields__)
 def insert_images(conn: psycopg.Connection[Any], new: Sequence[NewImage]) -> list[ImageRecord]:
     """Insert many images in one statement; rows come back in the order given."""
     columns = list(NewImage.__dataclass_fields__)
-    types = ("uuid", "text", "text", "text", "bigint", "text", "int", "int", "text")
+    types = ("uuid", "text", "text", "text", "bigint", "text", "int", "int", "text", "text")
     arrays = [[getattr(image, column) for image in new] for column in columns]
     unnest = ", ".join(f"%s::{t}[]" for t in types)
     with conn.cursor(row_factory=class_row(ImageRecord)) as cur:
@@ -182,19 +238,34 @@ def claim_batch(conn: psycopg.Connection[Any], ids: Sequence[uuid.UUID]) -> list
 def commit_batch(conn: psycopg.Connection[Any], outcomes: Sequence[Outcome]) -> set[uuid.UUID]:
     """Write the terminal status of a whole batch in one statement; returns the ids changed.
 
-    Statuses only move forward: a row already terminal is left as it is.
+    Statuses only move forward: a row already terminal is left as it is. A completed outcome's
+    renditions replace the row's (the engine merges in those the image had); a failed one keeps
+    them, and the main result, for an image that had some before (renditions added later). An
+    image whose requested renditions were widened while it was processed stays `pending`, its
+    job to be queued again, so the renditions asked for meanwhile are made too.
     """
     if not outcomes:
         return set()
     cur = conn.execute(
         """UPDATE images AS i
-           SET status = o.status, error = o.error, result_key = o.result_key,
-               result_content_type = o.result_content_type, result_width = o.result_width,
-               result_height = o.result_height, updated_at = now()
+           SET status = CASE WHEN o.status = 'completed'
+                              AND i.requested_renditions IS DISTINCT FROM o.requested
+                             THEN 'pending' ELSE o.status END,
+               enqueued_at = CASE WHEN o.status = 'completed'
+                                   AND i.requested_renditions IS DISTINCT FROM o.requested
+                                  THEN NULL ELSE i.enqueued_at END,
+               error = o.error,
+               result_key = COALESCE(o.result_key, i.result_key),
+               result_content_type = COALESCE(o.result_content_type, i.result_content_type),
+               result_width = COALESCE(o.result_width, i.result_width),
+               result_height = COALESCE(o.result_height, i.result_height),
+               renditions = CASE WHEN o.status = 'completed' THEN o.renditions
+                                 ELSE i.renditions END,
+               updated_at = now()
            FROM unnest(%s::uuid[], %s::text[], %s::text[], %s::text[], %s::text[],
-                       %s::int[], %s::int[])
+                       %s::int[], %s::int[], %s::jsonb[], %s::text[])
                 AS o(id, status, error, result_key, result_content_type, result_width,
-                     result_height)
+                     result_height, renditions, requested)
            WHERE i.id = o.id AND i.status NOT IN ('completed', 'failed')
            RETURNING i.id""",
         (
@@ -205,9 +276,32 @@ def commit_batch(conn: psycopg.Connection[Any], outcomes: Sequence[Outcome]) -> 
             [o.result_content_type for o in outcomes],
             [o.result_width for o in outcomes],
             [o.result_height for o in outcomes],
+            [Jsonb([asdict(r) for r in o.renditions]) for o in outcomes],
+            [o.requested_renditions for o in outcomes],
         ),
     )
     return {row[0] for row in cur.fetchall()}
+
+
+def request_renditions(
+    conn: psycopg.Connection[Any], image_id: uuid.UUID, names: str | None
+) -> ImageRecord | None:
+    """Ask for more renditions of an image (`names` comma-separated, None for all configured).
+
+    A completed image goes back to `pending` without `enqueued_at`, for a job to make the ones
+    it lacks; a pending or processing one only has its request widened. Failed images are
+    never reopened here (de-duplication skips them)."""
+    with conn.cursor(row_factory=class_row(ImageRecord)) as cur:
+        cur.execute(
+            f"""UPDATE images SET requested_renditions = %s,
+                    status = CASE WHEN status = 'completed' THEN 'pending' ELSE status END,
+                    enqueued_at = CASE WHEN status = 'completed' THEN NULL ELSE enqueued_at END,
+                    updated_at = now()
+                WHERE id = %s AND status <> 'failed'
+                RETURNING {_COLUMNS}""",
+            (names, image_id),
+        )
+        return cur.fetchone()
 
 
 def statuses_of(conn: psycopg.Connection[Any], ids: Sequence[uuid.UUID]) -> dict[uuid.UUID, str]:

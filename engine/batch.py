@@ -22,12 +22,19 @@ from common.batch_timing import BatchTiming
 from common.cache import ImageCache
 from common.errors import DependencyUnavailable, ObjectMissing, ObjectTooLarge
 from common.jobs import JobMessage, MalformedJob
-from common.storage import ObjectStore, result_key
+from common.storage import ObjectStore, rendition_key
 from db import images
-from db.images import ImageRecord, Outcome
+from db.images import ImageRecord, Outcome, StoredRendition
 from db.pool import Database
 from engine import metrics
-from engine.cpu_pool import KernelPool, RenderCrashed, RenderResult, RenderTask, RenderTimedOut
+from engine.cpu_pool import (
+    KernelPool,
+    RenderCrashed,
+    RenderResult,
+    RenderTask,
+    RenderTimedOut,
+    RenditionOutput,
+)
 from engine.slots import SlotArena
 
 log = logging.getLogger(__name__)
@@ -268,14 +275,15 @@ class BatchProcessor:
 
     def _remove_orphans(self, outcomes: list[Outcome], updated: set[uuid.UUID]) -> None:
         """Delete results stored for images whose row was deleted while they were processed."""
-        stale = [o for o in outcomes if o.id not in updated and o.result_key]
+        stale = [o for o in outcomes if o.id not in updated and o.renditions]
         if not stale:
             return
         with self._db.transaction() as conn:
             alive = {r.id for r in images.get_images(conn, [o.id for o in stale])}
         for outcome in stale:
-            if outcome.id not in alive and outcome.result_key:
-                self._store.delete_result(outcome.result_key)
+            if outcome.id not in alive:
+                for rendition in outcome.renditions:
+                    self._store.delete_result(rendition.key)
 
     # -- stages of one image, on an I/O thread ------------------------------------------------
 
@@ -313,9 +321,8 @@ class BatchProcessor:
 
     def _render(self, work: ImageWork, slots: _Slots) -> ImageWork:
         started = time.perf_counter()
-        task = RenderTask(slots.input, work.input_length, slots.output)
         try:
-            result = self._pool.render(task, timeout=self._render_timeout)
+            result = self._pool.render(self._task(work, slots), timeout=self._render_timeout)
         except RenderCrashed:
             return work.crashed()
         except RenderTimedOut:
@@ -333,30 +340,74 @@ class BatchProcessor:
             return work.fail(result.error)
         return work
 
+    def _task(self, work: ImageWork, slots: _Slots) -> RenderTask:
+        """The render of the renditions this image lacks (all of them on a first render)."""
+        assert work.record is not None
+        have = {r.name for r in work.record.stored_renditions}
+        asked = work.record.requested
+        if asked is None and not have:
+            return RenderTask(slots.input, work.input_length, slots.output)
+        wanted = asked if asked is not None else tuple(r.name for r in self._pool.renditions)
+        # A redelivered job whose renditions are all stored renders them again (same keys).
+        missing = tuple(name for name in wanted if name not in have) or wanted
+        return RenderTask(slots.input, work.input_length, slots.output, missing)
+
     def _upload(self, work: ImageWork, slots: _Slots) -> ImageWork:
+        """Store every rendition; the outcome lists them with those the image already had."""
         result = work.rendered
-        assert result is not None
+        assert result is not None and work.record is not None
         started = time.perf_counter()
-        key = result_key(work.image_id, result.content_type)
-        data = result.oversized_output
-        payload = self._outputs.view(slots.output)[: result.output_length] if data is None else data
         try:
-            self._store.put_result(key, payload, result.content_type)
+            stored = [
+                self._store_rendition(work.image_id, output, result, slots)
+                for output in result.outputs
+            ]
         except DependencyUnavailable:
             return work.retry()
-        finally:
-            if isinstance(payload, memoryview):
-                payload.release()
+        renditions = self._merged(work.record, stored)
+        main = renditions[0]
         return work.timed("upload", started).finish(
             Outcome(
                 work.image_id,
                 "completed",
-                result_key=key,
-                result_content_type=result.content_type,
-                result_width=result.width,
-                result_height=result.height,
+                result_key=main.key,
+                result_content_type=main.content_type,
+                result_width=main.width,
+                result_height=main.height,
+                renditions=renditions,
+                requested_renditions=work.record.requested_renditions,
             )
         )
+
+    def _store_rendition(
+        self, image_id: uuid.UUID, output: RenditionOutput, result: RenderResult, slots: _Slots
+    ) -> StoredRendition:
+        first = output.name == self._pool.renditions[0].name
+        key = rendition_key(image_id, output.name, output.content_type, first=first)
+        end = output.offset + output.length
+        data = result.oversized_output
+        payload = (
+            self._outputs.view(slots.output)[output.offset : end]
+            if data is None
+            else memoryview(data)[output.offset : end]
+        )
+        try:
+            self._store.put_result(key, payload, output.content_type)
+        finally:
+            payload.release()
+        return StoredRendition(
+            output.name, key, output.content_type, output.width, output.height, output.length
+        )
+
+    def _merged(
+        self, record: ImageRecord, made: list[StoredRendition]
+    ) -> tuple[StoredRendition, ...]:
+        """The image's renditions after this render, in configuration order (names no longer
+        configured last): those just made replace any of the same name."""
+        by_name = {r.name: r for r in record.stored_renditions}
+        by_name.update((r.name, r) for r in made)
+        order = {r.name: index for index, r in enumerate(self._pool.renditions)}
+        return tuple(sorted(by_name.values(), key=lambda r: order.get(r.name, len(order))))
 
 
 def _report(

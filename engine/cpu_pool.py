@@ -1,4 +1,4 @@
-"""The CPU processes: decode, resize, grayscale and encode, reading and writing shared slots.
+"""The CPU processes: decode, resize and encode every rendition, reading and writing shared slots.
 
 Each process attaches to the node's two arenas once, at start, and then receives only slot numbers
 over a pipe of its own. The thread that asks for a render holds one process for the round trip, so
@@ -24,8 +24,10 @@ from multiprocessing.process import BaseProcess
 import cv2
 import numpy as np
 
-from engine.kernel import ImageRejected, render_grayscale
+from common.renditions import Rendition, default_renditions, select
+from engine.kernel import ImageRejected
 from engine.orphans import die_with_parent, exit_when_gone
+from engine.renditions import render_renditions
 from engine.slots import attach_segment
 
 # How long a process asked to stop may take before it is killed.
@@ -41,11 +43,28 @@ class RenderTask:
     input_slot: int
     input_length: int
     output_slot: int
+    # The renditions to make, by name; None for every one the pool was configured with.
+    renditions: tuple[str, ...] | None = None
+
+
+@dataclass(frozen=True)
+class RenditionOutput:
+    """Where one rendition's bytes lie in the output (slot or oversized bytes), and what it is."""
+
+    name: str
+    offset: int
+    length: int
+    width: int
+    height: int
+    content_type: str
 
 
 @dataclass(frozen=True)
 class RenderResult:
-    """What a CPU process made of one image; `error` set means the image is unprocessable."""
+    """What a CPU process made of one image; `error` set means the image is unprocessable.
+
+    The renditions' bytes lie one after another in the output slot, as `outputs` says; the
+    first one's size and type are repeated in the flat fields below."""
 
     error: str | None = None
     output_length: int = 0
@@ -58,6 +77,7 @@ class RenderResult:
     source_height: int = 0
     cpu_seconds: float = 0.0
     wall_seconds: float = 0.0
+    outputs: tuple[RenditionOutput, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -68,6 +88,11 @@ class KernelOptions:
     # The decode budget (common.decode_budget); it also sizes each process's memory cap.
     # None: neither the budget nor the cap applies.
     max_decode_bytes: int | None = None
+    # Empty: the one gray rendition `target_width` and `output_format` describe.
+    renditions: tuple[Rendition, ...] = ()
+
+    def configured(self) -> tuple[Rendition, ...]:
+        return self.renditions or default_renditions(self.target_width, self.output_format)
 
 
 class RenderCrashed(Exception):
@@ -150,10 +175,10 @@ def render_slot(task: RenderTask) -> RenderResult:
     offset = task.input_slot * _input_slot_bytes
     source = np.frombuffer(_input.buf, dtype=np.uint8, count=task.input_length, offset=offset)
     try:
-        rendered = render_grayscale(
+        wanted = _wanted(_options.configured(), task.renditions)
+        rendered = render_renditions(
             source,
-            target_width=_options.target_width,
-            output_format=_options.output_format,
+            wanted,
             max_pixels=_options.max_pixels,
             max_decode_bytes=_options.max_decode_bytes,
         )
@@ -161,24 +186,44 @@ def render_slot(task: RenderTask) -> RenderResult:
         return RenderResult(error=str(exc))
     finally:
         del source  # release the export of the shared buffer
-    data = rendered.data
+    outputs, at = [], 0
+    for image in rendered.images:
+        outputs.append(
+            RenditionOutput(
+                image.name, at, len(image.data), image.width, image.height, image.content_type
+            )
+        )
+        at += len(image.data)
     oversized = None
-    if len(data) <= _output_slot_bytes:
+    if at <= _output_slot_bytes:
         start = task.output_slot * _output_slot_bytes
-        _output.buf[start : start + len(data)] = data
+        for image, output in zip(rendered.images, outputs, strict=True):
+            _output.buf[start + output.offset : start + output.offset + output.length] = image.data
     else:
-        oversized = bytes(data)
+        oversized = b"".join(image.data for image in rendered.images)
+    first = outputs[0]
     return RenderResult(
-        output_length=len(data),
+        output_length=first.length,
         oversized_output=oversized,
-        width=rendered.width,
-        height=rendered.height,
-        content_type=rendered.content_type,
+        width=first.width,
+        height=first.height,
+        content_type=first.content_type,
         source_width=rendered.source_width,
         source_height=rendered.source_height,
         cpu_seconds=time.process_time() - started_cpu,
         wall_seconds=time.perf_counter() - started_wall,
+        outputs=tuple(outputs),
     )
+
+
+def _wanted(
+    configured: tuple[Rendition, ...], names: tuple[str, ...] | None
+) -> tuple[Rendition, ...]:
+    """The configured renditions among `names`: a name the configuration no longer has (it
+    changed after the upload) is left out, and if none is left every rendition is made."""
+    known = {r.name for r in configured}
+    chosen = select(configured, [n for n in names if n in known]) if names is not None else ()
+    return chosen or configured
 
 
 def input_view(task: RenderTask) -> memoryview:
@@ -344,6 +389,11 @@ class KernelPool:
                 self._after_render()
         self._give_back(process)
         return result
+
+    @property
+    def renditions(self) -> tuple[Rendition, ...]:
+        """The renditions this pool makes, the deployment's first (main) one first."""
+        return self._setup.options.configured()
 
     def pids(self) -> list[int]:
         """The CPU processes, idle and busy."""

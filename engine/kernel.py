@@ -1,5 +1,8 @@
 """The image kernel: encoded JPEG/PNG bytes in, an 8-bit grayscale image at the target width out.
 
+(`engine.renditions` builds several outputs, gray or colour, on the decode and resize steps
+here; `decode_colour` is its colour decode, converted to sRGB by `engine.colour`.)
+
 Pure functions, no I/O and no configuration reads, so the worker, the tests and the benchmarks
 call exactly the same code. The pipeline is:
 
@@ -29,12 +32,19 @@ import numpy as np
 from common.decode_budget import over_budget_reason
 from common.formats import CONTENT_TYPE_BY_FORMAT, OUTPUT_FORMATS
 from common.imageinfo import ImageHeader, probe
+from engine.colour import SourceColour, to_srgb
 from engine.pngwrite import encode_png_gray
 
 JPEG_QUALITY = 85
 # Rows converted at a time when a PNG is turned to gray inside its own decode buffer.
 _PNG_STRIP_ROWS = 256
 WEBP_QUALITY = 85
+AVIF_QUALITY = 60
+JPEGXL_QUALITY = 80
+# libavif's speed 8 makes files within a few % of speed 6's in a third of the time; one thread,
+# as parallelism comes from the CPU processes.
+AVIF_SPEED = 8
+JPEGXL_EFFORT = 3
 
 # Largest DCT reduction first; OpenCV maps these flags to libjpeg's scale_denom.
 _JPEG_REDUCED_FLAGS = (
@@ -42,6 +52,11 @@ _JPEG_REDUCED_FLAGS = (
     (4, cv2.IMREAD_REDUCED_GRAYSCALE_4),
     (2, cv2.IMREAD_REDUCED_GRAYSCALE_2),
 )
+_JPEG_REDUCED_COLOUR_FLAGS = {
+    8: cv2.IMREAD_REDUCED_COLOR_8,
+    4: cv2.IMREAD_REDUCED_COLOR_4,
+    2: cv2.IMREAD_REDUCED_COLOR_2,
+}
 
 # EXIF orientation -> transform from stored pixels to displayed pixels (EXIF 2.3, tag 0x0112).
 _ORIENT: dict[int, Callable[[np.ndarray], np.ndarray]] = {
@@ -102,7 +117,7 @@ def render_grayscale(
     """
     if output_format not in OUTPUT_FORMATS:
         raise ValueError(f"output_format {output_format!r} is not one of {sorted(OUTPUT_FORMATS)}")
-    encoded = _encoded_bytes(data)
+    encoded = encoded_view(data)
     header = read_header(encoded, max_pixels, max_decode_bytes)
     width, height = target_size(*header.display_size, target_width)
     stored = decode_gray(encoded, header, target_width)
@@ -158,9 +173,13 @@ def jpeg_reduction(display_width: int, target_width: int) -> int:
 
 
 def encode_gray(image: np.ndarray, output_format: str) -> bytes:
-    """Encode a 2-D uint8 array as PNG, JPEG or WebP."""
+    """Encode a 2-D uint8 array as PNG, JPEG, WebP, AVIF or JPEG XL."""
     if output_format == "png":
         return encode_png_gray(image)
+    if output_format == "avif":
+        return encode_avif(image, AVIF_QUALITY)
+    if output_format == "jxl":
+        return encode_jxl(image, JPEGXL_QUALITY)
     if output_format == "jpeg":
         params = [cv2.IMWRITE_JPEG_QUALITY, JPEG_QUALITY]
         extension = ".jpg"
@@ -173,7 +192,32 @@ def encode_gray(image: np.ndarray, output_format: str) -> bytes:
     return buffer.tobytes()
 
 
-def _encoded_bytes(data: bytes | memoryview | np.ndarray) -> memoryview:
+def encode_avif(pixels: np.ndarray, quality: int) -> bytes:
+    """2-D gray or HxWx3 sRGB (R, G, B) as AVIF, tagged sRGB by its CICP colour description:
+    BT.709 primaries (sRGB's), the sRGB transfer, the BT.709 matrix."""
+    colour = pixels.ndim == 3
+    return bytes(
+        imagecodecs.avif_encode(
+            pixels,
+            level=quality,
+            speed=AVIF_SPEED,
+            primaries=1,
+            transfer=13,
+            matrix=1 if colour else None,
+            numthreads=1,
+        )
+    )
+
+
+def encode_jxl(pixels: np.ndarray, quality: int) -> bytes:
+    """2-D gray or HxWx3 sRGB as JPEG XL, whose header says sRGB for 8-bit input."""
+    return bytes(
+        imagecodecs.jpegxl_encode(pixels, level=quality, effort=JPEGXL_EFFORT, numthreads=1)
+    )
+
+
+def encoded_view(data: bytes | memoryview | np.ndarray) -> memoryview:
+    """The encoded file as a flat byte view (a uint8 ndarray is read as the file's bytes)."""
     if isinstance(data, np.ndarray):
         return np.ascontiguousarray(data).reshape(-1).view(np.uint8).data
     try:
@@ -247,6 +291,103 @@ def _composite_on_white(gray: np.ndarray, alpha: np.ndarray) -> np.ndarray:
     """
     darkness = cv2.multiply(cv2.bitwise_not(gray), np.ascontiguousarray(alpha), scale=1 / 255)
     return cv2.bitwise_not(darkness)
+
+
+def decode_colour(
+    encoded: memoryview, header: ImageHeader, target_width: int, colour: SourceColour
+) -> np.ndarray:
+    """Decode to 8-bit sRGB in the STORED orientation, alpha composited onto white: HxWx3 in
+    R, G, B order, or 2-D for a gray PNG without a profile to convert."""
+    if header.format == "jpeg":
+        if colour.cmyk:
+            return _decode_jpeg_cmyk(encoded, colour)
+        factor = jpeg_reduction(header.display_size[0], target_width)
+        bgr = _decode_jpeg_colour(encoded, factor)
+        converted = None if colour.profile is None else to_srgb(bgr, colour.profile, "bgr")
+        return cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB) if converted is None else converted
+    if colour.is_gray:
+        return _decode_png_gray(encoded)
+    return _decode_png_colour(encoded, colour)
+
+
+def _decode_jpeg_colour(encoded: memoryview, factor: int) -> np.ndarray:
+    flag = _JPEG_REDUCED_COLOUR_FLAGS.get(factor, cv2.IMREAD_COLOR)
+    try:
+        image = cv2.imdecode(np.frombuffer(encoded, np.uint8), flag | cv2.IMREAD_IGNORE_ORIENTATION)
+    except cv2.error as exc:
+        raise ImageRejected(f"JPEG data could not be decoded ({exc.err})") from None
+    if image is None or image.size == 0 or image.ndim != 3:
+        raise ImageRejected("JPEG data could not be decoded")
+    return image
+
+
+def _decode_jpeg_cmyk(encoded: memoryview, colour: SourceColour) -> np.ndarray:
+    """CMYK JPEGs (rare: print workflows) decode at full size through libjpeg's own CMYK
+    output, as OpenCV would convert them without their profile."""
+    try:
+        cmyk = imagecodecs.jpeg8_decode(encoded, outcolorspace="cmyk")  # type: ignore[arg-type]
+    except (imagecodecs.Jpeg8Error, ValueError, MemoryError) as exc:
+        raise ImageRejected(f"JPEG data could not be decoded ({exc})") from None
+    if cmyk.ndim != 3 or cmyk.shape[2] != 4:
+        raise ImageRejected("CMYK JPEG data could not be decoded")
+    if colour.adobe_inverted:
+        cv2.bitwise_not(cmyk, dst=cmyk)  # Adobe's files store 255 for no ink
+    converted = None if colour.profile is None else to_srgb(cmyk, colour.profile, "cmyk")
+    if converted is not None:
+        return converted
+    # No usable profile: the naive conversion everyone else makes.
+    ink = cmyk.astype(np.float32) / 255
+    rgb = 255 * (1 - ink[:, :, :3]) * (1 - ink[:, :, 3:4])
+    return np.rint(rgb).astype(np.uint8)
+
+
+def _decode_png_colour(encoded: memoryview, colour: SourceColour) -> np.ndarray:
+    """RGB, RGBA or palette PNGs to 8-bit sRGB RGB. A 16-bit file is brought to 8 bits first,
+    so the only other copy made is half its size."""
+    try:
+        decoded = imagecodecs.png_decode(encoded)  # type: ignore[arg-type]
+    except (imagecodecs.PngError, ValueError, MemoryError) as exc:
+        raise ImageRejected(f"PNG data could not be decoded ({exc})") from None
+    image = _to_8_bits(decoded)
+    del decoded
+    if image.ndim == 2 or image.shape[2] < 3:
+        return _png_pixels_to_gray(image)
+    alpha = None
+    if image.shape[2] == 4:
+        alpha = np.ascontiguousarray(image[:, :, 3])
+        image = cv2.cvtColor(image, cv2.COLOR_RGBA2RGB)
+    converted = None if colour.profile is None else to_srgb(image, colour.profile, "rgb")
+    if converted is not None:
+        image = converted
+    if alpha is None:
+        return image
+    return _composite_rgb_on_white(image, alpha)
+
+
+def _to_8_bits(image: np.ndarray) -> np.ndarray:
+    if image.dtype == np.uint16:
+        return cv2.convertScaleAbs(image, alpha=1 / 257)  # 65535 -> 255, rounded
+    if image.dtype != np.uint8:
+        raise ImageRejected(f"unsupported PNG sample type {image.dtype}")
+    return image
+
+
+def _composite_rgb_on_white(rgb: np.ndarray, alpha: np.ndarray) -> np.ndarray:
+    """Each channel as `_composite_on_white` does it: in 8-bit OpenCV ops, in place."""
+    alpha3 = cv2.merge((alpha, alpha, alpha))
+    cv2.bitwise_not(rgb, dst=rgb)
+    cv2.multiply(rgb, alpha3, dst=rgb, scale=1 / 255)
+    return cv2.bitwise_not(rgb, dst=rgb)
+
+
+def orient(image: np.ndarray, orientation: int) -> np.ndarray:
+    """Stored pixels -> displayed pixels for an EXIF orientation (1-8)."""
+    return _ORIENT[orientation](image)
+
+
+def resize_stored(stored: np.ndarray, orientation: int, width: int, height: int) -> np.ndarray:
+    """Resize in the stored orientation to what becomes width x height once oriented."""
+    return _resize_stored(stored, orientation, width, height)
 
 
 def _resize_stored(stored: np.ndarray, orientation: int, width: int, height: int) -> np.ndarray:

@@ -74,6 +74,7 @@ class WorkerNode:
                 engine.output_format,
                 engine.max_pixels,
                 engine.max_decode_bytes,
+                engine.renditions,
             ),
             render=render,
             context=cpu_context or multiprocessing.get_context("forkserver"),

@@ -32,7 +32,7 @@ from ingest.middleware import (
 from ingest.openapi import OpenApiResource, openapi_document
 from ingest.rate_limit import UploadRateLimiter
 from ingest.routes.health import HealthResource, ReadinessResource
-from ingest.routes.images import ImageCollectionResource, ImageResource
+from ingest.routes.images import ImageCollectionResource, ImageResource, RenditionResource
 from ingest.routes.upload import BulkUploadResource, UploadResource
 
 log = logging.getLogger(__name__)
@@ -112,15 +112,16 @@ def create_app(settings: Settings, deps: Dependencies) -> falcon.App:
         BULK_UPLOAD_ROUTE, BulkUploadResource(intake, limiter, settings.api, settings.engine)
     )
     app.add_route("/api/v1/images", ImageCollectionResource(deps.db))
+    image = ImageResource(
+        deps.db,
+        deps.store,
+        deps.cache,
+        settings.api.cache_ttl_seconds,
+        settings.api.max_wait_seconds,
+    )
+    app.add_route("/api/v1/images/{image_id}", image)
     app.add_route(
-        "/api/v1/images/{image_id}",
-        ImageResource(
-            deps.db,
-            deps.store,
-            deps.cache,
-            settings.api.cache_ttl_seconds,
-            settings.api.max_wait_seconds,
-        ),
+        "/api/v1/images/{image_id}/renditions/{name}", RenditionResource(image, deps.store)
     )
     return app
 

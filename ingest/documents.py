@@ -44,6 +44,17 @@ def image_document(record: ImageRecord) -> dict[str, Any]:
         "width": record.source_width,
         "height": record.source_height,
         "result": _result_document(record),
+        "renditions": [
+            {
+                "name": r.name,
+                "key": r.key,
+                "content_type": r.content_type,
+                "width": r.width,
+                "height": r.height,
+                "bytes": r.bytes,
+            }
+            for r in record.stored_renditions
+        ],
         "created_at": record.created_at.isoformat(),
         "updated_at": record.updated_at.isoformat(),
     }

@@ -12,6 +12,7 @@ when it carries an Idempotency-Key, so a retry gets the same answer even after s
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import logging
 import threading
 import time
@@ -20,6 +21,7 @@ from collections.abc import Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from types import TracebackType
+from typing import Any
 
 from common.broker import JobPublisher
 from common.errors import Conflict, DependencyUnavailable
@@ -38,6 +40,37 @@ log = logging.getLogger(__name__)
 class IdempotencyClaim:
     key: str
     request_hash: str
+
+
+@dataclass(frozen=True)
+class RenditionRequest:
+    """The renditions a request asks for: `names` (None: every configured one) out of the
+    deployment's `configured` names, which say what an image with no request of its own has."""
+
+    names: tuple[str, ...] | None = None
+    configured: tuple[str, ...] = ()
+
+    @property
+    def stored_form(self) -> str | None:
+        """As the image row keeps it: comma-separated, or None for every configured one."""
+        return None if self.names is None else ",".join(self.names)
+
+    def lacking(self, record: ImageRecord) -> tuple[str, ...]:
+        """The names asked for that `record` neither has nor is already going to make."""
+        covered = (
+            {r.name for r in record.stored_renditions}
+            if record.status == "completed"
+            else set(record.requested or self.configured)
+        )
+        wanted = self.names if self.names is not None else self.configured
+        return tuple(name for name in wanted if name not in covered)
+
+    def widened(self, record: ImageRecord) -> str | None:
+        """The record's request with this one's names added, as the row keeps it."""
+        if self.names is None or record.requested is None:
+            return None  # one of them asks for every configured rendition
+        added = [n for n in self.names if n not in record.requested]
+        return ",".join((*record.requested, *added))
 
 
 @dataclass(frozen=True)
@@ -81,9 +114,9 @@ class ImageIntake:
         self._put_slots = threading.BoundedSemaphore(MAX_PUTS_IN_FLIGHT)
         self._next_prune = 0.0
 
-    def begin(self, owner: str) -> UploadBatch:
+    def begin(self, owner: str, renditions: RenditionRequest | None = None) -> UploadBatch:
         """A unit of work for one request's uploads; use it as a context manager."""
-        return UploadBatch(self, owner)
+        return UploadBatch(self, owner, renditions or RenditionRequest())
 
     def put_original(self, new: NewImage, upload: UploadedImage) -> Future[None]:
         """Start storing an original; blocks while MAX_PUTS_IN_FLIGHT originals are uploading,
@@ -132,9 +165,12 @@ class UploadBatch:
     the only clean-up path; callers never discard anything themselves.
     """
 
-    def __init__(self, intake: ImageIntake, owner: str) -> None:
+    def __init__(self, intake: ImageIntake, owner: str, renditions: RenditionRequest) -> None:
         self._intake = intake
         self._owner = owner
+        self._renditions = renditions
+        # Earlier images (de-duplication) sent back to make renditions they lacked.
+        self._reopened: list[uuid.UUID] = []
         self._staged: list[StagedUpload] = []
         self._unused_ids: list[uuid.UUID] = []
         self._announced: list[uuid.UUID] = []
@@ -161,6 +197,7 @@ class UploadBatch:
         """Start storing an original now, while the rest of the request is still being read."""
         image_id = self._next_id()
         new = _new_image(image_id, self._owner, original_key(image_id), upload)
+        new = dataclasses.replace(new, requested_renditions=self._renditions.stored_form)
         self._staged.append(StagedUpload(new, self._intake.put_original(new, upload)))
 
     def commit(
@@ -246,6 +283,7 @@ class UploadBatch:
                 # some originals may be gone.
                 raise DependencyUnavailable("database", "the upload took too long; send it again")
             records = images.insert_images(conn, [s.new for s in fresh]) if fresh else []
+            existing = self._reopen_lacking(conn, existing)
             answer = self._answer(_accepted(self._staged, existing, records), parts)
             if claim is not None and not idempotency.store_answer(
                 conn,
@@ -260,6 +298,23 @@ class UploadBatch:
         self._unused_ids = []
         return answer
 
+    def _reopen_lacking(
+        self, conn: Any, existing: dict[str, ImageRecord]
+    ) -> dict[str, ImageRecord]:
+        """Earlier copies that lack renditions this request asks for, asked to make them."""
+        used = {s.new.sha256 for s in self._staged}
+        updated = dict(existing)
+        self._reopened = []
+        for digest, record in existing.items():
+            if digest not in used or not self._renditions.lacking(record):
+                continue
+            reopened = images.request_renditions(conn, record.id, self._renditions.widened(record))
+            if reopened is not None:
+                updated[digest] = reopened
+                if record.status == "completed":
+                    self._reopened.append(record.id)
+        return updated
+
     @staticmethod
     def _answer(accepted: list[Accepted], parts: Sequence[BulkPart] | None) -> Answer:
         if parts is None:
@@ -271,14 +326,16 @@ class UploadBatch:
         self, request_id: str, fresh: list[StagedUpload], claim: IdempotencyClaim | None
     ) -> None:
         new_ids = [s.new.id for s in fresh]
-        if not new_ids:
+        queued = [*new_ids, *self._reopened]
+        if not queued:
             return
         try:
-            self._intake.publisher.publish([JobMessage(i, request_id) for i in new_ids])
+            self._intake.publisher.publish([JobMessage(i, request_id) for i in queued])
         except Exception:
+            # Reopened images stay pending without enqueued_at: the outbox sweeper queues them.
             self._forget(new_ids, claim)
             raise
-        _mark_enqueued(self._intake.db, new_ids)
+        _mark_enqueued(self._intake.db, queued)
 
     def _forget(self, image_ids: list[uuid.UUID], claim: IdempotencyClaim | None) -> None:
         """Take back committed rows whose jobs were not queued; the originals go on exit. If the

@@ -44,6 +44,23 @@ IMAGE_RESULT = {
     },
 }
 
+RENDITION = {
+    "type": "object",
+    "required": ["name", "key", "content_type", "width", "height", "bytes"],
+    "properties": {
+        "name": {"type": "string"},
+        "key": {"type": "string"},
+        "content_type": {"type": "string"},
+        "width": {"type": "integer"},
+        "height": {"type": "integer"},
+        "bytes": {
+            "type": ["integer", "null"],
+            "description": "null for results stored before renditions existed",
+        },
+        "url": {"type": "string", "description": "presigned; in single-image answers only"},
+    },
+}
+
 IMAGE = {
     "type": "object",
     "required": [
@@ -57,6 +74,7 @@ IMAGE = {
         "width",
         "height",
         "result",
+        "renditions",
         "created_at",
         "updated_at",
     ],
@@ -72,7 +90,11 @@ IMAGE = {
         "width": {"type": "integer"},
         "height": {"type": "integer"},
         "result": {"anyOf": [{"$ref": "#/components/schemas/ImageResult"}, {"type": "null"}]},
-        "download_url": {"type": ["string", "null"]},
+        "download_url": {
+            "type": ["string", "null"],
+            "description": "presigned URL of the first rendition",
+        },
+        "renditions": {"type": "array", "items": {"$ref": "#/components/schemas/Rendition"}},
         "deduplicated": {"type": "boolean"},
         "created_at": {"type": "string", "format": "date-time"},
         "updated_at": {"type": "string", "format": "date-time"},
@@ -180,6 +202,22 @@ IDEMPOTENCY_KEY = {
     "schema": {"type": "string", "pattern": "^[\\x21-\\x7e]{1,200}$"},
 }
 DEDUPE = {"name": "dedupe", "in": "query", "required": False, "schema": {"type": "boolean"}}
+
+
+def _renditions_parameter(settings: Settings) -> dict[str, Any]:
+    names = [r.name for r in settings.engine.renditions]
+    return {
+        "name": "renditions",
+        "in": "query",
+        "required": False,
+        "style": "form",
+        "explode": False,
+        "schema": {"type": "array", "items": {"type": "string", "enum": names}, "minItems": 1},
+        "description": "make only these renditions (`renditions=a,b`); an unknown name is 400. "
+        "With dedupe, an earlier copy lacking one of them is sent back to make it.",
+    }
+
+
 SECURED: list[dict[str, list[str]]] = [{"bearer": []}]
 
 
@@ -225,7 +263,7 @@ def _paths(settings: Settings) -> dict[str, Any]:
             "post": {
                 "operationId": "upload_image",
                 "summary": f"Upload one JPEG or PNG (at most {api.max_upload_bytes} bytes)",
-                "parameters": [IDEMPOTENCY_KEY, DEDUPE],
+                "parameters": [IDEMPOTENCY_KEY, DEDUPE, _renditions_parameter(settings)],
                 "requestBody": _upload_body("UploadForm"),
                 "responses": {
                     "201": _json("Image", "accepted, pending"),
@@ -241,7 +279,7 @@ def _paths(settings: Settings) -> dict[str, Any]:
                 "description": "Each file part is accepted or refused on its own (a part "
                 "that is empty, not a JPEG or PNG, or too large is refused in its entry); "
                 "a form without any file part is refused as a whole with 400.",
-                "parameters": [IDEMPOTENCY_KEY, DEDUPE],
+                "parameters": [IDEMPOTENCY_KEY, DEDUPE, _renditions_parameter(settings)],
                 "requestBody": _upload_body("BulkUploadForm"),
                 "responses": {
                     "207": _json("BulkAnswer", "one entry per image part"),
@@ -333,6 +371,23 @@ def _paths(settings: Settings) -> dict[str, Any]:
                 },
             },
         },
+        "/api/v1/images/{image_id}/renditions/{name}": {
+            "get": {
+                "operationId": "get_rendition",
+                "summary": "Redirect to a presigned URL of one rendition of an image",
+                "parameters": [
+                    IMAGE_ID,
+                    {"name": "name", "in": "path", "required": True, "schema": {"type": "string"}},
+                ],
+                "responses": {
+                    "302": {
+                        "description": "the rendition's presigned URL",
+                        "headers": {"Location": {"required": True, "schema": {"type": "string"}}},
+                    },
+                    **_errors(400, 401, 403, 404, 503),
+                },
+            }
+        },
     }
 
 
@@ -342,7 +397,8 @@ def openapi_document(settings: Settings) -> dict[str, Any]:
         "info": {
             "title": "pixelmill",
             "version": "1",
-            "description": "Upload images; get them back 800 px wide in grayscale.",
+            "description": "Upload images; get back the renditions the deployment names "
+            "(by default one 800 px wide grayscale PNG).",
         },
         "servers": [{"url": "/"}],
         "security": SECURED,
@@ -357,6 +413,7 @@ def openapi_document(settings: Settings) -> dict[str, Any]:
                 "ImageStatus": {"type": "string", "enum": list(STATUSES)},
                 "ImageContentType": {"type": "string", "enum": IMAGE_TYPES},
                 "ImageResult": IMAGE_RESULT,
+                "Rendition": RENDITION,
                 "Image": IMAGE,
                 "BulkItem": BULK_ITEM,
                 "BulkAnswer": BULK_ANSWER,

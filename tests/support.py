@@ -8,6 +8,7 @@ common.broker, throwaway schemas in db.schemas."""
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import hashlib
 import os
 import signal
@@ -245,7 +246,7 @@ def render_or_misbehave(task: Any) -> Any:
     """A render function for the CPU pool (it runs in the CPU process): inputs starting with
     CRASH_MARKER kill their process, HANG_MARKER never finish, FAIL_MARKER raise, PAUSE_MARKER
     wait (see `paused`); anything else is rendered as in production."""
-    from engine.cpu_pool import RenderTask, input_view, render_slot
+    from engine.cpu_pool import input_view, render_slot
 
     view = input_view(task)
     head = bytes(view[: min(task.input_length, 4096)])
@@ -264,7 +265,7 @@ def render_or_misbehave(task: Any) -> Any:
         skip = head.index(b"\n") + 1
         image = bytes(view[skip : task.input_length])
         view[: len(image)] = image
-        task = RenderTask(task.input_slot, len(image), task.output_slot)
+        task = dataclasses.replace(task, input_length=len(image))  # its renditions kept
     return render_slot(task)
 
 

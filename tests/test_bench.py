@@ -27,6 +27,7 @@ from bench.corpus import (
 from bench.kernel_bench import (
     KernelBenchConfig,
     cycled,
+    rendition_costs_markdown,
     rotated,
     run_kernel_benchmark,
     throughput,
@@ -226,3 +227,36 @@ def test_markdown_table_formats_missing_values_and_floats() -> None:
 def test_config_settings_are_plain_json(tmp_path: Path) -> None:
     config = replace(KernelBenchConfig(corpus_dir=tmp_path, cache_dir=tmp_path), repeat=2)
     assert json.loads(json.dumps(config.settings()))["repeat"] == 2
+
+
+def test_a_rendition_run_measures_the_set_against_vips_and_each_rendition_alone(
+    tmp_path: Path,
+) -> None:
+    write_corpus(tmp_path / "corpus", count=1, seed=5, class_names=["jpeg-small"])
+    config = KernelBenchConfig(
+        corpus_dir=tmp_path / "corpus",
+        cache_dir=tmp_path / "cache",
+        implementations=("pixelmill", "vips", "pillow"),
+        repeat=1,
+        min_batch_images=1,
+        renditions="big:400:gray:png, small:100:color:webp:80",
+    )
+
+    result = run_kernel_benchmark(config, os.environ)
+
+    ran = {(r["implementation"], r["format"]) for r in result["runs"]}
+    assert ran == {
+        ("pixelmill", "png"),
+        ("vips", "png"),
+        ("pillow", "png"),
+        ("pixelmill", "renditions"),
+        ("vips", "renditions"),
+        ("pixelmill", "rendition:big"),
+        ("pixelmill", "rendition:small"),
+    }
+    assert not any(r["images_failed"] for r in result["runs"])
+    (costs,) = [c for c in result["rendition_costs"] if c["image_class"] == "jpeg-small"]
+    assert set(costs["alone_cpu_ms"]) == {"big", "small"}
+    assert costs["set_over_single"] == pytest.approx(costs["set_cpu_ms"] / costs["single_cpu_ms"])
+    assert costs["speedup_over_vips"] is not None
+    assert "| jpeg-small | 1 |" in rendition_costs_markdown(result["rendition_costs"])

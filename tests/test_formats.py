@@ -24,6 +24,8 @@ MAGIC = {
     "png": lambda data: data.startswith(b"\x89PNG\r\n\x1a\n"),
     "jpeg": lambda data: data.startswith(b"\xff\xd8\xff"),
     "webp": lambda data: data[:4] == b"RIFF" and data[8:12] == b"WEBP",
+    "avif": lambda data: data[4:12] == b"ftypavif",
+    "jxl": lambda data: data.startswith((b"\xff\x0a", b"\x00\x00\x00\x0cJXL ")),
 }
 
 
@@ -43,6 +45,8 @@ def test_result_keys_and_downloads_keep_the_extensions_already_in_use() -> None:
         "image/png": "png",
         "image/jpeg": "jpg",
         "image/webp": "webp",
+        "image/avif": "avif",
+        "image/jxl": "jxl",
     }
 
 

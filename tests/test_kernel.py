@@ -28,7 +28,7 @@ from engine.kernel import (
     render_grayscale,
     target_size,
 )
-from engine.pngwrite import encode_png_gray
+from engine.pngwrite import encode_png_gray, encode_png_rgb
 from tests.test_imageinfo import exif_app1, png_ihdr_only, with_segment
 
 MAX_MEAN_ABS_DIFF = 2.0
@@ -453,6 +453,26 @@ def test_png_writer_chunks_carry_valid_crcs() -> None:
 def test_png_writer_refuses_what_it_cannot_encode(image: np.ndarray) -> None:
     with pytest.raises(ValueError):
         encode_png_gray(image)
+
+
+@pytest.mark.parametrize("shape", [(1, 1, 3), (37, 53, 3), (600, 800, 3)])
+def test_rgb_png_writer_round_trips_and_says_srgb(shape: tuple[int, int, int]) -> None:
+    image = np.random.default_rng(3).integers(0, 256, shape, dtype=np.uint8)
+    image[: shape[0] // 2] //= 8
+
+    png = encode_png_rgb(image)
+
+    with Image.open(io.BytesIO(png)) as decoded:
+        decoded.load()
+        assert decoded.mode == "RGB"
+        assert decoded.info.get("srgb") == 0  # perceptual intent
+        assert np.array_equal(np.asarray(decoded), image)
+
+
+@pytest.mark.parametrize("image", [np.zeros((4, 4), np.uint8), np.zeros((4, 4, 4), np.uint8)])
+def test_rgb_png_writer_refuses_what_is_not_rgb(image: np.ndarray) -> None:
+    with pytest.raises(ValueError):
+        encode_png_rgb(image)
 
 
 # --- fuzzing ----------------------------------------------------------------------------------

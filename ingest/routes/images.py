@@ -1,4 +1,5 @@
-"""Reading, listing and deleting images: `/api/v1/images` and `/api/v1/images/{id}`."""
+"""Reading, listing and deleting images: `/api/v1/images`, `/api/v1/images/{id}` and
+`/api/v1/images/{id}/renditions/{name}`."""
 
 from __future__ import annotations
 
@@ -67,6 +68,13 @@ class ImageResource:
             document = self._wait_until_terminal(parsed, wait) or document
         resp.media = self._with_download_url(document)
 
+    def visible_document(self, req: falcon.Request, image_id: uuid.UUID) -> dict[str, Any]:
+        """The image's document (cached or loaded); NotFound unless the caller may see it."""
+        document = self._cache.get(image_id) or self._load(image_id)
+        if document is None or not visible_to(document, req.context.principal):
+            raise NotFound("no such image")
+        return document
+
     def _wait_until_terminal(self, image_id: uuid.UUID, seconds: int) -> dict[str, Any] | None:
         """Long poll: woken by the engine's announcement, not by re-reading PostgreSQL."""
         latest: dict[str, Any] | None = None
@@ -88,7 +96,7 @@ class ImageResource:
             if record is None:
                 raise NotFound("no such image")
             # Inside the transaction: if storage fails, the row stays and the client retries.
-            self._store.delete_image_objects(record.original_key, record.result_key)
+            self._store.delete_image_objects(record.original_key, record.result_keys)
         self._cache.invalidate([parsed])
         resp.status = falcon.HTTP_204
 
@@ -104,10 +112,34 @@ class ImageResource:
         return document
 
     def _with_download_url(self, document: dict[str, Any]) -> dict[str, Any]:
+        """The document with presigned URLs: `download_url` for the main result, `url` for
+        each rendition (made per answer, never cached: they expire)."""
+        renditions = [
+            {**r, "url": self._store.presigned_result_url(r["key"])}
+            for r in document.get("renditions", ())
+        ]
         result = document.get("result")
+        download_url = None
         if result and result.get("key"):
-            return {**document, "download_url": self._store.presigned_result_url(result["key"])}
-        return {**document, "download_url": None}
+            download_url = self._store.presigned_result_url(result["key"])
+        return {**document, "renditions": renditions, "download_url": download_url}
+
+
+class RenditionResource:
+    """One rendition of an image: a redirect to a presigned URL of its stored bytes."""
+
+    def __init__(self, images_resource: ImageResource, store: ObjectStore) -> None:
+        self._images = images_resource
+        self._store = store
+
+    def on_get(self, req: falcon.Request, resp: falcon.Response, image_id: str, name: str) -> None:
+        document = self._images.visible_document(req, parse_image_id(image_id))
+        for rendition in document.get("renditions", ()):
+            if rendition["name"] == name:
+                resp.status = falcon.HTTP_302
+                resp.location = self._store.presigned_result_url(rendition["key"])
+                return
+        raise NotFound(f"image has no rendition {name!r}")
 
 
 class ImageCollectionResource:

@@ -10,8 +10,9 @@ import falcon
 
 from common.config import ApiSettings, EngineSettings
 from common.errors import BadRequest
+from common.renditions import RenditionSpecError, select
 from ingest.documents import Answer
-from ingest.intake import IdempotencyClaim, ImageIntake
+from ingest.intake import IdempotencyClaim, ImageIntake, RenditionRequest
 from ingest.rate_limit import UploadRateLimiter
 from ingest.upload_reader import BulkLimits, BulkPart, iter_bulk_upload, read_single_upload
 
@@ -66,6 +67,23 @@ class _UploadRoute:
             max_pixels=engine.max_pixels,
             max_decode_bytes=engine.max_decode_bytes,
         )
+        self._renditions = engine.renditions
+
+    def rendition_request(self, req: falcon.Request) -> RenditionRequest:
+        """`?renditions=a,b` (or `renditions=a&renditions=b`): a subset of the configured
+        renditions; an unknown name is a 400 that lists the known ones."""
+        configured = tuple(r.name for r in self._renditions)
+        raw = req.get_param_as_list("renditions")
+        if raw is None:
+            return RenditionRequest(None, configured)
+        names = [n.strip() for value in raw for n in value.split(",") if n.strip()]
+        if not names:
+            raise BadRequest("renditions must name at least one rendition")
+        try:
+            chosen = select(self._renditions, names)
+        except RenditionSpecError as exc:
+            raise BadRequest(f"renditions: {exc}") from None
+        return RenditionRequest(tuple(r.name for r in chosen), configured)
 
 
 class UploadResource(_UploadRoute):
@@ -75,12 +93,15 @@ class UploadResource(_UploadRoute):
         principal = req.context.principal
         # Charged before the body is read, so a flood of uploads costs the API little.
         self._limiter.charge(principal.subject)
+        renditions = self.rendition_request(req)
         upload = read_single_upload(
             req, self._limits.max_part_bytes, self._limits.max_pixels, self._limits.max_decode_bytes
         )
         dedupe = req.get_param_as_bool("dedupe", default=False)
-        claim = idempotency_claim(req, str(dedupe), upload.filename, upload.sha256)
-        with self._intake.begin(principal.subject) as batch:
+        claim = idempotency_claim(
+            req, str(dedupe), *_asked(renditions), upload.filename, upload.sha256
+        )
+        with self._intake.begin(principal.subject, renditions) as batch:
             batch.stage(upload)
             answer = batch.commit(req.context.request_id, dedupe=dedupe, claim=claim)
         resp.location = f"/api/v1/images/{answer.body['id']}"
@@ -96,7 +117,8 @@ class BulkUploadResource(_UploadRoute):
         # Refused before the body is read when not even one more image fits; charged for every
         # accepted part once they are known (a refused request takes nothing).
         self._limiter.ensure_room(principal.subject)
-        with self._intake.begin(principal.subject) as batch:
+        renditions = self.rendition_request(req)
+        with self._intake.begin(principal.subject, renditions) as batch:
             # Each valid image is stored as soon as it is read (its bytes are then let go).
             parts: list[BulkPart] = []
             for part, upload in iter_bulk_upload(req, self._limits):
@@ -106,10 +128,18 @@ class BulkUploadResource(_UploadRoute):
             if batch.staged_count:
                 self._limiter.charge(principal.subject, batch.staged_count)
             dedupe = req.get_param_as_bool("dedupe", default=False)
-            claim = idempotency_claim(req, str(dedupe), *map(_fingerprint, parts))
+            claim = idempotency_claim(
+                req, str(dedupe), *_asked(renditions), *map(_fingerprint, parts)
+            )
             answer = batch.commit(req.context.request_id, parts, dedupe=dedupe, claim=claim)
         log_accepted(req, [str(i["id"]) for i in answer.body["items"] if "id" in i])
         send(resp, answer)
+
+
+def _asked(renditions: RenditionRequest) -> tuple[str, ...]:
+    """The rendition request's part of an idempotency fingerprint; none without a request, so
+    keys sent before renditions existed still match their answers."""
+    return () if renditions.stored_form is None else (f"renditions={renditions.stored_form}",)
 
 
 def _fingerprint(part: BulkPart) -> str:
