@@ -4,6 +4,9 @@ Each image of a batch is one `ImageWork` record that every stage returns updated
 statement for the batch) -> download -> render -> upload (on I/O threads; the CPU processes
 render) -> commit (one statement for the batch, then one cache pipeline). A record leaves with
 exactly one fate, and only then is the consumer told which messages to ack.
+
+A stage that fails because its dependency is down (not only for its image: see
+`engine.dependencies`) waits for the dependency and runs again, so an outage uses no delivery.
 """
 
 from __future__ import annotations
@@ -17,6 +20,7 @@ from collections import defaultdict
 from collections.abc import Callable, Iterable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
+from typing import TypeVar
 
 from common.batch_timing import BatchTiming
 from common.cache import ImageCache
@@ -28,9 +32,12 @@ from db.images import ImageRecord, Outcome
 from db.pool import Database
 from engine import metrics
 from engine.cpu_pool import KernelPool, RenderCrashed, RenderResult, RenderTask
+from engine.dependencies import DependencyGate, GateStopped
 from engine.slots import SlotArena
 
 log = logging.getLogger(__name__)
+
+T = TypeVar("T")
 
 CRASH_REASON = "processing this image crashed the image decoder process"
 MISSING_REASON = "the original image is missing"
@@ -133,7 +140,10 @@ class BatchProcessor:
         outputs: SlotArena,
         io_threads: int,
         delivery_limit: int,
+        gate: DependencyGate | None = None,
     ) -> None:
+        """`gate` holds stages through dependency outages; without one, every dependency
+        failure counts against the image's delivery limit."""
         self._db = db
         self._store = store
         self._cache = cache
@@ -141,6 +151,7 @@ class BatchProcessor:
         self._inputs = inputs
         self._outputs = outputs
         self._delivery_limit = delivery_limit
+        self._gate = gate or DependencyGate({})
         self._io = ThreadPoolExecutor(max_workers=io_threads, thread_name_prefix="engine-io")
 
     def close(self) -> None:
@@ -194,8 +205,7 @@ class BatchProcessor:
         if not work:
             return work
         try:
-            with self._db.transaction() as conn:
-                claimed = images.claim_batch(conn, [w.image_id for w in work])
+            claimed = self._through_outages(lambda: self._claim_rows(work))
         except DependencyUnavailable:
             log.warning("database unavailable while claiming a batch; requeueing it")
             return [w.retry() for w in work]
@@ -206,6 +216,22 @@ class BatchProcessor:
             else dataclasses.replace(w, fate=Fate.UNCLAIMED)
             for w in work
         ]
+
+    def _claim_rows(self, work: list[ImageWork]) -> list[ImageRecord]:
+        with self._db.transaction() as conn:
+            return images.claim_batch(conn, [w.image_id for w in work])
+
+    def _through_outages(self, call: Callable[[], T]) -> T:
+        """`call()`; while it fails because its dependency is down (its probe fails too), wait
+        for the dependency and call again. A failure while the dependency answers is raised."""
+        while True:
+            try:
+                return call()
+            except GateStopped:
+                raise
+            except DependencyUnavailable as exc:
+                if not self._gate.hold_if_down(exc.dependency):
+                    raise
 
     def _run_stages(self, work: list[ImageWork]) -> list[ImageWork]:
         """Download, render and upload every image still in progress, on the I/O threads."""
@@ -235,8 +261,11 @@ class BatchProcessor:
         return work.fail(CRASH_REASON)
 
     def _give_up_on_last_delivery(self, work: ImageWork) -> ImageWork:
-        """Fail, with a reason, a claimed image that failed transiently on its last delivery."""
+        """Fail, with a reason, a claimed image that failed transiently on its last delivery;
+        not while the node stops, when work held through an outage is given back."""
         if work.fate is not Fate.RETRY or not work.last_delivery or work.record is None:
+            return work
+        if self._gate.stopping:
             return work
         log.error("image %s: giving up after %d deliveries", work.image_id, self._delivery_limit)
         return work.fail(
@@ -250,8 +279,7 @@ class BatchProcessor:
         if not outcomes:
             return work
         try:
-            with self._db.transaction() as conn:
-                updated = images.commit_batch(conn, outcomes)
+            updated = self._through_outages(lambda: self._commit_rows(outcomes))
         except DependencyUnavailable:
             log.warning("database unavailable while committing a batch; requeueing it")
             return [w.retry() if w.fate is Fate.FINISHED else w for w in work]
@@ -261,6 +289,10 @@ class BatchProcessor:
             if w.outcome is not None:
                 _record_committed(w.outcome, w.request_id)
         return work
+
+    def _commit_rows(self, outcomes: list[Outcome]) -> set[uuid.UUID]:
+        with self._db.transaction() as conn:
+            return images.commit_batch(conn, outcomes)
 
     def _remove_orphans(self, outcomes: list[Outcome], updated: set[uuid.UUID]) -> None:
         """Delete results stored for images whose row was deleted while they were processed."""
@@ -296,9 +328,8 @@ class BatchProcessor:
         assert work.record is not None
         started = time.perf_counter()
         try:
-            length = self._store.read_original_into(
-                work.record.original_key, self._inputs.view(slots.input)
-            )
+            key, buffer = work.record.original_key, self._inputs.view(slots.input)
+            length = self._through_outages(lambda: self._store.read_original_into(key, buffer))
         except ObjectMissing:
             return work.fail(MISSING_REASON)
         except ObjectTooLarge as exc:
@@ -331,7 +362,7 @@ class BatchProcessor:
         data = result.oversized_output
         payload = self._outputs.view(slots.output)[: result.output_length] if data is None else data
         try:
-            self._store.put_result(key, payload, result.content_type)
+            self._through_outages(lambda: self._store.put_result(key, payload, result.content_type))
         except DependencyUnavailable:
             return work.retry()
         finally:

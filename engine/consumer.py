@@ -27,8 +27,8 @@ from engine.batch import Delivery, Verdict
 log = logging.getLogger(__name__)
 
 MAX_BATCHES_IN_FLIGHT = 2
-# Short enough that a node resumes soon after a dependency returns; with the delivery limit
-# (20) it lets an image ride out about two and a half minutes of outage before failing.
+# The pause after a batch requeued messages for failures of their own images (a dependency
+# outage holds the batch instead: see engine.dependencies), and the cap of reconnection delays.
 MAX_BACKOFF_SECONDS = 10.0
 # The longest the consumer waits for broker events before checking its stop flag again.
 IDLE_POLL_SECONDS = 0.1
@@ -60,8 +60,12 @@ class BatchConsumer:
         queue: QueueSettings,
         engine: EngineSettings,
         process_batch: Callable[[list[Delivery]], Verdict],
+        paused: Callable[[], bool] = lambda: False,
     ) -> None:
+        """`paused()` is true while a dependency the batches need is down: no batch is started
+        then, and the received messages wait unacknowledged (see `engine.dependencies`)."""
         self._queue = queue
+        self._paused = paused
         self._engine = engine
         self._process_batch = process_batch
         self._batches = ThreadPoolExecutor(MAX_BATCHES_IN_FLIGHT, thread_name_prefix="batch")
@@ -136,6 +140,8 @@ class _Session:
         paused = self._paused_until - time.monotonic()
         if paused > 0:
             return min(paused, IDLE_POLL_SECONDS)
+        if self._owner._paused():
+            return IDLE_POLL_SECONDS
         if self._buffer and len(self._in_flight) < MAX_BATCHES_IN_FLIGHT:
             waited_ms = (time.monotonic() - self._first_at) * 1000
             return max(0.001, (self._engine.batch_wait_ms - waited_ms) / 1000)
@@ -160,7 +166,7 @@ class _Session:
     def _start_ready_batch(self, *, force: bool) -> None:
         if not self._buffer or len(self._in_flight) >= MAX_BATCHES_IN_FLIGHT:
             return
-        if not force and time.monotonic() < self._paused_until:
+        if not force and (time.monotonic() < self._paused_until or self._owner._paused()):
             return
         full = len(self._buffer) >= self._engine.batch_size
         waited = (time.monotonic() - self._first_at) * 1000 >= self._engine.batch_wait_ms

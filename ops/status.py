@@ -9,6 +9,7 @@ the other sections are still shown. `python -m ops node-check` is the worker's l
 from __future__ import annotations
 
 import argparse
+import datetime
 import json
 import socket
 import sys
@@ -199,7 +200,15 @@ def _render_nodes(report: StatusReport) -> list[str]:
             f"  {node.host:<24} {node.pid:>7} {node.processes:>5} {cores:>5} "
             f"{node.completed:>10} {node.failed:>8} {node.heartbeat_age_seconds:>5.1f}s"
         )
+        if node.paused_dependency:
+            lines.append(f"    {describe_pause(node)}")
     return lines
+
+
+def describe_pause(node: NodeState) -> str:
+    """ "paused: object storage unreachable since 04:12:09 UTC" for a node holding its work."""
+    since = datetime.datetime.fromtimestamp(node.paused_since, datetime.UTC)
+    return f"paused: {node.paused_dependency} unreachable since {since:%H:%M:%S} UTC"
 
 
 def status_command(argv: list[str], settings: Settings | None = None) -> int:
@@ -216,7 +225,8 @@ def status_command(argv: list[str], settings: Settings | None = None) -> int:
 
 
 def node_check_command(argv: list[str], settings: Settings | None = None) -> int:
-    """Exit 0 while a worker node on this host has a fresh heartbeat (liveness probe)."""
+    """Exit 0 while a worker node on this host has a fresh heartbeat (liveness probe). A node
+    paused for a dependency outage is alive: restarting it would not bring the dependency back."""
     parser = argparse.ArgumentParser(prog="python -m ops node-check")
     parser.add_argument("--host", default=socket.gethostname(), help="default: this host")
     args = parser.parse_args(argv)
@@ -232,5 +242,10 @@ def node_check_command(argv: list[str], settings: Settings | None = None) -> int
     if not nodes:
         print(f"node-check: no live worker node on {args.host}", file=sys.stderr)
         return 1
-    print(", ".join(f"{n.host}:{n.pid} heartbeat {n.heartbeat_age_seconds}s ago" for n in nodes))
+    print(", ".join(_node_check_line(n) for n in nodes))
     return 0
+
+
+def _node_check_line(node: NodeState) -> str:
+    line = f"{node.host}:{node.pid} heartbeat {node.heartbeat_age_seconds}s ago"
+    return f"{line} ({describe_pause(node)})" if node.paused_dependency else line
