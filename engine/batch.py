@@ -327,15 +327,18 @@ class BatchProcessor:
     def _download(self, work: ImageWork, slots: _Slots) -> ImageWork:
         assert work.record is not None
         started = time.perf_counter()
-        try:
-            key, buffer = work.record.original_key, self._inputs.view(slots.input)
-            length = self._through_outages(lambda: self._store.read_original_into(key, buffer))
-        except ObjectMissing:
-            return work.fail(MISSING_REASON)
-        except ObjectTooLarge as exc:
-            return work.fail(exc.message)
-        except DependencyUnavailable:
-            return work.retry()
+        key = work.record.original_key
+        # Released on leaving, whatever still refers to it (a held exception's frames): the
+        # arena cannot be unmapped while a view of it is alive.
+        with self._inputs.view(slots.input) as buffer:
+            try:
+                length = self._through_outages(lambda: self._store.read_original_into(key, buffer))
+            except ObjectMissing:
+                return work.fail(MISSING_REASON)
+            except ObjectTooLarge as exc:
+                return work.fail(exc.message)
+            except DependencyUnavailable:
+                return work.retry()
         return dataclasses.replace(work, input_length=length).timed("download", started)
 
     def _render(self, work: ImageWork, slots: _Slots) -> ImageWork:

@@ -99,6 +99,8 @@ class DependencyGate:
         (the failure was the caller's own); otherwise wait until it answers again and return
         True (retry the stage). Raises `GateStopped` if the node stops meanwhile."""
         with self._lock:
+            if self._stopped:
+                raise GateStopped(dependency)
             already_down = dependency in self._down
         if not already_down and self._answers(dependency):
             return False
