@@ -20,6 +20,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from urllib.parse import urlsplit, urlunsplit
 
+import psycopg
 import pytest
 import redis
 
@@ -113,6 +114,12 @@ class OutageStack:
         # .get: a node without the fields (older code) reads as not paused, not as an error.
         paused = [(n.get("paused_dependency"), n.get("paused_since")) for n in nodes]
         return [(dependency, since) for dependency, since in paused if dependency]
+
+    def claims(self) -> list[int]:
+        """How many times each of the owner's images was claimed by a node."""
+        with psycopg.connect(self.settings.postgres_url) as conn:
+            rows = conn.execute("SELECT attempts FROM images WHERE owner = %s", (self.owner,))
+            return [int(row[0]) for row in rows]
 
     def wait_until_paused(self) -> list[tuple[str, float]]:
         return wait_for(
@@ -219,8 +226,10 @@ def ride_out(
 def assert_paused_once_and_used_no_attempt(stack: OutageStack, probe: StackProbe) -> None:
     log = stack.log.read_bytes()
     assert log.count(PAUSE_LINE) == 1 and log.count(RESUME_LINE) == 1, log.decode()[-3000:]
-    # Nothing went back to the queue: no delivery of any image was used by the outage.
+    # Nothing went back to the queue: no delivery of any image was used by the outage, and
+    # each image was claimed once (a requeued job is claimed again on its next delivery).
     assert REQUEUE_LINE not in log, log.decode()[-3000:]
+    assert stack.claims() == [1] * IMAGES
     assert len(probe.results()) == IMAGES
 
 
