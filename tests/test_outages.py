@@ -14,21 +14,25 @@ import contextlib
 import dataclasses
 import datetime
 import subprocess
+import threading
 import time
 import uuid
 from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from urllib.parse import urlsplit, urlunsplit
 
 import psycopg
 import pytest
 import redis
+from prometheus_client import REGISTRY
 
 from common.broker import delete_topology, queue_depth
 from common.config import Settings
+from common.errors import DependencyUnavailable
 from common.node_control import Heartbeat, heartbeat_key
 from common.storage import ObjectStore
-from engine.dependencies import probe_delay
+from engine.dependencies import DependencyGate, GateStopped, probe_delay
 from ops.s3server import LocalS3Server, pick_free_s3_port
 from ops.status import collect_status, node_check_command, status_command
 from tests.faults import TcpProxy
@@ -292,3 +296,46 @@ def test_probe_delays_double_up_to_the_cap_and_spread_over_its_upper_half() -> N
     highest = [probe_delay(n, 0.5, 15.0, lambda: 1.0) for n in range(1, 9)]
     assert highest == [0.5, 1.0, 2.0, 4.0, 8.0, 15.0, 15.0, 15.0]
     assert lowest == [delay / 2 for delay in highest]
+
+
+FAST_PROBES = {"first_probe_seconds": 0.01, "max_probe_seconds": 0.05}
+
+
+def _paused_gauge(dependency: str) -> float | None:
+    return REGISTRY.get_sample_value("pixelmill_engine_paused", {"dependency": dependency})
+
+
+def test_a_gate_holds_every_caller_until_the_probe_answers_and_shows_the_pause() -> None:
+    answering, probes = threading.Event(), []
+
+    def probe() -> None:
+        probes.append(time.monotonic())
+        if not answering.is_set():
+            raise DependencyUnavailable("object storage")
+
+    gate = DependencyGate({"object storage": probe}, **FAST_PROBES)
+    with ThreadPoolExecutor(3) as callers:
+        held = [callers.submit(gate.hold_if_down, "object storage") for _ in range(3)]
+        wait_for(lambda: len(probes) > 5, 10, 0.01, what="the gate probing again")
+        assert gate.paused() and _paused_gauge("object storage") == 1
+        assert not any(caller.done() for caller in held)
+        answering.set()
+        assert [caller.result(timeout=10) for caller in held] == [True, True, True]
+    assert not gate.paused() and _paused_gauge("object storage") == 0
+    # The store answers: the next failure is the caller's own, and nobody is held.
+    assert gate.hold_if_down("object storage") is False
+
+
+def test_a_stopping_gate_gives_the_held_callers_back() -> None:
+    def down() -> None:
+        raise DependencyUnavailable("database")
+
+    gate = DependencyGate({"database": down}, **FAST_PROBES)
+    with ThreadPoolExecutor(2) as callers:
+        held = [callers.submit(gate.hold_if_down, "database") for _ in range(2)]
+        wait_for(gate.paused, 10, 0.01, what="the gate pausing")
+        gate.stop()
+        for caller in held:
+            with pytest.raises(GateStopped):
+                caller.result(timeout=10)
+    assert not gate.paused()
