@@ -91,6 +91,10 @@ class Heartbeat:
     # started with, which it returns to when no desired count is set; 0 when not reported.
     cores: int = 0
     start_processes: int = 0
+    # While the node holds its work because a dependency does not answer: its name ("object
+    # storage", "database") and since when; "" and 0 while it works.
+    paused_dependency: str = ""
+    paused_since: float = 0.0
 
     def to_hash(self) -> dict[str, int | float | str]:
         return asdict(self)
@@ -108,4 +112,6 @@ class Heartbeat:
             queue=fields.get("queue", ""),
             cores=int(fields.get("cores", 0) or 0),
             start_processes=int(fields.get("start_processes", 0) or 0),
+            paused_dependency=fields.get("paused_dependency", ""),
+            paused_since=float(fields.get("paused_since", 0) or 0),
         )

@@ -30,6 +30,10 @@ class Database:
             open=False,
             check=ConnectionPool.check_connection,
             kwargs={"connect_timeout": 3},
+            # The pool doubles its delay between reconnection attempts for this long, so after
+            # an outage of minutes it would notice the server's return minutes late; past it, the
+            # next request that finds no connection makes a fresh attempt at once.
+            reconnect_timeout=10.0,
         )
         self._pool.open(wait=False)
 

@@ -4,6 +4,9 @@ Each image of a batch is one `ImageWork` record that every stage returns updated
 statement for the batch) -> download -> render -> upload (on I/O threads; the CPU processes
 render) -> commit (one statement for the batch, then one cache pipeline). A record leaves with
 exactly one fate, and only then is the consumer told which messages to ack.
+
+A stage that fails because its dependency is down (not only for its image: see
+`engine.dependencies`) waits for the dependency and runs again, so an outage uses no delivery.
 """
 
 from __future__ import annotations
@@ -17,6 +20,7 @@ from collections import defaultdict
 from collections.abc import Callable, Iterable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
+from typing import TypeVar
 
 from common.batch_timing import BatchTiming
 from common.cache import ImageCache
@@ -35,9 +39,12 @@ from engine.cpu_pool import (
     RenderTimedOut,
     RenditionOutput,
 )
+from engine.dependencies import DependencyGate, GateStopped
 from engine.slots import SlotArena
 
 log = logging.getLogger(__name__)
+
+T = TypeVar("T")
 
 CRASH_REASON = "processing this image crashed the image decoder process"
 MISSING_REASON = "the original image is missing"
@@ -141,9 +148,11 @@ class BatchProcessor:
         io_threads: int,
         delivery_limit: int,
         render_timeout: float | None = None,
+        gate: DependencyGate | None = None,
     ) -> None:
         """`render_timeout`: seconds one image's render may take (MAX_RENDER_SECONDS); None:
-        no deadline."""
+        no deadline. `gate` holds stages through dependency outages; without one, every
+        dependency failure counts against the image's delivery limit."""
         self._db = db
         self._store = store
         self._cache = cache
@@ -152,6 +161,7 @@ class BatchProcessor:
         self._outputs = outputs
         self._delivery_limit = delivery_limit
         self._render_timeout = render_timeout
+        self._gate = gate or DependencyGate({})
         self._io = ThreadPoolExecutor(max_workers=io_threads, thread_name_prefix="engine-io")
 
     def close(self) -> None:
@@ -205,8 +215,7 @@ class BatchProcessor:
         if not work:
             return work
         try:
-            with self._db.transaction() as conn:
-                claimed = images.claim_batch(conn, [w.image_id for w in work])
+            claimed = self._through_outages(lambda: self._claim_rows(work))
         except DependencyUnavailable:
             log.warning("database unavailable while claiming a batch; requeueing it")
             return [w.retry() for w in work]
@@ -217,6 +226,22 @@ class BatchProcessor:
             else dataclasses.replace(w, fate=Fate.UNCLAIMED)
             for w in work
         ]
+
+    def _claim_rows(self, work: list[ImageWork]) -> list[ImageRecord]:
+        with self._db.transaction() as conn:
+            return images.claim_batch(conn, [w.image_id for w in work])
+
+    def _through_outages(self, call: Callable[[], T]) -> T:
+        """`call()`; while it fails because its dependency is down (its probe fails too), wait
+        for the dependency and call again. A failure while the dependency answers is raised."""
+        while True:
+            try:
+                return call()
+            except GateStopped:
+                raise
+            except DependencyUnavailable as exc:
+                if not self._gate.hold_if_down(exc.dependency):
+                    raise
 
     def _run_stages(self, work: list[ImageWork]) -> list[ImageWork]:
         """Download, render and upload every image still in progress, on the I/O threads."""
@@ -246,8 +271,11 @@ class BatchProcessor:
         return work.fail(CRASH_REASON)
 
     def _give_up_on_last_delivery(self, work: ImageWork) -> ImageWork:
-        """Fail, with a reason, a claimed image that failed transiently on its last delivery."""
+        """Fail, with a reason, a claimed image that failed transiently on its last delivery;
+        not while the node stops, when work held through an outage is given back."""
         if work.fate is not Fate.RETRY or not work.last_delivery or work.record is None:
+            return work
+        if self._gate.stopping:
             return work
         log.error("image %s: giving up after %d deliveries", work.image_id, self._delivery_limit)
         return work.fail(
@@ -261,8 +289,7 @@ class BatchProcessor:
         if not outcomes:
             return work
         try:
-            with self._db.transaction() as conn:
-                updated = images.commit_batch(conn, outcomes)
+            updated = self._through_outages(lambda: self._commit_rows(outcomes))
         except DependencyUnavailable:
             log.warning("database unavailable while committing a batch; requeueing it")
             return [w.retry() if w.fate is Fate.FINISHED else w for w in work]
@@ -272,6 +299,10 @@ class BatchProcessor:
             if w.outcome is not None:
                 _record_committed(w.outcome, w.request_id)
         return work
+
+    def _commit_rows(self, outcomes: list[Outcome]) -> set[uuid.UUID]:
+        with self._db.transaction() as conn:
+            return images.commit_batch(conn, outcomes)
 
     def _remove_orphans(self, outcomes: list[Outcome], updated: set[uuid.UUID]) -> None:
         """Delete results stored for images whose row was deleted while they were processed."""
@@ -307,16 +338,18 @@ class BatchProcessor:
     def _download(self, work: ImageWork, slots: _Slots) -> ImageWork:
         assert work.record is not None
         started = time.perf_counter()
-        try:
-            length = self._store.read_original_into(
-                work.record.original_key, self._inputs.view(slots.input)
-            )
-        except ObjectMissing:
-            return work.fail(MISSING_REASON)
-        except ObjectTooLarge as exc:
-            return work.fail(exc.message)
-        except DependencyUnavailable:
-            return work.retry()
+        key = work.record.original_key
+        # Released on leaving, whatever still refers to it (a held exception's frames): the
+        # arena cannot be unmapped while a view of it is alive.
+        with self._inputs.view(slots.input) as buffer:
+            try:
+                length = self._through_outages(lambda: self._store.read_original_into(key, buffer))
+            except ObjectMissing:
+                return work.fail(MISSING_REASON)
+            except ObjectTooLarge as exc:
+                return work.fail(exc.message)
+            except DependencyUnavailable:
+                return work.retry()
         return dataclasses.replace(work, input_length=length).timed("download", started)
 
     def _render(self, work: ImageWork, slots: _Slots) -> ImageWork:
@@ -392,7 +425,7 @@ class BatchProcessor:
             else memoryview(data)[output.offset : end]
         )
         try:
-            self._store.put_result(key, payload, output.content_type)
+            self._through_outages(lambda: self._store.put_result(key, payload, output.content_type))
         finally:
             payload.release()
         return StoredRendition(

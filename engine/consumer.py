@@ -29,8 +29,8 @@ from engine.batch import Delivery, Verdict
 log = logging.getLogger(__name__)
 
 MAX_BATCHES_IN_FLIGHT = 2
-# Short enough that a node resumes soon after a dependency returns; with the delivery limit
-# (20) it lets an image ride out about two and a half minutes of outage before failing.
+# The pause after a batch requeued messages for failures of their own images (a dependency
+# outage holds the batch instead: see engine.dependencies), and the cap of reconnection delays.
 MAX_BACKOFF_SECONDS = 10.0
 # The longest the consumer waits for broker events before checking its stop flag again.
 IDLE_POLL_SECONDS = 0.1
@@ -99,8 +99,12 @@ class BatchConsumer:
         process_batch: Callable[[list[Delivery]], Verdict],
         *,
         requeue_backoff: Callable[[], Backoff] = Backoff,
+        paused: Callable[[], bool] = lambda: False,
     ) -> None:
+        """`paused()` is true while a dependency the batches need is down: no batch is started
+        then, and the received messages wait unacknowledged (see `engine.dependencies`)."""
         self._queue = queue
+        self._paused = paused
         self._engine = engine
         self._process_batch = process_batch
         self._requeue_backoff = requeue_backoff
@@ -155,6 +159,7 @@ class BatchConsumer:
                 self._start_batch,
                 self._counters,
                 self._requeue_backoff(),
+                self._paused,
             )
             session.serve(self._stop)
         except BROKER_ERRORS as exc:
@@ -222,8 +227,12 @@ class _Session:
         start_batch: Callable[[list[Delivery]], Future[Verdict]],
         counters: ConsumerCounters,
         requeue_backoff: Backoff,
+        dependency_down: Callable[[], bool],
     ) -> None:
+        """`dependency_down()` is true while a dependency the batches need is down: no batch is
+        started then, and the received messages wait unacknowledged (see `engine.dependencies`)."""
         self._connection = connection
+        self._dependency_down = dependency_down
         self._channel: BlockingChannel = connection.channel()
         self._queue = queue
         self._prefetch = engine.prefetch
@@ -259,6 +268,8 @@ class _Session:
         if paused > 0:
             return min(paused, IDLE_POLL_SECONDS)
         if self._filling and len(self._running) < MAX_BATCHES_IN_FLIGHT:
+            if self._dependency_down():
+                return IDLE_POLL_SECONDS
             return max(0.001, self._filling.seconds_until_due(now))
         return IDLE_POLL_SECONDS
 
@@ -282,7 +293,9 @@ class _Session:
         if not self._filling or len(self._running) >= MAX_BATCHES_IN_FLIGHT:
             return
         now = time.monotonic()
-        if not force and (now < self._paused_until or not self._filling.due(now)):
+        if not force and (
+            now < self._paused_until or self._dependency_down() or not self._filling.due(now)
+        ):
             return
         batch = self._filling.take(now)
         future = self._start_batch(batch)

@@ -48,6 +48,9 @@ class NodeCounters:
     completed: int = 0
     failed: int = 0
     batches: int = 0
+    # The dependency this node waits for, and since when (epoch seconds); "" while none.
+    paused_dependency: str = ""
+    paused_since: float = 0.0
 
 
 class NodeControl:
@@ -153,6 +156,8 @@ class NodeControl:
             queue=self._queue.queue,
             cores=self._cores,
             start_processes=self._start_processes or 0,
+            paused_dependency=counters.paused_dependency,
+            paused_since=counters.paused_since,
         )
         # Built in place: redis's stubs accept no dict whose key type is narrower than theirs.
         pipe.hset(self._key, mapping={name: value for name, value in beat.to_hash().items()})

@@ -26,6 +26,11 @@ KERNEL_CPU_SECONDS = Counter(
 QUEUE_DEPTH = Gauge("pixelmill_engine_queue_depth", "Ready messages in the job queue.")
 SLOTS_IN_USE = Gauge("pixelmill_engine_slots_in_use", "Shared-memory image slots in use.")
 PROCESSES = Gauge("pixelmill_engine_processes", "CPU processes of this node.")
+PAUSED = Gauge(
+    "pixelmill_engine_paused",
+    "1 while this node holds its work because the dependency does not answer, else 0.",
+    ["dependency"],
+)
 
 _REASONS = (
     ("too_large", re.compile(r"pixels|too large|larger than|memory", re.I)),

@@ -19,6 +19,7 @@ from common.broker import JobPublisher
 from common.cache import ImageCache
 from common.config import Settings
 from common.storage import ObjectStore
+from db.pool import DEPENDENCY as DATABASE
 from db.pool import Database
 from engine import metrics
 from engine.abandoned_uploads import AbandonedUploadSweeper
@@ -27,6 +28,7 @@ from engine.consumer import BatchConsumer
 from engine.control import NodeControl, NodeCounters
 from engine.cpu_pool import KernelOptions, KernelPool, RenderResult, RenderTask, render_slot
 from engine.dead_letters import DeadLetterReaper
+from engine.dependencies import DependencyGate
 from engine.health import HealthReporter, WorkProgress
 from engine.outbox import OutboxSweeper
 from engine.slots import SlotArena, sweep_stale_segments
@@ -83,6 +85,11 @@ class WorkerNode:
         self.db = Database(settings.postgres_url, max_size=4)
         self.store = ObjectStore(settings.storage)
         cache = ImageCache.from_url(settings.redis_url, settings.redis_prefix)
+        # What the batches need: while one does not answer, the node holds its work (no
+        # delivery is used) and starts no batch. Redis is not here: without it, work goes on.
+        self.gate = DependencyGate(
+            {self.store.dependency: self.store.check, DATABASE: self.db.check}
+        )
         self.processor = BatchProcessor(
             self.db,
             self.store,
@@ -93,8 +100,11 @@ class WorkerNode:
             io_threads=min(count, max(4, engine.processes * 3)),
             delivery_limit=settings.queue.delivery_limit,
             render_timeout=engine.max_render_seconds,
+            gate=self.gate,
         )
-        self.consumer = BatchConsumer(settings.queue, engine, self._process_batch)
+        self.consumer = BatchConsumer(
+            settings.queue, engine, self._process_batch, paused=self.gate.paused
+        )
         self.sweeper = OutboxSweeper(self.db, JobPublisher(settings.queue))
         self.reaper = DeadLetterReaper(
             self.db,
@@ -110,7 +120,10 @@ class WorkerNode:
             age_seconds=engine.abandoned_upload_age_seconds,
         )
         self.health = HealthReporter(
-            Path(engine.health_file), self.progress, engine.max_render_seconds
+            Path(engine.health_file),
+            self.progress,
+            engine.max_render_seconds,
+            paused=self._paused_reason,
         )
         self.control = NodeControl(
             cache.client,
@@ -154,12 +167,20 @@ class WorkerNode:
         log.info("batch finished %s", report.timing.encode())
         return report.verdict
 
+    def _paused_reason(self) -> str | None:
+        """Why the node waits on purpose (a dependency outage), for its liveness record."""
+        pause = self.gate.pause()
+        return f"{pause.dependency} unreachable" if pause else None
+
     def _counters(self) -> NodeCounters:
+        pause = self.gate.pause()
         return NodeCounters(
             processes=self.pool.processes,
             completed=self.consumer.completed,
             failed=self.consumer.failed,
             batches=self.consumer.batches,
+            paused_dependency=pause.dependency if pause else "",
+            paused_since=pause.since if pause else 0.0,
         )
 
     def run(self) -> None:
@@ -188,6 +209,8 @@ class WorkerNode:
 
     def stop(self) -> None:
         self.consumer.stop()
+        # Work held through an outage goes back to the queue, so that draining ends.
+        self.gate.stop()
 
     def close(self) -> None:
         self.control.stop()

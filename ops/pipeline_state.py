@@ -61,6 +61,9 @@ class NodeState:
     heartbeat_age_seconds: float
     cores: int = 0
     start_processes: int = 0
+    # The dependency the node is paused for (holding its work until it answers), and since when.
+    paused_dependency: str = ""
+    paused_since: float = 0.0
 
 
 def parse_node(key: str, fields: dict[str, str], now: float) -> NodeState | None:
@@ -82,6 +85,8 @@ def parse_node(key: str, fields: dict[str, str], now: float) -> NodeState | None
         heartbeat_age_seconds=round(max(0.0, now - beat.heartbeat), 1),
         cores=beat.cores,
         start_processes=beat.start_processes,
+        paused_dependency=beat.paused_dependency,
+        paused_since=beat.paused_since,
     )
 
 

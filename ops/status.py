@@ -9,6 +9,7 @@ the other sections are still shown. `python -m ops node-check` is the worker's l
 from __future__ import annotations
 
 import argparse
+import datetime
 import json
 import sys
 import time
@@ -200,7 +201,15 @@ def _render_nodes(report: StatusReport) -> list[str]:
             f"  {node.host:<24} {node.pid:>7} {node.processes:>5} {cores:>5} "
             f"{node.completed:>10} {node.failed:>8} {node.heartbeat_age_seconds:>5.1f}s"
         )
+        if node.paused_dependency:
+            lines.append(f"    {describe_pause(node)}")
     return lines
+
+
+def describe_pause(node: NodeState) -> str:
+    """ "paused: object storage unreachable since 04:12:09 UTC" for a node holding its work."""
+    since = datetime.datetime.fromtimestamp(node.paused_since, datetime.UTC)
+    return f"paused: {node.paused_dependency} unreachable since {since:%H:%M:%S} UTC"
 
 
 def status_command(argv: list[str], settings: Settings | None = None) -> int:

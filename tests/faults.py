@@ -1,17 +1,19 @@
-"""Fault-injection helpers: a pausable TCP proxy, a private Redis, and the accounting that checks
-the reliability promise (every accepted upload ends terminal, exactly one result per completed
-image, nothing left behind by rejected ones)."""
+"""Fault-injection helpers: a pausable TCP proxy, an S3 proxy that fails chosen keys, a private
+Redis, and the accounting that checks the reliability promise (every accepted upload ends
+terminal, exactly one result per completed image, nothing left behind by rejected ones)."""
 
 from __future__ import annotations
 
 import contextlib
 import datetime
+import http.client
 import socket
 import subprocess
 import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import psycopg
@@ -249,3 +251,55 @@ def account(probe: StackProbe, owner: str, log: UploadLog, bad_names: set[str]) 
         lost=lost,
         duplicates=len(results) - len(set(results)),
     )
+
+
+class FailingS3Proxy:
+    """An HTTP proxy in front of the S3 server at `upstream`. Requests whose path names a failing
+    key get the HTML 503 page of a proxy that lost its upstream; the rest (bucket requests, so a
+    node's probe of the store, included) are forwarded: the store answers, one image fails."""
+
+    def __init__(self, upstream: str) -> None:
+        self.failing: set[str] = set()
+        proxy = self
+
+        class Handler(BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+
+            def _forward(self) -> None:
+                length = int(self.headers.get("Content-Length") or 0)
+                body = self.rfile.read(length) if length else None
+                if any(key in self.path for key in proxy.failing):
+                    page = b"<html><body>503 Service Unavailable</body></html>"
+                    self._answer(503, [("Content-Type", "text/html")], page)
+                    return
+                upstream_conn = http.client.HTTPConnection(upstream, timeout=30)
+                try:
+                    upstream_conn.request(self.command, self.path, body, dict(self.headers))
+                    response = upstream_conn.getresponse()
+                    data = response.read()
+                finally:
+                    upstream_conn.close()
+                skip = {"transfer-encoding", "connection", "content-length"}
+                headers = [(k, v) for k, v in response.getheaders() if k.lower() not in skip]
+                self._answer(response.status, headers, data)
+
+            def _answer(self, status: int, headers: list[tuple[str, str]], data: bytes) -> None:
+                self.send_response(status)
+                for name, value in headers:
+                    self.send_header(name, value)
+                self.send_header("Content-Length", str(len(data)))
+                self.end_headers()
+                self.wfile.write(data)
+
+            do_GET = do_HEAD = do_PUT = do_POST = do_DELETE = _forward
+
+            def log_message(self, format: str, *args: object) -> None:
+                pass
+
+        self._server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.endpoint = f"127.0.0.1:{self._server.server_address[1]}"
+        threading.Thread(target=self._server.serve_forever, daemon=True).start()
+
+    def close(self) -> None:
+        self._server.shutdown()
+        self._server.server_close()

@@ -6,12 +6,9 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
-import http.client
-import threading
 import uuid
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import pytest
@@ -26,6 +23,7 @@ from db.pool import Database
 from engine.batch import CRASH_REASON, MISSING_REASON, BatchProcessor, BatchReport, Delivery
 from engine.cpu_pool import KernelOptions, KernelPool
 from engine.slots import SlotArena
+from tests.faults import FailingS3Proxy
 from tests.support import CRASH_MARKER, StackProbe, jpeg, paused, render_or_misbehave, wait_for
 
 MIB = 1024 * 1024
@@ -34,57 +32,6 @@ GAVE_UP_REASON = (
     f"gave up after {DELIVERY_LIMIT} attempts: a dependency (storage, database) kept failing; "
     "upload the image again"
 )
-
-
-class FailingS3Proxy:
-    """An HTTP proxy in front of the session's S3 server. Requests whose path names a failing
-    key get the HTML 503 page of a proxy that lost its upstream; the rest are forwarded."""
-
-    def __init__(self, upstream: str) -> None:
-        self.failing: set[str] = set()
-        proxy = self
-
-        class Handler(BaseHTTPRequestHandler):
-            protocol_version = "HTTP/1.1"
-
-            def _forward(self) -> None:
-                length = int(self.headers.get("Content-Length") or 0)
-                body = self.rfile.read(length) if length else None
-                if any(key in self.path for key in proxy.failing):
-                    page = b"<html><body>503 Service Unavailable</body></html>"
-                    self._answer(503, [("Content-Type", "text/html")], page)
-                    return
-                upstream_conn = http.client.HTTPConnection(upstream, timeout=30)
-                try:
-                    upstream_conn.request(self.command, self.path, body, dict(self.headers))
-                    response = upstream_conn.getresponse()
-                    data = response.read()
-                finally:
-                    upstream_conn.close()
-                skip = {"transfer-encoding", "connection", "content-length"}
-                headers = [(k, v) for k, v in response.getheaders() if k.lower() not in skip]
-                self._answer(response.status, headers, data)
-
-            def _answer(self, status: int, headers: list[tuple[str, str]], data: bytes) -> None:
-                self.send_response(status)
-                for name, value in headers:
-                    self.send_header(name, value)
-                self.send_header("Content-Length", str(len(data)))
-                self.end_headers()
-                self.wfile.write(data)
-
-            do_GET = do_PUT = do_POST = do_DELETE = _forward
-
-            def log_message(self, format: str, *args: object) -> None:
-                pass
-
-        self._server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.endpoint = f"127.0.0.1:{self._server.server_address[1]}"
-        threading.Thread(target=self._server.serve_forever, daemon=True).start()
-
-    def close(self) -> None:
-        self._server.shutdown()
-        self._server.server_close()
 
 
 class Pipeline:

@@ -8,7 +8,6 @@ import dataclasses
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
-from urllib.parse import urlsplit, urlunsplit
 
 import pika
 import psycopg
@@ -22,7 +21,6 @@ from db import images
 from db.images import NewImage
 from db.pool import Database
 from engine.dead_letters import DeadLetterReaper
-from tests.faults import TcpProxy
 from tests.support import start_worker, stop_worker, wait_for
 
 
@@ -130,23 +128,26 @@ def test_reaper_fails_unfinished_images_of_dead_letters_and_leaves_the_rest(
     assert _depth(own_queue, own_queue.queue.queue) == 0
 
 
-def _with_port(url: str, port: int) -> str:
-    parts = urlsplit(url)
-    host = parts.netloc.rsplit(":", 1)[0]
-    return urlunsplit(parts._replace(netloc=f"{host}:{port}"))
+def _with_lock_timeout(url: str, milliseconds: int) -> str:
+    """`url` whose sessions give up waiting for a row lock after `milliseconds`, keeping any
+    session options it already sets (the test schema's search path)."""
+    option = f"-clock_timeout%3D{milliseconds}"
+    if "options=" in url:
+        return url.replace("options=", f"options={option}%20", 1)
+    return f"{url}{'&' if '?' in url else '?'}options={option}"
 
 
 @pytest.mark.slow
 def test_an_image_whose_claim_fails_on_every_delivery_ends_failed_without_an_operator(
     env: dict[str, str], own_queue: Settings, tmp_path: Path
 ) -> None:
-    """PostgreSQL is unreachable for the node while the job uses up its deliveries, so the batch
-    pipeline cannot record a give-up; once the database is back the image still ends failed."""
-    postgres = TcpProxy(urlsplit(env["POSTGRES_URL"]).port or 5432)
-    postgres.start()
+    """The image's row stays locked while its job uses up its deliveries: every claim gives up
+    waiting for the lock while PostgreSQL itself answers, so the failure is the image's own (an
+    unreachable database would pause the node instead) and the batch pipeline cannot record a
+    give-up; once the lock is gone the image still ends failed."""
     node_env = {
         **env,
-        "POSTGRES_URL": _with_port(env["POSTGRES_URL"], postgres.port),
+        "POSTGRES_URL": _with_lock_timeout(env["POSTGRES_URL"], milliseconds=500),
         "RABBITMQ_QUEUE": own_queue.queue.queue,
         "RABBITMQ_DEAD_LETTER_QUEUE": own_queue.queue.dead_letter_queue,
         "REDIS_PREFIX": own_queue.redis_prefix,
@@ -155,10 +156,11 @@ def test_an_image_whose_claim_fails_on_every_delivery_ends_failed_without_an_ope
     }
     log = tmp_path / "worker.log"
     node = start_worker(node_env, log)
+    holder = psycopg.connect(own_queue.postgres_url)
     try:
         wait_for(lambda: log.exists() and b"consuming from" in log.read_bytes(), timeout=60)
         [image_id] = _new_images(own_queue, 1)
-        postgres.pause()
+        holder.execute("SELECT 1 FROM images WHERE id = %s FOR UPDATE", (image_id,))
         publisher = JobPublisher(own_queue.queue)
         publisher.publish([JobMessage(image_id, "test")])
         publisher.close()
@@ -166,12 +168,13 @@ def test_an_image_whose_claim_fails_on_every_delivery_ends_failed_without_an_ope
         wait_for(lambda: _depth(own_queue, dlq) == 1, timeout=120, interval=0.5)
         assert _row(own_queue, image_id) == ("pending", None)
 
-        postgres.resume()
+        holder.rollback()
 
         wait_for(lambda: _row(own_queue, image_id)[0] == "failed", timeout=60, interval=0.5)
         _, error = _row(own_queue, image_id)
         assert error is not None and error.startswith("dead-lettered: ")
         wait_for(lambda: _depth(own_queue, dlq) == 0, timeout=30)
+        assert b"unreachable: pausing" not in log.read_bytes(), "the database was taken for down"
     finally:
+        holder.close()
         stop_worker(node)
-        postgres.close()

@@ -20,6 +20,7 @@ from common.broker import declare_topology, delete_topology, queue_depth
 from common.config import Settings
 from common.jobs import JobMessage
 from engine.slots import SHM_DIR
+from tests.faults import FailingS3Proxy
 from tests.support import (
     ApiClient,
     StackProbe,
@@ -208,12 +209,20 @@ def test_image_whose_storage_keeps_failing_ends_failed_with_a_reason(
     stack: IsolatedStack, probe: StackProbe
 ) -> None:
     [image_id] = stack.upload_many(1, 900, 600)
-    # The node reaches a storage endpoint where nothing listens: every download is transient.
-    stack.env["MINIO_ENDPOINT"] = "127.0.0.1:9"
-    stack.start_node("--processes", "1")
-    wait_for(lambda: probe.status(image_id) == "failed", timeout=90)
+    # The node's store answers, but this image's original fails every time: the failure is the
+    # image's own, so it counts against its deliveries (an unreachable store would pause the
+    # node instead: tests/test_outages.py).
+    proxy = FailingS3Proxy(stack.settings.storage.endpoint)
+    proxy.failing = {image_id}
+    stack.env["MINIO_ENDPOINT"] = proxy.endpoint
+    try:
+        stack.start_node("--processes", "1")
+        wait_for(lambda: probe.status(image_id) == "failed", timeout=90)
+    finally:
+        proxy.close()
     error = stack.api.get(f"/api/v1/images/{image_id}").json["error"]
     assert "gave up after 3 attempts" in error
+    assert b"unreachable: pausing" not in stack.logs.read_bytes(), "the store was taken for down"
     wait_for(lambda: stack.queue_depth() == 0, timeout=10)
     assert stack.queue_depth(stack.settings.queue.dead_letter_queue) == 0
 
