@@ -37,6 +37,9 @@ class ImageRecord:
     attempts: int
     created_at: datetime
     updated_at: datetime
+    # The lane (and bulk shard) its job travels in: see common.jobs.
+    lane: str
+    shard: int
 
     @property
     def is_terminal(self) -> bool:
@@ -54,6 +57,8 @@ class NewImage:
     source_width: int
     source_height: int
     original_key: str
+    lane: str = "bulk"
+    shard: int = 0
 
 
 @dataclass(frozen=True)
@@ -75,7 +80,7 @@ _COLUMNS = ", ".join(ImageRecord.__dataclass_fields__)
 def insert_images(conn: psycopg.Connection[Any], new: Sequence[NewImage]) -> list[ImageRecord]:
     """Insert many images in one statement; rows come back in the order given."""
     columns = list(NewImage.__dataclass_fields__)
-    types = ("uuid", "text", "text", "text", "bigint", "text", "int", "int", "text")
+    types = ("uuid", "text", "text", "text", "bigint", "text", "int", "int", "text", "text", "int")
     arrays = [[getattr(image, column) for image in new] for column in columns]
     unnest = ", ".join(f"%s::{t}[]" for t in types)
     with conn.cursor(row_factory=class_row(ImageRecord)) as cur:

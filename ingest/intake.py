@@ -12,6 +12,7 @@ when it carries an Idempotency-Key, so a retry gets the same answer even after s
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import logging
 import threading
 import time
@@ -22,8 +23,9 @@ from dataclasses import dataclass
 from types import TracebackType
 
 from common.broker import JobPublisher
+from common.config import QueueSettings
 from common.errors import Conflict, DependencyUnavailable
-from common.jobs import JobMessage
+from common.jobs import BULK, JobMessage, bulk_shard, choose_lane
 from common.storage import ObjectStore, original_key
 from db import idempotency, images, upload_intents
 from db.images import ImageRecord, NewImage
@@ -70,11 +72,14 @@ class ImageIntake:
         store: ObjectStore,
         publisher: JobPublisher,
         idempotency_ttl_seconds: int = 24 * 3600,
+        lanes: QueueSettings | None = None,
     ) -> None:
         self.db = db
         self.store = store
         self.publisher = publisher
         self.ttl = idempotency_ttl_seconds
+        # Which lane and bulk shard a request's images get (INTERACTIVE_MAX_PARTS, shards).
+        self.lanes = lanes or QueueSettings()
         self._puts = ThreadPoolExecutor(
             max_workers=MAX_PUTS_IN_FLIGHT, thread_name_prefix="intake-put"
         )
@@ -183,6 +188,7 @@ class UploadBatch:
             if replay is not None:
                 return replay
         existing, fresh = self._plan(dedupe)
+        fresh = self._in_lane(fresh, None if parts is None else len(self._staged))
         try:
             answer = self._commit_rows(existing, fresh, parts, claim)
         except _AnsweredMeanwhile:
@@ -227,6 +233,16 @@ class UploadBatch:
                 planned.add(digest)
                 fresh.append(item)
         return existing, fresh
+
+    def _in_lane(self, fresh: list[StagedUpload], parts: int | None) -> list[StagedUpload]:
+        """`fresh` with the lane of this request (and the owner's bulk shard) set on each image."""
+        lanes = self._intake.lanes
+        lane = choose_lane(parts, lanes.interactive_max_parts)
+        shard = bulk_shard(self._owner, lanes.bulk_shards) if lane == BULK else 0
+        return [
+            StagedUpload(dataclasses.replace(s.new, lane=lane, shard=shard), s.stored)
+            for s in fresh
+        ]
 
     def _commit_rows(
         self,
@@ -273,8 +289,9 @@ class UploadBatch:
         new_ids = [s.new.id for s in fresh]
         if not new_ids:
             return
+        jobs = [JobMessage(s.new.id, request_id, s.new.lane, s.new.shard) for s in fresh]
         try:
-            self._intake.publisher.publish([JobMessage(i, request_id) for i in new_ids])
+            self._intake.publisher.publish(jobs)
         except Exception:
             self._forget(new_ids, claim)
             raise
