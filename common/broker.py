@@ -155,6 +155,21 @@ def queue_counts(settings: QueueSettings, queue: str | None = None) -> QueueCoun
             connection.close()
 
 
+def lane_depths(settings: QueueSettings) -> dict[str, int]:
+    """Ready messages of each job queue by its label (`interactive`, `bulk.0`, ..., `base`), over
+    one short-lived connection."""
+    connection = pika.BlockingConnection(connection_parameters(settings))
+    try:
+        channel = connection.channel()
+        return {
+            q.label: int(channel.queue_declare(q.name, passive=True).method.message_count)
+            for q in job_queues(settings)
+        }
+    finally:
+        if connection.is_open:
+            connection.close()
+
+
 def queue_depth(settings: QueueSettings, queue: str | None = None) -> int:
     """Ready messages in `queue` (in all job queues together by default)."""
     return queue_counts(settings, queue).ready
