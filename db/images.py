@@ -268,3 +268,14 @@ def find_unenqueued(
             (older_than_seconds, limit),
         )
         return cur.fetchall()
+
+
+def finished_at(conn: psycopg.Connection[Any], ids: Sequence[uuid.UUID]) -> dict[uuid.UUID, float]:
+    """When each terminal image of `ids` was committed (`updated_at`), as epoch seconds on the
+    database clock; images not yet terminal are left out."""
+    rows = conn.execute(
+        """SELECT id, extract(epoch FROM updated_at)::float8 FROM images
+            WHERE id = ANY(%s) AND status IN ('completed', 'failed')""",
+        (list(ids),),
+    ).fetchall()
+    return {row[0]: row[1] for row in rows}
