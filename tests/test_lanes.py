@@ -22,6 +22,8 @@ from common.storage import ObjectStore
 from db import images
 from db.images import NewImage
 from db.pool import Database
+from engine.batch import Delivery
+from engine.consumer import _FillingBatch
 from engine.outbox import OutboxSweeper
 from ingest.intake import ImageIntake
 from ingest.upload_reader import BulkPart, validate_image
@@ -60,6 +62,52 @@ def test_a_job_message_from_before_lanes_reads_as_bulk_and_an_unknown_lane_is_re
     assert JobMessage.decode(job.encode()) == job
     with pytest.raises(ValueError):
         JobMessage.decode(json.dumps({"image_id": str(image_id), "lane": "vip"}).encode())
+
+
+# --- which deliveries form the next batch (sources: 0 interactive, 1-2 bulk shards, 3 base) ------
+
+
+def _filling(size: int = 4) -> _FillingBatch:
+    return _FillingBatch(size, wait_seconds=60.0, urgent=0, last=3)
+
+
+def _held(filling: _FillingBatch, source: int, *tags: int) -> None:
+    for tag in tags:
+        filling.add(Delivery(tag, b""), now=0.0, source=source)
+
+
+def _tags(batch: list[Delivery]) -> list[int]:
+    return [d.tag for d in batch]
+
+
+def test_held_interactive_work_is_the_next_batch_alone_and_due_at_once() -> None:
+    filling = _filling()
+    _held(filling, 1, 10, 11, 12)
+    assert not filling.due(now=0.0)  # bulk work waits to fill
+    _held(filling, 0, 20)
+
+    assert filling.due(now=0.0)
+    assert _tags(filling.take(now=0.0)) == [20]
+    assert not filling.due(now=0.0)
+
+
+def test_bulk_batches_take_the_shards_in_turn_starting_from_another_shard_each_time() -> None:
+    filling = _filling()
+    _held(filling, 1, 10, 11, 12, 13, 14, 15, 16, 17)
+    _held(filling, 2, 20, 21, 22, 23)
+
+    assert _tags(filling.take(now=0.0)) == [10, 20, 11, 21]
+    assert _tags(filling.take(now=0.0)) == [22, 12, 23, 13]
+    # Shard 2 is empty: shard 1 alone fills the batch.
+    assert _tags(filling.take(now=0.0)) == [14, 15, 16, 17]
+
+
+def test_the_base_queue_only_tops_up_a_bulk_batch() -> None:
+    filling = _filling()
+    _held(filling, 3, 30, 31, 32)
+    _held(filling, 2, 20)
+
+    assert _tags(filling.take(now=0.0)) == [20, 30, 31, 32]
 
 
 # --- helpers ------------------------------------------------------------------------------------
