@@ -3,9 +3,9 @@
 It prefetches job messages from every job queue (the lanes, see `common.broker.job_queues`),
 groups them into batches (interactive work first and at once; bulk work up to `batch_size`
 messages or `batch_wait_ms` after the first, its shards in turn), hands each batch to a batch
-thread, and applies the verdicts
-(ack, requeue, dead-letter) when they come back. pika's connection is not thread-safe, so every
-channel operation happens here; the loop keeps serving heartbeats while batches run.
+thread, and applies the verdicts (ack, requeue, dead-letter) when they come back. pika's
+connection is not thread-safe, so every channel operation happens here; the loop keeps serving
+heartbeats while batches run.
 """
 
 from __future__ import annotations
