@@ -14,6 +14,7 @@ from pathlib import Path
 import pika
 import psycopg
 import pytest
+import redis
 
 from common.broker import JobPublisher, declare_topology, job_queues, queue_depth, route
 from common.config import Settings
@@ -28,6 +29,7 @@ from engine.outbox import OutboxSweeper
 from ingest.intake import ImageIntake
 from ingest.upload_reader import BulkPart, validate_image
 from ops.dlq import Selection, requeue_dead_letters
+from ops.scale import Autoscaler, Bounds
 from ops.status import collect_status
 from tests.support import jpeg, start_worker, stop_worker, wait_for
 
@@ -300,6 +302,24 @@ def test_ops_status_shows_the_depth_of_every_lane_and_shard(lanes: Settings) -> 
     assert queues["base"]["messages"] == 0
     assert queues["dead_letter"]["messages"] == 0
     assert queues["bulk.1"]["name"] == f"{lanes.queue.queue}.bulk.1"
+
+
+def test_the_autoscaler_counts_the_backlog_of_every_lane_and_shard(lanes: Settings) -> None:
+    jobs = [JobMessage(uuid.uuid4(), "t", INTERACTIVE) for _ in range(2)]
+    jobs += [JobMessage(uuid.uuid4(), "t", BULK, shard) for shard in (0, 3, 3)]
+    publisher = JobPublisher(lanes.queue)
+    publisher.publish(jobs)
+    publisher.close()
+    with _channel(lanes) as channel:
+        channel.basic_publish("", lanes.queue.queue, JobMessage(uuid.uuid4()).encode())
+    wait_for(lambda: queue_depth(lanes.queue, lanes.queue.queue) == 1, timeout=10)
+    client = redis.Redis.from_url(lanes.redis_url)
+    try:
+        sample = Autoscaler(lanes, Bounds(1, 4, 50.0)).sample(client)
+    finally:
+        client.close()
+
+    assert sample.depth == 6
 
 
 # --- a worker node ------------------------------------------------------------------------------
