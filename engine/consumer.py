@@ -186,22 +186,19 @@ class BatchConsumer:
 class _FillingBatch:
     """Deliveries received and not yet handed to a batch, kept by the queue they came from.
 
-    Sources are numbered in the order `job_queues` lists them (interactive first, bulk shards,
-    the base queue last). The next batch is interactive work only, whenever some is held, and due
-    at once; otherwise it takes the bulk shards in turn, one delivery each round and starting
-    from a different shard each batch (two owners' backlogs are served alongside each other),
-    topped up from the base queue; such a batch is due once `size` deliveries are here, or
-    `wait_seconds` after it began filling.
+    Sources are numbered in the order `job_queues` lists them (interactive first, then the bulk
+    shards and the base queue). The next batch is interactive work only, whenever some is held,
+    and due at once; otherwise it takes the other sources in turn, one delivery each round and
+    starting from a different source each batch (two owners' backlogs are served alongside each
+    other, and jobs in the base queue get their turn too); such a batch is due once `size`
+    deliveries are here, or `wait_seconds` after it began filling.
     """
 
-    def __init__(
-        self, size: int, wait_seconds: float, *, urgent: int | None = None, last: int | None = None
-    ) -> None:
+    def __init__(self, size: int, wait_seconds: float, *, urgent: int | None = None) -> None:
         self._size = size
         self._wait_seconds = wait_seconds
-        # The source whose work starts first (interactive), and the one that only tops up.
+        # The source whose work starts first (interactive).
         self._urgent = urgent
-        self._last = last
         self._held: dict[int, deque[Delivery]] = {}
         self._next_turn = 0
         self._since = 0.0
@@ -239,15 +236,13 @@ class _FillingBatch:
             batch = _take_in_turn([self._held[self._urgent]], self._size)
         else:
             batch = _take_in_turn(self._shards_in_turn(), self._size)
-            if self._last is not None and self._last in self._held:
-                batch += _take_in_turn([self._held[self._last]], self._size - len(batch))
             self._next_turn += 1
         if self:
             self._since = now
         return batch
 
     def _shards_in_turn(self) -> list[deque[Delivery]]:
-        shards = sorted(s for s in self._held if s not in (self._urgent, self._last))
+        shards = sorted(s for s in self._held if s != self._urgent)
         if not shards:
             return []
         first = self._next_turn % len(shards)
@@ -296,7 +291,6 @@ class _Session:
             engine.batch_size,
             engine.batch_wait_ms / 1000,
             urgent=lanes.index(INTERACTIVE),
-            last=len(self._sources) - 1,
         )
         self._running: list[_Running] = []
         # Received and neither acked nor rejected yet: what a `multiple` ack must not cover.

@@ -66,11 +66,11 @@ def test_a_job_message_from_before_lanes_reads_as_bulk_and_an_unknown_lane_is_re
         JobMessage.decode(json.dumps({"image_id": str(image_id), "lane": "vip"}).encode())
 
 
-# --- which deliveries form the next batch (sources: 0 interactive, 1-2 bulk shards, 3 base) ------
+# --- which deliveries form the next batch (sources: 0 interactive, 1-2 bulk shards, 3 base) ----
 
 
 def _filling(size: int = 4) -> _FillingBatch:
-    return _FillingBatch(size, wait_seconds=60.0, urgent=0, last=3)
+    return _FillingBatch(size, wait_seconds=60.0, urgent=0)
 
 
 def _held(filling: _FillingBatch, source: int, *tags: int) -> None:
@@ -104,12 +104,13 @@ def test_bulk_batches_take_the_shards_in_turn_starting_from_another_shard_each_t
     assert _tags(filling.take(now=0.0)) == [14, 15, 16, 17]
 
 
-def test_the_base_queue_only_tops_up_a_bulk_batch() -> None:
+def test_jobs_in_the_base_queue_take_their_turn_with_the_bulk_shards() -> None:
     filling = _filling()
-    _held(filling, 3, 30, 31, 32)
-    _held(filling, 2, 20)
+    _held(filling, 3, 30, 31, 32, 33)
+    _held(filling, 1, 10, 11, 12, 13, 14, 15)
 
-    assert _tags(filling.take(now=0.0)) == [20, 30, 31, 32]
+    assert _tags(filling.take(now=0.0)) == [10, 30, 11, 31]
+    assert _tags(filling.take(now=0.0)) == [32, 12, 33, 13]
 
 
 # --- helpers ------------------------------------------------------------------------------------
