@@ -73,9 +73,9 @@ class JobQueue:
 
 
 def job_queues(settings: QueueSettings) -> list[JobQueue]:
-    """Every job queue, in the order worker nodes serve them: interactive work first, then the
-    bulk shards taken in turn, and last the base queue (jobs published with lanes off, or from
-    before lanes existed: drained, never stranded). Names derive from `RABBITMQ_QUEUE`."""
+    """Every job queue: the interactive lane (worker nodes serve it first), the bulk shards and
+    the base queue (jobs published with lanes off, or from before lanes existed), which nodes
+    take in turn. Names derive from `RABBITMQ_QUEUE`."""
     base = settings.queue
     return [
         JobQueue(f"{base}.{INTERACTIVE}", INTERACTIVE),
