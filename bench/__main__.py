@@ -120,7 +120,8 @@ def command_quick(args: argparse.Namespace) -> None:
 
 
 def command_full(args: argparse.Namespace) -> None:
-    """Larger corpus, more repeats, processes 1..cores, PNG and JPEG output."""
+    """Larger corpus, more repeats, processes 1..cores, PNG and JPEG output; then the fairness
+    benchmark at full scale (about 25 minutes on 2 cores)."""
     cores = os.cpu_count() or 1
     defaults = {
         "repeat": 5,
