@@ -166,10 +166,14 @@ def render_text(report: StatusReport) -> str:
     lines = ["queues"]
     for role, queue in report.queues.items():
         state = "" if queue.exists else "  (not declared yet)"
+        # The total is named after RABBITMQ_QUEUE, like the base queue: say what it sums.
+        name = f"{queue.name}*" if role == "jobs" else queue.name
         lines.append(
-            f"  {role:<12} {queue.name:<32} messages {queue.messages:>8}  "
+            f"  {role:<12} {name:<32} messages {queue.messages:>8}  "
             f"consumers {queue.consumers:>3}{state}"
         )
+    if "jobs" in report.queues:
+        lines.append("  (* every job queue together: the lanes, their shards and the base queue)")
     lines += _render_nodes(report)
     if report.throughput is not None:
         t = report.throughput
