@@ -1,6 +1,6 @@
 """The benchmarks' command line: `python -m bench COMMAND`.
 
-Commands: corpus, kernel, engine, e2e, sweep, report, quick, full.
+Commands: corpus, kernel, engine, e2e, fairness, sweep, report, quick, full.
 
 This is a CLI edge: `engine` and `sweep` read the environment (Settings) for where PostgreSQL,
 RabbitMQ and Redis live; everything they create there is their own and removed afterwards.
@@ -23,6 +23,7 @@ from bench.corpus import IMAGE_CLASSES, MANIFEST_NAME, bpp_by_class, is_photo_li
 from bench.e2e import E2EConfig, compare_single_and_bulk, e2e_images, e2e_statistics, mint_token
 from bench.e2e import run_upload as run_e2e_upload
 from bench.engine_bench import EngineRunSpec, NodeSettings, run_engine_benchmark
+from bench.fairness import FairnessConfig, run_fairness_benchmark
 from bench.kernel_bench import (
     IMPLEMENTATIONS,
     REPO_ROOT,
@@ -33,6 +34,7 @@ from bench.kernel_bench import (
 from bench.report import (
     e2e_summary_markdown,
     engine_summary_markdown,
+    fairness_summary_markdown,
     generate_report,
     kernel_summary_markdown,
     sweep_summary_markdown,
@@ -127,7 +129,8 @@ def command_quick(args: argparse.Namespace) -> None:
 
 
 def command_full(args: argparse.Namespace) -> None:
-    """Larger corpus, more repeats, processes 1..cores, PNG and JPEG output."""
+    """Larger corpus, more repeats, processes 1..cores, PNG and JPEG output; then the fairness
+    benchmark at full scale (about 25 minutes on 2 cores)."""
     cores = os.cpu_count() or 1
     defaults = {
         "repeat": 5,
@@ -145,6 +148,7 @@ def command_full(args: argparse.Namespace) -> None:
         EngineRunSpec("jpeg-small", 256, NodeSettings(processes=cores, batch_size=16)),
     ]
     run_engine(specs, corpus, args.results_dir, "full-engine")
+    run_fairness(FairnessConfig(), corpus, args.results_dir, "full-fairness")
 
 
 def _write(
@@ -198,6 +202,35 @@ def command_engine(args: argparse.Namespace) -> None:
         for size in args.batch_size
     ]
     run_engine(specs, args.corpus, args.results_dir, "engine")
+
+
+def run_fairness(
+    config: FairnessConfig, corpus_dir: Path, results_root: Path, command: str
+) -> Path:
+    """Lanes on and off on isolated services; results.json + summary.md + the latency plot."""
+    classes = [config.backlog_class, config.interactive_class]
+    if not (corpus_dir / MANIFEST_NAME).exists():
+        make_corpus(corpus_dir, 1, DEFAULT_SEED, classes)
+    log_dir = results_root / ".cache" / "fairness-logs" / command
+    payload = run_fairness_benchmark(
+        Settings.from_env(declare_local(os.environ)), corpus_dir.resolve(), config, log_dir
+    )
+    settings = {"corpus_dir": str(corpus_dir), **payload["config"]}
+    return _write(command, settings, payload, results_root, fairness_summary_markdown)
+
+
+def command_fairness(args: argparse.Namespace) -> None:
+    config = FairnessConfig(
+        backlog=args.backlog,
+        second_owner=args.second_owner,
+        idle_samples=args.idle_samples,
+        samples=args.samples,
+        sample_interval_s=args.interval,
+        repeats=args.repeats,
+        node=NodeSettings(processes=args.processes, batch_size=args.batch_size),
+        timeout_s=args.timeout,
+    )
+    run_fairness(config, args.corpus, args.results_dir, "fairness")
 
 
 @contextlib.contextmanager
@@ -329,6 +362,26 @@ def _add_e2e_parser(commands: Any) -> None:
     e2e.add_argument("--timeout", type=float, default=600.0, help="longest wait for completion")
 
 
+def _add_fairness_parser(commands: Any) -> None:
+    full = FairnessConfig()
+    fairness = commands.add_parser(
+        "fairness",
+        help="interactive latency and a second bulk owner during a backlog, lanes on/off",
+    )
+    fairness.add_argument("--corpus", type=Path, default=DEFAULT_RESULTS_ROOT / "corpus")
+    fairness.add_argument("--backlog", type=int, default=full.backlog, help="owner A's images")
+    fairness.add_argument("--second-owner", type=int, default=full.second_owner)
+    fairness.add_argument("--idle-samples", type=int, default=full.idle_samples)
+    fairness.add_argument(
+        "--samples", type=int, default=full.samples, help="most interactive uploads per drain"
+    )
+    fairness.add_argument("--interval", type=float, default=full.sample_interval_s)
+    fairness.add_argument("--repeats", type=int, default=full.repeats, help="runs per mode")
+    fairness.add_argument("--processes", type=int, default=full.node.processes)
+    fairness.add_argument("--batch-size", type=int, default=full.node.batch_size)
+    fairness.add_argument("--timeout", type=float, default=full.timeout_s, help="longest wait, s")
+
+
 def _add_sweep_parser(commands: Any) -> None:
     sweep = commands.add_parser("sweep", help="a grid of engine or end-to-end settings")
     sweep.add_argument("--mode", choices=["engine", "e2e"], default="engine")
@@ -368,6 +421,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     _add_engine_parser(commands)
     _add_e2e_parser(commands)
+    _add_fairness_parser(commands)
     _add_sweep_parser(commands)
 
     for name in ("quick", "full"):
@@ -384,8 +438,14 @@ def main(argv: Sequence[str] | None = None) -> None:
     elif args.command == "report":
         for path in generate_report(args.results, args.out):
             print(path)
-    elif args.command in ("engine", "e2e", "sweep"):
-        {"engine": command_engine, "e2e": command_e2e, "sweep": command_sweep}[args.command](args)
+    elif args.command in ("engine", "e2e", "fairness", "sweep"):
+        commands = {
+            "engine": command_engine,
+            "e2e": command_e2e,
+            "fairness": command_fairness,
+            "sweep": command_sweep,
+        }
+        commands[args.command](args)
     elif args.command == "quick":
         command_quick(args)
     else:

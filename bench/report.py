@@ -2,7 +2,8 @@
 
 Kernel results get a throughput bar chart and a throughput-vs-processes chart. End-to-end results
 of the shape {"latency_ms": {"upload": {"p50": ..}, "completed": {..}}, "stages_ms": {stage: ms}}
-get a latency-percentile chart and a per-stage breakdown.
+get a latency-percentile chart and a per-stage breakdown. Fairness results get the latency of
+interactive uploads over time while a backlog drains, with lanes and without.
 """
 
 from __future__ import annotations
@@ -394,6 +395,101 @@ def e2e_summary_markdown(document: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
+FAIRNESS_HEADERS = [
+    "lanes",
+    "idle p50 ms",
+    "idle p95 ms",
+    "draining p50 ms",
+    "draining p95 ms",
+    "p95 / idle p95",
+    "B alone s",
+    "B behind backlog s",
+    "B ratio",
+    "images/s median",
+    "images/s min-max",
+]
+
+
+def _fairness_row(name: str, mode: dict[str, Any]) -> list[object]:
+    spread = f"{mode['images_per_s_min']:.1f}-{mode['images_per_s_max']:.1f}"
+    return [
+        name,
+        mode["idle_p50_ms"],
+        mode["idle_p95_ms"],
+        mode["draining_p50_ms"],
+        mode["draining_p95_ms"],
+        mode["latency_ratio"],
+        mode["second_owner_alone_s"],
+        mode["second_owner_behind_s"],
+        mode["second_owner_ratio"],
+        mode["images_per_s_median"],
+        spread,
+    ]
+
+
+def fairness_summary_markdown(document: dict[str, Any]) -> str:
+    """Lanes on and off side by side (medians over the runs of each), and the targets."""
+    summary, config = document["summary"], document["config"]
+    modes = [(name, summary[key]) for name, key in (("on", "lanes_on"), ("off", "lanes_off"))]
+    met = summary["meets_target"]
+    targets = summary["targets"]
+    throughput = summary["throughput_ratio"]
+
+    def verdict(ok: bool) -> str:
+        return "meets" if ok else "misses"
+
+    return "\n".join(
+        [
+            f"# Fairness benchmark ({document['timestamp']}, commit {document['git_commit'][:12]})",
+            "",
+            f"Owner A's backlog of {config['backlog']} x {config['backlog_class']}, owner B's "
+            f"{config['second_owner']} published right behind it, single "
+            f"{config['interactive_class']} uploads every {config['sample_interval_s']} s while "
+            f"it drains; {config['repeats']} runs with lanes on and off each, interleaved; "
+            "medians over the runs.",
+            "",
+            markdown_table(FAIRNESS_HEADERS, [_fairness_row(n, m) for n, m in modes if m]),
+            f"- interactive p95 while draining: {verdict(met['latency'])} the "
+            f"{targets['latency_ratio']}x idle p95 target (lanes on)",
+            f"- owner B behind the backlog: {verdict(met['second_owner'])} the "
+            f"{targets['second_owner_ratio']}x its idle time target (lanes on)",
+            f"- throughput lanes on / off: {_rounded(throughput)}"
+            f" ({verdict(met['throughput'])} the {targets['throughput_ratio']}x target)",
+            "",
+        ]
+    )
+
+
+def _rounded(value: float | None) -> str:
+    return "-" if value is None else f"{value:.3f}"
+
+
+def plot_fairness_latency(document: dict[str, Any], path: Path) -> Path:
+    """Latency of each interactive upload against when it was sent into the drain, every run,
+    lanes on and off in two colours (log scale: without lanes it grows with the backlog)."""
+    figure = _new_figure((8, 4.5))
+    axis = figure.subplots()
+    labelled: set[bool] = set()
+    for run in document["runs"]:
+        lanes = bool(run["lanes"])
+        points = run["samples"]
+        axis.plot(
+            [p["at_s"] for p in points],
+            [p["latency_s"] * 1000 for p in points],
+            marker="o",
+            markersize=3,
+            color="tab:blue" if lanes else "tab:red",
+            label=None if lanes in labelled else ("lanes on" if lanes else "lanes off"),
+        )
+        labelled.add(lanes)
+    axis.set_yscale("log")
+    axis.set_xlabel("seconds since the backlog was published")
+    axis.set_ylabel("upload -> completed (ms)")
+    axis.set_title("Interactive uploads while a bulk backlog drains")
+    axis.legend(fontsize="small")
+    return _save(figure, path)
+
+
 def sweep_summary_markdown(document: dict[str, Any]) -> str:
     """The grid as a table and the best setting named."""
     best = document.get("best")
@@ -447,6 +543,8 @@ def plots_for(document: dict[str, Any], out_dir: Path, prefix: str) -> list[Path
         written.append(plot_stage_breakdown(document, out_dir / f"{prefix}-stages.png"))
     if document.get("kind") == "sweep" and document.get("mode") == "engine" and document["rows"]:
         written.append(plot_sweep_throughput(document, out_dir / f"{prefix}-sweep.png"))
+    if document.get("kind") == "fairness" and document["runs"]:
+        written.append(plot_fairness_latency(document, out_dir / f"{prefix}-fairness.png"))
     return written
 
 

@@ -1,8 +1,10 @@
-"""RabbitMQ topology (declaring, inspecting and deleting the queues) and the confirmed publisher
-of job messages.
+"""RabbitMQ topology (declaring, inspecting and deleting the queues), the routing of a job to its
+lane's queue, and the confirmed publisher of job messages.
 
-The job queue is a quorum queue with a delivery limit: a message that keeps coming back (a worker
-crashing on it) is moved to the dead-letter queue instead of looping forever.
+Every job queue is a quorum queue with a delivery limit: a message that keeps coming back (a
+worker crashing on it) is moved to the one dead-letter queue instead of looping forever. The job
+queues are the interactive lane, one per bulk shard, and the base queue named `RABBITMQ_QUEUE`
+(where every job goes with lanes off, and where jobs from before lanes wait); see `job_queues`.
 """
 
 from __future__ import annotations
@@ -23,7 +25,7 @@ from pika.channel import Channel
 
 from common.config import QueueSettings
 from common.errors import DependencyUnavailable
-from common.jobs import JobMessage
+from common.jobs import INTERACTIVE, JobMessage
 
 log = logging.getLogger(__name__)
 
@@ -52,15 +54,56 @@ def job_queue_arguments(settings: QueueSettings) -> dict[str, Any]:
     }
 
 
+# The lane of the base queue in `JobQueue`: it belongs to no lane.
+BASE = "base"
+
+
+@dataclass(frozen=True)
+class JobQueue:
+    """One queue job messages travel in: the interactive lane, a bulk shard, or the base queue."""
+
+    name: str
+    lane: str
+    shard: int = 0
+
+    @property
+    def label(self) -> str:
+        """How operators see it: `interactive`, `bulk.2`, `base`."""
+        return f"{self.lane}.{self.shard}" if self.lane not in (INTERACTIVE, BASE) else self.lane
+
+
+def job_queues(settings: QueueSettings) -> list[JobQueue]:
+    """Every job queue: the interactive lane (worker nodes serve it first), the bulk shards and
+    the base queue (jobs published with lanes off, or from before lanes existed), which nodes
+    take in turn. Names derive from `RABBITMQ_QUEUE`."""
+    base = settings.queue
+    return [
+        JobQueue(f"{base}.{INTERACTIVE}", INTERACTIVE),
+        *(JobQueue(f"{base}.bulk.{shard}", "bulk", shard) for shard in range(settings.bulk_shards)),
+        JobQueue(base, BASE),
+    ]
+
+
+def route(settings: QueueSettings, job: JobMessage) -> str:
+    """The queue `job` is published to: its lane's (its shard's), or the base queue with lanes
+    off. A shard beyond today's count (the count was lowered) wraps around."""
+    if not settings.lanes:
+        return settings.queue
+    if job.lane == INTERACTIVE:
+        return f"{settings.queue}.{INTERACTIVE}"
+    return f"{settings.queue}.bulk.{job.shard % settings.bulk_shards}"
+
+
 def declare_topology(channel: BlockingChannel, settings: QueueSettings) -> None:
-    """Create the job queue and its dead-letter queue where they do not exist yet.
+    """Create the job queues and the dead-letter queue where they do not exist yet.
 
     A queue's arguments cannot change once it exists, and a declaration with other arguments is
     refused; so an existing queue is used as it is (a changed RABBITMQ_DELIVERY_LIMIT applies to
     new queues, or through a RabbitMQ policy), instead of taking every client down.
     """
     _declare_if_missing(channel, settings.dead_letter_queue, dead_letter_queue_arguments())
-    _declare_if_missing(channel, settings.queue, job_queue_arguments(settings))
+    for queue in job_queues(settings):
+        _declare_if_missing(channel, queue.name, job_queue_arguments(settings))
 
 
 def _declare_if_missing(channel: BlockingChannel, queue: str, arguments: dict[str, Any]) -> None:
@@ -96,29 +139,49 @@ class QueueCounts:
 
 
 def queue_counts(settings: QueueSettings, queue: str | None = None) -> QueueCounts:
-    """Counts of `queue` (the job queue by default), over a short-lived connection. A missing
-    queue raises the broker's ChannelClosedByBroker (404)."""
+    """Counts of `queue`, over a short-lived connection; by default of all job queues together
+    (ready messages summed; consumers: the most any one has, as every node consumes each). A
+    missing queue raises the broker's ChannelClosedByBroker (404)."""
+    names = [queue] if queue else [q.name for q in job_queues(settings)]
     connection = pika.BlockingConnection(connection_parameters(settings))
     try:
-        declared = connection.channel().queue_declare(queue or settings.queue, passive=True)
-        return QueueCounts(int(declared.method.message_count), int(declared.method.consumer_count))
+        channel = connection.channel()
+        counts = [channel.queue_declare(name, passive=True).method for name in names]
+        return QueueCounts(
+            sum(int(c.message_count) for c in counts), max(int(c.consumer_count) for c in counts)
+        )
+    finally:
+        if connection.is_open:
+            connection.close()
+
+
+def lane_depths(settings: QueueSettings) -> dict[str, int]:
+    """Ready messages of each job queue by its label (`interactive`, `bulk.0`, ..., `base`), over
+    one short-lived connection."""
+    connection = pika.BlockingConnection(connection_parameters(settings))
+    try:
+        channel = connection.channel()
+        return {
+            q.label: int(channel.queue_declare(q.name, passive=True).method.message_count)
+            for q in job_queues(settings)
+        }
     finally:
         if connection.is_open:
             connection.close()
 
 
 def queue_depth(settings: QueueSettings, queue: str | None = None) -> int:
-    """Ready messages in `queue` (the job queue by default)."""
+    """Ready messages in `queue` (in all job queues together by default)."""
     return queue_counts(settings, queue).ready
 
 
 def delete_topology(settings: QueueSettings) -> None:
-    """Delete the job queue and its dead-letter queue, messages and all (a missing one is fine):
+    """Delete the job queues and the dead-letter queue, messages and all (a missing one is fine):
     the clean-up of a throwaway queue of a test or benchmark run."""
     connection = pika.BlockingConnection(connection_parameters(settings))
     try:
         channel = connection.channel()
-        for queue in (settings.queue, settings.dead_letter_queue):
+        for queue in (*(q.name for q in job_queues(settings)), settings.dead_letter_queue):
             channel.queue_delete(queue)
     finally:
         if connection.is_open:
@@ -249,7 +312,9 @@ class JobPublisher:
             self._next_tag += 1
             batch.unconfirmed.add(self._next_tag)
             self._by_tag[self._next_tag] = batch
-            channel.basic_publish("", self.settings.queue, job.encode(), properties, mandatory=True)
+            channel.basic_publish(
+                "", route(self.settings, job), job.encode(), properties, mandatory=True
+            )
 
     def _on_confirm(self, frame: pika.frame.Method) -> None:
         method = frame.method

@@ -145,6 +145,13 @@ class QueueSettings:
     # How long a dead letter waits for an operator (`ops dlq requeue`) before the worker nodes
     # end its image as failed.
     dead_letter_grace_seconds: int = 300
+    # Lanes: interactive work and each bulk shard get queues of their own (named after `queue`).
+    # Off, every job goes to `queue` itself, as before lanes existed; nodes consume both ways.
+    lanes: bool = True
+    # Bulk queues; an owner's bulk work always goes to the same one (see common.jobs.bulk_shard).
+    bulk_shards: int = 4
+    # A bulk request of at most this many images is interactive work (0: only single uploads).
+    interactive_max_parts: int = 4
 
 
 @dataclass(frozen=True)
@@ -391,6 +398,9 @@ def _queue_from(env: _Env) -> QueueSettings:
         dead_letter_grace_seconds=env.integer(
             "RABBITMQ_DEAD_LETTER_GRACE_SECONDS", d.dead_letter_grace_seconds
         ),
+        lanes=env.boolean("RABBITMQ_LANES", d.lanes),
+        bulk_shards=env.integer("RABBITMQ_BULK_SHARDS", d.bulk_shards, minimum=1),
+        interactive_max_parts=env.integer("INTERACTIVE_MAX_PARTS", d.interactive_max_parts),
     )
 
 

@@ -67,6 +67,9 @@ class ImageRecord:
     renditions: list[dict[str, Any]]
     # Comma-separated rendition names the upload asked for; None for all configured ones.
     requested_renditions: str | None
+    # The lane (and bulk shard) its job travels in: see common.jobs.
+    lane: str
+    shard: int
 
     @property
     def is_terminal(self) -> bool:
@@ -105,6 +108,8 @@ class NewImage:
     original_key: str
     # Comma-separated rendition names; None for every configured rendition.
     requested_renditions: str | None = None
+    lane: str = "bulk"
+    shard: int = 0
 
 
 @dataclass(frozen=True)
@@ -131,7 +136,8 @@ _COLUMNS = ", ".join(ImageRecord.__dataclass_fields__)
 def insert_images(conn: psycopg.Connection[Any], new: Sequence[NewImage]) -> list[ImageRecord]:
     """Insert many images in one statement; rows come back in the order given."""
     columns = list(NewImage.__dataclass_fields__)
-    types = ("uuid", "text", "text", "text", "bigint", "text", "int", "int", "text", "text")
+    types = ("uuid", "text", "text", "text", "bigint", "text", "int", "int", "text")
+    types = (*types, "text", "text", "int")  # requested_renditions, lane, shard
     arrays = [[getattr(image, column) for image in new] for column in columns]
     unnest = ", ".join(f"%s::{t}[]" for t in types)
     with conn.cursor(row_factory=class_row(ImageRecord)) as cur:
@@ -357,3 +363,14 @@ def find_unenqueued(
             (older_than_seconds, limit),
         )
         return cur.fetchall()
+
+
+def finished_at(conn: psycopg.Connection[Any], ids: Sequence[uuid.UUID]) -> dict[uuid.UUID, float]:
+    """When each terminal image of `ids` was committed (`updated_at`), as epoch seconds on the
+    database clock; images not yet terminal are left out."""
+    rows = conn.execute(
+        """SELECT id, extract(epoch FROM updated_at)::float8 FROM images
+            WHERE id = ANY(%s) AND status IN ('completed', 'failed')""",
+        (list(ids),),
+    ).fetchall()
+    return {row[0]: row[1] for row in rows}

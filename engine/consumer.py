@@ -1,17 +1,21 @@
 """The consumer: the one thread that talks to RabbitMQ.
 
-It prefetches job messages, groups them into batches (up to `batch_size` messages or
-`batch_wait_ms` after the first), hands each batch to a batch thread, and applies the verdicts
-(ack, requeue, dead-letter) when they come back. pika's connection is not thread-safe, so every
-channel operation happens here; the loop keeps serving heartbeats while batches run.
+It prefetches job messages from every job queue (the lanes, see `common.broker.job_queues`),
+groups them into batches (interactive work first and at once; bulk work up to `batch_size`
+messages or `batch_wait_ms` after the first, its shards in turn), hands each batch to a batch
+thread, and applies the verdicts (ack, requeue, dead-letter) when they come back. pika's
+connection is not thread-safe, so every channel operation happens here; the loop keeps serving
+heartbeats while batches run.
 """
 
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 import threading
 import time
+from collections import deque
 from collections.abc import Callable, Collection, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
@@ -21,14 +25,23 @@ import pika
 from pika.adapters.blocking_connection import BlockingChannel
 from pika.spec import Basic, BasicProperties
 
-from common.broker import BROKER_ERRORS, connection_parameters, declare_topology
+from common.broker import (
+    BROKER_ERRORS,
+    JobQueue,
+    connection_parameters,
+    declare_topology,
+    job_queues,
+)
 from common.config import EngineSettings, QueueSettings
+from common.jobs import INTERACTIVE
 from engine import metrics
 from engine.batch import Delivery, Verdict
 
 log = logging.getLogger(__name__)
 
 MAX_BATCHES_IN_FLIGHT = 2
+# One more batch may run when it is interactive work: it never waits for a bulk batch to end.
+INTERACTIVE_EXTRA_BATCHES = 1
 # The pause after a batch requeued messages for failures of their own images (a dependency
 # outage holds the batch instead: see engine.dependencies), and the cap of reconnection delays.
 MAX_BACKOFF_SECONDS = 10.0
@@ -108,7 +121,9 @@ class BatchConsumer:
         self._engine = engine
         self._process_batch = process_batch
         self._requeue_backoff = requeue_backoff
-        self._batches = ThreadPoolExecutor(MAX_BATCHES_IN_FLIGHT, thread_name_prefix="batch")
+        self._batches = ThreadPoolExecutor(
+            MAX_BATCHES_IN_FLIGHT + INTERACTIVE_EXTRA_BATCHES, thread_name_prefix="batch"
+        )
         self._stop = threading.Event()
         self._counters = ConsumerCounters()
 
@@ -174,26 +189,45 @@ class BatchConsumer:
 
 
 class _FillingBatch:
-    """Deliveries received and not yet handed to a batch. A batch is due once `size` of them
-    are here, or `wait_seconds` after it began filling."""
+    """Deliveries received and not yet handed to a batch, kept by the queue they came from.
 
-    def __init__(self, size: int, wait_seconds: float) -> None:
+    Sources are numbered in the order `job_queues` lists them (interactive first, then the bulk
+    shards and the base queue). The next batch is interactive work only, whenever some is held,
+    and due at once; otherwise it takes the other sources in turn, one delivery each round and
+    starting from a different source each batch (two owners' backlogs are served alongside each
+    other, and jobs in the base queue get their turn too); such a batch is due once `size`
+    deliveries are here, or `wait_seconds` after it began filling.
+    """
+
+    def __init__(self, size: int, wait_seconds: float, *, urgent: int | None = None) -> None:
         self._size = size
         self._wait_seconds = wait_seconds
-        self._deliveries: list[Delivery] = []
+        # The source whose work starts first (interactive).
+        self._urgent = urgent
+        self._held: dict[int, deque[Delivery]] = {}
+        self._next_turn = 0
         self._since = 0.0
 
     def __bool__(self) -> bool:
-        return bool(self._deliveries)
+        return any(self._held.values())
 
-    def add(self, delivery: Delivery, now: float) -> None:
-        if not self._deliveries:
+    def __len__(self) -> int:
+        return sum(len(held) for held in self._held.values())
+
+    def add(self, delivery: Delivery, now: float, source: int = 0) -> None:
+        if not self:
             self._since = now
-        self._deliveries.append(delivery)
+        self._held.setdefault(source, deque()).append(delivery)
+
+    @property
+    def urgent_waiting(self) -> bool:
+        """Whether the next batch is interactive work."""
+        return self._urgent is not None and bool(self._held.get(self._urgent))
 
     def seconds_until_due(self, now: float) -> float:
-        """Until the batch is due: zero once it is full, else until its wait runs out."""
-        if len(self._deliveries) >= self._size:
+        """Until the batch is due: zero with interactive work or once full, else until its
+        wait runs out."""
+        if self.urgent_waiting or len(self) >= self._size:
             return 0.0
         return self._since + self._wait_seconds - now
 
@@ -201,12 +235,33 @@ class _FillingBatch:
         return self.seconds_until_due(now) <= 0
 
     def take(self, now: float) -> list[Delivery]:
-        """The oldest `size` deliveries; what is left begins filling the next batch now."""
-        batch = self._deliveries[: self._size]
-        del self._deliveries[: self._size]
-        if self._deliveries:
+        """The next batch (see the class); what is left begins filling the next one now."""
+        if self.urgent_waiting:
+            assert self._urgent is not None
+            batch = _take_in_turn([self._held[self._urgent]], self._size)
+        else:
+            batch = _take_in_turn(self._shards_in_turn(), self._size)
+            self._next_turn += 1
+        if self:
             self._since = now
         return batch
+
+    def _shards_in_turn(self) -> list[deque[Delivery]]:
+        shards = sorted(s for s in self._held if s != self._urgent)
+        if not shards:
+            return []
+        first = self._next_turn % len(shards)
+        return [self._held[s] for s in shards[first:] + shards[:first]]
+
+
+def _take_in_turn(sources: list[deque[Delivery]], count: int) -> list[Delivery]:
+    """Up to `count` deliveries, one from each source in turn, oldest first within each."""
+    taken: list[Delivery] = []
+    while len(taken) < count and any(sources):
+        for source in sources:
+            if source and len(taken) < count:
+                taken.append(source.popleft())
+    return taken
 
 
 class _Running(NamedTuple):
@@ -235,11 +290,17 @@ class _Session:
         self._dependency_down = dependency_down
         self._channel: BlockingChannel = connection.channel()
         self._queue = queue
-        self._prefetch = engine.prefetch
+        self._sources = job_queues(queue)
+        self._engine = engine
         self._start_batch = start_batch
         self._counters = counters
         self._requeue_backoff = requeue_backoff
-        self._filling = _FillingBatch(engine.batch_size, engine.batch_wait_ms / 1000)
+        lanes = [q.lane for q in self._sources]
+        self._filling = _FillingBatch(
+            engine.batch_size,
+            engine.batch_wait_ms / 1000,
+            urgent=lanes.index(INTERACTIVE),
+        )
         self._running: list[_Running] = []
         # Received and neither acked nor rejected yet: what a `multiple` ack must not cover.
         self._outstanding: set[int] = set()
@@ -248,16 +309,31 @@ class _Session:
 
     def serve(self, stop: threading.Event) -> None:
         declare_topology(self._channel, self._queue)
-        self._channel.basic_qos(prefetch_count=self._prefetch)
-        consumer_tag = self._channel.basic_consume(self._queue.queue, self._on_message)
-        log.info("consuming from %s", self._queue.queue)
+        consumer_tags = [
+            self._consume(number, source) for number, source in enumerate(self._sources)
+        ]
+        log.info("consuming from %s", ", ".join(q.name for q in self._sources))
         try:
             while not stop.is_set():
                 self._connection.process_data_events(time_limit=self._poll_seconds())
                 self._start_ready_batch(force=False)
                 self._apply_finished()
         finally:
-            self._drain(consumer_tag)
+            self._drain(consumer_tags)
+
+    def _consume(self, number: int, source: JobQueue) -> str:
+        """Consume `source` with a prefetch of its own (per consumer, not per channel): one batch
+        of interactive work, so a node never holds more of it than it starts next; WORKER_PREFETCH
+        for each bulk shard and the base queue, so one busy shard alone keeps batches flowing."""
+        prefetch = self._engine.batch_size if source.lane == INTERACTIVE else self._engine.prefetch
+        self._channel.basic_qos(prefetch_count=prefetch, global_qos=False)
+        on_message = functools.partial(self._on_message, source=number)
+        return self._channel.basic_consume(source.name, on_message)
+
+    def _batch_slots(self) -> int:
+        """Batches that may run now: one more when the next one is interactive work."""
+        extra = INTERACTIVE_EXTRA_BATCHES if self._filling.urgent_waiting else 0
+        return MAX_BATCHES_IN_FLIGHT + extra
 
     def _poll_seconds(self) -> float:
         """How long to wait for broker events: until the filling batch is due (at once when full),
@@ -267,7 +343,7 @@ class _Session:
         paused = self._paused_until - now
         if paused > 0:
             return min(paused, IDLE_POLL_SECONDS)
-        if self._filling and len(self._running) < MAX_BATCHES_IN_FLIGHT:
+        if self._filling and len(self._running) < self._batch_slots():
             if self._dependency_down():
                 return IDLE_POLL_SECONDS
             return max(0.001, self._filling.seconds_until_due(now))
@@ -280,17 +356,24 @@ class _Session:
             self._connection.add_callback_threadsafe(_nothing)
 
     def _on_message(
-        self, channel: BlockingChannel, method: Basic.Deliver, props: BasicProperties, body: bytes
+        self,
+        channel: BlockingChannel,
+        method: Basic.Deliver,
+        props: BasicProperties,
+        body: bytes,
+        *,
+        source: int,
     ) -> None:
         headers = props.headers or {}
         previous = int(headers.get("x-delivery-count", 0) or 0)
-        self._filling.add(Delivery(method.delivery_tag, body, previous), time.monotonic())
+        delivery = Delivery(method.delivery_tag, body, previous)
+        self._filling.add(delivery, time.monotonic(), source)
         self._outstanding.add(method.delivery_tag)
 
     def _start_ready_batch(self, *, force: bool) -> None:
         """Start one batch if a slot is free and the batch is due; `force` (draining) starts it
         even when it is not full yet or the consumer is pausing after a requeue."""
-        if not self._filling or len(self._running) >= MAX_BATCHES_IN_FLIGHT:
+        if not self._filling or len(self._running) >= self._batch_slots():
             return
         now = time.monotonic()
         if not force and (
@@ -342,7 +425,7 @@ class _Session:
             self._channel.basic_ack(tag, multiple=multiple)
         self._outstanding.difference_update(tags)
 
-    def _drain(self, consumer_tag: str) -> None:
+    def _drain(self, consumer_tags: list[str]) -> None:
         """Stop receiving, process what was already received, commit, ack, return. With the
         connection gone, only wait for the running batches: the broker redelivers their
         messages, and their tags cannot be acked on another connection."""
@@ -350,7 +433,8 @@ class _Session:
             for running in self._running:
                 running.verdict.exception()
             return
-        self._channel.basic_cancel(consumer_tag)
+        for consumer_tag in consumer_tags:
+            self._channel.basic_cancel(consumer_tag)
         while self._filling or self._running:
             self._start_ready_batch(force=True)
             self._connection.process_data_events(time_limit=0.05)

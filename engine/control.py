@@ -24,7 +24,7 @@ from dataclasses import dataclass
 
 import redis
 
-from common.broker import BROKER_ERRORS, queue_depth
+from common.broker import BROKER_ERRORS, lane_depths
 from common.config import QueueSettings
 from common.cpu_limit import usable_cores
 from common.node_control import (
@@ -166,4 +166,4 @@ class NodeControl:
 
     def _measure_queue(self) -> None:
         with contextlib.suppress(*BROKER_ERRORS):
-            metrics.QUEUE_DEPTH.set(queue_depth(self._queue))
+            metrics.set_queue_depths(lane_depths(self._queue))

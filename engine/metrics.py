@@ -23,7 +23,12 @@ REQUEUED = Counter("pixelmill_engine_requeued", "Messages returned to the queue 
 KERNEL_CPU_SECONDS = Counter(
     "pixelmill_engine_kernel_cpu_seconds", "CPU seconds spent in the image kernel."
 )
-QUEUE_DEPTH = Gauge("pixelmill_engine_queue_depth", "Ready messages in the job queue.")
+QUEUE_DEPTH = Gauge("pixelmill_engine_queue_depth", "Ready messages in all job queues together.")
+LANE_DEPTH = Gauge(
+    "pixelmill_engine_lane_depth",
+    "Ready messages per job queue: interactive, bulk.<shard>, base.",
+    ["queue"],
+)
 SLOTS_IN_USE = Gauge("pixelmill_engine_slots_in_use", "Shared-memory image slots in use.")
 PROCESSES = Gauge("pixelmill_engine_processes", "CPU processes of this node.")
 PAUSED = Gauge(
@@ -48,3 +53,11 @@ def failure_reason(error: str) -> str:
         if pattern.search(error):
             return label
     return "other"
+
+
+def set_queue_depths(depths: dict[str, int]) -> None:
+    """The gauges of the job queues: each lane and shard (a bounded label set, one value per
+    queue the node consumes), and their sum."""
+    QUEUE_DEPTH.set(sum(depths.values()))
+    for queue, depth in depths.items():
+        LANE_DEPTH.labels(queue).set(depth)

@@ -48,7 +48,8 @@ class OutboxSweeper:
             stranded = images.find_unenqueued(conn, self._grace, self._limit)
             if not stranded:
                 return 0
-            self._publisher.publish([JobMessage(r.id, "outbox") for r in stranded])
+            # Each to its own lane and shard, as stored with the image.
+            self._publisher.publish([JobMessage(r.id, "outbox", r.lane, r.shard) for r in stranded])
             images.mark_enqueued(conn, [r.id for r in stranded])
         log.info("outbox sweeper re-published %d stranded jobs", len(stranded))
         return len(stranded)

@@ -88,7 +88,9 @@ def create_app(settings: Settings, deps: Dependencies) -> falcon.App:
     _configure_multipart(app)
     errors.install(app)
 
-    intake = ImageIntake(deps.db, deps.store, deps.publisher, settings.api.idempotency_ttl_seconds)
+    intake = ImageIntake(
+        deps.db, deps.store, deps.publisher, settings.api.idempotency_ttl_seconds, settings.queue
+    )
     limiter = UploadRateLimiter(
         deps.cache.client, settings.redis_prefix, settings.api.uploads_per_minute
     )

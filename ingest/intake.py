@@ -24,8 +24,9 @@ from types import TracebackType
 from typing import Any
 
 from common.broker import JobPublisher
+from common.config import QueueSettings
 from common.errors import Conflict, DependencyUnavailable
-from common.jobs import JobMessage
+from common.jobs import BULK, JobMessage, bulk_shard, choose_lane
 from common.storage import ObjectStore, original_key
 from db import idempotency, images, upload_intents
 from db.images import ImageRecord, NewImage
@@ -103,11 +104,14 @@ class ImageIntake:
         store: ObjectStore,
         publisher: JobPublisher,
         idempotency_ttl_seconds: int = 24 * 3600,
+        lanes: QueueSettings | None = None,
     ) -> None:
         self.db = db
         self.store = store
         self.publisher = publisher
         self.ttl = idempotency_ttl_seconds
+        # Which lane and bulk shard a request's images get (INTERACTIVE_MAX_PARTS, shards).
+        self.lanes = lanes or QueueSettings()
         self._puts = ThreadPoolExecutor(
             max_workers=MAX_PUTS_IN_FLIGHT, thread_name_prefix="intake-put"
         )
@@ -170,7 +174,7 @@ class UploadBatch:
         self._owner = owner
         self._renditions = renditions
         # Earlier images (de-duplication) sent back to make renditions they lacked.
-        self._reopened: list[uuid.UUID] = []
+        self._reopened: list[ImageRecord] = []
         self._staged: list[StagedUpload] = []
         self._unused_ids: list[uuid.UUID] = []
         self._announced: list[uuid.UUID] = []
@@ -220,6 +224,7 @@ class UploadBatch:
             if replay is not None:
                 return replay
         existing, fresh = self._plan(dedupe)
+        fresh = self._in_lane(fresh, None if parts is None else len(self._staged))
         try:
             answer = self._commit_rows(existing, fresh, parts, claim)
         except _AnsweredMeanwhile:
@@ -264,6 +269,16 @@ class UploadBatch:
                 planned.add(digest)
                 fresh.append(item)
         return existing, fresh
+
+    def _in_lane(self, fresh: list[StagedUpload], parts: int | None) -> list[StagedUpload]:
+        """`fresh` with the lane of this request (and the owner's bulk shard) set on each image."""
+        lanes = self._intake.lanes
+        lane = choose_lane(parts, lanes.interactive_max_parts)
+        shard = bulk_shard(self._owner, lanes.bulk_shards) if lane == BULK else 0
+        return [
+            StagedUpload(dataclasses.replace(s.new, lane=lane, shard=shard), s.stored)
+            for s in fresh
+        ]
 
     def _commit_rows(
         self,
@@ -312,7 +327,7 @@ class UploadBatch:
             if reopened is not None:
                 updated[digest] = reopened
                 if record.status == "completed":
-                    self._reopened.append(record.id)
+                    self._reopened.append(record)
         return updated
 
     @staticmethod
@@ -326,11 +341,14 @@ class UploadBatch:
         self, request_id: str, fresh: list[StagedUpload], claim: IdempotencyClaim | None
     ) -> None:
         new_ids = [s.new.id for s in fresh]
-        queued = [*new_ids, *self._reopened]
+        jobs = [JobMessage(s.new.id, request_id, s.new.lane, s.new.shard) for s in fresh]
+        # Earlier copies asked for renditions they lack travel in their own lane again.
+        jobs += [JobMessage(r.id, request_id, r.lane, r.shard) for r in self._reopened]
+        queued = [job.image_id for job in jobs]
         if not queued:
             return
         try:
-            self._intake.publisher.publish([JobMessage(i, request_id) for i in queued])
+            self._intake.publisher.publish(jobs)
         except Exception:
             # Reopened images stay pending without enqueued_at: the outbox sweeper queues them.
             self._forget(new_ids, claim)

@@ -3,7 +3,8 @@
 Messages are read with `basic_get` and held unacknowledged on one channel; whatever is not
 acknowledged goes back to the dead-letter queue when the channel closes, so `list` leaves the queue
 as it was. `requeue` resets the images to `pending` before publishing (a worker must find them
-claimable) and acks each message only after the broker confirmed its copy on the job queue;
+claimable) to the lane and shard stored with each image (wherever the message died), and acks
+each message only after the broker confirmed its copy on that queue;
 `fail` records the dead-letter reason on the images and acks.
 """
 
@@ -22,11 +23,12 @@ import pika
 import psycopg
 from pika.adapters.blocking_connection import BlockingChannel
 
-from common.broker import declare_topology
+from common.broker import declare_topology, route
 from common.cache import ImageCache
 from common.config import Settings
 from common.dead_letters import DeadLetter, take_dead_letters
-from db.images import fail_unfinished, mark_enqueued, reset_to_pending, statuses_of
+from common.jobs import JobMessage
+from db.images import fail_unfinished, get_images, mark_enqueued, reset_to_pending, statuses_of
 from ops.connections import broker_connection, database
 
 DEFAULT_SCAN_LIMIT = 10_000
@@ -97,10 +99,15 @@ def requeue_dead_letters(settings: Settings, selection: Selection) -> DlqResult:
         ids = [d.image_id for d in chosen if d.image_id is not None]
         with database(settings) as conn:
             reset = reset_to_pending(conn, ids)
+            routes: dict[uuid.UUID | None, JobMessage] = {
+                r.id: JobMessage(r.id, "dlq", r.lane, r.shard) for r in get_images(conn, ids)
+            }
             for letter in chosen:
-                channel.basic_publish(
-                    "", settings.queue.queue, letter.body, persistent, mandatory=True
-                )
+                # An image deleted meanwhile has no row: its job goes back as it was (a claim
+                # finds nothing to do and acks it).
+                job = routes.get(letter.image_id) or JobMessage.decode(letter.body)
+                queue = route(settings.queue, job)
+                channel.basic_publish("", queue, letter.body, persistent, mandatory=True)
             mark_enqueued(conn, reset)
         for letter in chosen:
             channel.basic_ack(letter.delivery_tag)
@@ -195,7 +202,7 @@ def _parser() -> argparse.ArgumentParser:
     listing.add_argument("--limit", type=int, default=20)
     listing.add_argument("--json", action="store_true")
     for name, help_text in (
-        ("requeue", "publish to the job queue again, images back to pending"),
+        ("requeue", "publish to each image's lane again, images back to pending"),
         ("fail", "mark the images failed with the dead-letter reason, drop the messages"),
     ):
         action = actions.add_parser(name, help=help_text)

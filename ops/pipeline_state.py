@@ -1,5 +1,6 @@
-"""The running pipeline seen from outside, as the status screen and the autoscaler read it: a
-queue's depth and consumers, the live worker nodes and the desired process count per node."""
+"""The running pipeline seen from outside, as the status screen and the autoscaler read it: the
+depth and consumers of each job queue (every lane and shard) and of their sum, the live worker
+nodes and the desired process count per node."""
 
 from __future__ import annotations
 
@@ -10,6 +11,8 @@ import pika
 import pika.exceptions
 import redis
 
+from common.broker import job_queues
+from common.config import QueueSettings
 from common.node_control import (
     Heartbeat,
     ScalingSource,
@@ -43,6 +46,25 @@ def inspect_queue(connection: pika.BlockingConnection, name: str) -> QueueState:
         return QueueState(name, 0, 0, exists=False)
     channel.close()
     return QueueState(name, frame.method.message_count, frame.method.consumer_count)
+
+
+def job_queue_states(
+    connection: pika.BlockingConnection, settings: QueueSettings
+) -> dict[str, QueueState]:
+    """Each job queue by its label (`interactive`, `bulk.0`, ..., `base`), in serving order."""
+    return {q.label: inspect_queue(connection, q.name) for q in job_queues(settings)}
+
+
+def all_jobs(name: str, states: dict[str, QueueState]) -> QueueState:
+    """The job queues as one: messages summed, consumers the most any one has (every node
+    consumes each), declared when any is."""
+    values = list(states.values())
+    return QueueState(
+        name,
+        sum(s.messages for s in values),
+        max((s.consumers for s in values), default=0),
+        exists=any(s.exists for s in values),
+    )
 
 
 @dataclass(frozen=True)

@@ -31,8 +31,9 @@ from common.node_control import (
 from ops.connections import SERVICE_ERRORS, broker_connection, redis_client
 from ops.pipeline_state import (
     NodeState,
+    all_jobs,
     desired_processes,
-    inspect_queue,
+    job_queue_states,
     live_nodes,
     scaling_override,
 )
@@ -185,7 +186,8 @@ class Bounds:
 
 @dataclass(frozen=True)
 class Sample:
-    """One observation: backlog of the job queue, the live nodes, and how fast they finish."""
+    """One observation: backlog of the job queues (every lane and shard), the live nodes, and how
+    fast they finish."""
 
     depth: int
     nodes: int
@@ -280,7 +282,9 @@ class Autoscaler:
 
     def sample(self, client: redis.Redis) -> Sample:
         with broker_connection(self.settings) as connection:
-            depth = inspect_queue(connection, self.settings.queue.queue).messages
+            # The backlog of every lane and shard: any of them is work the nodes must do.
+            lanes = job_queue_states(connection, self.settings.queue)
+            depth = all_jobs(self.settings.queue.queue, lanes).messages
         prefix = self.settings.redis_prefix
         nodes = live_nodes(client, prefix)
         desired = desired_processes(client, prefix)

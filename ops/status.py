@@ -1,6 +1,7 @@
 """`python -m ops status`: one screen of what the pipeline is doing, read from the services.
 
-It owns the operator's read-only view: job and dead-letter queue depths (RabbitMQ), live worker
+It owns the operator's read-only view: job queue depths, all together (`jobs`) and per lane and
+shard, and the dead-letter queue's (RabbitMQ), live worker
 nodes from their heartbeat hashes and the desired process count (Redis), and throughput, failure
 reasons and images by status (PostgreSQL). A service that does not answer is named in `errors`;
 the other sections are still shown. `python -m ops node-check` is the worker's liveness probe.
@@ -28,7 +29,9 @@ from ops.pipeline_state import (
     NodeState,
     QueueState,
     ScalingOverride,
+    all_jobs,
     inspect_queue,
+    job_queue_states,
     live_nodes,
     scaling_override,
 )
@@ -96,11 +99,12 @@ class StatusReport:
 
 
 def queue_states(settings: Settings) -> dict[str, QueueState]:
+    """`jobs` (every job queue together, named after RABBITMQ_QUEUE), each lane and shard by its
+    label, and `dead_letter`."""
     with broker_connection(settings) as connection:
-        return {
-            "jobs": inspect_queue(connection, settings.queue.queue),
-            "dead_letter": inspect_queue(connection, settings.queue.dead_letter_queue),
-        }
+        lanes = job_queue_states(connection, settings.queue)
+        dead = inspect_queue(connection, settings.queue.dead_letter_queue)
+    return {"jobs": all_jobs(settings.queue.queue, lanes), **lanes, "dead_letter": dead}
 
 
 # --- Redis --------------------------------------------------------------------------------------
@@ -164,10 +168,14 @@ def render_text(report: StatusReport) -> str:
     lines = ["queues"]
     for role, queue in report.queues.items():
         state = "" if queue.exists else "  (not declared yet)"
+        # The total is named after RABBITMQ_QUEUE, like the base queue: say what it sums.
+        name = f"{queue.name}*" if role == "jobs" else queue.name
         lines.append(
-            f"  {role:<12} {queue.name:<32} messages {queue.messages:>8}  "
+            f"  {role:<12} {name:<32} messages {queue.messages:>8}  "
             f"consumers {queue.consumers:>3}{state}"
         )
+    if "jobs" in report.queues:
+        lines.append("  (* every job queue together: the lanes, their shards and the base queue)")
     lines += _render_nodes(report)
     if report.throughput is not None:
         t = report.throughput

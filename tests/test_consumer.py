@@ -20,7 +20,7 @@ import pika.spec
 import pytest
 from pika.adapters.blocking_connection import BlockingChannel
 
-from common.broker import ensure_topology, queue_depth
+from common.broker import delete_topology, ensure_topology, queue_depth
 from common.config import EngineSettings, QueueSettings
 from engine.batch import Delivery, Verdict
 from engine.consumer import Backoff, BatchConsumer, ack_frames
@@ -287,14 +287,12 @@ def messages(*numbers: int) -> list[bytes]:
 
 @pytest.fixture
 def queue() -> Iterator[QueueSettings]:
-    """A job queue and dead-letter queue of the test's own, deleted afterwards."""
+    """Job queues (every lane's) and a dead-letter queue of the test's own, deleted afterwards."""
     name = f"pm-consumer-test-{uuid.uuid4().hex[:10]}"
     settings = QueueSettings(url=RABBITMQ_URL, queue=name, dead_letter_queue=f"{name}.dead")
     ensure_topology(settings)
     yield settings
-    with broker_channel(settings) as channel:
-        channel.queue_delete(settings.queue)
-        channel.queue_delete(settings.dead_letter_queue)
+    delete_topology(settings)
 
 
 # --- batching -----------------------------------------------------------------------------------

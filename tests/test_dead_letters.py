@@ -13,7 +13,7 @@ import pika
 import psycopg
 import pytest
 
-from common.broker import JobPublisher, declare_topology
+from common.broker import JobPublisher, declare_topology, route
 from common.cache import ImageCache
 from common.config import Settings
 from common.jobs import JobMessage
@@ -79,12 +79,13 @@ def _depth(settings: Settings, queue: str) -> int:
 
 def _dead_letter(settings: Settings, image_ids: list[uuid.UUID]) -> None:
     """Really dead-letter one job per image: publish, take, reject without requeue."""
+    jobs = [JobMessage(i, "test") for i in image_ids]
     publisher = JobPublisher(settings.queue)
-    publisher.publish([JobMessage(i, "test") for i in image_ids])
+    publisher.publish(jobs)
     publisher.close()
     with _channel(settings) as channel:
-        for _ in image_ids:
-            method, _, _ = channel.basic_get(settings.queue.queue)
+        for job in jobs:
+            method, _, _ = channel.basic_get(route(settings.queue, job))
             channel.basic_nack(method.delivery_tag, requeue=False)
     dlq = settings.queue.dead_letter_queue
     wait_for(lambda: _depth(settings, dlq) == len(image_ids), timeout=10)

@@ -8,11 +8,10 @@ import uuid
 from collections.abc import Iterator
 from typing import Any
 
-import pika
 import psycopg
 import pytest
 
-from common.broker import JobPublisher, ensure_topology
+from common.broker import JobPublisher, delete_topology, ensure_topology, queue_depth
 from common.config import QueueSettings, Settings
 from common.errors import BadRequest, DependencyUnavailable
 from common.storage import ObjectStore
@@ -55,11 +54,7 @@ def queue(settings: Settings) -> Iterator[QueueSettings]:
     private = dataclasses.replace(settings.queue, queue=name, dead_letter_queue=f"{name}.dead")
     ensure_topology(private)
     yield private
-    connection = pika.BlockingConnection(pika.URLParameters(private.url))
-    channel = connection.channel()
-    channel.queue_delete(private.queue)
-    channel.queue_delete(private.dead_letter_queue)
-    connection.close()
+    delete_topology(private)
 
 
 @pytest.fixture
@@ -86,13 +81,8 @@ def upload(seed: int, name: str = "photo.jpg") -> UploadedImage:
 
 
 def queued(queue: QueueSettings) -> int:
-    connection = pika.BlockingConnection(pika.URLParameters(queue.url))
-    try:
-        return int(
-            connection.channel().queue_declare(queue.queue, passive=True).method.message_count
-        )
-    finally:
-        connection.close()
+    """Job messages waiting, in every lane."""
+    return queue_depth(queue)
 
 
 def stored_answers(settings: Settings, owner: str) -> list[str]:

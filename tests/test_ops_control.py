@@ -22,7 +22,7 @@ import redis
 from hypothesis import given
 from hypothesis import strategies as st
 
-from common.broker import declare_topology, delete_topology, queue_depth
+from common.broker import declare_topology, delete_topology, queue_depth, route
 from common.cache import image_cache_key
 from common.config import Settings
 from common.jobs import JobMessage
@@ -398,7 +398,9 @@ def test_dlq_requeue_moves_chosen_messages_back_and_resets_their_images(
 
     assert result.messages == 2 and result.missing == []
     assert sorted(result.images_changed, key=str) == sorted([processing, failed], key=str)
-    assert _depth(ops_settings, ops_settings.queue.queue) == 2
+    # Back to the lane stored with the images (these rows have the default: bulk, shard 0).
+    lane_queue = route(ops_settings.queue, JobMessage(processing))
+    assert _depth(ops_settings, lane_queue) == 2
     wait_for(lambda: _depth(ops_settings, ops_settings.queue.dead_letter_queue) == 1, timeout=10)
     for image_id in (processing, failed):
         status, error, enqueued_at = _row(ops_settings, image_id)
@@ -408,7 +410,7 @@ def test_dlq_requeue_moves_chosen_messages_back_and_resets_their_images(
     with _channel(ops_settings) as channel:
         bodies = set()
         for _ in range(2):
-            _, _, body = channel.basic_get(ops_settings.queue.queue, auto_ack=True)
+            _, _, body = channel.basic_get(lane_queue, auto_ack=True)
             bodies.add(JobMessage.decode(body).image_id)
     assert bodies == {processing, failed}
 
@@ -425,7 +427,7 @@ def test_dlq_requeue_all_keeps_malformed_messages_and_completed_images(
 
     assert "requeued 1 messages; 0 images reset" in capsys.readouterr().out
     assert _row(ops_settings, done)[0] == "completed"
-    assert _depth(ops_settings, ops_settings.queue.queue) == 1
+    assert queue_depth(ops_settings.queue) == 1
     wait_for(lambda: _depth(ops_settings, ops_settings.queue.dead_letter_queue) == 1, timeout=10)
 
 
@@ -442,7 +444,7 @@ def test_dlq_fail_marks_images_failed_with_the_reason_and_removes_the_messages(
     assert _row(ops_settings, stuck)[:2] == ("failed", "dead-lettered: rejected")
     assert _row(ops_settings, done)[0] == "completed"
     assert _depth(ops_settings, ops_settings.queue.dead_letter_queue) == 0
-    assert _depth(ops_settings, ops_settings.queue.queue) == 0
+    assert queue_depth(ops_settings.queue) == 0
 
 
 def test_dlq_with_an_id_not_in_the_queue_exits_1_and_touches_nothing(

@@ -24,6 +24,7 @@ import kubernetes_validate
 import pytest
 import yaml
 
+from common.broker import job_queues
 from common.config import ConfigError, Settings
 from ops.__main__ import COMMANDS
 from tests.support import COMPOSE_SECRETS
@@ -43,6 +44,7 @@ CONTRACT_METRICS = {
     "pixelmill_engine_images_total",
     "pixelmill_engine_failures_total",
     "pixelmill_engine_queue_depth",
+    "pixelmill_engine_lane_depth",
     "pixelmill_engine_slots_in_use",
     "pixelmill_engine_processes",
 }
@@ -221,24 +223,30 @@ def test_worker_shared_memory_and_cpu_fit_its_settings_and_limits() -> None:
     assert "replicas" not in deployment["spec"]
 
 
-def test_scaled_object_scales_the_worker_on_the_job_queue_length() -> None:
+def test_scaled_object_scales_the_worker_on_the_length_of_every_job_queue() -> None:
     scaled = _one("ScaledObject", "pixelmill-worker")
     target = scaled["spec"]["scaleTargetRef"]
-    [trigger] = scaled["spec"]["triggers"]
-    auth = _one("TriggerAuthentication", trigger["authenticationRef"]["name"])
-    [secret_ref] = auth["spec"]["secretTargetRef"]
-    queue = _env(_container("Deployment", "pixelmill-worker"))["RABBITMQ_QUEUE"]
+    triggers = scaled["spec"]["triggers"]
+    worker_env = _env(_container("Deployment", "pixelmill-worker"))
+    queue = Settings.from_env(_filled(worker_env)).queue
 
-    assert scaled["apiVersion"] == auth["apiVersion"] == "keda.sh/v1alpha1"
+    assert scaled["apiVersion"] == "keda.sh/v1alpha1"
     assert (target["kind"], target["name"]) == ("Deployment", "pixelmill-worker")
     _one("Deployment", target["name"])
-    assert trigger["type"] == "rabbitmq"
-    assert trigger["metadata"]["mode"] == "QueueLength"
-    assert trigger["metadata"]["queueName"] == queue
-    assert float(trigger["metadata"]["value"]) > 0
+    # One trigger per lane, bulk shard and the base queue: no backlog goes unseen.
+    assert sorted(t["metadata"]["queueName"] for t in triggers) == sorted(
+        q.name for q in job_queues(queue)
+    )
+    for trigger in triggers:
+        auth = _one("TriggerAuthentication", trigger["authenticationRef"]["name"])
+        [secret_ref] = auth["spec"]["secretTargetRef"]
+        assert auth["apiVersion"] == "keda.sh/v1alpha1"
+        assert trigger["type"] == "rabbitmq"
+        assert trigger["metadata"]["mode"] == "QueueLength"
+        assert float(trigger["metadata"]["value"]) > 0
+        assert secret_ref["parameter"] == "host"
+        assert secret_ref["key"] in _one("Secret", secret_ref["name"])["stringData"]
     assert 1 <= scaled["spec"]["minReplicaCount"] <= scaled["spec"]["maxReplicaCount"]
-    assert secret_ref["parameter"] == "host"
-    assert secret_ref["key"] in _one("Secret", secret_ref["name"])["stringData"]
 
 
 def test_secret_holds_placeholders_only() -> None:
