@@ -136,8 +136,11 @@ _COLUMNS = ", ".join(ImageRecord.__dataclass_fields__)
 def insert_images(conn: psycopg.Connection[Any], new: Sequence[NewImage]) -> list[ImageRecord]:
     """Insert many images in one statement; rows come back in the order given."""
     columns = list(NewImage.__dataclass_fields__)
-    types = ("uuid", "text", "text", "text", "bigint", "text", "int", "int", "text")
-    types = (*types, "text", "text", "int")  # requested_renditions, lane, shard
+    # One array type per NewImage field, in order.
+    types = (
+        *("uuid", "text", "text", "text", "bigint", "text", "int", "int", "text"),
+        *("text", "text", "int"),  # requested_renditions, lane, shard
+    )
     arrays = [[getattr(image, column) for image in new] for column in columns]
     unnest = ", ".join(f"%s::{t}[]" for t in types)
     with conn.cursor(row_factory=class_row(ImageRecord)) as cur:
