@@ -222,7 +222,17 @@ def test_with_lanes_off_every_job_goes_to_the_base_queue_and_the_row_keeps_its_l
 def _insert(settings: Settings, lane: str, shard: int, count: int = 1) -> list[uuid.UUID]:
     news = [
         NewImage(
-            i, "lanes-test", "a.jpg", "image/jpeg", 10, "x", 4, 4, f"originals/{i}", lane, shard
+            i,
+            "lanes-test",
+            "a.jpg",
+            "image/jpeg",
+            10,
+            "x",
+            4,
+            4,
+            f"originals/{i}",
+            lane=lane,
+            shard=shard,
         )
         for i in (uuid.uuid4() for _ in range(count))
     ]
@@ -332,7 +342,7 @@ def _backlog(settings: Settings, owner: str, count: int, lane: str = BULK) -> li
     ObjectStore(settings.storage).put_original(key, jpeg(64, 48), "image/jpeg")
     shard = bulk_shard(owner, settings.queue.bulk_shards) if lane == BULK else 0
     news = [
-        NewImage(i, owner, "a.jpg", "image/jpeg", 10, "x", 64, 48, key, lane, shard)
+        NewImage(i, owner, "a.jpg", "image/jpeg", 10, "x", 64, 48, key, lane=lane, shard=shard)
         for i in (uuid.uuid4() for _ in range(count))
     ]
     with psycopg.connect(settings.postgres_url, autocommit=True) as conn:

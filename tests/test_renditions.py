@@ -563,6 +563,7 @@ def test_results_completed_before_renditions_become_the_default_rendition() -> N
     migrations = sorted(Path(images.__file__).parent.joinpath("migrations").glob("*.sql"))
     before = [m for m in migrations if m.name < "0005"]
     renditions = next(m for m in migrations if m.name == "0005_image_renditions.sql")
+    later = [m for m in migrations if m.name > renditions.name]
     with (
         throwaway_schema(BASE_POSTGRES_URL, f"pm_rend_{uuid.uuid4().hex[:8]}") as schema,
         psycopg.connect(with_search_path(BASE_POSTGRES_URL, schema), autocommit=True) as conn,
@@ -579,6 +580,8 @@ def test_results_completed_before_renditions_become_the_default_rendition() -> N
             (image_id, f"results/{image_id}.png"),
         )
         conn.execute(renditions.read_text())
+        for migration in later:
+            conn.execute(migration.read_text())
         record = images.get_image(conn, image_id)
 
     assert record is not None
