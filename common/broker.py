@@ -45,10 +45,21 @@ def dead_letter_queue_arguments() -> dict[str, Any]:
     return {"x-queue-type": "quorum"}
 
 
+def broker_delivery_limit(settings: QueueSettings) -> int:
+    """Deliveries after which the broker dead-letters a job: twice RABBITMQ_DELIVERY_LIMIT.
+
+    The engine counts an image's attempts itself (its claims, in its row) and gives up with a
+    reason after RABBITMQ_DELIVERY_LIMIT of them. The broker also counts deliveries that were
+    no attempt (messages returned when a connection to it dropped), so its own limit leaves as
+    many again for those; it remains the backstop for a job no node can even claim.
+    """
+    return 2 * settings.delivery_limit
+
+
 def job_queue_arguments(settings: QueueSettings) -> dict[str, Any]:
     return {
         "x-queue-type": "quorum",
-        "x-delivery-limit": settings.delivery_limit,
+        "x-delivery-limit": broker_delivery_limit(settings),
         "x-dead-letter-exchange": "",
         "x-dead-letter-routing-key": settings.dead_letter_queue,
     }

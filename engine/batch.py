@@ -96,8 +96,6 @@ class ImageWork:
     image_id: uuid.UUID
     tags: tuple[int, ...]  # a job may arrive twice in one batch
     request_id: str
-    # Requeued once more, its message would be dead-lettered by the broker.
-    last_delivery: bool
     fate: Fate = Fate.IN_PROGRESS
     record: ImageRecord | None = None  # set once claimed
     outcome: Outcome | None = None  # set with Fate.FINISHED
@@ -179,7 +177,7 @@ class BatchProcessor:
             batch_seconds["claim"] = time.perf_counter() - started
         work = self._run_stages(work)
         work = self._retry_crashed(work)
-        work = [self._give_up_on_last_delivery(w) for w in work]
+        work = [self._give_up_on_last_attempt(w) for w in work]
         started = time.perf_counter()
         if any(w.fate is Fate.FINISHED for w in work):
             work = self._commit(work)
@@ -192,7 +190,6 @@ class BatchProcessor:
         """One record per image (a job may arrive twice), and the tags of malformed messages."""
         tags: dict[uuid.UUID, list[int]] = defaultdict(list)
         request_ids: dict[uuid.UUID, str] = {}
-        last: set[uuid.UUID] = set()
         malformed: list[int] = []
         for delivery in deliveries:
             try:
@@ -203,11 +200,8 @@ class BatchProcessor:
                 continue
             tags[job.image_id].append(delivery.tag)
             request_ids[job.image_id] = job.request_id
-            if delivery.previous_deliveries + 1 >= self._delivery_limit:
-                last.add(job.image_id)
         work = [
-            ImageWork(image_id, tuple(t), request_ids[image_id], image_id in last)
-            for image_id, t in tags.items()
+            ImageWork(image_id, tuple(t), request_ids[image_id]) for image_id, t in tags.items()
         ]
         return work, malformed
 
@@ -221,11 +215,26 @@ class BatchProcessor:
             return [w.retry() for w in work]
         records = {r.id: r for r in claimed}
         return [
-            dataclasses.replace(w, record=records[w.image_id])
+            self._over_attempts(dataclasses.replace(w, record=records[w.image_id]))
             if w.image_id in records
             else dataclasses.replace(w, fate=Fate.UNCLAIMED)
             for w in work
         ]
+
+    def _over_attempts(self, work: ImageWork) -> ImageWork:
+        """Fail at once an image claimed more often than the limit allows: its earlier attempts
+        ended with no outcome at all (the node was killed while holding it), so another try
+        would most likely end the same way."""
+        assert work.record is not None
+        if work.record.attempts <= self._delivery_limit:
+            return work
+        log.error(
+            "image %s: claimed %d times without an outcome", work.image_id, work.record.attempts
+        )
+        return work.fail(
+            f"gave up after {self._delivery_limit} attempts: processing it was interrupted "
+            "every time (the worker stopped while holding it); upload the image again"
+        )
 
     def _claim_rows(self, work: list[ImageWork]) -> list[ImageRecord]:
         with self._db.transaction() as conn:
@@ -270,10 +279,14 @@ class BatchProcessor:
         log.error("image %s crashed a CPU process twice; failing it", work.image_id)
         return work.fail(CRASH_REASON)
 
-    def _give_up_on_last_delivery(self, work: ImageWork) -> ImageWork:
-        """Fail, with a reason, a claimed image that failed transiently on its last delivery;
-        not while the node stops, when work held through an outage is given back."""
-        if work.fate is not Fate.RETRY or not work.last_delivery or work.record is None:
+    def _give_up_on_last_attempt(self, work: ImageWork) -> ImageWork:
+        """Fail, with a reason, a claimed image that failed for its own sake (not an outage) on
+        its last attempt; not while the node stops, when work held through an outage is given
+        back. Attempts are the image's claims, counted in its row: a delivery lost to a broker
+        outage claimed nothing, so it uses none."""
+        if work.fate is not Fate.RETRY or work.record is None:
+            return work
+        if work.record.attempts < self._delivery_limit:
             return work
         if self._gate.stopping:
             return work

@@ -188,22 +188,63 @@ def test_a_storage_outage_on_one_image_requeues_it_and_completes_the_other(
     assert results_of(probe, unlucky) == []
 
 
-def test_the_last_delivery_of_an_image_whose_storage_keeps_failing_gives_up_with_the_reason(
+def test_an_image_whose_storage_keeps_failing_gives_up_on_its_last_attempt_with_the_reason(
     pipeline: Pipeline, probe: StackProbe, user_id: str
 ) -> None:
     image_id = pipeline.pending_image(user_id, jpeg(900, 600))
     pipeline.proxy.failing = {str(image_id)}
     processor = pipeline.processor_behind_proxy()
-    delivery = pipeline.delivery(image_id, previous_deliveries=DELIVERY_LIMIT - 1)
+    deliveries = [pipeline.delivery(image_id) for _ in range(DELIVERY_LIMIT)]
     try:
-        report = processor.process([delivery])
+        verdicts = [processor.process([d]).verdict for d in deliveries]
     finally:
         processor.close()
         pipeline.proxy.failing = set()
 
-    assert report.verdict.ack == [delivery.tag]
-    assert report.verdict.requeue == [] and report.verdict.dead_letter == []
+    assert [v.requeue for v in verdicts[:-1]] == [[d.tag] for d in deliveries[:-1]]
+    assert verdicts[-1].ack == [deliveries[-1].tag]
+    assert verdicts[-1].requeue == [] and verdicts[-1].dead_letter == []
     assert rows(probe, user_id) == {image_id: ("failed", GAVE_UP_REASON, None)}
+
+
+def test_deliveries_the_broker_counted_without_a_claim_use_no_attempt(
+    pipeline: Pipeline, probe: StackProbe, user_id: str
+) -> None:
+    """A broker outage returns held messages with a higher delivery count, though the images
+    were never claimed: only claims, counted in the row, are an image's attempts."""
+    image_id = pipeline.pending_image(user_id, jpeg(900, 600))
+    pipeline.proxy.failing = {str(image_id)}
+    processor = pipeline.processor_behind_proxy()
+    delivery = pipeline.delivery(image_id, previous_deliveries=DELIVERY_LIMIT * 2 - 2)
+    try:
+        verdict = processor.process([delivery]).verdict
+    finally:
+        processor.close()
+        pipeline.proxy.failing = set()
+
+    assert verdict.requeue == [delivery.tag]
+    assert rows(probe, user_id) == {image_id: ("processing", None, None)}
+
+
+def test_an_image_claimed_past_the_limit_without_an_outcome_fails_without_another_render(
+    pipeline: Pipeline, probe: StackProbe, user_id: str
+) -> None:
+    """Its earlier claims ended with no outcome at all (a node killed while holding it): it is
+    failed at claim, not rendered again."""
+    image_id = pipeline.pending_image(user_id, CRASH_MARKER + jpeg(900, 600))
+    with pipeline.db.transaction() as conn:
+        conn.execute("UPDATE images SET attempts = %s WHERE id = %s", (DELIVERY_LIMIT, image_id))
+    delivery = pipeline.delivery(image_id)
+    processes = sorted(pipeline.pool.pids())
+
+    verdict = pipeline.processor.process([delivery]).verdict
+
+    assert verdict.ack == [delivery.tag] and verdict.failed == 1
+    [(status, error, result)] = rows(probe, user_id).values()
+    assert (status, result) == ("failed", None)
+    assert error is not None and "interrupted every time" in error
+    # Had it been rendered, its crash marker would have killed a CPU process.
+    assert sorted(pipeline.pool.pids()) == processes
 
 
 def test_a_redelivered_job_of_a_finished_image_is_acked_without_work_and_junk_dead_lettered(
