@@ -12,7 +12,8 @@ from typing import Any
 import psycopg
 from psycopg.rows import class_row
 
-TERMINAL_STATUSES = ("completed", "failed")
+# `cancelled`: its batch was cancelled before the image started (see db.batches).
+TERMINAL_STATUSES = ("completed", "failed", "cancelled")
 STATUSES = ("pending", "processing", *TERMINAL_STATUSES)
 
 
@@ -37,6 +38,7 @@ class ImageRecord:
     attempts: int
     created_at: datetime
     updated_at: datetime
+    batch_id: uuid.UUID | None
 
     @property
     def is_terminal(self) -> bool:
@@ -54,6 +56,7 @@ class NewImage:
     source_width: int
     source_height: int
     original_key: str
+    batch_id: uuid.UUID | None = None
 
 
 @dataclass(frozen=True)
@@ -67,6 +70,7 @@ class Outcome:
     result_content_type: str | None = None
     result_width: int | None = None
     result_height: int | None = None
+    result_size_bytes: int | None = None
 
 
 _COLUMNS = ", ".join(ImageRecord.__dataclass_fields__)
@@ -75,7 +79,7 @@ _COLUMNS = ", ".join(ImageRecord.__dataclass_fields__)
 def insert_images(conn: psycopg.Connection[Any], new: Sequence[NewImage]) -> list[ImageRecord]:
     """Insert many images in one statement; rows come back in the order given."""
     columns = list(NewImage.__dataclass_fields__)
-    types = ("uuid", "text", "text", "text", "bigint", "text", "int", "int", "text")
+    types = ("uuid", "text", "text", "text", "bigint", "text", "int", "int", "text", "uuid")
     arrays = [[getattr(image, column) for image in new] for column in columns]
     unnest = ", ".join(f"%s::{t}[]" for t in types)
     with conn.cursor(row_factory=class_row(ImageRecord)) as cur:
@@ -90,15 +94,24 @@ def insert_images(conn: psycopg.Connection[Any], new: Sequence[NewImage]) -> lis
 
 
 def find_by_digest(
-    conn: psycopg.Connection[Any], owner: str, digests: Sequence[str]
+    conn: psycopg.Connection[Any],
+    owner: str,
+    digests: Sequence[str],
+    batch_id: uuid.UUID | None = None,
 ) -> dict[str, ImageRecord]:
-    """The owner's newest image for each digest, leaving out failed ones (de-duplication)."""
+    """The owner's newest image for each digest, leaving out failed and cancelled ones
+    (de-duplication); with `batch_id`, only among that batch's images."""
+    in_batch = "" if batch_id is None else "AND batch_id = %s"
+    params: list[Any] = [owner, list(digests)]
+    if batch_id is not None:
+        params.append(batch_id)
     with conn.cursor(row_factory=class_row(ImageRecord)) as cur:
         cur.execute(
             f"""SELECT DISTINCT ON (sha256) {_COLUMNS} FROM images
-                WHERE owner = %s AND sha256 = ANY(%s) AND status <> 'failed'
+                WHERE owner = %s AND sha256 = ANY(%s) AND status NOT IN ('failed', 'cancelled')
+                  {in_batch}
                 ORDER BY sha256, created_at DESC""",
-            (owner, list(digests)),
+            params,
         )
         return {row.sha256: row for row in cur.fetchall()}
 
@@ -140,10 +153,14 @@ def list_images(
     status: str | None,
     limit: int,
     after: tuple[datetime, uuid.UUID] | None,
+    batch_id: uuid.UUID | None = None,
 ) -> list[ImageRecord]:
     """Images newest first; `after` is the (created_at, id) of the last row of the previous page."""
     clauses: list[str] = []
     params: list[Any] = []
+    if batch_id is not None:
+        clauses.append("batch_id = %s")
+        params.append(batch_id)
     if owner is not None:
         clauses.append("owner = %s")
         params.append(owner)
@@ -182,7 +199,7 @@ def claim_batch(conn: psycopg.Connection[Any], ids: Sequence[uuid.UUID]) -> list
 def commit_batch(conn: psycopg.Connection[Any], outcomes: Sequence[Outcome]) -> set[uuid.UUID]:
     """Write the terminal status of a whole batch in one statement; returns the ids changed.
 
-    Statuses only move forward: a row already terminal is left as it is.
+    Statuses only move forward: a row already terminal (cancelled included) is left as it is.
     """
     if not outcomes:
         return set()
@@ -190,12 +207,13 @@ def commit_batch(conn: psycopg.Connection[Any], outcomes: Sequence[Outcome]) -> 
         """UPDATE images AS i
            SET status = o.status, error = o.error, result_key = o.result_key,
                result_content_type = o.result_content_type, result_width = o.result_width,
-               result_height = o.result_height, updated_at = now()
+               result_height = o.result_height, result_size_bytes = o.result_size_bytes,
+               updated_at = now()
            FROM unnest(%s::uuid[], %s::text[], %s::text[], %s::text[], %s::text[],
-                       %s::int[], %s::int[])
+                       %s::int[], %s::int[], %s::bigint[])
                 AS o(id, status, error, result_key, result_content_type, result_width,
-                     result_height)
-           WHERE i.id = o.id AND i.status NOT IN ('completed', 'failed')
+                     result_height, result_size_bytes)
+           WHERE i.id = o.id AND i.status IN ('pending', 'processing')
            RETURNING i.id""",
         (
             [o.id for o in outcomes],
@@ -205,6 +223,7 @@ def commit_batch(conn: psycopg.Connection[Any], outcomes: Sequence[Outcome]) -> 
             [o.result_content_type for o in outcomes],
             [o.result_width for o in outcomes],
             [o.result_height for o in outcomes],
+            [o.result_size_bytes for o in outcomes],
         ),
     )
     return {row[0] for row in cur.fetchall()}
