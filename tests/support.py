@@ -8,6 +8,7 @@ common.broker, throwaway schemas in db.schemas."""
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import os
 import signal
 import socket
@@ -51,6 +52,7 @@ COMPOSE_SECRETS = {
         "MINIO_PRESIGN_SECRET_KEY",
         "KEYCLOAK_ADMIN_PASSWORD",
         "GRAFANA_ADMIN_PASSWORD",
+        "WEBHOOK_ENCRYPTION_KEY",
     )
 }
 
@@ -172,6 +174,27 @@ class StackProbe:
         """Image ids announced as being stored and not yet released (see `upload_intents`)."""
         with psycopg.connect(self.settings.postgres_url) as conn:
             return {row[0] for row in conn.execute("SELECT image_id FROM upload_intents")}
+
+
+@dataclasses.dataclass
+class OwnStack:
+    """An API and worker nodes on a job queue and Redis prefix of their own: what this stack
+    queues waits until the test starts a node (see the `own_stack` fixture)."""
+
+    env: dict[str, str]
+    settings: Settings
+    api: ApiClient
+    logs: Path
+    nodes: list[subprocess.Popen[bytes]] = dataclasses.field(default_factory=list)
+
+    def start_node(self, *args: str) -> subprocess.Popen[bytes]:
+        node = start_worker(self.env, self.logs, *args)
+        self.nodes.append(node)
+        return node
+
+    def stop_nodes(self) -> None:
+        for node in self.nodes:
+            stop_worker(node)
 
 
 def free_port() -> int:

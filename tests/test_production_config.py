@@ -29,6 +29,7 @@ PRODUCTION_ENV = {
     "MINIO_SECRET_KEY": "Kd7x-app-5e9",
     "MINIO_PRESIGN_ACCESS_KEY": "pixelmill-results-reader",
     "MINIO_PRESIGN_SECRET_KEY": "Hn2p-reader-3b8",
+    "WEBHOOK_ENCRYPTION_KEY": "Wq4e-webhooks-9d2c-7a51e0",
 }
 
 
