@@ -263,14 +263,17 @@ class BatchProcessor:
         return work
 
     def _remove_orphans(self, outcomes: list[Outcome], updated: set[uuid.UUID]) -> None:
-        """Delete results stored for images whose row was deleted while they were processed."""
+        """Delete results stored for images whose row was deleted, or cancelled, while they were
+        processed: no result object may outlive its image or belong to a cancelled one. (A row
+        another delivery completed meanwhile keeps its result: it has the same key.)"""
         stale = [o for o in outcomes if o.id not in updated and o.result_key]
         if not stale:
             return
         with self._db.transaction() as conn:
-            alive = {r.id for r in images.get_images(conn, [o.id for o in stale])}
+            rows = images.get_images(conn, [o.id for o in stale])
+        kept = {r.id for r in rows if r.status != "cancelled"}
         for outcome in stale:
-            if outcome.id not in alive and outcome.result_key:
+            if outcome.id not in kept and outcome.result_key:
                 self._store.delete_result(outcome.result_key)
 
     # -- stages of one image, on an I/O thread ------------------------------------------------
@@ -330,6 +333,7 @@ class BatchProcessor:
         key = result_key(work.image_id, result.content_type)
         data = result.oversized_output
         payload = self._outputs.view(slots.output)[: result.output_length] if data is None else data
+        size = len(payload)
         try:
             self._store.put_result(key, payload, result.content_type)
         except DependencyUnavailable:
@@ -345,6 +349,7 @@ class BatchProcessor:
                 result_content_type=result.content_type,
                 result_width=result.width,
                 result_height=result.height,
+                result_size_bytes=size,
             )
         )
 

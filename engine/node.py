@@ -27,6 +27,7 @@ from engine.cpu_pool import KernelOptions, KernelPool
 from engine.dead_letters import DeadLetterReaper
 from engine.outbox import OutboxSweeper
 from engine.slots import SlotArena, sweep_stale_segments
+from engine.webhooks import WebhookDeliverer
 
 log = logging.getLogger(__name__)
 
@@ -90,6 +91,7 @@ class WorkerNode:
             interval_seconds=engine.abandoned_upload_sweep_seconds,
             age_seconds=engine.abandoned_upload_age_seconds,
         )
+        self.webhooks = WebhookDeliverer(self.db, settings.webhooks)
         self.control = NodeControl(
             cache.client,
             settings.redis_prefix,
@@ -142,6 +144,7 @@ class WorkerNode:
         self.sweeper.start()
         self.reaper.start()
         self.upload_sweeper.start()
+        self.webhooks.start()
         self.control.start()
         try:
             self.consumer.run()
@@ -167,6 +170,7 @@ class WorkerNode:
         self.sweeper.stop()
         self.reaper.stop()
         self.upload_sweeper.stop()
+        self.webhooks.stop()
         self.processor.close()
         self.pool.close()
         self.db.close()
