@@ -21,12 +21,14 @@ from common.config import WebhookSettings
 from common.errors import DependencyUnavailable
 from common.webhooks import (
     AttemptResult,
+    Resolver,
     SecretBox,
     SecretUnreadable,
     TargetRefused,
     check_target,
     post_event,
     signature_headers,
+    system_resolver,
 )
 from db import batches, images, webhook_deliveries
 from db.images import ImageRecord
@@ -65,8 +67,16 @@ def image_event_data(record: ImageRecord) -> dict[str, object]:
 class WebhookDeliverer:
     """A daemon thread that sends due events every `settings.sweep_seconds`."""
 
-    def __init__(self, db: Database, settings: WebhookSettings, *, batch_limit: int = 50) -> None:
+    def __init__(
+        self,
+        db: Database,
+        settings: WebhookSettings,
+        *,
+        batch_limit: int = 50,
+        resolve: Resolver = system_resolver,
+    ) -> None:
         self._db = db
+        self._resolve = resolve
         self._settings = settings
         self._box = SecretBox(settings.encryption_key)
         self._limit = batch_limit
@@ -110,7 +120,7 @@ class WebhookDeliverer:
     def _send(self, delivery: DueDelivery) -> AttemptResult:
         if delivery.callback_url is None or delivery.webhook_secret is None:
             return AttemptResult(False, "the batch has no callback URL")
-        target = check_target(delivery.callback_url, self._settings.allow_private)
+        target = check_target(delivery.callback_url, self._settings.allow_private, self._resolve)
         body = self._body(delivery).encode()
         headers = signature_headers(
             self._box.open(delivery.webhook_secret), str(delivery.id), int(time.time()), body

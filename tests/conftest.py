@@ -176,3 +176,13 @@ def own_stack(
     deps.close()
     delete_topology(own.queue)
     _delete_redis_keys(own)
+
+
+@pytest.fixture
+def own_database(settings: Settings) -> Iterator[Settings]:
+    """The session's services with a freshly migrated database schema of this test only, for
+    tests of work that every worker node shares through the database (webhook deliveries)."""
+    with throwaway_schema(BASE_POSTGRES_URL, f"pm_own_{uuid.uuid4().hex[:10]}") as name:
+        own = dataclasses.replace(settings, postgres_url=with_search_path(BASE_POSTGRES_URL, name))
+        apply_migrations(own.postgres_url)
+        yield own

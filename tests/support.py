@@ -176,6 +176,18 @@ class StackProbe:
             return {row[0] for row in conn.execute("SELECT image_id FROM upload_intents")}
 
 
+@contextlib.contextmanager
+def api_for(settings: Settings, token: str | None) -> Iterator[ApiClient]:
+    """The app built as gunicorn builds it, on `settings` (a schema or options of a test's own)."""
+    from ingest.app import Dependencies, create_app
+
+    deps = Dependencies.connect(settings)
+    try:
+        yield ApiClient(create_app(settings, deps), token)
+    finally:
+        deps.close()
+
+
 @dataclasses.dataclass
 class OwnStack:
     """An API and worker nodes on a job queue and Redis prefix of their own: what this stack
