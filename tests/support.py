@@ -199,8 +199,9 @@ class OwnStack:
     logs: Path
     nodes: list[subprocess.Popen[bytes]] = dataclasses.field(default_factory=list)
 
-    def start_node(self, *args: str) -> subprocess.Popen[bytes]:
-        node = start_worker(self.env, self.logs, *args)
+    def start_node(self, *args: str, **env: str) -> subprocess.Popen[bytes]:
+        """A node with flags `args`, its environment overlaid by `env`."""
+        node = start_worker({**self.env, **env}, self.logs, *args)
         self.nodes.append(node)
         return node
 
