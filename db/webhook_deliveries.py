@@ -30,8 +30,10 @@ class DueDelivery:
 
 @dataclass(frozen=True)
 class Backlog:
+    """Events not delivered yet, the age of the oldest, and those given up on."""
+
     undelivered: int
-    oldest_created_at: datetime | None
+    oldest_age_seconds: float | None
     abandoned: int
 
 
@@ -96,7 +98,8 @@ def abandon(conn: psycopg.Connection[Any], delivery_id: uuid.UUID, error: str) -
 def backlog(conn: psycopg.Connection[Any]) -> Backlog:
     """Undelivered events (the partial index keeps this cheap) and the oldest one's age."""
     row = conn.execute(
-        """SELECT count(*), min(created_at) FROM webhook_deliveries
+        """SELECT count(*), extract(epoch FROM now() - min(created_at))::float8
+             FROM webhook_deliveries
             WHERE delivered_at IS NULL AND abandoned_at IS NULL"""
     ).fetchone()
     abandoned = conn.execute(

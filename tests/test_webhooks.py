@@ -22,6 +22,7 @@ from common.config import Settings
 from common.webhooks import TargetRefused, check_target
 from db.pool import Database
 from engine.webhooks import MAX_RETRY_SECONDS, WebhookDeliverer, retry_delay
+from ops.status import status_command
 from tests.support import ApiClient, OwnStack, api_for, jpeg, multipart, wait_for
 
 
@@ -288,3 +289,21 @@ def test_retry_delays_double_with_jitter_up_to_an_hour() -> None:
     assert all(c / 2 <= d <= c for d, c in zip(delays, ceilings, strict=True))
     assert len(set(delays)) == len(delays), "jittered"
     assert max(delays) <= MAX_RETRY_SECONDS and delays[-1] >= MAX_RETRY_SECONDS / 2
+
+
+def test_ops_status_shows_the_webhook_backlog_and_its_oldest_event(
+    own_database: Settings, receiver: Receiver, issuer: Any, user_id: str, capsys: Any
+) -> None:
+    receiver.answers = [(500, {})]
+    with api_for(own_database, issuer.mint_token(user_id)) as api:
+        for _ in range(2):
+            close(api, create_batch(api, callback_url=receiver.url())["id"])
+    with psycopg.connect(own_database.postgres_url) as conn:
+        conn.execute("UPDATE webhook_deliveries SET created_at = now() - interval '90 seconds'")
+
+    status_command(["--json"], own_database)
+    webhooks = json.loads(capsys.readouterr().out)["webhooks"]
+    assert (webhooks["undelivered"], webhooks["abandoned"]) == (2, 0)
+    assert 90 <= webhooks["oldest_age_seconds"] < 3600
+    status_command([], own_database)
+    assert "webhooks: 2 undelivered, oldest" in capsys.readouterr().out
