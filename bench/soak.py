@@ -71,6 +71,7 @@ class SoakConfig:
     samples: int = 200
     image_size: tuple[int, int] = (160, 120)
     sample_interval_s: float = 2.0
+    settle_s: float = 10.0
 
     def summary(self) -> dict[str, Any]:
         return {
@@ -429,7 +430,9 @@ def run_soak(config: SoakConfig) -> dict[str, Any]:
         warm_paths = write_images(images_dir / "warmup", 0, config.warmup, template)
         started = time.time()
         warm_batch, warm_report, _ = upload_into_new_batch(config, warm_paths, "soak warm-up")
-        warm_rate = config.warmup / max(time.time() - started, 1e-9)
+        # From the first upload to the last completion, not to when the client noticed it.
+        warm_done = completion_times(config.settings, warm_batch)
+        warm_rate = len(warm_done) / max(max(warm_done, default=started) - started, 1e-9)
         expected = config.count / warm_rate
         print(
             f"soak: warm-up {config.warmup} images at {warm_rate:.1f} images/s; the run of "
@@ -450,6 +453,9 @@ def run_soak(config: SoakConfig) -> dict[str, Any]:
             "soak",
             lambda batch: RunSampler(config, batch, str(probe_image), memory),
         )
+        memory.sample(time.time())
+        # Let autovacuum and the last cache writes settle, as "idle after" means.
+        time.sleep(config.settle_s)
         memory.sample(time.time())
         after = idle_readings(config, batch_id, str(probe_image), owner)
     finally:

@@ -61,6 +61,7 @@ def test_a_small_soak_reports_every_reading_and_renders(
             batch_size=8,
             samples=5,
             sample_interval_s=0.2,
+            settle_s=0.0,
         )
         payload = run_soak(config)
 

@@ -27,16 +27,13 @@ MAX_URL = 2000
 EVENT_CHOICES = (["batch"], ["batch", "image"])
 
 
-def parse_batch_id(raw: str) -> uuid.UUID:
-    try:
-        return uuid.UUID(raw)
-    except ValueError:
-        raise BadRequest("batch id must be a UUID") from None
-
-
 def load_visible(db: Database, batch_id: str, principal: Any) -> BatchRecord:
-    """The batch if the principal owns it or is an admin; 404 otherwise (as for unknown ids)."""
-    parsed = parse_batch_id(batch_id)
+    """The batch if the principal owns it or is an admin; 404 otherwise, as for unknown ids
+    and for a path that cannot name a batch at all (`/batches/None`: no such resource)."""
+    try:
+        parsed = uuid.UUID(batch_id)
+    except ValueError:
+        raise NotFound("no such batch") from None
     with db.transaction() as conn:
         record = batches.get_batch(conn, parsed)
     if record is None or not (principal.is_admin or record.owner == principal.subject):
