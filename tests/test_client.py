@@ -223,7 +223,10 @@ def test_batch_option_uploads_into_an_existing_batch_and_cancel_ends_an_open_one
     (photos / "b.jpg").write_bytes(jpeg(300, 200, seed=22))
     batch_id = _new_batch(api_url, token)
 
-    run = _command(api_url, token, "upload", str(photos), "--batch", batch_id)
+    state = tmp_path / "state"
+    run = _command(
+        api_url, token, "upload", str(photos), "--batch", batch_id, "--state-dir", str(state)
+    )
     assert run.returncode == 0, run.stdout + run.stderr
     assert _batch_line(run.stdout) == batch_id
     batch = _batch(api_url, token, batch_id)
