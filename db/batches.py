@@ -103,10 +103,14 @@ def list_batches(
 
 
 def status_for_upload(conn: psycopg.Connection[Any], batch_id: uuid.UUID, owner: str) -> str | None:
-    """The batch's status, its row share-locked until the caller's transaction ends, so a close
-    or cancel cannot slip between this check and the images joining; None if not the owner's."""
+    """The batch's status, its row locked until the caller's transaction ends, so a close or
+    cancel cannot slip between this check and the images joining; None if not the owner's.
+
+    The lock is the one the counters' trigger takes anyway when the rows go in (a weaker share
+    lock here would let two uploads each hold one and wait for the other to upgrade)."""
     row = conn.execute(
-        "SELECT status FROM batches WHERE id = %s AND owner = %s FOR SHARE", (batch_id, owner)
+        "SELECT status FROM batches WHERE id = %s AND owner = %s FOR NO KEY UPDATE",
+        (batch_id, owner),
     ).fetchone()
     return None if row is None else str(row[0])
 
@@ -120,9 +124,12 @@ def close_batch(conn: psycopg.Connection[Any], batch_id: uuid.UUID) -> None:
     conn.execute("SELECT finish_batches_if_done(ARRAY[%s]::uuid[])", (batch_id,))
 
 
-def cancel_batch(conn: psycopg.Connection[Any], batch_id: uuid.UUID) -> list[uuid.UUID]:
-    """open/closed -> cancelled, its `pending` images -> `cancelled` (their messages are then
-    acknowledged without work); images already claimed finish. Returns the images cancelled."""
+def mark_cancelled(conn: psycopg.Connection[Any], batch_id: uuid.UUID) -> bool:
+    """open/closed -> cancelled, with its `batch.cancelled` event; False if it was not open or
+    closed. From then on no claim starts one of its images, and the trigger never finishes it.
+
+    Commit this before `cancel_waiting_images`: the images' statement then locks image rows
+    before the batch row, in the order a claim does, so a cancel and a claim cannot deadlock."""
     row = conn.execute(
         """UPDATE batches SET status = 'cancelled', finished_at = now(),
                               closed_at = coalesce(closed_at, now())
@@ -130,19 +137,26 @@ def cancel_batch(conn: psycopg.Connection[Any], batch_id: uuid.UUID) -> list[uui
         (batch_id,),
     ).fetchone()
     if row is None:
-        return []
-    # The batch is cancelled first, so the counters' trigger never finishes it meanwhile.
-    cancelled = conn.execute(
-        """UPDATE images SET status = 'cancelled', updated_at = now()
-            WHERE batch_id = %s AND status = 'pending' RETURNING id""",
-        (batch_id,),
-    ).fetchall()
+        return False
     if row[0] is not None:
         conn.execute(
             "INSERT INTO webhook_deliveries (batch_id, event_type) VALUES (%s, 'batch.cancelled')",
             (batch_id,),
         )
-    return [r[0] for r in cancelled]
+    return True
+
+
+def cancel_waiting_images(conn: psycopg.Connection[Any], batch_id: uuid.UUID) -> list[uuid.UUID]:
+    """A cancelled batch's `pending` images -> `cancelled` (their messages are acknowledged
+    without work); images already claimed finish. Safe to repeat. Returns the images changed."""
+    rows = conn.execute(
+        """UPDATE images SET status = 'cancelled', updated_at = now()
+            WHERE batch_id = %s AND status = 'pending'
+              AND EXISTS (SELECT 1 FROM batches WHERE id = %s AND status = 'cancelled')
+        RETURNING id""",
+        (batch_id, batch_id),
+    ).fetchall()
+    return [r[0] for r in rows]
 
 
 def retry_batch(conn: psycopg.Connection[Any], batch_id: uuid.UUID) -> list[uuid.UUID]:

@@ -183,13 +183,17 @@ def list_images(
 def claim_batch(conn: psycopg.Connection[Any], ids: Sequence[uuid.UUID]) -> list[ImageRecord]:
     """Mark the non-terminal images among `ids` as `processing`, in one statement.
 
-    Images already `completed` or `failed` (a redelivered message) and unknown ids (deleted) are not
-    returned: their messages are acknowledged without work.
+    Images already terminal (a redelivered message), unknown ids (deleted) and images of a
+    cancelled batch not yet started are not returned: their messages are acknowledged without
+    work. (A claimed image of a cancelled batch is in flight: it is claimed again and finishes.)
     """
     with conn.cursor(row_factory=class_row(ImageRecord)) as cur:
         cur.execute(
             f"""UPDATE images SET status = 'processing', attempts = attempts + 1, updated_at = now()
                 WHERE id = ANY(%s) AND status IN ('pending', 'processing')
+                  AND (batch_id IS NULL OR status = 'processing' OR NOT EXISTS (
+                        SELECT 1 FROM batches AS b
+                         WHERE b.id = images.batch_id AND b.status = 'cancelled'))
                 RETURNING {_COLUMNS}""",
             (list(ids),),
         )

@@ -3,6 +3,7 @@ cancelling, reading and listing, and who may see what."""
 
 from __future__ import annotations
 
+import threading
 import uuid
 from typing import Any
 
@@ -236,3 +237,30 @@ def test_invalid_batch_creation_is_400_and_creates_nothing(
     response = api.client.simulate_post("/api/v1/batches", json=body, headers=api.headers())
     assert response.status_code == 400, response.text
     assert api.get("/api/v1/batches").json["items"] == []
+
+
+def test_concurrent_uploads_into_one_batch_are_all_accepted_and_counted(
+    api: ApiClient, probe: StackProbe, user_id: str
+) -> None:
+    """Each upload locks the batch row once, as the counters' trigger does: uploads queue for
+    it instead of deadlocking each other (which would surface as 503s)."""
+    batch = create_batch(api)
+    answers: list[Any] = []
+
+    def send(worker: int) -> None:
+        for round_ in range(3):
+            seed = worker * 100 + round_ * 10
+            files = [(f"{seed + i}.jpg", jpeg(48, 32, seed=seed + i)) for i in range(4)]
+            answers.append(bulk_into(api, batch["id"], files))
+
+    # As many at once as one user may send (MAX_UPLOADS_PER_USER).
+    threads = [threading.Thread(target=send, args=(n,)) for n in range(4)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+
+    refused = [a.text for a in answers if a.status_code != 207]
+    assert (len(answers), refused) == (12, [])
+    assert len(probe.rows_for(user_id)) == 48
+    assert batch_of(api, batch["id"])["total"] == 48

@@ -64,10 +64,11 @@ CREATE INDEX webhook_deliveries_due_idx ON webhook_deliveries (next_attempt_at)
 -- transactions ending a batch's last images only one sees it `closed`: it finishes exactly once.
 CREATE FUNCTION apply_batch_deltas(deltas jsonb) RETURNS void LANGUAGE plpgsql AS $$
 BEGIN
-    -- Locked in id order first: two commits touching the same batches never deadlock.
+    -- Locked in id order first: two commits touching the same batches never deadlock. (NO KEY
+    -- UPDATE, as the UPDATE below takes: inserts of images referencing the batch go on.)
     PERFORM 1 FROM batches
       WHERE id IN (SELECT (e ->> 'batch_id')::uuid FROM jsonb_array_elements(deltas) AS e)
-      ORDER BY id FOR UPDATE;
+      ORDER BY id FOR NO KEY UPDATE;
     UPDATE batches AS b
        SET pending = b.pending + d.pending,
            processing = b.processing + d.processing,

@@ -198,7 +198,10 @@ class BatchCancelResource:
         if record.status == "finished":
             raise Conflict("the batch has already finished")
         with self._db.transaction() as conn:
-            cancelled = batches.cancel_batch(conn, record.id)
+            batches.mark_cancelled(conn, record.id)
+        # A second transaction (see mark_cancelled); repeating the cancel finishes its work.
+        with self._db.transaction() as conn:
+            cancelled = batches.cancel_waiting_images(conn, record.id)
         self._cache.invalidate(cancelled, announce=True)
         resp.status = falcon.HTTP_202
         resp.media = {"cancelled": len(cancelled)}
