@@ -429,8 +429,6 @@ def _yes_no(value: object) -> str:
 
 def soak_summary_markdown(document: dict[str, Any]) -> str:
     """`bench soak`: the tenths, the idle GET p99s before and after, sizes, memory, verdicts."""
-    before, after = document["idle_before"], document["idle_after"]
-    memory = document["memory"]
     lines = [
         f"# Soak: {document['settings']['count']} images into one batch\n",
         f"{document['completed']} completed, {document['failed']} failed, "
@@ -438,77 +436,81 @@ def soak_summary_markdown(document: dict[str, Any]) -> str:
         f"{document['run_seconds']:.0f} s (uploads ended after "
         f"{document['uploads_ended_after_s']:.0f} s; expected about "
         f"{document['expected_seconds']:.0f} s from the warm-up).\n",
-        "## Completed per second, by tenth of the images\n",
-        markdown_table(
-            [
-                "tenth",
-                "images",
-                "completed/s",
-                "after uploads",
-                "GET batch p99 ms",
-                "GET image p99 ms",
-            ],
-            [
-                [
-                    t["index"],
-                    t["images"],
-                    t["per_second"],
-                    "yes" if t["after_uploads"] else "",
-                    p["get_batch_p99_ms"],
-                    p["get_image_p99_ms"],
-                ]
-                for t, p in zip(document["tenths"], document["p99_by_tenth"], strict=True)
-            ],
-        ),
-        f"Last tenth after the uploads vs the first: {document['rate']['ratio']} "
-        f"(target >= 0.9): {_yes_no(document['rate']['meets_target'])}\n",
+        *_soak_tenths(document),
+        *_soak_idle(document),
+        *_soak_memory(document["memory"]),
+    ]
+    return "\n".join(lines)
+
+
+def _soak_tenths(document: dict[str, Any]) -> list[str]:
+    headers = ["tenth", "images", "completed/s", "after uploads", "GET batch p99", "GET image p99"]
+    rows = [
+        [
+            t["index"],
+            t["images"],
+            t["per_second"],
+            "yes" if t["after_uploads"] else "",
+            p["get_batch_p99_ms"],
+            p["get_image_p99_ms"],
+        ]
+        for t, p in zip(document["tenths"], document["p99_by_tenth"], strict=True)
+    ]
+    rate = document["rate"]
+    return [
+        "## Completed per second, by tenth of the images (p99 in ms)\n",
+        markdown_table(headers, rows),
+        f"Last tenth after the uploads vs the first: {rate['ratio']} (target >= 0.9): "
+        f"{_yes_no(rate['meets_target'])}\n",
+    ]
+
+
+def _soak_idle(document: dict[str, Any]) -> list[str]:
+    before, after = document["idle_before"], document["idle_after"]
+    p99_rows = [
+        [name, before["p99_ms"][name], after["p99_ms"][name], ratio]
+        for name, ratio in document["p99_after_vs_before"].items()
+    ]
+    size_rows = [
+        [table, *(_mib(side["tables"][table][k]) for side in (before, after) for k in SIZE_KEYS)]
+        for table in after["tables"]
+    ]
+    return [
         "## Idle GET p99 (ms), before and after\n",
-        markdown_table(
-            ["request", "before", "after", "after/before"],
-            [
-                [name, before["p99_ms"][name], after["p99_ms"][name], ratio]
-                for name, ratio in document["p99_after_vs_before"].items()
-            ],
-        ),
+        markdown_table(["request", "before", "after", "after/before"], p99_rows),
         f"Every p99 after <= 1.5x before: {_yes_no(document['p99_meets_target'])}\n",
         "## Sizes\n",
         markdown_table(
             ["table", "table MiB before", "index MiB before", "table MiB after", "index MiB after"],
-            [
-                [
-                    table,
-                    *(
-                        _mib(side["tables"][table][k])
-                        for side in (before, after)
-                        for k in ("table_bytes", "index_bytes")
-                    ),
-                ]
-                for table in after["tables"]
-            ],
+            size_rows,
         ),
         f"Redis used memory: {_mib(before['redis_used_memory_bytes'])} MiB before, "
         f"{_mib(after['redis_used_memory_bytes'])} MiB after.\n",
-        "## Memory of the pixelmill processes (MiB)\n",
-        markdown_table(
-            ["pid", "role", "peak", "at first tenth", "at end", "grew"],
-            [
-                [
-                    pid,
-                    row["role"],
-                    row["peak_rss_mib"],
-                    row["rss_at_first_tenth_mib"],
-                    row["rss_at_end_mib"],
-                    "YES" if row["grew"] else "no",
-                ]
-                for pid, row in memory["processes"].items()
-            ],
-        ),
-        f"No pixelmill process grows with the count: {_yes_no(memory['meets_target'])}. "
-        "Services' peak RSS (reported, not judged): "
-        + ", ".join(f"{k} {v} MiB" for k, v in memory["services_peak_rss_mib"].items())
-        + "\n",
     ]
-    return "\n".join(lines)
+
+
+def _soak_memory(memory: dict[str, Any]) -> list[str]:
+    rows = [
+        [
+            pid,
+            row["role"],
+            row["peak_rss_mib"],
+            row["rss_at_first_tenth_mib"],
+            row["rss_at_end_mib"],
+            "YES" if row["grew"] else "no",
+        ]
+        for pid, row in memory["processes"].items()
+    ]
+    services = ", ".join(f"{k} {v} MiB" for k, v in memory["services_peak_rss_mib"].items())
+    return [
+        "## Memory of the pixelmill processes (MiB)\n",
+        markdown_table(["pid", "role", "peak", "at first tenth", "at end", "grew"], rows),
+        f"No pixelmill process grows with the count: {_yes_no(memory['meets_target'])}. "
+        f"Services' peak RSS (reported, not judged): {services}\n",
+    ]
+
+
+SIZE_KEYS = ("table_bytes", "index_bytes")
 
 
 def _mib(value: int) -> float:

@@ -947,7 +947,9 @@ def _accept(
     item.http_status = 201 if status_code is None else status_code
     item.accepted_at = at
     status = document.get("status")
-    item.outcome = status if status in TERMINAL_STATUSES else "accepted"
+    item.outcome = "accepted"
+    if status in TERMINAL_STATUSES:  # an earlier copy (dedupe), already done
+        item.outcome = "completed" if status == "completed" else "failed"
     if item.outcome != "accepted":
         item.completed_at = at
         item.reason = document.get("error")
