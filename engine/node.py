@@ -1,5 +1,5 @@
-"""A worker node: the arenas, the CPU pool, the batch pipeline, the consumer and the sweeper,
-started together and stopped together (SIGTERM drains)."""
+"""A worker node: the arenas, the CPU pool, the batch pipeline, the consumer, the sweepers and the
+webhook deliverer, started together and stopped together (SIGTERM drains)."""
 
 from __future__ import annotations
 

@@ -58,6 +58,9 @@ CREATE TABLE webhook_deliveries (
 );
 CREATE INDEX webhook_deliveries_due_idx ON webhook_deliveries (next_attempt_at)
     WHERE delivered_at IS NULL AND abandoned_at IS NULL;
+-- `ops status` counts the abandoned ones.
+CREATE INDEX webhook_deliveries_abandoned_idx ON webhook_deliveries (abandoned_at)
+    WHERE abandoned_at IS NOT NULL;
 
 -- Adds signed per-status deltas to the batches' counters, then finishes every closed batch whose
 -- last image just became terminal. The finishing UPDATE locks the batch row, so of two
