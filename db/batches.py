@@ -177,6 +177,16 @@ def retry_batch(conn: psycopg.Connection[Any], batch_id: uuid.UUID) -> list[uuid
     return [r[0] for r in rows]
 
 
+def record_from_snapshot(snapshot: dict[str, Any]) -> BatchRecord:
+    """A batch row as `to_jsonb` wrote it into an event (see migration 0007), as a record."""
+    values: dict[str, Any] = {name: snapshot.get(name) for name in BatchRecord.__dataclass_fields__}
+    values["id"] = uuid.UUID(str(values["id"]))
+    for stamp in ("created_at", "closed_at", "finished_at"):
+        if values[stamp] is not None:
+            values[stamp] = datetime.fromisoformat(values[stamp])
+    return BatchRecord(**values)
+
+
 def batch_document(record: BatchRecord, now: datetime | None = None) -> dict[str, Any]:
     """A client's view of one batch (the webhook secret is never part of it)."""
     counts = record.counts

@@ -21,6 +21,7 @@ class DueDelivery:
     batch_id: uuid.UUID
     event_type: str
     image_id: uuid.UUID | None
+    snapshot: dict[str, Any] | None
     payload: str | None
     attempts: int
     created_at: datetime
@@ -53,7 +54,7 @@ def claim_due(conn: psycopg.Connection[Any], limit: int, lease_seconds: float) -
                       attempts = w.attempts + 1
                  FROM due, batches AS b
                 WHERE w.id = due.id AND b.id = w.batch_id
-            RETURNING w.id, w.batch_id, w.event_type, w.image_id, w.payload, w.attempts,
+            RETURNING w.id, w.batch_id, w.event_type, w.image_id, w.snapshot, w.payload, w.attempts,
                       w.created_at, b.callback_url, b.webhook_secret""",
             (limit, lease_seconds),
         )

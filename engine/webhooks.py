@@ -140,6 +140,8 @@ class WebhookDeliverer:
             return webhook_deliveries.save_payload(conn, delivery.id, json.dumps(event))
 
     def _event_data(self, delivery: DueDelivery) -> dict[str, object]:
+        if delivery.snapshot is not None:
+            return batches.batch_document(batches.record_from_snapshot(delivery.snapshot))
         with self._db.transaction() as conn:
             if delivery.image_id is not None:
                 record = images.get_image(conn, delivery.image_id)

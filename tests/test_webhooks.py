@@ -307,3 +307,30 @@ def test_ops_status_shows_the_webhook_backlog_and_its_oldest_event(
     assert 90 <= webhooks["oldest_age_seconds"] < 3600
     status_command([], own_database)
     assert "webhooks: 2 undelivered, oldest" in capsys.readouterr().out
+
+
+def test_a_finished_event_describes_the_batch_as_it_finished_even_if_a_retry_reopened_it(
+    own_database: Settings, receiver: Receiver, issuer: Any, user_id: str
+) -> None:
+    with api_for(own_database, issuer.mint_token(user_id)) as api:
+        batch = create_batch(api, callback_url=receiver.url())
+        image_id = upload_into(api, batch["id"], jpeg(64, 48, seed=3))
+        with psycopg.connect(own_database.postgres_url) as conn:
+            conn.execute(
+                "UPDATE images SET status = 'failed', error = 'decoder said no' WHERE id = %s",
+                (image_id,),
+            )
+        close(api, batch["id"])
+        retried = api.client.simulate_post(
+            f"/api/v1/batches/{batch['id']}/retry", headers=api.headers()
+        )
+        assert retried.json == {"requeued": 1}
+        assert api.get(f"/api/v1/batches/{batch['id']}").json["status"] == "closed"
+    with deliverer_on(own_database) as deliverer:
+        deliverer.deliver_once()
+
+    [request] = receiver.requests
+    event = verified(batch["webhook_secret"], request)
+    assert event["type"] == "batch.finished"
+    assert (event["data"]["status"], event["data"]["counts"]["failed"]) == ("finished", 1)
+    assert event["data"]["finished_at"] is not None

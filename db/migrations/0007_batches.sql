@@ -47,6 +47,9 @@ CREATE TABLE webhook_deliveries (
     batch_id        uuid        NOT NULL REFERENCES batches (id),
     event_type      text        NOT NULL,
     image_id        uuid,
+    -- The batch row as it was when the event happened (`batch.finished`: a retry may reopen
+    -- the batch before the first attempt), secret left out.
+    snapshot        jsonb,
     -- The event's JSON, built at the first attempt and sent unchanged on every retry.
     payload         text,
     attempts        integer     NOT NULL DEFAULT 0,
@@ -93,10 +96,11 @@ BEGIN
     WITH finished AS (
         UPDATE batches SET status = 'finished', finished_at = now()
          WHERE id = ANY(ids) AND status = 'closed' AND pending = 0 AND processing = 0
-        RETURNING id, callback_url
+        RETURNING *
     )
-    INSERT INTO webhook_deliveries (batch_id, event_type)
-    SELECT id, 'batch.finished' FROM finished WHERE callback_url IS NOT NULL;
+    INSERT INTO webhook_deliveries (batch_id, event_type, snapshot)
+    SELECT f.id, 'batch.finished', to_jsonb(f) - 'webhook_secret'
+      FROM finished AS f WHERE f.callback_url IS NOT NULL;
 END $$;
 
 -- One row per (image, sign): +1 for a row as it is now, -1 for a row as it was.
