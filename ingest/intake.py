@@ -7,6 +7,8 @@ announcements: a process killed before that leaves them behind for the engine's 
 sweeper. A crash after the rows were committed leaves `pending` rows without `enqueued_at`, which
 the outbox sweeper publishes again. A request's answer is stored with its rows (same transaction)
 when it carries an Idempotency-Key, so a retry gets the same answer even after such a crash.
+Images that join a batch (`?batch=`) are inserted only while it is open, checked in the rows'
+transaction (see `db.batches.status_for_upload`).
 """
 
 from __future__ import annotations
