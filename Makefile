@@ -15,6 +15,8 @@ ROLES ?= user
 BENCH_PROFILE ?= quick
 # Every target runs against the local stack, whose secrets are the development ones.
 export PIXELMILL_ENV ?= local
+# Batch webhooks may call receivers on this machine (refused in production).
+export WEBHOOK_ALLOW_PRIVATE ?= true
 
 .PHONY: up down logs ps token scale test lint bench clean compose-tool promtool
 

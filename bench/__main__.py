@@ -1,6 +1,6 @@
 """The benchmarks' command line: `python -m bench COMMAND`.
 
-Commands: corpus, kernel, engine, e2e, fairness, sweep, report, quick, full.
+Commands: corpus, kernel, engine, e2e, fairness, soak, sweep, report, quick, full.
 
 This is a CLI edge: `engine` and `sweep` read the environment (Settings) for where PostgreSQL,
 RabbitMQ and Redis live; everything they create there is their own and removed afterwards.
@@ -37,9 +37,11 @@ from bench.report import (
     fairness_summary_markdown,
     generate_report,
     kernel_summary_markdown,
+    soak_summary_markdown,
     sweep_summary_markdown,
 )
 from bench.results import build_document, new_run_dir, write_results
+from bench.soak import SoakConfig, run_soak
 from bench.sweep import engine_grid, sweep_e2e, sweep_engine
 from common.config import Settings, declare_local
 from ops.stack import http_ok
@@ -277,6 +279,28 @@ def command_e2e(args: argparse.Namespace) -> None:
     _write("e2e", config.settings(), payload, args.results_dir, e2e_summary_markdown)
 
 
+def command_soak(args: argparse.Namespace) -> None:
+    """Many images through the client into one batch against the running stack (not in CI)."""
+    with _stack(args.url, args.start_stack):
+        token = args.token or mint_token(
+            sys.executable, REPO_ROOT, f"soak-{uuid.uuid4().hex[:8]}", expires_in=48 * 3600
+        )
+        config = SoakConfig(
+            url=args.url,
+            token=token,
+            settings=Settings.from_env(declare_local(os.environ)),
+            state_dir=args.state_dir,
+            work_dir=args.results_dir / ".cache",
+            count=args.count,
+            warmup=args.warmup,
+            concurrency=args.concurrency,
+            batch_size=args.batch_size,
+            samples=args.samples,
+        )
+        payload = run_soak(config)
+    _write("soak", config.summary(), payload, args.results_dir, soak_summary_markdown)
+
+
 def command_sweep(args: argparse.Namespace) -> None:
     if args.mode == "engine":
         specs = engine_grid(
@@ -382,6 +406,16 @@ def _add_fairness_parser(commands: Any) -> None:
     fairness.add_argument("--timeout", type=float, default=full.timeout_s, help="longest wait, s")
 
 
+def _add_soak_parser(commands: Any) -> None:
+    soak = commands.add_parser("soak", help="many images into one batch; nothing may degrade")
+    _add_stack_options(soak)
+    soak.add_argument("--count", type=int, default=100_000)
+    soak.add_argument("--warmup", type=int, default=1000, help="images before the idle readings")
+    soak.add_argument("--concurrency", type=int, default=4)
+    soak.add_argument("--batch-size", type=int, default=50, help="images per bulk request")
+    soak.add_argument("--samples", type=int, default=200, help="GETs per idle p99")
+
+
 def _add_sweep_parser(commands: Any) -> None:
     sweep = commands.add_parser("sweep", help="a grid of engine or end-to-end settings")
     sweep.add_argument("--mode", choices=["engine", "e2e"], default="engine")
@@ -422,6 +456,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_engine_parser(commands)
     _add_e2e_parser(commands)
     _add_fairness_parser(commands)
+    _add_soak_parser(commands)
     _add_sweep_parser(commands)
 
     for name in ("quick", "full"):
@@ -438,11 +473,12 @@ def main(argv: Sequence[str] | None = None) -> None:
     elif args.command == "report":
         for path in generate_report(args.results, args.out):
             print(path)
-    elif args.command in ("engine", "e2e", "fairness", "sweep"):
+    elif args.command in ("engine", "e2e", "fairness", "soak", "sweep"):
         commands = {
             "engine": command_engine,
             "e2e": command_e2e,
             "fairness": command_fairness,
+            "soak": command_soak,
             "sweep": command_sweep,
         }
         commands[args.command](args)

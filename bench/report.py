@@ -8,6 +8,7 @@ interactive uploads over time while a backlog drains, with lanes and without.
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -518,6 +519,122 @@ def sweep_summary_markdown(document: dict[str, Any]) -> str:
     )
 
 
+def _yes_no(value: object) -> str:
+    return "n/a" if value is None else ("yes" if value else "NO")
+
+
+def soak_summary_markdown(document: dict[str, Any]) -> str:
+    """`bench soak`: the tenths, the idle GET p99s before and after, sizes, memory, verdicts."""
+    lines = [
+        f"# Soak: {document['settings']['count']} images into one batch\n",
+        f"{document['completed']} completed, {document['failed']} failed, "
+        f"{document['rejected']} rejected, {document['unfinished']} unfinished in "
+        f"{document['run_seconds']:.0f} s (uploads ended after "
+        f"{document['uploads_ended_after_s']:.0f} s; expected about "
+        f"{document['expected_seconds']:.0f} s from the warm-up).\n",
+        *_soak_tenths(document),
+        *_soak_idle(document),
+        *_soak_memory(document["memory"]),
+    ]
+    return "\n".join(lines)
+
+
+def _soak_tenths(document: dict[str, Any]) -> list[str]:
+    headers = ["tenth", "images", "completed/s", "after uploads", "GET batch p99", "GET image p99"]
+    rows = [
+        [
+            t["index"],
+            t["images"],
+            t["per_second"],
+            "yes" if t["after_uploads"] else "",
+            p["get_batch_p99_ms"],
+            p["get_image_p99_ms"],
+        ]
+        for t, p in zip(document["tenths"], document["p99_by_tenth"], strict=True)
+    ]
+    rate = document["rate"]
+    return [
+        "## Completed per second, by tenth of the images (p99 in ms)\n",
+        markdown_table(headers, rows),
+        f"Last tenth after the uploads vs the first: {rate['ratio']} (target >= 0.9): "
+        f"{_yes_no(rate['meets_target'])}\n",
+    ]
+
+
+def _soak_idle(document: dict[str, Any]) -> list[str]:
+    before, after = document["idle_before"], document["idle_after"]
+    p99_rows = [
+        [name, before["p99_ms"][name], after["p99_ms"][name], ratio]
+        for name, ratio in document["p99_after_vs_before"].items()
+    ]
+    size_rows = [
+        [table, *(_mib(side["tables"][table][k]) for side in (before, after) for k in SIZE_KEYS)]
+        for table in after["tables"]
+    ]
+    return [
+        "## Idle GET p99 (ms), before and after\n",
+        markdown_table(["request", "before", "after", "after/before"], p99_rows),
+        f"Every p99 after <= 1.5x before: {_yes_no(document['p99_meets_target'])}\n",
+        "## Sizes\n",
+        markdown_table(
+            ["table", "table MiB before", "index MiB before", "table MiB after", "index MiB after"],
+            size_rows,
+        ),
+        f"Redis used memory: {_mib(before['redis_used_memory_bytes'])} MiB before, "
+        f"{_mib(after['redis_used_memory_bytes'])} MiB after.\n",
+    ]
+
+
+def _soak_memory(memory: dict[str, Any]) -> list[str]:
+    rows = [
+        [
+            pid,
+            row["role"],
+            row["peak_rss_mib"],
+            row["rss_at_first_tenth_mib"],
+            row["rss_at_end_mib"],
+            "YES" if row["grew"] else "no",
+        ]
+        for pid, row in memory["processes"].items()
+    ]
+    services = ", ".join(f"{k} {v} MiB" for k, v in memory["services_peak_rss_mib"].items())
+    return [
+        "## Memory of the pixelmill processes (MiB)\n",
+        markdown_table(["pid", "role", "peak", "at first tenth", "at end", "grew"], rows),
+        f"No pixelmill process grows with the count: {_yes_no(memory['meets_target'])}. "
+        f"Services' peak RSS (reported, not judged): {services}\n",
+    ]
+
+
+SIZE_KEYS = ("table_bytes", "index_bytes")
+
+
+def _mib(value: int) -> float:
+    return round(value / (1024 * 1024), 2)
+
+
+def plot_soak_timeline(document: dict[str, Any], path: Path) -> Path:
+    """Throughput (completed/s between samples) and the sampled GET latencies over the run."""
+    points = document["timeline"]
+    start = points[0]["t"] if points else 0.0
+    times = [p["t"] - start for p in points]
+    rates = [0.0] + [
+        max(0.0, (b["done"] - a["done"]) / max(b["t"] - a["t"], 1e-9))
+        for a, b in itertools.pairwise(points)
+    ]
+    figure = _new_figure((9, 5))
+    throughput, latency = figure.subplots(2, 1, sharex=True)
+    throughput.plot(times, rates[: len(times)])
+    throughput.set_ylabel("completed/s")
+    throughput.set_title(f"Soak: {document['settings']['count']} images in one batch")
+    latency.plot(times, [p["get_batch_ms"] for p in points], label="GET batch")
+    latency.plot(times, [p["get_image_ms"] for p in points], label="GET image")
+    latency.set_ylabel("latency (ms)")
+    latency.set_xlabel("seconds into the run")
+    latency.legend(fontsize="small")
+    return _save(figure, path)
+
+
 def kernel_plots(document: dict[str, Any], out_dir: Path, prefix: str) -> list[Path]:
     """Throughput bars for every format and process count; scaling lines per format."""
     written = []
@@ -541,6 +658,8 @@ def plots_for(document: dict[str, Any], out_dir: Path, prefix: str) -> list[Path
         written.append(plot_latency_percentiles(document, out_dir / f"{prefix}-latency.png"))
     if document.get("stages_ms"):
         written.append(plot_stage_breakdown(document, out_dir / f"{prefix}-stages.png"))
+    if document.get("kind") == "soak":
+        written.append(plot_soak_timeline(document, out_dir / f"{prefix}-soak.png"))
     if document.get("kind") == "sweep" and document.get("mode") == "engine" and document["rows"]:
         written.append(plot_sweep_throughput(document, out_dir / f"{prefix}-sweep.png"))
     if document.get("kind") == "fairness" and document["runs"]:

@@ -36,6 +36,10 @@ WELL_KNOWN_SECRETS = frozenset(
 )
 
 
+# The local stack's and the tests' key for webhook secrets at rest; production refuses it.
+DEVELOPMENT_WEBHOOK_KEY = "pixelmill-local-webhook-key"
+
+
 class ConfigError(ValueError):
     """A configuration value is missing or malformed; the message names the variable."""
 
@@ -268,6 +272,20 @@ class EngineSettings:
 
 
 @dataclass(frozen=True)
+class WebhookSettings:
+    """Batch event deliveries (see common.webhooks)."""
+
+    # A long random secret from which the key that encrypts signing secrets at rest is derived.
+    encryption_key: str = DEVELOPMENT_WEBHOOK_KEY
+    # Private, loopback and link-local targets (and plain http) are refused unless true.
+    allow_private: bool = False
+    timeout_seconds: float = 5.0
+    # A delivery is retried with backoff until it is this old, then abandoned.
+    retry_hours: float = 24.0
+    sweep_seconds: float = 2.0
+
+
+@dataclass(frozen=True)
 class Settings:
     """Everything a pixelmill process needs, read once at start-up."""
 
@@ -282,6 +300,7 @@ class Settings:
     log_format: str = "text"
     server: ServerSettings = field(default_factory=ServerSettings)
     environment: str = PRODUCTION
+    webhooks: WebhookSettings = field(default_factory=WebhookSettings)
 
     @property
     def is_local(self) -> bool:
@@ -307,6 +326,7 @@ class Settings:
             log_format=env.choice("LOG_FORMAT", defaults.log_format, ("text", "json")),
             server=_server_from(env),
             environment=environment,
+            webhooks=_webhooks_from(env),
         )
 
 
@@ -347,6 +367,11 @@ def _refuse_development_secrets(env: _Env) -> None:
             "(redis://:PASSWORD@host:6379/0 or rediss:// for TLS)"
         )
     _refuse_shared_presign_key(env, hint)
+    if env.raw("WEBHOOK_ENCRYPTION_KEY", DEVELOPMENT_WEBHOOK_KEY) == DEVELOPMENT_WEBHOOK_KEY:
+        raise ConfigError(
+            "WEBHOOK_ENCRYPTION_KEY is not set or holds the development key; production encrypts "
+            "webhook secrets with its own (for example `openssl rand -hex 24`)"
+        )
 
 
 def _refuse_shared_presign_key(env: _Env, hint: str) -> None:
@@ -499,3 +524,17 @@ def _renditions_from(env: _Env) -> tuple[Rendition, ...]:
         return parse_renditions(spec)
     except RenditionSpecError as exc:
         raise ConfigError(f"RENDITIONS {exc}") from None
+
+
+def _webhooks_from(env: _Env) -> WebhookSettings:
+    d = WebhookSettings()
+    key = env.raw("WEBHOOK_ENCRYPTION_KEY", d.encryption_key)
+    if len(key) < 16:
+        raise ConfigError("WEBHOOK_ENCRYPTION_KEY must be at least 16 characters (use 32+ random)")
+    return WebhookSettings(
+        encryption_key=key,
+        allow_private=env.boolean("WEBHOOK_ALLOW_PRIVATE", d.allow_private),
+        timeout_seconds=env.decimal("WEBHOOK_TIMEOUT_SECONDS", d.timeout_seconds, minimum=0.1),
+        retry_hours=env.decimal("WEBHOOK_RETRY_HOURS", d.retry_hours, minimum=0.01),
+        sweep_seconds=env.decimal("WEBHOOK_SWEEP_SECONDS", d.sweep_seconds, minimum=0.1),
+    )

@@ -13,7 +13,8 @@ import psycopg
 from psycopg.rows import class_row
 from psycopg.types.json import Jsonb
 
-TERMINAL_STATUSES = ("completed", "failed")
+# `cancelled`: its batch was cancelled before the image started (see db.batches).
+TERMINAL_STATUSES = ("completed", "failed", "cancelled")
 STATUSES = ("pending", "processing", *TERMINAL_STATUSES)
 
 
@@ -70,6 +71,7 @@ class ImageRecord:
     # The lane (and bulk shard) its job travels in: see common.jobs.
     lane: str
     shard: int
+    batch_id: uuid.UUID | None
 
     @property
     def is_terminal(self) -> bool:
@@ -110,6 +112,7 @@ class NewImage:
     requested_renditions: str | None = None
     lane: str = "bulk"
     shard: int = 0
+    batch_id: uuid.UUID | None = None
 
 
 @dataclass(frozen=True)
@@ -128,6 +131,7 @@ class Outcome:
     # The row's `requested_renditions` when it was claimed: if an upload widened it since, the
     # completed image goes back to `pending` for the outbox sweeper to queue again.
     requested_renditions: str | None = None
+    result_size_bytes: int | None = None
 
 
 _COLUMNS = ", ".join(ImageRecord.__dataclass_fields__)
@@ -139,7 +143,7 @@ def insert_images(conn: psycopg.Connection[Any], new: Sequence[NewImage]) -> lis
     # One array type per NewImage field, in order.
     types = (
         *("uuid", "text", "text", "text", "bigint", "text", "int", "int", "text"),
-        *("text", "text", "int"),  # requested_renditions, lane, shard
+        *("text", "text", "int", "uuid"),  # requested_renditions, lane, shard, batch_id
     )
     arrays = [[getattr(image, column) for image in new] for column in columns]
     unnest = ", ".join(f"%s::{t}[]" for t in types)
@@ -155,15 +159,24 @@ def insert_images(conn: psycopg.Connection[Any], new: Sequence[NewImage]) -> lis
 
 
 def find_by_digest(
-    conn: psycopg.Connection[Any], owner: str, digests: Sequence[str]
+    conn: psycopg.Connection[Any],
+    owner: str,
+    digests: Sequence[str],
+    batch_id: uuid.UUID | None = None,
 ) -> dict[str, ImageRecord]:
-    """The owner's newest image for each digest, leaving out failed ones (de-duplication)."""
+    """The owner's newest image for each digest, leaving out failed and cancelled ones
+    (de-duplication); with `batch_id`, only among that batch's images."""
+    in_batch = "" if batch_id is None else "AND batch_id = %s"
+    params: list[Any] = [owner, list(digests)]
+    if batch_id is not None:
+        params.append(batch_id)
     with conn.cursor(row_factory=class_row(ImageRecord)) as cur:
         cur.execute(
             f"""SELECT DISTINCT ON (sha256) {_COLUMNS} FROM images
-                WHERE owner = %s AND sha256 = ANY(%s) AND status <> 'failed'
+                WHERE owner = %s AND sha256 = ANY(%s) AND status NOT IN ('failed', 'cancelled')
+                  {in_batch}
                 ORDER BY sha256, created_at DESC""",
-            (owner, list(digests)),
+            params,
         )
         return {row.sha256: row for row in cur.fetchall()}
 
@@ -205,10 +218,14 @@ def list_images(
     status: str | None,
     limit: int,
     after: tuple[datetime, uuid.UUID] | None,
+    batch_id: uuid.UUID | None = None,
 ) -> list[ImageRecord]:
     """Images newest first; `after` is the (created_at, id) of the last row of the previous page."""
     clauses: list[str] = []
     params: list[Any] = []
+    if batch_id is not None:
+        clauses.append("batch_id = %s")
+        params.append(batch_id)
     if owner is not None:
         clauses.append("owner = %s")
         params.append(owner)
@@ -231,13 +248,17 @@ def list_images(
 def claim_batch(conn: psycopg.Connection[Any], ids: Sequence[uuid.UUID]) -> list[ImageRecord]:
     """Mark the non-terminal images among `ids` as `processing`, in one statement.
 
-    Images already `completed` or `failed` (a redelivered message) and unknown ids (deleted) are not
-    returned: their messages are acknowledged without work.
+    Images already terminal (a redelivered message), unknown ids (deleted) and images of a
+    cancelled batch not yet started are not returned: their messages are acknowledged without
+    work. (A claimed image of a cancelled batch is in flight: it is claimed again and finishes.)
     """
     with conn.cursor(row_factory=class_row(ImageRecord)) as cur:
         cur.execute(
             f"""UPDATE images SET status = 'processing', attempts = attempts + 1, updated_at = now()
                 WHERE id = ANY(%s) AND status IN ('pending', 'processing')
+                  AND (batch_id IS NULL OR status = 'processing' OR NOT EXISTS (
+                        SELECT 1 FROM batches AS b
+                         WHERE b.id = images.batch_id AND b.status = 'cancelled'))
                 RETURNING {_COLUMNS}""",
             (list(ids),),
         )
@@ -247,9 +268,10 @@ def claim_batch(conn: psycopg.Connection[Any], ids: Sequence[uuid.UUID]) -> list
 def commit_batch(conn: psycopg.Connection[Any], outcomes: Sequence[Outcome]) -> set[uuid.UUID]:
     """Write the terminal status of a whole batch in one statement; returns the ids changed.
 
-    Statuses only move forward: a row already terminal is left as it is. A completed outcome's
-    renditions replace the row's (the engine merges in those the image had); a failed one keeps
-    them, and the main result, for an image that had some before (renditions added later). An
+    Statuses only move forward: a row already terminal (cancelled included) is left as it is. A
+    completed outcome's renditions replace the row's (the engine merges in those the image had);
+    a failed one keeps them, and the main result, for an image that had some before (renditions
+    added later). An
     image whose requested renditions were widened while it was processed stays `pending`, its
     job to be queued again, so the renditions asked for meanwhile are made too.
     """
@@ -270,12 +292,13 @@ def commit_batch(conn: psycopg.Connection[Any], outcomes: Sequence[Outcome]) -> 
                result_height = COALESCE(o.result_height, i.result_height),
                renditions = CASE WHEN o.status = 'completed' THEN o.renditions
                                  ELSE i.renditions END,
+               result_size_bytes = COALESCE(o.result_size_bytes, i.result_size_bytes),
                updated_at = now()
            FROM unnest(%s::uuid[], %s::text[], %s::text[], %s::text[], %s::text[],
-                       %s::int[], %s::int[], %s::jsonb[], %s::text[])
+                       %s::int[], %s::int[], %s::jsonb[], %s::text[], %s::bigint[])
                 AS o(id, status, error, result_key, result_content_type, result_width,
-                     result_height, renditions, requested)
-           WHERE i.id = o.id AND i.status NOT IN ('completed', 'failed')
+                     result_height, renditions, requested, result_size_bytes)
+           WHERE i.id = o.id AND i.status IN ('pending', 'processing')
            RETURNING i.id""",
         (
             [o.id for o in outcomes],
@@ -287,6 +310,7 @@ def commit_batch(conn: psycopg.Connection[Any], outcomes: Sequence[Outcome]) -> 
             [o.result_height for o in outcomes],
             [Jsonb([asdict(r) for r in o.renditions]) for o in outcomes],
             [o.requested_renditions for o in outcomes],
+            [o.result_size_bytes for o in outcomes],
         ),
     )
     return {row[0] for row in cur.fetchall()}

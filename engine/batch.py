@@ -318,14 +318,17 @@ class BatchProcessor:
             return images.commit_batch(conn, outcomes)
 
     def _remove_orphans(self, outcomes: list[Outcome], updated: set[uuid.UUID]) -> None:
-        """Delete results stored for images whose row was deleted while they were processed."""
+        """Delete results stored for images whose row was deleted, or cancelled, while they were
+        processed: no result object may outlive its image or belong to a cancelled one. (A row
+        another delivery completed meanwhile keeps its result: it has the same key.)"""
         stale = [o for o in outcomes if o.id not in updated and o.renditions]
         if not stale:
             return
         with self._db.transaction() as conn:
-            alive = {r.id for r in images.get_images(conn, [o.id for o in stale])}
+            rows = images.get_images(conn, [o.id for o in stale])
+        kept = {r.id for r in rows if r.status != "cancelled"}
         for outcome in stale:
-            if outcome.id not in alive:
+            if outcome.id not in kept:
                 for rendition in outcome.renditions:
                     self._store.delete_result(rendition.key)
 
@@ -422,6 +425,8 @@ class BatchProcessor:
                 result_height=main.height,
                 renditions=renditions,
                 requested_renditions=work.record.requested_renditions,
+                # What this render stored, for its batch's bytes out.
+                result_size_bytes=sum(r.bytes or 0 for r in stored),
             )
         )
 

@@ -1,5 +1,5 @@
-"""A worker node: the arenas, the CPU pool, the batch pipeline, the consumer and the sweeper,
-started together and stopped together (SIGTERM drains)."""
+"""A worker node: the arenas, the CPU pool, the batch pipeline, the consumer, the sweepers and the
+webhook deliverer, started together and stopped together (SIGTERM drains)."""
 
 from __future__ import annotations
 
@@ -32,6 +32,7 @@ from engine.dependencies import DependencyGate
 from engine.health import HealthReporter, WorkProgress
 from engine.outbox import OutboxSweeper
 from engine.slots import SlotArena, sweep_stale_segments
+from engine.webhooks import WebhookDeliverer
 
 log = logging.getLogger(__name__)
 
@@ -125,6 +126,7 @@ class WorkerNode:
             engine.max_render_seconds,
             paused=self._paused_reason,
         )
+        self.webhooks = WebhookDeliverer(self.db, settings.webhooks)
         self.control = NodeControl(
             cache.client,
             settings.redis_prefix,
@@ -190,6 +192,7 @@ class WorkerNode:
         self.sweeper.start()
         self.reaper.start()
         self.upload_sweeper.start()
+        self.webhooks.start()
         self.control.start()
         try:
             self.consumer.run()
@@ -218,6 +221,7 @@ class WorkerNode:
         self.sweeper.stop()
         self.reaper.stop()
         self.upload_sweeper.stop()
+        self.webhooks.stop()
         self.processor.close()
         self.pool.close()
         self.db.close()

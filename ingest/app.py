@@ -31,6 +31,14 @@ from ingest.middleware import (
 )
 from ingest.openapi import OpenApiResource, openapi_document
 from ingest.rate_limit import UploadRateLimiter
+from ingest.routes.batches import (
+    BatchCancelResource,
+    BatchCloseResource,
+    BatchCollectionResource,
+    BatchImagesResource,
+    BatchResource,
+    BatchRetryResource,
+)
 from ingest.routes.health import HealthResource, ReadinessResource
 from ingest.routes.images import ImageCollectionResource, ImageResource, RenditionResource
 from ingest.routes.upload import BulkUploadResource, UploadResource
@@ -125,7 +133,20 @@ def create_app(settings: Settings, deps: Dependencies) -> falcon.App:
     app.add_route(
         "/api/v1/images/{image_id}/renditions/{name}", RenditionResource(image, deps.store)
     )
+    _add_batch_routes(app, settings, deps)
     return app
+
+
+def _add_batch_routes(app: falcon.App, settings: Settings, deps: Dependencies) -> None:
+    app.add_route("/api/v1/batches", BatchCollectionResource(deps.db, settings.webhooks))
+    app.add_route("/api/v1/batches/{batch_id}", BatchResource(deps.db))
+    app.add_route("/api/v1/batches/{batch_id}/images", BatchImagesResource(deps.db))
+    app.add_route("/api/v1/batches/{batch_id}/close", BatchCloseResource(deps.db))
+    app.add_route(
+        "/api/v1/batches/{batch_id}/retry",
+        BatchRetryResource(deps.db, deps.publisher, deps.cache),
+    )
+    app.add_route("/api/v1/batches/{batch_id}/cancel", BatchCancelResource(deps.db, deps.cache))
 
 
 def _configure_multipart(app: falcon.App) -> None:

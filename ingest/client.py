@@ -1,10 +1,13 @@
 """`pixelmill-upload` / `python -m ingest.client upload`: the bulk-upload client, also a library.
 
-Owns what a client does against the API: finding JPEG and PNG files, uploading them in batches
+Owns what a client does against the API: finding JPEG and PNG files, uploading them in requests
 over keep-alive connections with retries and content-derived idempotency keys, a journal so that a
-restarted run uploads nothing twice, waiting for completion with `?ids=` polls, downloading the
-results and summarising. Standard library only. The benchmarks drive the same code path through
-`upload_files`, whose report carries per-file timings.
+restarted run uploads nothing twice, waiting for completion, downloading the results and
+summarising. The command makes one server-side batch per run (`--batch ID` or the state folder
+resumes one), closes it once every file is sent and follows the batch document; without a batch
+(the library's default) it polls `?ids=`. `retry BATCH` and `cancel BATCH` steer a batch.
+Standard library only. The benchmarks drive the same code path through `upload_files`, whose
+report carries per-file timings.
 """
 
 from __future__ import annotations
@@ -22,7 +25,7 @@ import urllib.request
 import uuid
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, TextIO
 from urllib.parse import urlsplit
@@ -36,7 +39,9 @@ PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 ACCEPTED_STATUSES = frozenset({200, 201})
 TRANSIENT_STATUSES = frozenset({429, 502, 503, 504})
 FATAL_STATUSES = frozenset({401, 403})
-TERMINAL_STATUSES = frozenset({"completed", "failed"})
+TERMINAL_STATUSES = frozenset({"completed", "failed", "cancelled"})
+BATCH_ENDED = frozenset({"finished", "cancelled"})
+BATCH_FILE = "batch"
 MAX_IDS_PER_POLL = 100
 JOURNAL_NAME = "journal.jsonl"
 DEFAULT_STATE_DIR = Path(".pixelmill-upload")
@@ -81,6 +86,10 @@ class UploadOptions:
     # Mixed into idempotency keys: only for callers (benchmarks) that resend the same files on
     # purpose and want new images rather than the first answers replayed.
     key_salt: str = ""
+    # Upload into a server-side batch: this one, or (with `use_batch`) one made for the run.
+    batch_id: str | None = None
+    use_batch: bool = False
+    batch_name: str | None = None
 
 
 @dataclass
@@ -131,6 +140,8 @@ class UploadReport:
     uploads_ended_at: float = 0.0
     finished_at: float = 0.0
     aborted: str | None = None
+    # The batch document as last read, when the run uploads into a batch.
+    batch: dict[str, Any] | None = None
 
     def with_outcome(self, outcome: str) -> list[FileResult]:
         return [f for f in self.files if f.outcome == outcome]
@@ -459,6 +470,8 @@ class ProgressLine:
             self._stream.flush()
 
     def _line(self, report: UploadReport, phase: str, now: float) -> str:
+        if report.batch is not None and phase != "uploading":
+            return self._batch_line(report.batch, phase)
         counts = report.counts()
         sent = counts["uploaded_now"] + counts["rejected"]
         elapsed = max(now - self._started, 1e-6)
@@ -469,6 +482,19 @@ class ProgressLine:
             f"{prefix}{phase}: sent {sent}/{self._total}, accepted {counts['uploaded_now']}, "
             f"rejected {counts['rejected']}, completed {counts['completed']}, "
             f"failed {counts['failed']} | {rate:.1f} images/s | {elapsed:.0f}s{end}"
+        )
+
+    def _batch_line(self, batch: dict[str, Any], phase: str) -> str:
+        counts = batch.get("counts", {})
+        eta = batch.get("eta_seconds")
+        prefix = "\r\x1b[K" if self._interactive else ""
+        end = "" if self._interactive else "\n"
+        return (
+            f"{prefix}{phase}: batch {batch.get('status')}, completed "
+            f"{counts.get('completed', 0)}/{batch.get('total', 0)}, failed "
+            f"{counts.get('failed', 0)}, cancelled {counts.get('cancelled', 0)} | "
+            f"{batch.get('images_per_second', 0):.1f} images/s | eta "
+            f"{'?' if eta is None else f'{eta:.0f}s'}{end}"
         )
 
 
@@ -549,12 +575,102 @@ class CompletionWatcher:
             item = self._pending.pop(str(document.get("id")), None)
         if item is None:
             return False
-        item.outcome = str(document["status"])
+        # A cancelled image (its batch was cancelled) did not get a result either.
+        item.outcome = "completed" if document["status"] == "completed" else "failed"
         item.completed_at = seen
         item.result_content_type = (document.get("result") or {}).get("content_type")
         if item.outcome == "failed":
-            item.reason = document.get("error") or "failed without a reason"
+            item.reason = document.get("error") or f"{document['status']} without a reason"
         return True
+
+
+class BatchWatcher:
+    """Follows the batch document (one cheap request, whatever the batch's size) until the batch
+    has finished or was cancelled, then learns which images failed from the batch's failed and
+    cancelled lists: the images not named there completed."""
+
+    def __init__(
+        self,
+        connection: ApiConnection,
+        options: UploadOptions,
+        report: UploadReport,
+        on_change: Callable[[], None],
+    ) -> None:
+        self._connection = connection
+        self._options = options
+        self._report = report
+        self._on_change = on_change
+
+    def follow(self, batch_id: str) -> None:
+        """Poll until the batch has ended or `wait_timeout_s` passed; then settle every file."""
+        deadline = time.monotonic() + self._options.wait_timeout_s
+        while time.monotonic() < deadline:
+            document = self._read(f"/api/v1/batches/{batch_id}")
+            if document is not None:
+                self._report.batch = document
+                self._on_change()
+                if document.get("status") in BATCH_ENDED:
+                    break
+            time.sleep(self._options.poll_interval_s)
+        self._settle(batch_id)
+
+    def _read(self, path: str) -> dict[str, Any] | None:
+        try:
+            response = self._connection.request("GET", path)
+        except TransientFailure:
+            return None
+        return response.json() if response.status == 200 else None
+
+    def _settle(self, batch_id: str) -> None:
+        ended = (self._report.batch or {}).get("status") in BATCH_ENDED
+        unsuccessful = {
+            **self._listed(batch_id, "failed"),
+            **self._listed(batch_id, "cancelled"),
+        }
+        now = time.time()
+        for item in self._report.files:
+            if item.outcome != "accepted" or item.image_id is None or item.from_journal:
+                continue
+            document = unsuccessful.get(item.image_id)
+            if document is not None:
+                item.outcome, item.completed_at = "failed", now
+                item.reason = document.get("error") or f"{document.get('status')} with its batch"
+            elif ended:
+                item.outcome, item.completed_at = "completed", now
+            else:
+                item.outcome = "unfinished"
+                item.reason = f"the batch had not finished after {self._options.wait_timeout_s:g}s"
+
+    def settle_journaled(self) -> None:
+        """Files accepted by an earlier run may belong to another batch (or none): their images
+        are read by id, 100 a request, once."""
+        earlier = [f for f in self._report.files if f.from_journal and f.image_id is not None]
+        for start in range(0, len(earlier), MAX_IDS_PER_POLL):
+            chunk = {str(f.image_id): f for f in earlier[start : start + MAX_IDS_PER_POLL]}
+            page = self._read("/api/v1/images?ids=" + ",".join(chunk)) or {}
+            for document in page.get("items", []):
+                item = chunk.get(str(document.get("id")))
+                if item is not None and document.get("status") in TERMINAL_STATUSES:
+                    item.outcome = "completed" if document["status"] == "completed" else "failed"
+                    item.reason = document.get("error")
+                    item.result_content_type = (document.get("result") or {}).get("content_type")
+        for item in earlier:
+            if item.outcome == "accepted":
+                item.outcome, item.reason = "unfinished", "not terminal yet"
+
+    def _listed(self, batch_id: str, status: str) -> dict[str, dict[str, Any]]:
+        found: dict[str, dict[str, Any]] = {}
+        cursor = ""
+        while True:
+            page = self._read(
+                f"/api/v1/batches/{batch_id}/images?status={status}&limit=100{cursor}"
+            )
+            if page is None:
+                return found
+            found.update({str(d["id"]): d for d in page.get("items", [])})
+            if not page.get("next_cursor"):
+                return found
+            cursor = f"&cursor={page['next_cursor']}"
 
 
 # ---------------------------------------------------------------------------------------------
@@ -578,6 +694,7 @@ class UploadClient:
         self._abort = threading.Event()
         self._single = options.single
         self.report = UploadReport(route="single" if options.single else "bulk")
+        self.batch_id = options.batch_id
 
     def _connection(self) -> ApiConnection:
         connection = getattr(self._local, "connection", None)
@@ -631,6 +748,8 @@ class UploadClient:
 
     def run(self) -> UploadReport:
         """Upload every prepared file, wait for completion and download results as asked."""
+        if self.batch_id is not None:
+            return self._run_in_batch(self.batch_id)
         report = self.report
         progress = ProgressLine(self.options.progress_stream, len(report.files))
         watcher = CompletionWatcher(
@@ -652,6 +771,43 @@ class UploadClient:
             progress.show(report, "done", final=True)
             self.close()
         return report
+
+    def _run_in_batch(self, batch_id: str) -> UploadReport:
+        """Upload into the batch, close it once every file has been answered, and follow the
+        batch document instead of the images."""
+        report = self.report
+        progress = ProgressLine(self.options.progress_stream, len(report.files))
+        report.started_at = time.time()
+        try:
+            self._upload_all(None, progress)
+            report.uploads_ended_at = time.time()
+            if report.aborted is None and all(_answered(f) for f in report.files):
+                self.close_batch(batch_id)
+            if self.options.wait:
+                watcher = BatchWatcher(
+                    self.new_connection(),
+                    self.options,
+                    report,
+                    lambda: progress.show(report, "waiting"),
+                )
+                watcher.follow(batch_id)
+                watcher.settle_journaled()
+                if self.options.out_dir is not None:
+                    self._download_all(self.options.out_dir)
+        finally:
+            report.finished_at = time.time()
+            progress.show(report, "done", final=True)
+            self.close()
+        return report
+
+    def close_batch(self, batch_id: str) -> None:
+        connection = self._connection()
+        response, _, reason = send_with_retries(
+            lambda: connection.request("POST", f"/api/v1/batches/{batch_id}/close"), self.policy
+        )
+        if response is None or response.status != 200:
+            why = reason or (response.error_text() if response else "no answer")
+            self.report.aborted = f"could not close batch {batch_id}: {why}"
 
     def _upload_all(self, watcher: CompletionWatcher | None, progress: ProgressLine) -> None:
         def upload(batch: list[FileResult]) -> None:
@@ -687,7 +843,7 @@ class UploadClient:
     ) -> None:
         chunks, content_type = multipart_body([(f.filename, f.path.read_bytes()) for f in batch])
         route = "single" if request == self._single_request else "bulk"
-        key = idempotency_key(route, batch, self.options.key_salt)
+        key = idempotency_key(route, batch, self.options.key_salt + (self.batch_id or ""))
         started = time.time()
         response, attempts, reason = send_with_retries(
             lambda: request(batch, chunks, content_type, key), self.policy
@@ -711,13 +867,16 @@ class UploadClient:
         self, batch: list[FileResult], chunks: list[bytes], content_type: str, key: str
     ) -> ApiResponse:
         headers = {"Content-Type": content_type, "Idempotency-Key": key}
-        return self._connection().request("POST", "/api/v1/uploads", chunks, headers)
+        return self._connection().request("POST", self._route("/api/v1/uploads"), chunks, headers)
 
     def _single_request(
         self, batch: list[FileResult], chunks: list[bytes], content_type: str, key: str
     ) -> ApiResponse:
         headers = {"Content-Type": content_type, "Idempotency-Key": key}
-        return self._connection().request("POST", "/api/v1/upload", chunks, headers)
+        return self._connection().request("POST", self._route("/api/v1/upload"), chunks, headers)
+
+    def _route(self, path: str) -> str:
+        return path if self.batch_id is None else f"{path}?batch={self.batch_id}"
 
     def _fall_back_to_single(self, batch: list[FileResult]) -> None:
         if not self._single:
@@ -788,10 +947,17 @@ def _accept(
     item.http_status = 201 if status_code is None else status_code
     item.accepted_at = at
     status = document.get("status")
-    item.outcome = status if status in TERMINAL_STATUSES else "accepted"
+    item.outcome = "accepted"
+    if status in TERMINAL_STATUSES:  # an earlier copy (dedupe), already done
+        item.outcome = "completed" if status == "completed" else "failed"
     if item.outcome != "accepted":
         item.completed_at = at
         item.reason = document.get("error")
+
+
+def _answered(item: FileResult) -> bool:
+    """The server answered for this file (accepted or refused it), now or in an earlier run."""
+    return item.from_journal or item.http_status is not None or not item.sha256
 
 
 def _reject(batch: Iterable[FileResult], reason: str, status: int | None) -> None:
@@ -836,9 +1002,58 @@ def upload_files(
 ) -> UploadReport:
     """Find images under `paths`, upload them, wait and download as `options` say."""
     chosen, refused = discover_images(paths, exclude)
+    if options.use_batch and options.batch_id is None:
+        options = replace(options, batch_id=open_batch_for_run(options))
     client = UploadClient(options)
     client.prepare(chosen, refused)
     return client.run()
+
+
+def open_batch_for_run(options: UploadOptions) -> str:
+    """The batch this run uploads into: the one an interrupted run left open (remembered next
+    to the journal), or a new one."""
+    remembered = _remembered_batch(options)
+    connection = ApiConnection(options.url, options.token, options.request_timeout_s)
+    policy = RetryPolicy(options.max_attempts, options.backoff_base_s, options.backoff_cap_s)
+    try:
+        if remembered is not None:
+            response, _, _ = send_with_retries(
+                lambda: connection.request("GET", f"/api/v1/batches/{remembered}"), policy
+            )
+            if (
+                response is not None
+                and response.status == 200
+                and response.json().get("status") == "open"
+            ):
+                return remembered
+        body = json.dumps({"name": options.batch_name or "pixelmill-upload"}).encode()
+        response, _, reason = send_with_retries(
+            lambda: connection.request(
+                "POST", "/api/v1/batches", [body], {"Content-Type": "application/json"}
+            ),
+            policy,
+        )
+    finally:
+        connection.close()
+    if response is None or response.status != 201:
+        why = reason or (response.error_text() if response else "no answer")
+        raise UploadAborted(f"could not create a batch: {why}")
+    batch_id = str(response.json()["id"])
+    if options.journal_path is not None:
+        path = options.journal_path.with_name(BATCH_FILE)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(batch_id + "\n", encoding="utf-8")
+    return batch_id
+
+
+def _remembered_batch(options: UploadOptions) -> str | None:
+    if options.journal_path is None:
+        return None
+    path = options.journal_path.with_name(BATCH_FILE)
+    try:
+        return path.read_text(encoding="utf-8").strip() or None
+    except OSError:
+        return None
 
 
 # ---------------------------------------------------------------------------------------------
@@ -859,6 +1074,10 @@ def format_summary(report: UploadReport) -> str:
         f"  not finished:      {counts['unfinished'] + counts['accepted']}",
         f"  downloaded:        {counts['downloaded']}",
     ]
+    if report.batch is not None:
+        lines.insert(
+            1, f"  batch:             {report.batch.get('id')} ({report.batch.get('status')})"
+        )
     if report.aborted:
         lines.append(f"aborted: {report.aborted}")
     for outcome in ("failed", "rejected", "unfinished"):
@@ -886,6 +1105,16 @@ def build_parser() -> argparse.ArgumentParser:
         "--timeout", type=float, default=600.0, help="longest wait for completion, s"
     )
     upload.add_argument("--request-timeout", type=float, default=120.0, help="per request, s")
+    upload.add_argument("--batch", help="upload into this open batch (default: a new one)")
+    upload.add_argument("--name", help="the new batch's name")
+    for name, text in (
+        ("retry", "queue a batch's failed images again"),
+        ("cancel", "cancel a batch's images not yet started"),
+    ):
+        steer = commands.add_parser(name, help=text)
+        steer.add_argument("batch", metavar="BATCH")
+        steer.add_argument("--url", default="http://127.0.0.1:3000")
+        steer.add_argument("--token", help="bearer token (default: $PIXELMILL_TOKEN)")
     return parser
 
 
@@ -903,6 +1132,9 @@ def options_from(args: argparse.Namespace, token: str) -> UploadOptions:
         out_dir=args.out,
         journal_path=state_dir / JOURNAL_NAME,
         progress_stream=sys.stderr,
+        batch_id=args.batch,
+        use_batch=True,
+        batch_name=args.name,
     )
 
 
@@ -913,6 +1145,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     if not token:
         print("pixelmill-upload: give --token or set PIXELMILL_TOKEN", file=sys.stderr)
         return 2
+    if args.command in ("retry", "cancel"):
+        return steer_batch(args.url, token, args.command, args.batch)
     if args.concurrency < 1 or args.batch_size < 1:
         print(
             "pixelmill-upload: --concurrency and --batch-size must be at least 1", file=sys.stderr
@@ -920,9 +1154,31 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     options = options_from(args, token)
     exclude = [p for p in (args.out, args.state_dir) if p is not None]
-    report = upload_files(args.paths, options, exclude)
+    try:
+        report = upload_files(args.paths, options, exclude)
+    except UploadAborted as exc:
+        print(f"pixelmill-upload: {exc}", file=sys.stderr)
+        return 1
     print(format_summary(report))
     return 0 if report.ok else 1
+
+
+def steer_batch(url: str, token: str, action: str, batch_id: str) -> int:
+    """`retry` or `cancel` a batch; prints the answer (how many images it moved)."""
+    connection = ApiConnection(url, token, 30.0)
+    try:
+        response, _, reason = send_with_retries(
+            lambda: connection.request("POST", f"/api/v1/batches/{batch_id}/{action}"),
+            RetryPolicy(),
+        )
+    finally:
+        connection.close()
+    if response is None or response.status != 202:
+        why = reason or (response.error_text() if response else "no answer")
+        print(f"pixelmill-upload {action}: {why}", file=sys.stderr)
+        return 1
+    print(json.dumps(response.json()))
+    return 0
 
 
 if __name__ == "__main__":

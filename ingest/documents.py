@@ -44,6 +44,7 @@ def image_document(record: ImageRecord) -> dict[str, Any]:
         "width": record.source_width,
         "height": record.source_height,
         "result": _result_document(record),
+        "batch_id": None if record.batch_id is None else str(record.batch_id),
         "renditions": [
             {
                 "name": r.name,

@@ -7,6 +7,8 @@ announcements: a process killed before that leaves them behind for the engine's 
 sweeper. A crash after the rows were committed leaves `pending` rows without `enqueued_at`, which
 the outbox sweeper publishes again. A request's answer is stored with its rows (same transaction)
 when it carries an Idempotency-Key, so a retry gets the same answer even after such a crash.
+Images that join a batch (`?batch=`) are inserted only while it is open, checked in the rows'
+transaction (see `db.batches.status_for_upload`).
 """
 
 from __future__ import annotations
@@ -23,12 +25,14 @@ from dataclasses import dataclass
 from types import TracebackType
 from typing import Any
 
+import psycopg
+
 from common.broker import JobPublisher
 from common.config import QueueSettings
-from common.errors import Conflict, DependencyUnavailable
+from common.errors import Conflict, DependencyUnavailable, NotFound
 from common.jobs import BULK, JobMessage, bulk_shard, choose_lane
 from common.storage import ObjectStore, original_key
-from db import idempotency, images, upload_intents
+from db import batches, idempotency, images, upload_intents
 from db.images import ImageRecord, NewImage
 from db.pool import Database
 from ingest.documents import Accepted, Answer, bulk_answer, single_answer
@@ -118,9 +122,15 @@ class ImageIntake:
         self._put_slots = threading.BoundedSemaphore(MAX_PUTS_IN_FLIGHT)
         self._next_prune = 0.0
 
-    def begin(self, owner: str, renditions: RenditionRequest | None = None) -> UploadBatch:
-        """A unit of work for one request's uploads; use it as a context manager."""
-        return UploadBatch(self, owner, renditions or RenditionRequest())
+    def begin(
+        self,
+        owner: str,
+        renditions: RenditionRequest | None = None,
+        batch_id: uuid.UUID | None = None,
+    ) -> UploadBatch:
+        """A unit of work for one request's uploads (joining the owner's batch `batch_id`, if
+        given); use it as a context manager."""
+        return UploadBatch(self, owner, renditions or RenditionRequest(), batch_id)
 
     def put_original(self, new: NewImage, upload: UploadedImage) -> Future[None]:
         """Start storing an original; blocks while MAX_PUTS_IN_FLIGHT originals are uploading,
@@ -135,6 +145,12 @@ class ImageIntake:
             raise
         stored.add_done_callback(lambda _: self._put_slots.release())
         return stored
+
+    def batch_exists(self, batch_id: uuid.UUID, owner: str) -> bool:
+        """Whether `batch_id` is one of the owner's batches, whatever its status."""
+        with self.db.transaction() as conn:
+            record = batches.get_batch(conn, batch_id)
+        return record is not None and record.owner == owner
 
     def replay(self, owner: str, claim: IdempotencyClaim) -> Answer | None:
         """The stored answer for this key; Conflict if the key was used for another request."""
@@ -169,10 +185,17 @@ class UploadBatch:
     the only clean-up path; callers never discard anything themselves.
     """
 
-    def __init__(self, intake: ImageIntake, owner: str, renditions: RenditionRequest) -> None:
+    def __init__(
+        self,
+        intake: ImageIntake,
+        owner: str,
+        renditions: RenditionRequest,
+        batch_id: uuid.UUID | None = None,
+    ) -> None:
         self._intake = intake
         self._owner = owner
         self._renditions = renditions
+        self._batch_id = batch_id
         # Earlier images (de-duplication) sent back to make renditions they lacked.
         self._reopened: list[ImageRecord] = []
         self._staged: list[StagedUpload] = []
@@ -200,7 +223,7 @@ class UploadBatch:
     def stage(self, upload: UploadedImage) -> None:
         """Start storing an original now, while the rest of the request is still being read."""
         image_id = self._next_id()
-        new = _new_image(image_id, self._owner, original_key(image_id), upload)
+        new = _new_image(image_id, self._owner, original_key(image_id), upload, self._batch_id)
         new = dataclasses.replace(new, requested_renditions=self._renditions.stored_form)
         self._staged.append(StagedUpload(new, self._intake.put_original(new, upload)))
 
@@ -259,7 +282,7 @@ class UploadBatch:
             return {}, list(self._staged)
         with self._intake.db.transaction() as conn:
             existing = images.find_by_digest(
-                conn, self._owner, [s.new.sha256 for s in self._staged]
+                conn, self._owner, [s.new.sha256 for s in self._staged], self._batch_id
             )
         fresh: list[StagedUpload] = []
         planned: set[str] = set()
@@ -297,6 +320,8 @@ class UploadBatch:
                 # Swept as abandoned: this request outlived the sweeper's age threshold, and
                 # some originals may be gone.
                 raise DependencyUnavailable("database", "the upload took too long; send it again")
+            if self._batch_id is not None:
+                _ensure_batch_open(conn, self._batch_id, self._owner)
             records = images.insert_images(conn, [s.new for s in fresh]) if fresh else []
             existing = self._reopen_lacking(conn, existing)
             answer = self._answer(_accepted(self._staged, existing, records), parts)
@@ -433,7 +458,23 @@ def _release_intents(db: Database, image_ids: list[uuid.UUID]) -> None:
         log.warning("could not release %d upload intents; the sweeper will", len(image_ids))
 
 
-def _new_image(image_id: uuid.UUID, owner: str, key: str, upload: UploadedImage) -> NewImage:
+def _ensure_batch_open(conn: psycopg.Connection[Any], batch_id: uuid.UUID, owner: str) -> None:
+    """Images join only an open batch of their owner's; the row stays share-locked until they
+    are committed, so a concurrent close or cancel waits for them (and counts them)."""
+    status = batches.status_for_upload(conn, batch_id, owner)
+    if status is None:
+        raise NotFound("no such batch")
+    if status != "open":
+        raise Conflict(f"the batch is {status}; uploads join only an open batch")
+
+
+def _new_image(
+    image_id: uuid.UUID,
+    owner: str,
+    key: str,
+    upload: UploadedImage,
+    batch_id: uuid.UUID | None = None,
+) -> NewImage:
     return NewImage(
         id=image_id,
         owner=owner,
@@ -444,4 +485,5 @@ def _new_image(image_id: uuid.UUID, owner: str, key: str, upload: UploadedImage)
         source_width=upload.header.width,
         source_height=upload.header.height,
         original_key=key,
+        batch_id=batch_id,
     )

@@ -12,6 +12,7 @@ import falcon
 
 from common.config import Settings
 from common.formats import UPLOAD_CONTENT_TYPE_BY_FORMAT
+from db.batches import BATCH_STATUSES, COUNTED_STATUSES, EVENT_KINDS
 from db.images import STATUSES
 from ingest.routes.images import MAX_IDS
 
@@ -96,6 +97,7 @@ IMAGE = {
         },
         "renditions": {"type": "array", "items": {"$ref": "#/components/schemas/Rendition"}},
         "deduplicated": {"type": "boolean"},
+        "batch_id": {"type": ["string", "null"], "format": "uuid"},
         "created_at": {"type": "string", "format": "date-time"},
         "updated_at": {"type": "string", "format": "date-time"},
     },
@@ -218,6 +220,15 @@ def _renditions_parameter(settings: Settings) -> dict[str, Any]:
     }
 
 
+BATCH_PARAM = {
+    "name": "batch",
+    "in": "query",
+    "required": False,
+    "schema": {"type": "string", "format": "uuid"},
+    "description": "the images join this open batch of yours (404 unknown, 409 not open)",
+}
+
+
 SECURED: list[dict[str, list[str]]] = [{"bearer": []}]
 
 
@@ -263,12 +274,17 @@ def _paths(settings: Settings) -> dict[str, Any]:
             "post": {
                 "operationId": "upload_image",
                 "summary": f"Upload one JPEG or PNG (at most {api.max_upload_bytes} bytes)",
-                "parameters": [IDEMPOTENCY_KEY, DEDUPE, _renditions_parameter(settings)],
+                "parameters": [
+                    IDEMPOTENCY_KEY,
+                    DEDUPE,
+                    BATCH_PARAM,
+                    _renditions_parameter(settings),
+                ],
                 "requestBody": _upload_body("UploadForm"),
                 "responses": {
                     "201": _json("Image", "accepted, pending"),
                     "200": _json("Image", "an earlier copy (dedupe=true)"),
-                    **_errors(400, 401, 403, 409, 411, 413, 415, 422, 429, 503),
+                    **_errors(400, 401, 403, 404, 409, 411, 413, 415, 422, 429, 503),
                 },
             }
         },
@@ -279,11 +295,16 @@ def _paths(settings: Settings) -> dict[str, Any]:
                 "description": "Each file part is accepted or refused on its own (a part "
                 "that is empty, not a JPEG or PNG, or too large is refused in its entry); "
                 "a form without any file part is refused as a whole with 400.",
-                "parameters": [IDEMPOTENCY_KEY, DEDUPE, _renditions_parameter(settings)],
+                "parameters": [
+                    IDEMPOTENCY_KEY,
+                    DEDUPE,
+                    BATCH_PARAM,
+                    _renditions_parameter(settings),
+                ],
                 "requestBody": _upload_body("BulkUploadForm"),
                 "responses": {
                     "207": _json("BulkAnswer", "one entry per image part"),
-                    **_errors(400, 401, 403, 409, 411, 413, 415, 429, 503),
+                    **_errors(400, 401, 403, 404, 409, 411, 413, 415, 429, 503),
                 },
             }
         },
@@ -391,6 +412,239 @@ def _paths(settings: Settings) -> dict[str, Any]:
     }
 
 
+# -- batches ------------------------------------------------------------------------------------
+
+BATCH_COUNTS = {
+    "type": "object",
+    "required": list(COUNTED_STATUSES),
+    "properties": {status: {"type": "integer"} for status in COUNTED_STATUSES},
+}
+
+BATCH = {
+    "type": "object",
+    "required": [
+        "id",
+        "owner",
+        "name",
+        "status",
+        "callback_url",
+        "events",
+        "total",
+        "counts",
+        "bytes_in",
+        "bytes_out",
+        "created_at",
+        "closed_at",
+        "finished_at",
+        "images_per_second",
+        "eta_seconds",
+    ],
+    "properties": {
+        "id": {"type": "string", "format": "uuid"},
+        "owner": {"type": "string"},
+        "name": {"type": ["string", "null"]},
+        "status": {"type": "string", "enum": list(BATCH_STATUSES)},
+        "callback_url": {"type": ["string", "null"]},
+        "events": {"type": "array", "items": {"type": "string", "enum": list(EVENT_KINDS)}},
+        "total": {"type": "integer"},
+        "counts": {"$ref": "#/components/schemas/BatchCounts"},
+        "bytes_in": {"type": "integer"},
+        "bytes_out": {"type": "integer"},
+        "created_at": {"type": "string", "format": "date-time"},
+        "closed_at": {"type": ["string", "null"], "format": "date-time"},
+        "finished_at": {"type": ["string", "null"], "format": "date-time"},
+        "images_per_second": {"type": "number"},
+        "eta_seconds": {"type": ["number", "null"]},
+    },
+}
+
+NEW_BATCH = {
+    "type": "object",
+    "additionalProperties": False,
+    "properties": {
+        "name": {"type": ["string", "null"], "maxLength": 200},
+        "callback_url": {
+            "type": ["string", "null"],
+            # Not a registered format: a public https URL (http and private addresses only
+            # where WEBHOOK_ALLOW_PRIVATE=true); a fuzzer must be told how to make them.
+            "format": "webhook-url",
+            "maxLength": 2000,
+        },
+        "events": {
+            "type": "array",
+            "items": {"type": "string", "enum": list(EVENT_KINDS)},
+            "minItems": 1,
+            "maxItems": 2,
+            "uniqueItems": True,
+            "contains": {"const": "batch"},
+        },
+    },
+}
+
+CREATED_BATCH = {
+    "allOf": [
+        {"$ref": "#/components/schemas/Batch"},
+        {
+            "type": "object",
+            "required": ["webhook_secret"],
+            "properties": {
+                "webhook_secret": {
+                    "type": ["string", "null"],
+                    "description": "`whsec_` + base64; shown only in this answer",
+                }
+            },
+        },
+    ]
+}
+
+BATCH_LIST = {
+    "type": "object",
+    "required": ["items", "next_cursor"],
+    "properties": {
+        "items": {"type": "array", "items": {"$ref": "#/components/schemas/Batch"}},
+        "next_cursor": {"type": ["string", "null"]},
+    },
+}
+
+BATCH_SCHEMAS = {
+    "Batch": BATCH,
+    "BatchCounts": BATCH_COUNTS,
+    "NewBatch": NEW_BATCH,
+    "CreatedBatch": CREATED_BATCH,
+    "BatchList": BATCH_LIST,
+    "RetryAnswer": {
+        "type": "object",
+        "required": ["requeued"],
+        "properties": {"requeued": {"type": "integer"}},
+    },
+    "CancelAnswer": {
+        "type": "object",
+        "required": ["cancelled"],
+        "properties": {"cancelled": {"type": "integer"}},
+    },
+}
+
+BATCH_ID = {
+    "name": "batch_id",
+    "in": "path",
+    "required": True,
+    "schema": {"type": "string", "format": "uuid"},
+}
+LIMIT = {
+    "name": "limit",
+    "in": "query",
+    "schema": {"type": "integer", "minimum": 1, "maximum": 100},
+}
+CURSOR = {
+    "name": "cursor",
+    "in": "query",
+    "schema": {"type": "string", "format": "cursor"},
+    "description": "a `next_cursor` this API returned; any other is 400",
+}
+
+
+def _batch_action(operation_id: str, summary: str, answer: str, status: str) -> dict[str, Any]:
+    return {
+        "post": {
+            "operationId": operation_id,
+            "summary": summary,
+            "parameters": [BATCH_ID],
+            "responses": {
+                status: _json(answer, summary),
+                **_errors(400, 401, 403, 404, 409, 503),
+            },
+        }
+    }
+
+
+def _batch_paths() -> dict[str, Any]:
+    return {
+        "/api/v1/batches": {
+            "post": {
+                "operationId": "create_batch",
+                "summary": "Create a batch; its webhook secret is in this answer only",
+                "requestBody": {
+                    "required": False,
+                    "content": {
+                        "application/json": {"schema": {"$ref": "#/components/schemas/NewBatch"}}
+                    },
+                },
+                "responses": {
+                    "201": _json("CreatedBatch", "created, open"),
+                    **_errors(400, 401, 403, 415, 503),
+                },
+            },
+            "get": {
+                "operationId": "list_batches",
+                "summary": "List your batches newest first (admins: anyone's with `owner`)",
+                "parameters": [
+                    {
+                        "name": "owner",
+                        "in": "query",
+                        "schema": {"type": "string"},
+                        "description": "admins only",
+                    },
+                    LIMIT,
+                    CURSOR,
+                ],
+                "responses": {
+                    "200": _json("BatchList", "batches"),
+                    **_errors(400, 401, 403, 503),
+                },
+            },
+        },
+        "/api/v1/batches/{batch_id}": {
+            "get": {
+                "operationId": "get_batch",
+                "summary": "One batch: status, counts, throughput and ETA",
+                "parameters": [BATCH_ID],
+                "responses": {
+                    "200": _json("Batch", "the batch"),
+                    **_errors(400, 401, 403, 404, 503),
+                },
+            }
+        },
+        "/api/v1/batches/{batch_id}/images": {
+            "get": {
+                "operationId": "list_batch_images",
+                "summary": "A batch's images newest first, optionally by status",
+                "parameters": [
+                    BATCH_ID,
+                    {
+                        "name": "status",
+                        "in": "query",
+                        "schema": {"$ref": "#/components/schemas/ImageStatus"},
+                    },
+                    LIMIT,
+                    CURSOR,
+                ],
+                "responses": {
+                    "200": _json("ImageList", "images"),
+                    **_errors(400, 401, 403, 404, 503),
+                },
+            }
+        },
+        "/api/v1/batches/{batch_id}/close": _batch_action(
+            "close_batch",
+            "No more uploads join; the batch finishes when its last image is terminal",
+            "Batch",
+            "200",
+        ),
+        "/api/v1/batches/{batch_id}/retry": _batch_action(
+            "retry_batch",
+            "Queue the batch's failed images again",
+            "RetryAnswer",
+            "202",
+        ),
+        "/api/v1/batches/{batch_id}/cancel": _batch_action(
+            "cancel_batch",
+            "Cancel the images not yet started; those in flight finish",
+            "CancelAnswer",
+            "202",
+        ),
+    }
+
+
 def openapi_document(settings: Settings) -> dict[str, Any]:
     return {
         "openapi": "3.1.0",
@@ -402,7 +656,7 @@ def openapi_document(settings: Settings) -> dict[str, Any]:
         },
         "servers": [{"url": "/"}],
         "security": SECURED,
-        "paths": _paths(settings),
+        "paths": {**_paths(settings), **_batch_paths()},
         "components": {
             "securitySchemes": {
                 "bearer": {"type": "http", "scheme": "bearer", "bearerFormat": "JWT"}
@@ -422,6 +676,7 @@ def openapi_document(settings: Settings) -> dict[str, Any]:
                 "BulkImageFile": BULK_FILE,
                 "UploadForm": _upload_form("ImageFile"),
                 "BulkUploadForm": _upload_form("BulkImageFile", settings.api.max_bulk_parts),
+                **BATCH_SCHEMAS,
             },
         },
     }

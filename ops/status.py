@@ -3,8 +3,9 @@
 It owns the operator's read-only view: job queue depths, all together (`jobs`) and per lane and
 shard, and the dead-letter queue's (RabbitMQ), live worker
 nodes from their heartbeat hashes and the desired process count (Redis), and throughput, failure
-reasons and images by status (PostgreSQL). A service that does not answer is named in `errors`;
-the other sections are still shown. `python -m ops node-check` is the worker's liveness probe.
+reasons, images by status and the webhook backlog (PostgreSQL). A service that does not answer
+is named in `errors`; the other sections are still shown. `python -m ops node-check` is the
+worker's liveness probe.
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ import psycopg
 from common.config import Settings
 from common.node_health import STALL_MARGIN_SECONDS, HealthRecordUnreadable, read_health_record
 from db.image_stats import count_by_status, recent_outcomes, top_failure_reasons
+from db.webhook_deliveries import Backlog, backlog
 from ops.connections import SERVICE_ERRORS, broker_connection, database, redis_client
 from ops.pipeline_state import (
     NodeState,
@@ -74,6 +76,7 @@ class StatusReport:
     throughput: Throughput | None = None
     failures: list[FailureReason] = field(default_factory=list)
     images: dict[str, int] = field(default_factory=dict)
+    webhooks: Backlog | None = None
     errors: dict[str, str] = field(default_factory=dict)
 
     def to_json(self) -> dict[str, Any]:
@@ -91,6 +94,7 @@ class StatusReport:
             "throughput": throughput,
             "failures": [asdict(failure) for failure in self.failures],
             "images": self.images,
+            "webhooks": asdict(self.webhooks) if self.webhooks else None,
             "errors": self.errors,
         }
 
@@ -158,6 +162,7 @@ def collect_status(settings: Settings) -> StatusReport:
             report.throughput = throughput(conn)
             report.failures = top_failures(conn)
             report.images = count_by_status(conn)
+            report.webhooks = backlog(conn)
 
     _section(report, "postgresql", read_database)
     return report
@@ -187,8 +192,22 @@ def render_text(report: StatusReport) -> str:
     lines += [f"  {f.count:>8}  {f.reason}" for f in report.failures] or ["  none"]
     if report.images:
         lines.append("images  " + "  ".join(f"{k} {v}" for k, v in report.images.items()))
+    if report.webhooks is not None:
+        lines.append(_render_webhooks(report.webhooks))
     lines += [f"UNAVAILABLE {name}: {message}" for name, message in report.errors.items()]
     return "\n".join(lines)
+
+
+def _render_webhooks(webhooks: Backlog) -> str:
+    oldest = (
+        ""
+        if webhooks.oldest_age_seconds is None
+        else f", oldest {webhooks.oldest_age_seconds:.0f}s old"
+    )
+    return (
+        f"webhooks: {webhooks.undelivered} undelivered{oldest}; "
+        f"{webhooks.abandoned} abandoned after retrying"
+    )
 
 
 def _render_nodes(report: StatusReport) -> list[str]:

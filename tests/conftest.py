@@ -25,6 +25,7 @@ from tests.support import (
     S3_ACCESS_KEY,
     S3_SECRET_KEY,
     ApiClient,
+    OwnStack,
     StackProbe,
     start_worker,
     stop_worker,
@@ -83,6 +84,9 @@ def env(run_id: str, schema: str, s3_server: LocalS3Server, issuer: LocalIssuer)
         "WORKER_MEMORY_MB": "128",
         "UPLOADS_PER_MINUTE": "100000",
         "METRICS_PORT": "0",
+        # Webhook tests receive deliveries on 127.0.0.1.
+        "WEBHOOK_ALLOW_PRIVATE": "true",
+        "WEBHOOK_SWEEP_SECONDS": "0.2",
     }
 
 
@@ -151,3 +155,34 @@ def private_queue(settings: Settings) -> Iterator[Settings]:
     yield own
     delete_topology(own.queue)
     _delete_redis_keys(own)
+
+
+@pytest.fixture
+def own_stack(
+    env: dict[str, str], settings: Settings, issuer: LocalIssuer, user_id: str, tmp_path: Any
+) -> Iterator[OwnStack]:
+    """An API (as `user_id`) and worker nodes on a queue of this test only; nodes the test
+    started are stopped afterwards and the queue deleted."""
+    from ingest.app import Dependencies, create_app
+
+    tag = uuid.uuid4().hex[:8]
+    own_env = {**env, "RABBITMQ_QUEUE": f"pm-own-{tag}", "REDIS_PREFIX": f"pmown:{tag}:"}
+    own = Settings.from_env(own_env)
+    deps = Dependencies.connect(own)
+    api = ApiClient(create_app(own, deps), issuer.mint_token(user_id, ("user",)))
+    stack = OwnStack(own_env, own, api, tmp_path / "worker.log")
+    yield stack
+    stack.stop_nodes()
+    deps.close()
+    delete_topology(own.queue)
+    _delete_redis_keys(own)
+
+
+@pytest.fixture
+def own_database(settings: Settings) -> Iterator[Settings]:
+    """The session's services with a freshly migrated database schema of this test only, for
+    tests of work that every worker node shares through the database (webhook deliveries)."""
+    with throwaway_schema(BASE_POSTGRES_URL, f"pm_own_{uuid.uuid4().hex[:10]}") as name:
+        own = dataclasses.replace(settings, postgres_url=with_search_path(BASE_POSTGRES_URL, name))
+        apply_migrations(own.postgres_url)
+        yield own

@@ -59,6 +59,7 @@ COMPOSE_SECRETS = {
         "MINIO_PRESIGN_SECRET_KEY",
         "KEYCLOAK_ADMIN_PASSWORD",
         "GRAFANA_ADMIN_PASSWORD",
+        "WEBHOOK_ENCRYPTION_KEY",
     )
 }
 
@@ -180,6 +181,40 @@ class StackProbe:
         """Image ids announced as being stored and not yet released (see `upload_intents`)."""
         with psycopg.connect(self.settings.postgres_url) as conn:
             return {row[0] for row in conn.execute("SELECT image_id FROM upload_intents")}
+
+
+@contextlib.contextmanager
+def api_for(settings: Settings, token: str | None) -> Iterator[ApiClient]:
+    """The app built as gunicorn builds it, on `settings` (a schema or options of a test's own)."""
+    from ingest.app import Dependencies, create_app
+
+    deps = Dependencies.connect(settings)
+    try:
+        yield ApiClient(create_app(settings, deps), token)
+    finally:
+        deps.close()
+
+
+@dataclasses.dataclass
+class OwnStack:
+    """An API and worker nodes on a job queue and Redis prefix of their own: what this stack
+    queues waits until the test starts a node (see the `own_stack` fixture)."""
+
+    env: dict[str, str]
+    settings: Settings
+    api: ApiClient
+    logs: Path
+    nodes: list[subprocess.Popen[bytes]] = dataclasses.field(default_factory=list)
+
+    def start_node(self, *args: str, **env: str) -> subprocess.Popen[bytes]:
+        """A node with flags `args`, its environment overlaid by `env`."""
+        node = start_worker({**self.env, **env}, self.logs, *args)
+        self.nodes.append(node)
+        return node
+
+    def stop_nodes(self) -> None:
+        for node in self.nodes:
+            stop_worker(node)
 
 
 def free_port() -> int:

@@ -3,12 +3,15 @@ folders with good and bad files, restarts that upload nothing twice, waiting and
 
 from __future__ import annotations
 
+import json
 import struct
 import subprocess
 import sys
+import urllib.request
 import zlib
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import cv2
 import numpy as np
@@ -163,3 +166,75 @@ def test_lost_journal_is_recovered_by_idempotency_keys(
     assert len(ids) == 4
     assert second.counts()["from_journal"] == 0
     assert len(probe.rows_for(user_id)) == 4
+
+
+def _command(api_url: str, token: str, *args: str) -> subprocess.CompletedProcess[str]:
+    command = [sys.executable, "-m", "ingest.client", *args, "--url", api_url, "--token", token]
+    return subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=180)
+
+
+def _batch(api_url: str, token: str, batch_id: str) -> dict[str, Any]:
+    request = urllib.request.Request(
+        f"{api_url}/api/v1/batches/{batch_id}", headers={"Authorization": f"Bearer {token}"}
+    )
+    with urllib.request.urlopen(request, timeout=10) as response:
+        return json.loads(response.read())  # type: ignore[no-any-return]
+
+
+def _batch_line(stdout: str) -> str:
+    [line] = [line for line in stdout.splitlines() if line.strip().startswith("batch:")]
+    return line.split()[1]
+
+
+def test_command_uploads_into_one_batch_closes_it_and_fails_when_an_image_failed(
+    api_url: str, token: str, worker, folder: Path, tmp_path: Path
+) -> None:
+    state = tmp_path / "state"
+    run = _command(api_url, token, "upload", str(folder), "--state-dir", str(state))
+
+    assert run.returncode == 1, run.stderr
+    assert "completed:         3" in run.stdout and "failed:            1" in run.stdout
+    assert "broken.jpg" in run.stdout
+    batch = _batch(api_url, token, _batch_line(run.stdout))
+    assert batch["status"] == "finished"
+    assert (batch["total"], batch["counts"]["completed"], batch["counts"]["failed"]) == (4, 3, 1)
+    assert "batch finished, completed 3/4" in run.stderr, "progress comes from the batch"
+
+    retried = _command(api_url, token, "retry", batch["id"])
+    assert (retried.returncode, json.loads(retried.stdout)) == (0, {"requeued": 1})
+
+
+def _new_batch(api_url: str, token: str) -> str:
+    request = urllib.request.Request(
+        f"{api_url}/api/v1/batches",
+        data=b"{}",
+        headers={"Authorization": f"Bearer {token}", "Content-Type": "application/json"},
+    )
+    with urllib.request.urlopen(request, timeout=10) as response:
+        return str(json.loads(response.read())["id"])
+
+
+def test_batch_option_uploads_into_an_existing_batch_and_cancel_ends_an_open_one(
+    api_url: str, token: str, worker, tmp_path: Path
+) -> None:
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    (photos / "a.jpg").write_bytes(jpeg(300, 200, seed=21))
+    (photos / "b.jpg").write_bytes(jpeg(300, 200, seed=22))
+    batch_id = _new_batch(api_url, token)
+
+    state = tmp_path / "state"
+    run = _command(
+        api_url, token, "upload", str(photos), "--batch", batch_id, "--state-dir", str(state)
+    )
+    assert run.returncode == 0, run.stdout + run.stderr
+    assert _batch_line(run.stdout) == batch_id
+    batch = _batch(api_url, token, batch_id)
+    assert (batch["status"], batch["counts"]["completed"]) == ("finished", 2)
+    refused = _command(api_url, token, "cancel", batch_id)
+    assert refused.returncode == 1 and "finished" in refused.stderr
+
+    open_one = _new_batch(api_url, token)
+    cancelled = _command(api_url, token, "cancel", open_one)
+    assert (cancelled.returncode, json.loads(cancelled.stdout)) == (0, {"cancelled": 0})
+    assert _batch(api_url, token, open_one)["status"] == "cancelled"

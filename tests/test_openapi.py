@@ -121,3 +121,21 @@ def test_bulk_upload_refuses_a_text_value_beside_files_in_its_own_entry(api: Api
     answer = api.post_raw("/api/v1/uploads", body, content_type)
     assert answer.status_code == 207
     assert [item["status"] for item in answer.json["items"]] == [400, 201]
+
+
+def test_batch_responses_match_their_schemas(api: ApiClient, document: dict) -> None:
+    created = api.client.simulate_post(
+        "/api/v1/batches", json={"name": "schema"}, headers=api.headers()
+    )
+    check(document, "/api/v1/batches", "post", created)
+    batch_path = f"/api/v1/batches/{created.json['id']}"
+    body, content_type = multipart([("image", "a.jpg", jpeg(64, 64), "image/jpeg")])
+    joined = api.post_raw(f"/api/v1/upload?batch={created.json['id']}", body, content_type)
+    check(document, "/api/v1/upload", "post", joined)
+    check(document, "/api/v1/batches/{batch_id}", "get", api.get(batch_path))
+    check(document, "/api/v1/batches", "get", api.get("/api/v1/batches"))
+    check(document, "/api/v1/batches/{batch_id}/images", "get", api.get(f"{batch_path}/images"))
+    for action in ("close", "retry", "cancel"):
+        answer = api.client.simulate_post(f"{batch_path}/{action}", headers=api.headers())
+        check(document, f"/api/v1/batches/{{batch_id}}/{action}", "post", answer)
+    check(document, "/api/v1/batches/{batch_id}", "get", api.get("/api/v1/batches/nope"))

@@ -343,7 +343,13 @@ def test_status_json_reports_queues_nodes_throughput_failures_and_images(
     assert report["throughput"]["completed"] == 2
     assert report["throughput"]["failed"] == 1
     assert report["failures"] == [{"reason": "decode error", "count": 2}]
-    assert report["images"] == {"pending": 1, "processing": 0, "completed": 2, "failed": 3}
+    assert report["images"] == {
+        "pending": 1,
+        "processing": 0,
+        "completed": 2,
+        "failed": 3,
+        "cancelled": 0,
+    }
     assert report["errors"] == {}
 
 

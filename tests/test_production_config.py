@@ -29,6 +29,7 @@ PRODUCTION_ENV = {
     "MINIO_SECRET_KEY": "Kd7x-app-5e9",
     "MINIO_PRESIGN_ACCESS_KEY": "pixelmill-results-reader",
     "MINIO_PRESIGN_SECRET_KEY": "Hn2p-reader-3b8",
+    "WEBHOOK_ENCRYPTION_KEY": "Wq4e-webhooks-9d2c-7a51e0",
 }
 
 
@@ -288,3 +289,14 @@ def test_realm_client_allows_only_browser_logins_with_pkce() -> None:
     assert not client["directAccessGrantsEnabled"] and not client["implicitFlowEnabled"]
     assert client["attributes"]["pkce.code.challenge.method"] == "S256"
     assert client["redirectUris"] == []  # each deployment adds its own
+
+
+@pytest.mark.parametrize("value", [None, "pixelmill-local-webhook-key"])
+def test_production_refuses_to_start_without_its_own_webhook_encryption_key(
+    value: str | None,
+) -> None:
+    environ = {k: v for k, v in PRODUCTION_ENV.items() if k != "WEBHOOK_ENCRYPTION_KEY"}
+    if value is not None:
+        environ["WEBHOOK_ENCRYPTION_KEY"] = value
+    with pytest.raises(ConfigError, match="WEBHOOK_ENCRYPTION_KEY"):
+        Settings.from_env(environ)

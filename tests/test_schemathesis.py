@@ -30,7 +30,10 @@ def served(
 ) -> Iterator[str]:
     """The API under real gunicorn, with a worker so that fuzzed uploads are processed."""
     log = tmp_path_factory.mktemp("fuzz-api") / "api.log"
-    with served_api(env, log, "--workers", "1", "--threads", "4") as (base, _):
+    # Private webhook targets refused: the fuzzer must not make the server call arbitrary URLs.
+    with served_api(
+        env, log, "--workers", "1", "--threads", "4", WEBHOOK_ALLOW_PRIVATE="false"
+    ) as (base, _):
         yield base
 
 

@@ -5,11 +5,12 @@ from __future__ import annotations
 import hashlib
 import logging
 import re
+import uuid
 
 import falcon
 
 from common.config import ApiSettings, EngineSettings
-from common.errors import BadRequest
+from common.errors import BadRequest, NotFound
 from common.renditions import RenditionSpecError, select
 from ingest.documents import Answer
 from ingest.intake import IdempotencyClaim, ImageIntake, RenditionRequest
@@ -85,6 +86,20 @@ class _UploadRoute:
             raise BadRequest(f"renditions: {exc}") from None
         return RenditionRequest(tuple(r.name for r in chosen), configured)
 
+    def _batch_param(self, req: falcon.Request) -> uuid.UUID | None:
+        """`?batch=ID`: the owner's batch the images join; 404 before the body is read if it is
+        unknown or another's (whether it is still open is checked with the rows, see intake)."""
+        raw = req.get_param("batch")
+        if raw is None:
+            return None
+        try:
+            batch_id = uuid.UUID(raw)
+        except ValueError:
+            raise BadRequest("batch must be a batch id (a UUID)") from None
+        if not self._intake.batch_exists(batch_id, req.context.principal.subject):
+            raise NotFound("no such batch")
+        return batch_id
+
 
 class UploadResource(_UploadRoute):
     """One image per request: 201 with its document, or 200 with an earlier copy (dedupe)."""
@@ -94,14 +109,20 @@ class UploadResource(_UploadRoute):
         # Charged before the body is read, so a flood of uploads costs the API little.
         self._limiter.charge(principal.subject)
         renditions = self.rendition_request(req)
+        batch_id = self._batch_param(req)
         upload = read_single_upload(
             req, self._limits.max_part_bytes, self._limits.max_pixels, self._limits.max_decode_bytes
         )
         dedupe = req.get_param_as_bool("dedupe", default=False)
         claim = idempotency_claim(
-            req, str(dedupe), *_asked(renditions), upload.filename, upload.sha256
+            req,
+            str(dedupe),
+            *_asked(renditions),
+            upload.filename,
+            upload.sha256,
+            *_batch_fingerprint(batch_id),
         )
-        with self._intake.begin(principal.subject, renditions) as batch:
+        with self._intake.begin(principal.subject, renditions, batch_id) as batch:
             batch.stage(upload)
             answer = batch.commit(req.context.request_id, dedupe=dedupe, claim=claim)
         resp.location = f"/api/v1/images/{answer.body['id']}"
@@ -118,7 +139,8 @@ class BulkUploadResource(_UploadRoute):
         # accepted part once they are known (a refused request takes nothing).
         self._limiter.ensure_room(principal.subject)
         renditions = self.rendition_request(req)
-        with self._intake.begin(principal.subject, renditions) as batch:
+        batch_id = self._batch_param(req)
+        with self._intake.begin(principal.subject, renditions, batch_id) as batch:
             # Each valid image is stored as soon as it is read (its bytes are then let go).
             parts: list[BulkPart] = []
             for part, upload in iter_bulk_upload(req, self._limits):
@@ -129,7 +151,11 @@ class BulkUploadResource(_UploadRoute):
                 self._limiter.charge(principal.subject, batch.staged_count)
             dedupe = req.get_param_as_bool("dedupe", default=False)
             claim = idempotency_claim(
-                req, str(dedupe), *_asked(renditions), *map(_fingerprint, parts)
+                req,
+                str(dedupe),
+                *_asked(renditions),
+                *map(_fingerprint, parts),
+                *_batch_fingerprint(batch_id),
             )
             answer = batch.commit(req.context.request_id, parts, dedupe=dedupe, claim=claim)
         log_accepted(req, [str(i["id"]) for i in answer.body["items"] if "id" in i])
@@ -140,6 +166,12 @@ def _asked(renditions: RenditionRequest) -> tuple[str, ...]:
     """The rendition request's part of an idempotency fingerprint; none without a request, so
     keys sent before renditions existed still match their answers."""
     return () if renditions.stored_form is None else (f"renditions={renditions.stored_form}",)
+
+
+def _batch_fingerprint(batch_id: uuid.UUID | None) -> tuple[str, ...]:
+    """The batch is part of what a request asks for; requests without one keep their old
+    fingerprint (answers stored before batches existed still replay)."""
+    return () if batch_id is None else (f"batch={batch_id}",)
 
 
 def _fingerprint(part: BulkPart) -> str:
