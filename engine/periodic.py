@@ -1,5 +1,5 @@
 """A chore a worker node repeats on a schedule in a daemon thread of its own: the outbox
-sweeper, the abandoned-upload sweeper, the dead-letter reaper.
+sweeper, the abandoned-upload sweeper, the dead-letter reaper, the webhook deliverer.
 
 Each round is one call of the chore's `run_once`. A dependency being away is expected: the round
 is logged at warning and the next one tries again. Anything else is a bug, logged at error with

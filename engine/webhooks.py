@@ -12,7 +12,6 @@ from __future__ import annotations
 import json
 import logging
 import random
-import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from datetime import UTC, datetime
@@ -34,6 +33,7 @@ from db import batches, images, webhook_deliveries
 from db.images import ImageRecord
 from db.pool import Database
 from db.webhook_deliveries import DueDelivery
+from engine.periodic import PeriodicChore
 
 log = logging.getLogger(__name__)
 
@@ -80,16 +80,14 @@ class WebhookDeliverer:
         self._settings = settings
         self._box = SecretBox(settings.encryption_key)
         self._limit = batch_limit
-        self._stop = threading.Event()
         self._senders = ThreadPoolExecutor(max_workers=SENDERS, thread_name_prefix="webhook")
-        self._thread = threading.Thread(target=self._loop, name="webhook-deliverer", daemon=True)
+        self._chore = PeriodicChore("webhook-deliverer", self.deliver_once, settings.sweep_seconds)
 
     def start(self) -> None:
-        self._thread.start()
+        self._chore.start()
 
     def stop(self) -> None:
-        self._stop.set()
-        self._thread.join(timeout=30)
+        self._chore.stop(timeout=30)
         self._senders.shutdown(wait=True)
 
     def deliver_once(self) -> int:
@@ -177,12 +175,3 @@ class WebhookDeliverer:
             result.detail,
             delay,
         )
-
-    def _loop(self) -> None:
-        while not self._stop.wait(self._settings.sweep_seconds):
-            try:
-                self.deliver_once()
-            except DependencyUnavailable as exc:
-                log.warning("webhook round skipped: %s", exc)
-            except Exception:
-                log.exception("webhook round failed")
