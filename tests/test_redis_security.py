@@ -277,6 +277,7 @@ def test_cache_works_over_tls_that_verifies_the_server_certificate(
         "MINIO_SECRET_KEY": "Kd7x-app-5e9",
         "MINIO_PRESIGN_ACCESS_KEY": "pixelmill-results-reader",
         "MINIO_PRESIGN_SECRET_KEY": "Hn2p-reader-3b8",
+        "WEBHOOK_ENCRYPTION_KEY": "6c1f0e9a2b7d4c3e8f5a1b2c3d4e5f60",
         "REDIS_URL": verified,
     }
     settings = Settings.from_env(production)

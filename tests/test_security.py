@@ -149,6 +149,7 @@ def protected(user: int, admin: int, client_user: int) -> dict[str, int]:
 
 PUBLIC = dict.fromkeys(ROLES, 200)
 ITEM = "/api/v1/images/{image_id}"
+BATCH = "/api/v1/batches/{batch_id}"
 # The image of `{image_id}` routes belongs to the `user` column's subject.
 ROLE_MATRIX: dict[tuple[str, str], dict[str, int]] = {
     ("GET", "/health"): PUBLIC,
@@ -160,6 +161,15 @@ ROLE_MATRIX: dict[tuple[str, str], dict[str, int]] = {
     ("GET", "/api/v1/images"): protected(user=200, admin=200, client_user=200),
     ("GET", ITEM): protected(user=200, admin=200, client_user=404),
     ("DELETE", ITEM): protected(user=403, admin=204, client_user=403),
+    # Not processed in this test: no image has its rendition yet, whoever asks.
+    ("GET", f"{ITEM}/renditions/{{name}}"): protected(user=404, admin=404, client_user=404),
+    ("POST", "/api/v1/batches"): protected(user=201, admin=403, client_user=201),
+    ("GET", "/api/v1/batches"): protected(user=200, admin=200, client_user=200),
+    ("GET", BATCH): protected(user=200, admin=200, client_user=404),
+    ("GET", f"{BATCH}/images"): protected(user=200, admin=200, client_user=404),
+    ("POST", f"{BATCH}/close"): protected(user=200, admin=200, client_user=404),
+    ("POST", f"{BATCH}/retry"): protected(user=202, admin=202, client_user=404),
+    ("POST", f"{BATCH}/cancel"): protected(user=202, admin=202, client_user=404),
 }
 
 
@@ -173,10 +183,19 @@ def matrix_request(
         created = owner.upload(jpeg(64, 48, seed=7))
         assert created.status_code == 201, created.text
         path = template.replace("{image_id}", created.json["id"])
+    if "{batch_id}" in template:
+        created = owner.client.simulate_post(
+            "/api/v1/batches", json={"name": "matrix"}, headers=owner.headers()
+        )
+        assert created.status_code == 201, created.text
+        path = template.replace("{batch_id}", created.json["id"])
+    path = path.replace("{name}", "default")
     if template == "/api/v1/upload":
         body, headers["Content-Type"] = multipart([("image", "a.jpg", jpeg(64, 48), "image/jpeg")])
     elif template == "/api/v1/uploads":
         body, headers["Content-Type"] = bulk_body(2)
+    elif template == "/api/v1/batches" and method == "POST":
+        body, headers["Content-Type"] = b'{"name": "matrix"}', "application/json"
     return falcon.testing.TestClient(app).simulate_request(method, path, headers=headers, body=body)
 
 
