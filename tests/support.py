@@ -334,3 +334,55 @@ class PendingJobs:
     def close(self) -> None:
         self._publisher.close()
         self._db.close()
+
+
+class PoolUnderTest:
+    """A CPU pool of `processes` with small arenas of its own, and a way to render bytes
+    through it as the batch pipeline does (input slot in, output slot out)."""
+
+    def __init__(
+        self,
+        options: Any,
+        render: Any,
+        *,
+        processes: int = 2,
+        slots: int = 4,
+        input_slot_bytes: int = 2 * 1024 * 1024,
+        output_slot_bytes: int = 1024 * 1024,
+    ) -> None:
+        from engine.cpu_pool import KernelPool
+        from engine.slots import SlotArena
+
+        self.inputs = SlotArena(slots, input_slot_bytes)
+        self.outputs = SlotArena(slots, output_slot_bytes)
+        self.pool = KernelPool(
+            processes,
+            (self.inputs.name, self.inputs.slot_bytes),
+            (self.outputs.name, self.outputs.slot_bytes),
+            options,
+            render=render,
+        )
+
+    def render(self, data: bytes, timeout: float | None = None) -> tuple[Any, bytes]:
+        """The result and the output bytes of rendering `data`."""
+        from engine.cpu_pool import RenderTask
+
+        in_slot, out_slot = self.inputs.acquire(), self.outputs.acquire()
+        try:
+            view = self.inputs.view(in_slot)
+            view[: len(data)] = data
+            view.release()
+            result = self.pool.render(RenderTask(in_slot, len(data), out_slot), timeout)
+            output = self.outputs.view(out_slot)
+            try:
+                return result, bytes(output[: result.output_length])
+            finally:
+                output.release()
+        finally:
+            self.inputs.release(in_slot)
+            self.outputs.release(out_slot)
+
+    def close(self) -> None:
+        self.pool.close()
+        self.inputs.close()
+        self.outputs.close()

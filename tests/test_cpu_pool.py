@@ -14,18 +14,15 @@ import pytest
 
 from engine.cpu_pool import (
     KernelOptions,
-    KernelPool,
     RenderCrashed,
     RenderFailed,
-    RenderResult,
-    RenderTask,
     RenderTimedOut,
 )
-from engine.slots import SlotArena
 from tests.support import (
     CRASH_MARKER,
     FAIL_MARKER,
     HANG_MARKER,
+    PoolUnderTest,
     jpeg,
     paused,
     render_or_misbehave,
@@ -35,46 +32,12 @@ from tests.support import (
 MIB = 1024 * 1024
 
 
-class PoolUnderTest:
-    """A two-process pool with arenas of four slots, and a way to render bytes through it."""
-
-    def __init__(self) -> None:
-        self.inputs = SlotArena(4, 2 * MIB)
-        self.outputs = SlotArena(4, MIB)
-        self.pool = KernelPool(
-            2,
-            (self.inputs.name, self.inputs.slot_bytes),
-            (self.outputs.name, self.outputs.slot_bytes),
-            KernelOptions(target_width=800, output_format="png", max_pixels=50_000_000),
-            render=render_or_misbehave,
-        )
-
-    def render(self, data: bytes, timeout: float | None = None) -> tuple[RenderResult, bytes]:
-        """The result and the output bytes of rendering `data`."""
-        in_slot, out_slot = self.inputs.acquire(), self.outputs.acquire()
-        try:
-            view = self.inputs.view(in_slot)
-            view[: len(data)] = data
-            view.release()
-            result = self.pool.render(RenderTask(in_slot, len(data), out_slot), timeout)
-            output = self.outputs.view(out_slot)
-            try:
-                return result, bytes(output[: result.output_length])
-            finally:
-                output.release()
-        finally:
-            self.inputs.release(in_slot)
-            self.outputs.release(out_slot)
-
-    def close(self) -> None:
-        self.pool.close()
-        self.inputs.close()
-        self.outputs.close()
-
-
 @pytest.fixture
 def cpu() -> Iterator[PoolUnderTest]:
-    under_test = PoolUnderTest()
+    under_test = PoolUnderTest(
+        KernelOptions(target_width=800, output_format="png", max_pixels=50_000_000),
+        render_or_misbehave,
+    )
     yield under_test
     under_test.close()
 

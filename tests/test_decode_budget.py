@@ -20,13 +20,11 @@ from common.imageinfo import probe
 from engine.cpu_pool import (
     OUT_OF_MEMORY_REASON,
     KernelOptions,
-    KernelPool,
     RenderResult,
     RenderTask,
 )
 from engine.kernel import ImageRejected, decode_gray, read_header, render_grayscale
-from engine.slots import SlotArena
-from tests.support import ROOT, ApiClient, StackProbe, jpeg, multipart
+from tests.support import ROOT, ApiClient, PoolUnderTest, StackProbe, jpeg, multipart
 
 BUDGET = 384 * MIB
 HOG_MARKER = b"PIXELMILL-TEST-HOG"
@@ -232,45 +230,16 @@ def render_or_hog(task: RenderTask) -> RenderResult:
     return render_slot(task)
 
 
-class CappedPool:
-    """Two CPU processes with the default decode budget, so with the memory cap."""
-
-    def __init__(self) -> None:
-        self.inputs = SlotArena(2, 8 * MIB)
-        self.outputs = SlotArena(2, 4 * MIB)
-        self.pool = KernelPool(
-            2,
-            (self.inputs.name, self.inputs.slot_bytes),
-            (self.outputs.name, self.outputs.slot_bytes),
-            KernelOptions(800, "png", 100_000_000, max_decode_bytes=BUDGET),
-            render=render_or_hog,
-        )
-
-    def render(self, data: bytes) -> tuple[RenderResult, bytes]:
-        in_slot, out_slot = self.inputs.acquire(), self.outputs.acquire()
-        try:
-            view = self.inputs.view(in_slot)
-            view[: len(data)] = data
-            view.release()
-            result = self.pool.render(RenderTask(in_slot, len(data), out_slot))
-            output = self.outputs.view(out_slot)
-            try:
-                return result, bytes(output[: result.output_length])
-            finally:
-                output.release()
-        finally:
-            self.inputs.release(in_slot)
-            self.outputs.release(out_slot)
-
-    def close(self) -> None:
-        self.pool.close()
-        self.inputs.close()
-        self.outputs.close()
-
-
 @pytest.fixture
-def capped() -> Iterator[CappedPool]:
-    pool = CappedPool()
+def capped() -> Iterator[PoolUnderTest]:
+    """Two CPU processes with the default decode budget, so with the memory cap."""
+    pool = PoolUnderTest(
+        KernelOptions(800, "png", 100_000_000, max_decode_bytes=BUDGET),
+        render_or_hog,
+        slots=2,
+        input_slot_bytes=8 * MIB,
+        output_slot_bytes=4 * MIB,
+    )
     yield pool
     pool.close()
 
@@ -293,7 +262,7 @@ def data_limit(pid: int) -> int:
 
 
 def test_each_cpu_process_runs_under_a_data_limit_sized_from_the_budget(
-    capped: CappedPool,
+    capped: PoolUnderTest,
 ) -> None:
     for pid in capped.pool.pids():
         limit = data_limit(pid)
@@ -302,7 +271,7 @@ def test_each_cpu_process_runs_under_a_data_limit_sized_from_the_budget(
 
 
 def test_the_hostile_png_and_a_100_mp_progressive_jpeg_end_with_a_result_or_a_reason_under_the_cap(
-    capped: CappedPool, hostile: bytes, progressive: tuple[bytes, np.ndarray]
+    capped: PoolUnderTest, hostile: bytes, progressive: tuple[bytes, np.ndarray]
 ) -> None:
     refused, _ = capped.render(hostile)
     assert refused.error is not None and "MB of memory" in refused.error
@@ -319,7 +288,7 @@ def test_the_hostile_png_and_a_100_mp_progressive_jpeg_end_with_a_result_or_a_re
 
 
 def test_an_allocation_past_the_cap_fails_only_that_image_and_the_process_goes_on(
-    capped: CappedPool,
+    capped: PoolUnderTest,
 ) -> None:
     pids = capped.pool.pids()
     result, _ = capped.render(HOG_MARKER + jpeg(64, 48))
