@@ -250,17 +250,25 @@ def claim_batch(conn: psycopg.Connection[Any], ids: Sequence[uuid.UUID]) -> list
 
     Images already terminal (a redelivered message), unknown ids (deleted) and images of a
     cancelled batch not yet started are not returned: their messages are acknowledged without
-    work. (A claimed image of a cancelled batch is in flight: it is claimed again and finishes.)
+    work. A `pending` image of a cancelled batch becomes `cancelled` here, should the cancel
+    have stopped between marking the batch and its images (an API process killed in between).
+    (A claimed image of a cancelled batch is in flight: it is claimed again and finishes.)
     """
     with conn.cursor(row_factory=class_row(ImageRecord)) as cur:
         cur.execute(
-            f"""UPDATE images SET status = 'processing', attempts = attempts + 1, updated_at = now()
-                WHERE id = ANY(%s) AND status IN ('pending', 'processing')
+            f"""WITH of_cancelled AS (
+                    UPDATE images SET status = 'cancelled', updated_at = now()
+                     WHERE id = ANY(%(ids)s) AND status = 'pending' AND batch_id IS NOT NULL
+                       AND EXISTS (SELECT 1 FROM batches AS b
+                                    WHERE b.id = images.batch_id AND b.status = 'cancelled')
+                    RETURNING id)
+                UPDATE images SET status = 'processing', attempts = attempts + 1, updated_at = now()
+                WHERE id = ANY(%(ids)s) AND status IN ('pending', 'processing')
                   AND (batch_id IS NULL OR status = 'processing' OR NOT EXISTS (
                         SELECT 1 FROM batches AS b
                          WHERE b.id = images.batch_id AND b.status = 'cancelled'))
                 RETURNING {_COLUMNS}""",
-            (list(ids),),
+            {"ids": list(ids)},
         )
         return cur.fetchall()
 

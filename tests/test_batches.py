@@ -203,6 +203,36 @@ def test_cancel_ends_waiting_images_cancelled_and_workers_ack_them_without_resul
     assert (again.status_code, again.json) == (202, {"cancelled": 0})
 
 
+def test_images_of_a_cancel_cut_short_end_cancelled_when_their_jobs_arrive(
+    own_stack: OwnStack, probe: StackProbe
+) -> None:
+    """The cancel marks the batch, then its waiting images, in two transactions: an API process
+    killed between them leaves `pending` images of a cancelled batch. A worker's claim ends them
+    `cancelled`, so none stays pending."""
+    from db import batches
+    from db.pool import Database
+
+    api = own_stack.api
+    batch = create_batch(api)
+    ids = [upload_into(api, batch["id"], jpeg(200, 100, seed=30 + i)).json["id"] for i in range(2)]
+    db = Database(own_stack.settings.postgres_url, max_size=1)
+    try:
+        with db.transaction() as conn:
+            assert batches.mark_cancelled(conn, uuid.UUID(batch["id"]))
+    finally:
+        db.close()
+    assert [probe.status(i) for i in ids] == ["pending", "pending"]
+
+    own_stack.start_node("--processes", "1")
+    from common.broker import queue_depth
+
+    wait_for(lambda: queue_depth(own_stack.settings.queue) == 0, timeout=60)
+    wait_for(lambda: [probe.status(i) for i in ids] == ["cancelled"] * 2, timeout=30)
+    document = batch_of(api, batch["id"])
+    assert document["status"] == "cancelled"
+    assert document["counts"]["cancelled"] == 2 and document["counts"]["pending"] == 0
+
+
 def test_batches_are_listed_to_their_owner_and_to_admins_by_owner(
     api: ApiClient, app: Any, issuer: Any, user_id: str
 ) -> None:
