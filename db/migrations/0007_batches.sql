@@ -133,6 +133,9 @@ $$;
 
 CREATE FUNCTION images_batch_inserted() RETURNS trigger LANGUAGE plpgsql AS $$
 BEGIN
+    IF NOT EXISTS (SELECT 1 FROM new_rows WHERE batch_id IS NOT NULL) THEN
+        RETURN NULL;
+    END IF;
     PERFORM apply_batch_deltas(batch_deltas_of(
         (SELECT coalesce(jsonb_agg(n), '[]') FROM new_rows AS n WHERE n.batch_id IS NOT NULL),
         '[]'));
@@ -141,6 +144,9 @@ END $$;
 
 CREATE FUNCTION images_batch_deleted() RETURNS trigger LANGUAGE plpgsql AS $$
 BEGIN
+    IF NOT EXISTS (SELECT 1 FROM old_rows WHERE batch_id IS NOT NULL) THEN
+        RETURN NULL;
+    END IF;
     PERFORM apply_batch_deltas(batch_deltas_of(
         '[]',
         (SELECT coalesce(jsonb_agg(o), '[]') FROM old_rows AS o WHERE o.batch_id IS NOT NULL)));
@@ -148,9 +154,15 @@ BEGIN
 END $$;
 
 -- Only rows whose status changed count; a batch's images with `image` events also get one
--- webhook delivery each as they become completed or failed.
+-- webhook delivery each as they become completed or failed. Most images belong to no batch and
+-- these triggers run for every claim and commit of the engine, so each returns at once for a
+-- statement that touched no image of a batch.
 CREATE FUNCTION images_batch_updated() RETURNS trigger LANGUAGE plpgsql AS $$
 BEGIN
+    IF NOT EXISTS (SELECT 1 FROM new_rows WHERE batch_id IS NOT NULL)
+       AND NOT EXISTS (SELECT 1 FROM old_rows WHERE batch_id IS NOT NULL) THEN
+        RETURN NULL;
+    END IF;
     INSERT INTO webhook_deliveries (batch_id, event_type, image_id)
     SELECT n.batch_id, 'image.' || n.status, n.id
       FROM new_rows AS n JOIN old_rows AS o ON o.id = n.id
