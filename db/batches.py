@@ -15,6 +15,8 @@ from typing import Any
 import psycopg
 from psycopg.rows import class_row
 
+from db.pages import newest_first
+
 BATCH_STATUSES = ("open", "closed", "finished", "cancelled")
 EVENT_KINDS = ("batch", "image")
 COUNTED_STATUSES = ("pending", "processing", "completed", "failed", "cancelled")
@@ -84,22 +86,9 @@ def list_batches(
     after: tuple[datetime, uuid.UUID] | None,
 ) -> list[BatchRecord]:
     """Batches newest first; `after` is the (created_at, id) of the previous page's last row."""
-    clauses: list[str] = []
-    params: list[Any] = []
-    if owner is not None:
-        clauses.append("owner = %s")
-        params.append(owner)
-    if after is not None:
-        clauses.append("(created_at, id) < (%s, %s)")
-        params.extend(after)
-    where = f"WHERE {' AND '.join(clauses)}" if clauses else ""
-    params.append(limit)
-    with conn.cursor(row_factory=class_row(BatchRecord)) as cur:
-        cur.execute(
-            f"SELECT {_COLUMNS} FROM batches {where} ORDER BY created_at DESC, id DESC LIMIT %s",
-            params,
-        )
-        return cur.fetchall()
+    return newest_first(
+        conn, "batches", BatchRecord, equal={"owner": owner}, limit=limit, after=after
+    )
 
 
 def status_for_upload(conn: psycopg.Connection[Any], batch_id: uuid.UUID, owner: str) -> str | None:

@@ -13,6 +13,8 @@ import psycopg
 from psycopg.rows import class_row
 from psycopg.types.json import Jsonb
 
+from db.pages import newest_first
+
 # `cancelled`: its batch was cancelled before the image started (see db.batches).
 TERMINAL_STATUSES = ("completed", "failed", "cancelled")
 STATUSES = ("pending", "processing", *TERMINAL_STATUSES)
@@ -221,28 +223,14 @@ def list_images(
     batch_id: uuid.UUID | None = None,
 ) -> list[ImageRecord]:
     """Images newest first; `after` is the (created_at, id) of the last row of the previous page."""
-    clauses: list[str] = []
-    params: list[Any] = []
-    if batch_id is not None:
-        clauses.append("batch_id = %s")
-        params.append(batch_id)
-    if owner is not None:
-        clauses.append("owner = %s")
-        params.append(owner)
-    if status is not None:
-        clauses.append("status = %s")
-        params.append(status)
-    if after is not None:
-        clauses.append("(created_at, id) < (%s, %s)")
-        params.extend(after)
-    where = f"WHERE {' AND '.join(clauses)}" if clauses else ""
-    params.append(limit)
-    with conn.cursor(row_factory=class_row(ImageRecord)) as cur:
-        cur.execute(
-            f"SELECT {_COLUMNS} FROM images {where} ORDER BY created_at DESC, id DESC LIMIT %s",
-            params,
-        )
-        return cur.fetchall()
+    return newest_first(
+        conn,
+        "images",
+        ImageRecord,
+        equal={"batch_id": batch_id, "owner": owner, "status": status},
+        limit=limit,
+        after=after,
+    )
 
 
 def claim_batch(conn: psycopg.Connection[Any], ids: Sequence[uuid.UUID]) -> list[ImageRecord]:
