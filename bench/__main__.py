@@ -44,6 +44,7 @@ from bench.results import build_document, new_run_dir, write_results
 from bench.soak import SoakConfig, run_soak
 from bench.sweep import engine_grid, sweep_e2e, sweep_engine
 from common.config import Settings, declare_local
+from common.cpu_limit import usable_cores
 from ops.stack import http_ok
 
 DEFAULT_RESULTS_ROOT = REPO_ROOT / "bench" / "results"
@@ -114,7 +115,7 @@ def command_quick(args: argparse.Namespace) -> None:
     """Kernel: one image per class, 3 repeats, 1 and all processes, PNG only. Engine: 12 MP JPEGs
     (N=32, P=2) and 640x480 JPEGs with batch 1 against 16 (N=320 each: runs of several seconds, so
     that start-up and the last batch's tail weigh little). About 2.5 minutes on 2 cores."""
-    cores = os.cpu_count() or 1
+    cores = usable_cores()
     defaults = {
         "repeat": 3,
         "processes": sorted({1, cores}),
@@ -133,7 +134,7 @@ def command_quick(args: argparse.Namespace) -> None:
 def command_full(args: argparse.Namespace) -> None:
     """Larger corpus, more repeats, processes 1..cores, PNG and JPEG output; then the fairness
     benchmark at full scale (about 25 minutes on 2 cores)."""
-    cores = os.cpu_count() or 1
+    cores = usable_cores()
     defaults = {
         "repeat": 5,
         "processes": list(range(1, cores + 1)),
@@ -351,7 +352,7 @@ def _add_node_options(parser: argparse.ArgumentParser, many: bool) -> None:
         parser.add_argument("--processes", type=int, nargs="+", default=[1, 2])
         parser.add_argument("--prefetch", type=int, nargs="+", default=[64])
     else:
-        parser.add_argument("--processes", type=int, default=os.cpu_count() or 1)
+        parser.add_argument("--processes", type=int, default=usable_cores())
         parser.add_argument("--prefetch", type=int, default=64)
         parser.add_argument("--batch-wait-ms", type=int, default=50)
 

@@ -17,7 +17,6 @@ A and B are chosen in different bulk shards (common.jobs.bulk_shard).
 
 from __future__ import annotations
 
-import os
 import sys
 import time
 import uuid
@@ -37,6 +36,7 @@ from bench.engine_bench import (
 from bench.stats import median, percentile, ratio
 from common.broker import JobPublisher, ensure_topology, queue_counts
 from common.config import Settings
+from common.cpu_limit import usable_cores
 from common.imageinfo import probe
 from common.jobs import BULK, INTERACTIVE, JobMessage, bulk_shard
 from common.storage import ObjectStore
@@ -68,7 +68,7 @@ class FairnessConfig:
     repeats: int = 3
     backlog_class: str = "jpeg-small"
     interactive_class: str = "jpeg-2mp"
-    node: NodeSettings = field(default_factory=lambda: NodeSettings(processes=os.cpu_count() or 1))
+    node: NodeSettings = field(default_factory=lambda: NodeSettings(processes=usable_cores()))
     timeout_s: float = 3600.0
 
     def expected_seconds(self, images_per_s: float = ASSUMED_IMAGES_PER_S) -> float:
