@@ -386,3 +386,16 @@ class PoolUnderTest:
         self.pool.close()
         self.inputs.close()
         self.outputs.close()
+
+
+def kill_tree(process: subprocess.Popen[bytes]) -> None:
+    """SIGKILL a process, then its children (a worker node's CPU processes, gunicorn's workers),
+    as a machine losing power would: none of their clean-up code runs."""
+    children = subprocess.run(
+        ["pgrep", "-P", str(process.pid)], capture_output=True, text=True, check=False
+    ).stdout.split()
+    process.kill()
+    process.wait()
+    for child in children:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(int(child), signal.SIGKILL)

@@ -3,11 +3,7 @@ removed by the worker node's abandoned-upload sweeper, and never one that has a 
 
 from __future__ import annotations
 
-import contextlib
-import os
-import signal
 import socket
-import subprocess
 import urllib.request
 import uuid
 from collections.abc import Iterator
@@ -26,6 +22,7 @@ from ingest.upload_reader import validate_image
 from tests.support import (
     StackProbe,
     jpeg,
+    kill_tree,
     multipart,
     served_api,
     start_worker,
@@ -125,18 +122,6 @@ class _Recording:
         self.jobs.extend(jobs)
 
 
-def _kill_api(process: subprocess.Popen[bytes]) -> None:
-    """SIGKILL gunicorn's master, then its workers: no clean-up code of the API runs."""
-    workers = subprocess.run(
-        ["pgrep", "-P", str(process.pid)], capture_output=True, text=True, check=False
-    ).stdout.split()
-    process.kill()
-    process.wait()
-    for pid in workers:
-        with contextlib.suppress(ProcessLookupError):
-            os.kill(int(pid), signal.SIGKILL)
-
-
 def _send_upload(base: str, token: str, body: bytes, content_type: str) -> int:
     request = urllib.request.Request(f"{base}/api/v1/upload", data=body, method="POST")
     request.add_header("Authorization", f"Bearer {token}")
@@ -168,7 +153,7 @@ def test_api_killed_mid_bulk_upload_leaves_no_original_without_a_row(
             ).encode()
             client.sendall(head + body[:cut])
             wait_for(lambda: len(probe.originals() - before) >= 1 + 3, timeout=60)
-            _kill_api(api)
+            kill_tree(api)
     stored = probe.originals() - before
     with_rows = rows_exist(settings, stored)
     assert len(with_rows) == 1 and len(stored - with_rows) >= 3, "the kill must strand originals"

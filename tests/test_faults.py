@@ -8,11 +8,8 @@ PostgreSQL and RabbitMQ through proxies of its own, so its faults reach no other
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import functools
-import os
-import signal
 import subprocess
 import threading
 import time
@@ -43,6 +40,7 @@ from tests.support import (
     ApiClient,
     StackProbe,
     jpeg,
+    kill_tree,
     start_worker,
     stop_worker,
     wait_for,
@@ -224,18 +222,6 @@ def run_through_fault(stack: FaultStack, inject: Callable[[], None]) -> tuple[Ta
     recovered = first_completion_after(stack.probe, stack.owner, fault_ended)
     assert recovered is not None, "nothing completed after the fault ended"
     return tally, max(0.0, recovered - fault_ended)
-
-
-def kill_tree(process: subprocess.Popen[bytes]) -> None:
-    """SIGKILL a node and its CPU processes, as a machine losing power to it would."""
-    children = subprocess.run(
-        ["pgrep", "-P", str(process.pid)], capture_output=True, text=True, check=False
-    ).stdout.split()
-    process.kill()
-    process.wait()
-    for child in children:
-        with contextlib.suppress(ProcessLookupError):
-            os.kill(int(child), signal.SIGKILL)
 
 
 def test_storage_restart_mid_run_loses_nothing(stack: FaultStack, infra: Infrastructure) -> None:
