@@ -15,6 +15,7 @@ import redis
 from common.broker import delete_topology
 from common.config import Settings
 from db.migrate import apply_migrations
+from db.pool import Database
 from db.schemas import throwaway_schema, with_search_path
 from ops.issuer import LocalIssuer, running
 from ops.s3server import LocalS3Server, pick_free_s3_port
@@ -186,3 +187,11 @@ def own_database(settings: Settings) -> Iterator[Settings]:
         own = dataclasses.replace(settings, postgres_url=with_search_path(BASE_POSTGRES_URL, name))
         apply_migrations(own.postgres_url)
         yield own
+
+
+@pytest.fixture
+def database(settings: Settings) -> Iterator[Database]:
+    """A connection pool to the test session's schema."""
+    db = Database(settings.postgres_url, max_size=4)
+    yield db
+    db.close()

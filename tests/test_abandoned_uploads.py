@@ -6,7 +6,6 @@ from __future__ import annotations
 import socket
 import urllib.request
 import uuid
-from collections.abc import Iterator
 from urllib.parse import urlsplit
 
 import psycopg
@@ -15,7 +14,6 @@ import pytest
 from common.config import Settings
 from common.errors import DependencyUnavailable
 from common.storage import ObjectStore
-from db.pool import Database
 from engine.abandoned_uploads import AbandonedUploadSweeper
 from ingest.intake import ImageIntake
 from ingest.upload_reader import validate_image
@@ -38,13 +36,6 @@ class NoPublisher:
 
     def publish(self, jobs: object) -> None:
         raise AssertionError("nothing may be published")
-
-
-@pytest.fixture
-def database(settings: Settings) -> Iterator[Database]:
-    db = Database(settings.postgres_url, max_size=4)
-    yield db
-    db.close()
 
 
 @pytest.fixture

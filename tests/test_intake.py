@@ -11,12 +11,11 @@ from typing import Any
 import psycopg
 import pytest
 
-from common.broker import JobPublisher, delete_topology, ensure_topology, queue_depth
+from common.broker import JobPublisher, ensure_topology, queue_depth
 from common.config import QueueSettings, Settings
 from common.errors import BadRequest, DependencyUnavailable
 from common.storage import ObjectStore
 from db import images
-from db.pool import Database
 from ingest.intake import IdempotencyClaim, ImageIntake
 from ingest.upload_reader import BulkPart, UploadedImage, validate_image
 from tests.support import StackProbe, jpeg
@@ -48,20 +47,10 @@ class PublisherThatFails:
 
 
 @pytest.fixture
-def queue(settings: Settings) -> Iterator[QueueSettings]:
+def queue(private_queue: Settings) -> QueueSettings:
     """A job queue of this test's own, so its messages can be counted."""
-    name = f"intake-{uuid.uuid4().hex[:10]}"
-    private = dataclasses.replace(settings.queue, queue=name, dead_letter_queue=f"{name}.dead")
-    ensure_topology(private)
-    yield private
-    delete_topology(private)
-
-
-@pytest.fixture
-def database(settings: Settings) -> Iterator[Database]:
-    db = Database(settings.postgres_url, max_size=4)
-    yield db
-    db.close()
+    ensure_topology(private_queue.queue)
+    return private_queue.queue
 
 
 @pytest.fixture
