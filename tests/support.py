@@ -195,6 +195,47 @@ def api_for(settings: Settings, token: str | None) -> Iterator[ApiClient]:
         deps.close()
 
 
+# Three renditions, the first gray PNG and two colour ones of other formats and sizes.
+API_RENDITIONS = "default:800:gray:png, thumb:200:color:webp:80, preview:1000:color:jpeg:80"
+
+
+@contextlib.contextmanager
+def renditions_stack(
+    env: dict[str, str], queue: Settings, tmp_path: Path, issuer: Any, user: str
+) -> Iterator[ApiClient]:
+    """The API (as `user`) and a worker node configured with API_RENDITIONS, on the queue and
+    Redis prefix of `queue` (a `private_queue`)."""
+    from ingest.app import Dependencies, create_app
+
+    own_env = {
+        **env,
+        "RABBITMQ_QUEUE": queue.queue.queue,
+        "REDIS_PREFIX": queue.redis_prefix,
+        "RENDITIONS": API_RENDITIONS,
+    }
+    own = Settings.from_env(own_env)
+    worker = start_worker(own_env, tmp_path / "worker.log")
+    deps = Dependencies.connect(own)
+    try:
+        yield ApiClient(create_app(own, deps), issuer.mint_token(user, ("user",)))
+    finally:
+        deps.close()
+        stop_worker(worker)
+
+
+def completed_image(api: ApiClient, image_id: str) -> dict[str, Any]:
+    """The image's document once it is terminal with its renditions listed; fails unless it
+    completed."""
+
+    def done() -> dict[str, Any] | None:
+        body = api.get(f"/api/v1/images/{image_id}").json
+        return body if body["status"] in ("completed", "failed") and body["renditions"] else None
+
+    body = wait_for(done, timeout=120)
+    assert body["status"] == "completed", body
+    return body
+
+
 @dataclasses.dataclass
 class OwnStack:
     """An API and worker nodes on a job queue and Redis prefix of their own: what this stack

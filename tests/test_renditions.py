@@ -13,14 +13,12 @@ orientation or black behind alpha moves the mean by far more (the Display P3 tes
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import io
 import struct
 import urllib.request
 import uuid
 import zlib
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -39,7 +37,14 @@ from engine import renditions as renditions_module
 from engine.colour import is_srgb
 from engine.kernel import ImageRejected, render_grayscale, target_size
 from engine.renditions import RenditionImage, render_renditions
-from tests.support import ApiClient, StackProbe, start_worker, stop_worker, wait_for
+from tests.support import (
+    API_RENDITIONS,
+    ApiClient,
+    StackProbe,
+    completed_image,
+    renditions_stack,
+    wait_for,
+)
 from tests.test_imageinfo import exif_app1, with_segment
 from tests.test_kernel import jpeg_of, photo_rgb, pillow_bytes
 
@@ -593,42 +598,6 @@ def test_results_completed_before_renditions_become_the_default_rendition() -> N
 # --- through the API and a worker -------------------------------------------------------------
 
 
-API_RENDITIONS = "default:800:gray:png, thumb:200:color:webp:80, preview:1000:color:jpeg:80"
-
-
-@contextlib.contextmanager
-def renditions_stack(
-    env: dict[str, str], queue: Settings, tmp_path: Path, issuer: Any, user: str
-) -> Iterator[ApiClient]:
-    """The API and a worker node configured with API_RENDITIONS, on a queue of their own."""
-    from ingest.app import Dependencies, create_app
-
-    own_env = {
-        **env,
-        "RABBITMQ_QUEUE": queue.queue.queue,
-        "REDIS_PREFIX": queue.redis_prefix,
-        "RENDITIONS": API_RENDITIONS,
-    }
-    own = Settings.from_env(own_env)
-    worker = start_worker(own_env, tmp_path / "worker.log")
-    deps = Dependencies.connect(own)
-    try:
-        yield ApiClient(create_app(own, deps), issuer.mint_token(user, ("user",)))
-    finally:
-        deps.close()
-        stop_worker(worker)
-
-
-def completed(api: ApiClient, image_id: str) -> dict[str, Any]:
-    def done() -> dict[str, Any] | None:
-        body = api.get(f"/api/v1/images/{image_id}").json
-        return body if body["status"] in ("completed", "failed") and body["renditions"] else None
-
-    body = wait_for(done, timeout=120)
-    assert body["status"] == "completed", body
-    return body
-
-
 def upload(api: ApiClient, data: bytes, query: str = "") -> Any:
     from tests.support import multipart
 
@@ -653,7 +622,7 @@ def test_upload_gets_every_configured_rendition_listed_served_and_deleted(
     admin = ApiClient(app, issuer.mint_token(f"admin-{uuid.uuid4()}", ("user", "admin")))
     with renditions_stack(env, private_queue, tmp_path, issuer, user_id) as api:
         image_id = upload(api, jpeg_of(photo_rgb(1600, 1200))).json["id"]
-        body = completed(api, image_id)
+        body = completed_image(api, image_id)
 
         listed = {r["name"]: r for r in body["renditions"]}
         assert list(listed) == ["default", "thumb", "preview"]
@@ -694,7 +663,7 @@ def test_a_subset_is_made_alone_and_a_deduplicated_upload_adds_what_it_lacks(
         assert refused.status_code == 400 and "poster" in refused.json["error"]["message"]
 
         image_id = upload(api, data, "?renditions=thumb").json["id"]
-        first = completed(api, image_id)
+        first = completed_image(api, image_id)
         assert [r["name"] for r in first["renditions"]] == ["thumb"]
         assert first["result"]["key"] == f"results/{image_id}/thumb.webp"
         missing = api.get(f"/api/v1/images/{image_id}/renditions/default")
