@@ -31,6 +31,8 @@ class BatchRecord:
     callback_url: str | None
     events: list[str]
     webhook_secret: str | None
+    # The renditions its images get unless their upload asks for its own; None: all configured.
+    renditions: list[str] | None
     pending: int
     processing: int
     completed: int
@@ -55,6 +57,7 @@ class NewBatch:
     callback_url: str | None
     events: list[str]
     webhook_secret: str | None  # encrypted
+    renditions: list[str] | None = None
 
 
 _COLUMNS = ", ".join(BatchRecord.__dataclass_fields__)
@@ -63,9 +66,18 @@ _COLUMNS = ", ".join(BatchRecord.__dataclass_fields__)
 def create_batch(conn: psycopg.Connection[Any], new: NewBatch) -> BatchRecord:
     with conn.cursor(row_factory=class_row(BatchRecord)) as cur:
         cur.execute(
-            f"""INSERT INTO batches (id, owner, name, callback_url, events, webhook_secret)
-                VALUES (%s, %s, %s, %s, %s, %s) RETURNING {_COLUMNS}""",
-            (new.id, new.owner, new.name, new.callback_url, new.events, new.webhook_secret),
+            f"""INSERT INTO batches (id, owner, name, callback_url, events, webhook_secret,
+                                     renditions)
+                VALUES (%s, %s, %s, %s, %s, %s, %s) RETURNING {_COLUMNS}""",
+            (
+                new.id,
+                new.owner,
+                new.name,
+                new.callback_url,
+                new.events,
+                new.webhook_secret,
+                new.renditions,
+            ),
         )
         row = cur.fetchone()
     assert row is not None
@@ -199,6 +211,7 @@ def batch_document(record: BatchRecord, now: datetime | None = None) -> dict[str
         "status": record.status,
         "callback_url": record.callback_url,
         "events": list(record.events),
+        "renditions": None if record.renditions is None else list(record.renditions),
         "total": total,
         "counts": counts,
         "bytes_in": record.bytes_in,

@@ -138,7 +138,10 @@ def create_app(settings: Settings, deps: Dependencies) -> falcon.App:
 
 
 def _add_batch_routes(app: falcon.App, settings: Settings, deps: Dependencies) -> None:
-    app.add_route("/api/v1/batches", BatchCollectionResource(deps.db, settings.webhooks))
+    app.add_route(
+        "/api/v1/batches",
+        BatchCollectionResource(deps.db, settings.webhooks, settings.engine.renditions),
+    )
     app.add_route("/api/v1/batches/{batch_id}", BatchResource(deps.db))
     app.add_route("/api/v1/batches/{batch_id}/images", BatchImagesResource(deps.db))
     app.add_route("/api/v1/batches/{batch_id}/close", BatchCloseResource(deps.db))

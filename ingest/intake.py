@@ -33,6 +33,7 @@ from common.errors import Conflict, DependencyUnavailable, NotFound
 from common.jobs import BULK, JobMessage, bulk_shard, choose_lane
 from common.storage import ObjectStore, original_key
 from db import batches, idempotency, images, upload_intents
+from db.batches import BatchRecord
 from db.images import ImageRecord, NewImage
 from db.pool import Database
 from ingest.documents import Accepted, Answer, bulk_answer, single_answer
@@ -146,11 +147,11 @@ class ImageIntake:
         stored.add_done_callback(lambda _: self._put_slots.release())
         return stored
 
-    def batch_exists(self, batch_id: uuid.UUID, owner: str) -> bool:
-        """Whether `batch_id` is one of the owner's batches, whatever its status."""
+    def owned_batch(self, batch_id: uuid.UUID, owner: str) -> BatchRecord | None:
+        """The batch `batch_id` if it is one of the owner's, whatever its status."""
         with self.db.transaction() as conn:
             record = batches.get_batch(conn, batch_id)
-        return record is not None and record.owner == owner
+        return record if record is not None and record.owner == owner else None
 
     def replay(self, owner: str, claim: IdempotencyClaim) -> Answer | None:
         """The stored answer for this key; Conflict if the key was used for another request."""

@@ -1,16 +1,30 @@
 """Batches through the real API and worker nodes: joining, closing, finishing, retrying,
-cancelling, reading and listing, and who may see what."""
+cancelling, reading and listing, who may see what, and the renditions a batch gives its images."""
 
 from __future__ import annotations
 
 import threading
 import uuid
+from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import psycopg
 import pytest
 
-from tests.support import ApiClient, OwnStack, StackProbe, jpeg, multipart, wait_for
+from common.config import Settings
+from tests.support import (
+    API_RENDITIONS,
+    ApiClient,
+    OwnStack,
+    StackProbe,
+    api_for,
+    completed_image,
+    jpeg,
+    multipart,
+    renditions_stack,
+    wait_for,
+)
 
 pytestmark = pytest.mark.slow
 
@@ -21,14 +35,19 @@ def create_batch(api: ApiClient, **fields: Any) -> dict[str, Any]:
     return response.json
 
 
-def upload_into(api: ApiClient, batch_id: str, data: bytes, name: str = "a.jpg", **headers: str):
+def upload_into(
+    api: ApiClient, batch_id: str, data: bytes, name: str = "a.jpg", query: str = "", **headers: str
+):
+    """`query`: more of the query string, `&renditions=...` for instance."""
     body, content_type = multipart([("image", name, data, "image/jpeg")])
-    return api.post_raw(f"/api/v1/upload?batch={batch_id}", body, content_type, **headers)
+    return api.post_raw(f"/api/v1/upload?batch={batch_id}{query}", body, content_type, **headers)
 
 
-def bulk_into(api: ApiClient, batch_id: str, files: list[tuple[str, bytes]], **headers: str):
+def bulk_into(
+    api: ApiClient, batch_id: str, files: list[tuple[str, bytes]], query: str = "", **headers: str
+):
     body, content_type = multipart([("image", name, data, "image/jpeg") for name, data in files])
-    return api.post_raw(f"/api/v1/uploads?batch={batch_id}", body, content_type, **headers)
+    return api.post_raw(f"/api/v1/uploads?batch={batch_id}{query}", body, content_type, **headers)
 
 
 def post(api: ApiClient, path: str):
@@ -259,6 +278,11 @@ def test_batches_are_listed_to_their_owner_and_to_admins_by_owner(
         {"name": 5},
         {"surprise": True},
         {"callback_url": "ftp://example.invalid/hook"},
+        {"renditions": ["poster"]},
+        {"renditions": []},
+        {"renditions": "default"},
+        {"renditions": ["default", "default"]},
+        {"renditions": [7]},
     ],
 )
 def test_invalid_batch_creation_is_400_and_creates_nothing(
@@ -294,3 +318,217 @@ def test_concurrent_uploads_into_one_batch_are_all_accepted_and_counted(
     assert (len(answers), refused) == (12, [])
     assert len(probe.rows_for(user_id)) == 48
     assert batch_of(api, batch["id"])["total"] == 48
+
+
+# --- the renditions a batch gives its images ----------------------------------------------------
+
+
+@pytest.fixture
+def renditions_api(
+    env: dict[str, str], private_queue: Settings, issuer: Any, user_id: str
+) -> Iterator[ApiClient]:
+    """The API (as `user_id`) with API_RENDITIONS configured; its jobs wait on a queue of this
+    test that nothing consumes."""
+    own = Settings.from_env(
+        {
+            **env,
+            "RABBITMQ_QUEUE": private_queue.queue.queue,
+            "REDIS_PREFIX": private_queue.redis_prefix,
+            "RENDITIONS": API_RENDITIONS,
+        }
+    )
+    with api_for(own, issuer.mint_token(user_id, ("user",))) as api:
+        yield api
+
+
+def requested_renditions(settings: Settings, image_ids: list[str]) -> list[str | None]:
+    """The `requested_renditions` of each image row, in the order of `image_ids`."""
+    with psycopg.connect(settings.postgres_url) as conn:
+        rows = dict(
+            conn.execute(
+                "SELECT id::text, requested_renditions FROM images WHERE id = ANY(%s::uuid[])",
+                (image_ids,),
+            ).fetchall()
+        )
+    return [rows[i] for i in image_ids]
+
+
+def stored_keys_of(probe: StackProbe, image_id: str) -> set[str]:
+    """Every result object stored for the image, whatever its rendition."""
+    return {key for key in probe.results() if image_id in key}
+
+
+def test_a_batchs_renditions_are_kept_in_configuration_order_and_shown_in_its_document(
+    renditions_api: ApiClient,
+) -> None:
+    api = renditions_api
+    chosen = create_batch(api, renditions=["preview", "thumb"])
+    every = create_batch(api)
+    explicit_null = create_batch(api, renditions=None)
+
+    assert chosen["renditions"] == ["thumb", "preview"]
+    assert batch_of(api, chosen["id"])["renditions"] == ["thumb", "preview"]
+    assert every["renditions"] is None and batch_of(api, every["id"])["renditions"] is None
+    assert explicit_null["renditions"] is None
+    listed = {b["id"]: b["renditions"] for b in api.get("/api/v1/batches").json["items"]}
+    assert listed == {
+        chosen["id"]: ["thumb", "preview"],
+        every["id"]: None,
+        explicit_null["id"]: None,
+    }
+
+
+@pytest.mark.parametrize(
+    ("renditions", "complaint"),
+    [
+        (["thumb", "poster"], "no rendition named poster (known: default, thumb, preview)"),
+        ([], "renditions must name at least one rendition"),
+    ],
+)
+def test_a_batch_naming_an_unknown_rendition_or_none_is_400_saying_why_and_no_row_is_made(
+    renditions_api: ApiClient,
+    settings: Settings,
+    user_id: str,
+    renditions: list[str],
+    complaint: str,
+) -> None:
+    response = renditions_api.client.simulate_post(
+        "/api/v1/batches", json={"renditions": renditions}, headers=renditions_api.headers()
+    )
+
+    assert response.status_code == 400, response.text
+    assert response.json["error"]["code"] == "bad_request"
+    assert complaint in response.json["error"]["message"]
+    with psycopg.connect(settings.postgres_url) as conn:
+        [count] = conn.execute(
+            "SELECT count(*) FROM batches WHERE owner = %s", (user_id,)
+        ).fetchone()
+    assert count == 0
+
+
+def test_uploads_into_a_batch_ask_for_its_renditions_on_both_routes_unless_they_name_their_own(
+    renditions_api: ApiClient, settings: Settings
+) -> None:
+    api = renditions_api
+    batch = create_batch(api, renditions=["thumb"])["id"]
+    every = create_batch(api)["id"]
+
+    single = upload_into(api, batch, jpeg(64, 48, seed=40))
+    bulk = bulk_into(
+        api, batch, [("b.jpg", jpeg(64, 48, seed=41)), ("c.jpg", jpeg(64, 48, seed=42))]
+    )
+    own_single = upload_into(api, batch, jpeg(64, 48, seed=43), query="&renditions=preview")
+    own_bulk = bulk_into(
+        api, batch, [("e.jpg", jpeg(64, 48, seed=44))], query="&renditions=preview,default"
+    )
+    unset = upload_into(api, every, jpeg(64, 48, seed=45)).json["id"]
+    inherited = [single.json["id"], *(item["image"]["id"] for item in bulk.json["items"])]
+    own = [own_single.json["id"], own_bulk.json["items"][0]["image"]["id"]]
+
+    assert requested_renditions(settings, inherited) == ["thumb"] * 3
+    assert requested_renditions(settings, own) == ["preview", "default,preview"]
+    assert requested_renditions(settings, [unset]) == [None]
+
+
+def test_a_batch_rendition_the_configuration_no_longer_names_is_left_out_of_its_uploads(
+    renditions_api: ApiClient,
+    env: dict[str, str],
+    private_queue: Settings,
+    issuer: Any,
+    user_id: str,
+    settings: Settings,
+) -> None:
+    """`preview` is dropped from RENDITIONS after the batches were made: their uploads still
+    go in, asking for what is left, or for every rendition if nothing is (as the engine does)."""
+    two = create_batch(renditions_api, renditions=["thumb", "preview"])["id"]
+    one = create_batch(renditions_api, renditions=["preview"])["id"]
+    narrower = Settings.from_env(
+        {
+            **env,
+            "RABBITMQ_QUEUE": private_queue.queue.queue,
+            "REDIS_PREFIX": private_queue.redis_prefix,
+            "RENDITIONS": "default:800:gray:png, thumb:200:color:webp:80",
+        }
+    )
+    with api_for(narrower, issuer.mint_token(user_id, ("user",))) as api:
+        answers = [
+            upload_into(api, two, jpeg(64, 48, seed=47)),
+            upload_into(api, one, jpeg(64, 48, seed=48)),
+        ]
+
+    assert [a.status_code for a in answers] == [201, 201], [a.text for a in answers]
+    ids = [a.json["id"] for a in answers]
+    assert requested_renditions(settings, ids) == ["thumb", None]
+
+
+def test_the_renditions_a_batch_gives_count_in_the_idempotency_fingerprint(
+    renditions_api: ApiClient, probe: StackProbe, user_id: str
+) -> None:
+    """An upload into a `thumb` batch asks for what `&renditions=thumb` asks for: the same key
+    replays its answer; with other renditions it is another request (409)."""
+    api = renditions_api
+    batch = create_batch(api, renditions=["thumb"])["id"]
+    data = jpeg(64, 48, seed=46)
+    key = {"Idempotency-Key": f"inherited-{uuid.uuid4()}"}
+
+    first = upload_into(api, batch, data, **key)
+    spelled_out = upload_into(api, batch, data, query="&renditions=thumb", **key)
+    other = upload_into(api, batch, data, query="&renditions=preview", **key)
+
+    assert first.status_code == 201, first.text
+    assert (spelled_out.status_code, spelled_out.json) == (201, first.json)
+    assert other.status_code == 409, other.text
+    assert len(probe.rows_for(user_id)) == 1
+
+
+def test_images_of_a_batch_get_exactly_its_renditions_and_a_request_naming_others_wins(
+    env: dict[str, str],
+    private_queue: Settings,
+    tmp_path: Path,
+    issuer: Any,
+    user_id: str,
+    probe: StackProbe,
+) -> None:
+    with renditions_stack(env, private_queue, tmp_path, issuer, user_id) as api:
+        batch = create_batch(api, renditions=["thumb"])["id"]
+        single = upload_into(api, batch, jpeg(640, 480, seed=50)).json["id"]
+        bulk = bulk_into(api, batch, [("b.jpg", jpeg(640, 480, seed=51))]).json["items"]
+        own = upload_into(api, batch, jpeg(640, 480, seed=52), query="&renditions=preview")
+
+        for image_id in (single, bulk[0]["image"]["id"]):
+            body = completed_image(api, image_id)
+            assert [r["name"] for r in body["renditions"]] == ["thumb"]
+            assert stored_keys_of(probe, image_id) == {f"results/{image_id}/thumb.webp"}
+        body = completed_image(api, own.json["id"])
+        assert [r["name"] for r in body["renditions"]] == ["preview"]
+        assert stored_keys_of(probe, own.json["id"]) == {f"results/{own.json['id']}/preview.jpg"}
+        assert api.get(f"/api/v1/images/{single}/renditions/default").status_code == 404
+
+
+def test_a_deduplicated_upload_into_the_batch_adds_the_batchs_renditions_the_copy_lacks(
+    env: dict[str, str],
+    private_queue: Settings,
+    tmp_path: Path,
+    issuer: Any,
+    user_id: str,
+    probe: StackProbe,
+) -> None:
+    data = jpeg(640, 480, seed=53)
+    with renditions_stack(env, private_queue, tmp_path, issuer, user_id) as api:
+        batch = create_batch(api, renditions=["thumb"])["id"]
+        image_id = upload_into(api, batch, data, query="&renditions=preview").json["id"]
+        assert [r["name"] for r in completed_image(api, image_id)["renditions"]] == ["preview"]
+
+        again = upload_into(api, batch, data, query="&dedupe=true")
+        assert (again.status_code, again.json["id"]) == (200, image_id)
+
+        def both() -> list[str] | None:
+            body = api.get(f"/api/v1/images/{image_id}").json
+            names = [r["name"] for r in body["renditions"]]
+            return names if body["status"] == "completed" and len(names) == 2 else None
+
+        assert wait_for(both, timeout=120) == ["thumb", "preview"]
+        assert stored_keys_of(probe, image_id) == {
+            f"results/{image_id}/thumb.webp",
+            f"results/{image_id}/preview.jpg",
+        }

@@ -1,10 +1,12 @@
 """Batches: `/api/v1/batches` (create, list), `/api/v1/batches/{id}` (read), its images, and
 `close`, `retry` and `cancel`. Counters come from the batch row (kept by triggers), never from
-counting images, so reading a batch costs the same at any size."""
+counting images, so reading a batch costs the same at any size. The renditions a batch names
+are applied by the upload routes (`ingest/routes/upload.py`) to the images that join it."""
 
 from __future__ import annotations
 
 import uuid
+from collections.abc import Sequence
 from typing import Any
 
 import falcon
@@ -14,13 +16,14 @@ from common.cache import ImageCache
 from common.config import WebhookSettings
 from common.errors import BadRequest, Conflict, NotFound
 from common.jobs import JobMessage
+from common.renditions import Rendition
 from common.webhooks import SecretBox, TargetRefused, TargetUnresolved, check_target, new_secret
 from db import batches, images
 from db.batches import BatchRecord, NewBatch, batch_document
 from db.pool import Database
 from ingest.documents import image_document
 from ingest.routes.images import MAX_PAGE, decode_cursor, encode_cursor
-from ingest.routes.upload import UPLOAD_ROLE
+from ingest.routes.upload import UPLOAD_ROLE, chosen_renditions
 
 MAX_NAME = 200
 MAX_URL = 2000
@@ -46,14 +49,17 @@ class BatchCollectionResource:
 
     required_role_post = UPLOAD_ROLE
 
-    def __init__(self, db: Database, webhooks: WebhookSettings) -> None:
+    def __init__(
+        self, db: Database, webhooks: WebhookSettings, renditions: Sequence[Rendition]
+    ) -> None:
         self._db = db
         self._webhooks = webhooks
         self._box = SecretBox(webhooks.encryption_key)
+        self._renditions = renditions
 
     def on_post(self, req: falcon.Request, resp: falcon.Response) -> None:
         body = req.get_media(default_when_empty={})
-        name, callback_url, events = _creation_fields(body)
+        name, callback_url, events, renditions = _creation_fields(body, self._renditions)
         secret = None
         if callback_url is not None:
             try:
@@ -71,6 +77,7 @@ class BatchCollectionResource:
             callback_url=callback_url,
             events=events,
             webhook_secret=None if secret is None else self._box.seal(secret),
+            renditions=renditions,
         )
         with self._db.transaction() as conn:
             record = batches.create_batch(conn, new)
@@ -91,10 +98,12 @@ class BatchCollectionResource:
         resp.media = {"items": [batch_document(r) for r in rows], "next_cursor": next_cursor}
 
 
-def _creation_fields(body: Any) -> tuple[str | None, str | None, list[str]]:
+def _creation_fields(
+    body: Any, configured: Sequence[Rendition]
+) -> tuple[str | None, str | None, list[str], list[str] | None]:
     if not isinstance(body, dict):
         raise BadRequest("the body must be a JSON object")
-    unknown = set(body) - {"name", "callback_url", "events"}
+    unknown = set(body) - {"name", "callback_url", "events", "renditions"}
     if unknown:
         raise BadRequest(f"unknown fields: {', '.join(sorted(unknown))}")
     name = body.get("name")
@@ -108,7 +117,19 @@ def _creation_fields(body: Any) -> tuple[str | None, str | None, list[str]]:
     events = body.get("events", ["batch"])
     if not isinstance(events, list) or sorted(map(str, events)) not in EVENT_CHOICES:
         raise BadRequest('events must be ["batch"] or ["image", "batch"]')
-    return name, callback_url, sorted(events)
+    return name, callback_url, sorted(events), _renditions_field(body.get("renditions"), configured)
+
+
+def _renditions_field(value: Any, configured: Sequence[Rendition]) -> list[str] | None:
+    """`renditions`: names of configured renditions, each once, kept in configuration order
+    (as an upload's `?renditions=` is); absent or null for every configured one."""
+    if value is None:
+        return None
+    if not isinstance(value, list) or not all(isinstance(name, str) for name in value):
+        raise BadRequest("renditions must be a list of rendition names")
+    if len(set(value)) != len(value):
+        raise BadRequest("renditions must name each rendition once")
+    return list(chosen_renditions(configured, value))
 
 
 class BatchResource:

@@ -6,12 +6,14 @@ import hashlib
 import logging
 import re
 import uuid
+from collections.abc import Sequence
 
 import falcon
 
 from common.config import ApiSettings, EngineSettings
 from common.errors import BadRequest, NotFound
-from common.renditions import RenditionSpecError, select
+from common.renditions import Rendition, RenditionSpecError, select
+from db.batches import BatchRecord
 from ingest.documents import Answer
 from ingest.intake import IdempotencyClaim, ImageIntake, RenditionRequest
 from ingest.rate_limit import UploadRateLimiter
@@ -70,23 +72,30 @@ class _UploadRoute:
         )
         self._renditions = engine.renditions
 
-    def rendition_request(self, req: falcon.Request) -> RenditionRequest:
+    def renditions_and_batch(
+        self, req: falcon.Request
+    ) -> tuple[RenditionRequest, uuid.UUID | None]:
+        """The renditions the upload's images get and the batch they join, decided here for both
+        routes: the renditions `?renditions=` names, else those of the batch, else every
+        configured one. The batch's choice then travels exactly as a request's own would: on the
+        rows, in the idempotency fingerprint, and to an earlier copy de-duplication finds."""
+        asked = self._asked_renditions(req)
+        batch = self._joined_batch(req)
+        if asked is None and batch is not None and batch.renditions is not None:
+            asked = _still_configured(self._renditions, batch.renditions)
+        configured = tuple(r.name for r in self._renditions)
+        return RenditionRequest(asked, configured), None if batch is None else batch.id
+
+    def _asked_renditions(self, req: falcon.Request) -> tuple[str, ...] | None:
         """`?renditions=a,b` (or `renditions=a&renditions=b`): a subset of the configured
         renditions; an unknown name is a 400 that lists the known ones."""
-        configured = tuple(r.name for r in self._renditions)
         raw = req.get_param_as_list("renditions")
         if raw is None:
-            return RenditionRequest(None, configured)
+            return None
         names = [n.strip() for value in raw for n in value.split(",") if n.strip()]
-        if not names:
-            raise BadRequest("renditions must name at least one rendition")
-        try:
-            chosen = select(self._renditions, names)
-        except RenditionSpecError as exc:
-            raise BadRequest(f"renditions: {exc}") from None
-        return RenditionRequest(tuple(r.name for r in chosen), configured)
+        return chosen_renditions(self._renditions, names)
 
-    def _batch_param(self, req: falcon.Request) -> uuid.UUID | None:
+    def _joined_batch(self, req: falcon.Request) -> BatchRecord | None:
         """`?batch=ID`: the owner's batch the images join; 404 before the body is read if it is
         unknown or another's (whether it is still open is checked with the rows, see intake)."""
         raw = req.get_param("batch")
@@ -96,9 +105,33 @@ class _UploadRoute:
             batch_id = uuid.UUID(raw)
         except ValueError:
             raise BadRequest("batch must be a batch id (a UUID)") from None
-        if not self._intake.batch_exists(batch_id, req.context.principal.subject):
+        batch = self._intake.owned_batch(batch_id, req.context.principal.subject)
+        if batch is None:
             raise NotFound("no such batch")
-        return batch_id
+        return batch
+
+
+def chosen_renditions(configured: Sequence[Rendition], names: Sequence[str]) -> tuple[str, ...]:
+    """The configured renditions `names` asks for, in configuration order; a 400 for an empty
+    list or an unknown name (listing the known ones). Uploads and batches answer alike."""
+    if not names:
+        raise BadRequest("renditions must name at least one rendition")
+    try:
+        chosen = select(configured, names)
+    except RenditionSpecError as exc:
+        raise BadRequest(f"renditions: {exc}") from None
+    return tuple(r.name for r in chosen)
+
+
+def _still_configured(
+    configured: Sequence[Rendition], names: Sequence[str]
+) -> tuple[str, ...] | None:
+    """A batch's renditions as the configuration now has them: a name it no longer has (it
+    changed after the batch was made) is left out, and if none is left, every rendition (None),
+    as the engine does for an image row (engine.cpu_pool)."""
+    known = {r.name for r in configured}
+    still = select(configured, [n for n in names if n in known])
+    return tuple(r.name for r in still) or None
 
 
 class UploadResource(_UploadRoute):
@@ -108,8 +141,7 @@ class UploadResource(_UploadRoute):
         principal = req.context.principal
         # Charged before the body is read, so a flood of uploads costs the API little.
         self._limiter.charge(principal.subject)
-        renditions = self.rendition_request(req)
-        batch_id = self._batch_param(req)
+        renditions, batch_id = self.renditions_and_batch(req)
         upload = read_single_upload(
             req, self._limits.max_part_bytes, self._limits.max_pixels, self._limits.max_decode_bytes
         )
@@ -138,8 +170,7 @@ class BulkUploadResource(_UploadRoute):
         # Refused before the body is read when not even one more image fits; charged for every
         # accepted part once they are known (a refused request takes nothing).
         self._limiter.ensure_room(principal.subject)
-        renditions = self.rendition_request(req)
-        batch_id = self._batch_param(req)
+        renditions, batch_id = self.renditions_and_batch(req)
         with self._intake.begin(principal.subject, renditions, batch_id) as batch:
             # Each valid image is stored as soon as it is read (its bytes are then let go).
             parts: list[BulkPart] = []
@@ -163,8 +194,9 @@ class BulkUploadResource(_UploadRoute):
 
 
 def _asked(renditions: RenditionRequest) -> tuple[str, ...]:
-    """The rendition request's part of an idempotency fingerprint; none without a request, so
-    keys sent before renditions existed still match their answers."""
+    """The renditions' part of an idempotency fingerprint (asked for, or inherited from the
+    batch); none for every configured one, so keys sent before renditions existed still match
+    their answers."""
     return () if renditions.stored_form is None else (f"renditions={renditions.stored_form}",)
 
 
