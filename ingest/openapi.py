@@ -216,7 +216,8 @@ def _renditions_parameter(settings: Settings) -> dict[str, Any]:
         "explode": False,
         "schema": {"type": "array", "items": {"type": "string", "enum": names}, "minItems": 1},
         "description": "make only these renditions (`renditions=a,b`); an unknown name is 400. "
-        "With dedupe, an earlier copy lacking one of them is sent back to make it.",
+        "Without it, the images get their batch's renditions (`batch`), else every configured "
+        "one. With dedupe, an earlier copy lacking one of them is sent back to make it.",
     }
 
 
@@ -225,7 +226,8 @@ BATCH_PARAM = {
     "in": "query",
     "required": False,
     "schema": {"type": "string", "format": "uuid"},
-    "description": "the images join this open batch of yours (404 unknown, 409 not open)",
+    "description": "the images join this open batch of yours (404 unknown, 409 not open) and "
+    "get its renditions unless `renditions` names others",
 }
 
 
@@ -429,6 +431,7 @@ BATCH = {
         "status",
         "callback_url",
         "events",
+        "renditions",
         "total",
         "counts",
         "bytes_in",
@@ -446,6 +449,12 @@ BATCH = {
         "status": {"type": "string", "enum": list(BATCH_STATUSES)},
         "callback_url": {"type": ["string", "null"]},
         "events": {"type": "array", "items": {"type": "string", "enum": list(EVENT_KINDS)}},
+        "renditions": {
+            "type": ["array", "null"],
+            "items": {"type": "string"},
+            "description": "what the batch's images get unless their upload names its own; "
+            "null: every configured rendition",
+        },
         "total": {"type": "integer"},
         "counts": {"$ref": "#/components/schemas/BatchCounts"},
         "bytes_in": {"type": "integer"},
@@ -458,28 +467,41 @@ BATCH = {
     },
 }
 
-NEW_BATCH = {
-    "type": "object",
-    "additionalProperties": False,
-    "properties": {
-        "name": {"type": ["string", "null"], "maxLength": 200},
-        "callback_url": {
-            "type": ["string", "null"],
-            # Not a registered format: a public https URL (http and private addresses only
-            # where WEBHOOK_ALLOW_PRIVATE=true); a fuzzer must be told how to make them.
-            "format": "webhook-url",
-            "maxLength": 2000,
+
+def _new_batch(settings: Settings) -> dict[str, Any]:
+    names = [r.name for r in settings.engine.renditions]
+    return {
+        "type": "object",
+        "additionalProperties": False,
+        "properties": {
+            "name": {"type": ["string", "null"], "maxLength": 200},
+            "callback_url": {
+                "type": ["string", "null"],
+                # Not a registered format: a public https URL (http and private addresses only
+                # where WEBHOOK_ALLOW_PRIVATE=true); a fuzzer must be told how to make them.
+                "format": "webhook-url",
+                "maxLength": 2000,
+            },
+            "events": {
+                "type": "array",
+                "items": {"type": "string", "enum": list(EVENT_KINDS)},
+                "minItems": 1,
+                "maxItems": 2,
+                "uniqueItems": True,
+                "contains": {"const": "batch"},
+            },
+            "renditions": {
+                "type": ["array", "null"],
+                "items": {"type": "string", "enum": names},
+                "minItems": 1,
+                "uniqueItems": True,
+                "description": "the renditions the batch's images get (kept in configuration "
+                "order) unless their upload names its own with `renditions`; an unknown name "
+                "is 400. Absent or null: every configured one.",
+            },
         },
-        "events": {
-            "type": "array",
-            "items": {"type": "string", "enum": list(EVENT_KINDS)},
-            "minItems": 1,
-            "maxItems": 2,
-            "uniqueItems": True,
-            "contains": {"const": "batch"},
-        },
-    },
-}
+    }
+
 
 CREATED_BATCH = {
     "allOf": [
@@ -506,23 +528,26 @@ BATCH_LIST = {
     },
 }
 
-BATCH_SCHEMAS = {
-    "Batch": BATCH,
-    "BatchCounts": BATCH_COUNTS,
-    "NewBatch": NEW_BATCH,
-    "CreatedBatch": CREATED_BATCH,
-    "BatchList": BATCH_LIST,
-    "RetryAnswer": {
-        "type": "object",
-        "required": ["requeued"],
-        "properties": {"requeued": {"type": "integer"}},
-    },
-    "CancelAnswer": {
-        "type": "object",
-        "required": ["cancelled"],
-        "properties": {"cancelled": {"type": "integer"}},
-    },
-}
+
+def _batch_schemas(settings: Settings) -> dict[str, Any]:
+    return {
+        "Batch": BATCH,
+        "BatchCounts": BATCH_COUNTS,
+        "NewBatch": _new_batch(settings),
+        "CreatedBatch": CREATED_BATCH,
+        "BatchList": BATCH_LIST,
+        "RetryAnswer": {
+            "type": "object",
+            "required": ["requeued"],
+            "properties": {"requeued": {"type": "integer"}},
+        },
+        "CancelAnswer": {
+            "type": "object",
+            "required": ["cancelled"],
+            "properties": {"cancelled": {"type": "integer"}},
+        },
+    }
+
 
 BATCH_ID = {
     "name": "batch_id",
@@ -676,7 +701,7 @@ def openapi_document(settings: Settings) -> dict[str, Any]:
                 "BulkImageFile": BULK_FILE,
                 "UploadForm": _upload_form("ImageFile"),
                 "BulkUploadForm": _upload_form("BulkImageFile", settings.api.max_bulk_parts),
-                **BATCH_SCHEMAS,
+                **_batch_schemas(settings),
             },
         },
     }

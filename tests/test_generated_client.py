@@ -1,5 +1,6 @@
 """A Python client generated from the served OpenAPI document (openapi-python-client) uploads
-images one by one and in bulk and reads their status back, with typed models for every answer."""
+images one by one and in bulk, reads their status back and creates a batch, with typed models for
+every answer."""
 
 from __future__ import annotations
 
@@ -65,7 +66,14 @@ def generated(served: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator
         }
         operations = {
             name: importlib.import_module(f"{PACKAGE}.api.default.{name}")
-            for name in ("upload_image", "upload_images", "get_image", "list_images")
+            for name in (
+                "upload_image",
+                "upload_images",
+                "get_image",
+                "list_images",
+                "create_batch",
+                "get_batch",
+            )
         }
         yield SimpleNamespace(**modules, **operations)
     finally:
@@ -154,6 +162,20 @@ def test_generated_client_uploads_in_bulk_and_reads_refusals_and_statuses_as_mod
     assert {image.id for image in listed.items} == set(ids)
     assert {image.status for image in listed.items} == {models.ImageStatus.COMPLETED}
     assert {row[0] for row in probe.rows_for(user_id)} == set(ids)
+
+
+def test_generated_client_creates_a_batch_naming_its_renditions_and_reads_them_back(
+    generated: SimpleNamespace, client: Any
+) -> None:
+    models = generated.models
+    body = models.NewBatch(name="typed", renditions=[models.NewBatchRenditionsType0Item.DEFAULT])
+    created = generated.create_batch.sync(client=client, body=body)
+    assert isinstance(created, models.CreatedBatch)
+    assert created.renditions == ["default"]
+
+    read = generated.get_batch.sync(created.id, client=client)
+    assert isinstance(read, models.Batch)
+    assert (read.name, read.renditions) == ("typed", ["default"])
 
 
 def test_generated_client_reads_a_refusal_as_the_error_model(

@@ -128,6 +128,17 @@ def test_batch_responses_match_their_schemas(api: ApiClient, document: dict) -> 
         "/api/v1/batches", json={"name": "schema"}, headers=api.headers()
     )
     check(document, "/api/v1/batches", "post", created)
+    chosen = api.client.simulate_post(
+        "/api/v1/batches", json={"renditions": ["default"]}, headers=api.headers()
+    )
+    assert chosen.json["renditions"] == ["default"]
+    check(document, "/api/v1/batches", "post", chosen)
+    check(
+        document,
+        "/api/v1/batches/{batch_id}",
+        "get",
+        api.get(f"/api/v1/batches/{chosen.json['id']}"),
+    )
     batch_path = f"/api/v1/batches/{created.json['id']}"
     body, content_type = multipart([("image", "a.jpg", jpeg(64, 64), "image/jpeg")])
     joined = api.post_raw(f"/api/v1/upload?batch={created.json['id']}", body, content_type)

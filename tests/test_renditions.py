@@ -687,7 +687,10 @@ def test_the_openapi_document_lists_the_configured_rendition_names() -> None:
     from ingest.openapi import openapi_document
 
     own = dataclasses.replace(local(), engine=local(RENDITIONS=API_RENDITIONS).engine)
-    upload_parameters = openapi_document(own)["paths"]["/api/v1/upload"]["post"]["parameters"]
+    document = openapi_document(own)
+    upload_parameters = document["paths"]["/api/v1/upload"]["post"]["parameters"]
+    new_batch = document["components"]["schemas"]["NewBatch"]["properties"]
 
     [parameter] = [p for p in upload_parameters if p["name"] == "renditions"]
     assert parameter["schema"]["items"]["enum"] == ["default", "thumb", "preview"]
+    assert new_batch["renditions"]["items"]["enum"] == ["default", "thumb", "preview"]
