@@ -11,6 +11,7 @@ A stage that fails because its dependency is down (not only for its image: see
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import enum
 import logging
@@ -25,7 +26,7 @@ from typing import TypeVar
 from common.batch_timing import BatchTiming
 from common.cache import ImageCache
 from common.errors import DependencyUnavailable, ObjectMissing, ObjectTooLarge
-from common.jobs import JobMessage, MalformedJob
+from common.jobs import INTERACTIVE, JobMessage, MalformedJob
 from common.storage import ObjectStore, rendition_key
 from db import images
 from db.images import ImageRecord, Outcome, StoredRendition
@@ -40,6 +41,7 @@ from engine.cpu_pool import (
     RenditionOutput,
 )
 from engine.dependencies import DependencyGate, GateStopped
+from engine.lane_priority import InteractiveFirst
 from engine.slots import SlotArena
 
 log = logging.getLogger(__name__)
@@ -96,6 +98,8 @@ class ImageWork:
     image_id: uuid.UUID
     tags: tuple[int, ...]  # a job may arrive twice in one batch
     request_id: str
+    # Interactive work: its stages run on threads of their own and it renders first.
+    urgent: bool = False
     fate: Fate = Fate.IN_PROGRESS
     record: ImageRecord | None = None  # set once claimed
     outcome: Outcome | None = None  # set with Fate.FINISHED
@@ -147,9 +151,13 @@ class BatchProcessor:
         delivery_limit: int,
         render_timeout: float | None = None,
         gate: DependencyGate | None = None,
+        urgent_io_threads: int = 1,
     ) -> None:
-        """`render_timeout`: seconds one image's render may take (MAX_RENDER_SECONDS); None:
-        no deadline. `gate` holds stages through dependency outages; without one, every
+        """`io_threads` take bulk images through their stages and `urgent_io_threads` the
+        interactive ones, so interactive work never queues behind a bulk backlog; each thread
+        holds one pair of slots at a time, so the two together must not exceed the arenas'
+        slots. `render_timeout`: seconds one image's render may take (MAX_RENDER_SECONDS);
+        None: no deadline. `gate` holds stages through dependency outages; without one, every
         dependency failure counts against the image's delivery limit."""
         self._db = db
         self._store = store
@@ -161,15 +169,25 @@ class BatchProcessor:
         self._render_timeout = render_timeout
         self._gate = gate or DependencyGate({})
         self._io = ThreadPoolExecutor(max_workers=io_threads, thread_name_prefix="engine-io")
+        self._urgent_io = ThreadPoolExecutor(
+            max_workers=urgent_io_threads, thread_name_prefix="engine-urgent"
+        )
+        self._interactive_first = InteractiveFirst()
 
     def close(self) -> None:
         self._io.shutdown(wait=True)
+        self._urgent_io.shutdown(wait=True)
 
     def process(self, deliveries: list[Delivery]) -> BatchReport:
         """Take every image of the batch through the stages; safe to run for two batches at
         once (nothing here is shared between batches but the arenas and the CPU pool)."""
         metrics.BATCH_SIZE.observe(len(deliveries))
         work, malformed = self._decode(deliveries)
+        urgent = any(w.urgent for w in work)
+        with self._interactive_first.interactive() if urgent else contextlib.nullcontext():
+            return self._process(len(deliveries), work, malformed)
+
+    def _process(self, size: int, work: list[ImageWork], malformed: list[int]) -> BatchReport:
         batch_seconds: dict[str, float] = {}
         started = time.perf_counter()
         work = self._claim(work)
@@ -182,14 +200,14 @@ class BatchProcessor:
         if any(w.fate is Fate.FINISHED for w in work):
             work = self._commit(work)
             batch_seconds["commit"] = time.perf_counter() - started
-        return _report(len(deliveries), work, malformed, batch_seconds)
+        return _report(size, work, malformed, batch_seconds)
 
     # -- stages of the whole batch ------------------------------------------------------------
 
     def _decode(self, deliveries: list[Delivery]) -> tuple[list[ImageWork], list[int]]:
         """One record per image (a job may arrive twice), and the tags of malformed messages."""
         tags: dict[uuid.UUID, list[int]] = defaultdict(list)
-        request_ids: dict[uuid.UUID, str] = {}
+        jobs: dict[uuid.UUID, JobMessage] = {}
         malformed: list[int] = []
         for delivery in deliveries:
             try:
@@ -199,9 +217,15 @@ class BatchProcessor:
                 malformed.append(delivery.tag)
                 continue
             tags[job.image_id].append(delivery.tag)
-            request_ids[job.image_id] = job.request_id
+            jobs[job.image_id] = job
         work = [
-            ImageWork(image_id, tuple(t), request_ids[image_id]) for image_id, t in tags.items()
+            ImageWork(
+                image_id,
+                tuple(t),
+                jobs[image_id].request_id,
+                urgent=jobs[image_id].lane == INTERACTIVE,
+            )
+            for image_id, t in tags.items()
         ]
         return work, malformed
 
@@ -253,11 +277,16 @@ class BatchProcessor:
                     raise
 
     def _run_stages(self, work: list[ImageWork]) -> list[ImageWork]:
-        """Download, render and upload every image still in progress, on the I/O threads."""
+        """Download, render and upload every image still in progress, on the I/O threads of
+        its lane."""
         moving = [w for w in work if w.fate is Fate.IN_PROGRESS]
         if not moving:
             return work
-        done = {w.image_id: w for w in self._io.map(self._through_stages, moving)}
+        running = [
+            (self._urgent_io if w.urgent else self._io).submit(self._through_stages, w)
+            for w in moving
+        ]
+        done = {w.image_id: w for w in (future.result() for future in running)}
         return [done.get(w.image_id, w) for w in work]
 
     def _retry_crashed(self, work: list[ImageWork]) -> list[ImageWork]:
@@ -369,9 +398,13 @@ class BatchProcessor:
         return dataclasses.replace(work, input_length=length).timed("download", started)
 
     def _render(self, work: ImageWork, slots: _Slots) -> ImageWork:
+        if not work.urgent:
+            self._interactive_first.bulk_turn()
         started = time.perf_counter()
         try:
-            result = self._pool.render(self._task(work, slots), timeout=self._render_timeout)
+            result = self._pool.render(
+                self._task(work, slots), timeout=self._render_timeout, urgent=work.urgent
+            )
         except RenderCrashed:
             return work.crashed()
         except RenderTimedOut:

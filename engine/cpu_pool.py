@@ -366,14 +366,20 @@ class KernelPool:
         self._changed = threading.Condition()
         self._members: set[_CpuProcess] = set()  # idle and busy
         self._idle: list[_CpuProcess] = []
+        # Renders waiting for a process; while urgent ones wait, no other render borrows.
+        self._waiting = 0
+        self._urgent_waiting = 0
         self._closed = False
         self.processes = processes
         self._add(processes)
 
-    def render(self, task: RenderTask, timeout: float | None = None) -> RenderResult:
+    def render(
+        self, task: RenderTask, timeout: float | None = None, *, urgent: bool = False
+    ) -> RenderResult:
         """Render one image. RenderCrashed if its process died, RenderTimedOut if it took
-        longer than `timeout` seconds (None: no deadline); either way only this render fails."""
-        process = self._borrow()
+        longer than `timeout` seconds (None: no deadline); either way only this render fails.
+        An `urgent` render (interactive work) gets the next idle process before any other."""
+        process = self._borrow(urgent)
         try:
             result = process.render(task, timeout)
         except RenderFailed:
@@ -394,6 +400,12 @@ class KernelPool:
     def renditions(self) -> tuple[Rendition, ...]:
         """The renditions this pool makes, the deployment's first (main) one first."""
         return self._setup.options.configured()
+
+    @property
+    def waiting(self) -> int:
+        """Renders waiting for an idle process."""
+        with self._changed:
+            return self._waiting
 
     def pids(self) -> list[int]:
         """The CPU processes, idle and busy."""
@@ -437,7 +449,7 @@ class KernelPool:
         with self._changed:
             self._members.update(started)
             self._idle.extend(started)
-            self._changed.notify(count)
+            self._changed.notify_all()
 
     def _retire(self, process: _CpuProcess) -> None:
         """End a process that died, overran or was interrupted, and start its successor."""
@@ -449,10 +461,24 @@ class KernelPool:
         if wanted:
             self._add(1)
 
-    def _borrow(self) -> _CpuProcess:
+    def _borrow(self, urgent: bool) -> _CpuProcess:
         while True:
             with self._changed:
-                self._changed.wait_for(lambda: self._idle or self._closed)
+                self._waiting += 1
+                if urgent:
+                    self._urgent_waiting += 1
+                try:
+                    self._changed.wait_for(
+                        lambda: (
+                            (self._idle and (urgent or not self._urgent_waiting)) or self._closed
+                        )
+                    )
+                finally:
+                    self._waiting -= 1
+                    if urgent:
+                        self._urgent_waiting -= 1
+                        # Renders that stood back for this one may take what is still idle.
+                        self._changed.notify_all()
                 if self._closed:
                     raise RuntimeError("the CPU pool is closed")
                 # Oldest-returned first keeps every process warm.

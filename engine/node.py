@@ -46,6 +46,14 @@ def slot_count(memory_mb: int, input_slot_bytes: int) -> int:
     return max(2, (memory_mb * MIB) // (input_slot_bytes + OUTPUT_SLOT_BYTES))
 
 
+def io_threads(slots: int, processes: int) -> tuple[int, int]:
+    """The I/O threads of interactive and of bulk work: as many interactive ones as CPU
+    processes (at least two), three bulk ones per process (at least four), within the slot
+    pairs, of which each thread holds one at a time (interactive work keeps its share)."""
+    urgent = max(1, min(max(2, processes), slots // 2))
+    return urgent, max(1, min(slots - urgent, max(4, processes * 3)))
+
+
 class WorkerNode:
     """Everything one `pixelmill-worker` process runs."""
 
@@ -91,6 +99,7 @@ class WorkerNode:
         self.gate = DependencyGate(
             {self.store.dependency: self.store.check, DATABASE: self.db.check}
         )
+        urgent_threads, bulk_threads = io_threads(count, engine.processes)
         self.processor = BatchProcessor(
             self.db,
             self.store,
@@ -98,7 +107,8 @@ class WorkerNode:
             self.pool,
             self.inputs,
             self.outputs,
-            io_threads=min(count, max(4, engine.processes * 3)),
+            io_threads=bulk_threads,
+            urgent_io_threads=urgent_threads,
             delivery_limit=settings.queue.delivery_limit,
             render_timeout=engine.max_render_seconds,
             gate=self.gate,

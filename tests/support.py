@@ -404,7 +404,9 @@ class PoolUnderTest:
             render=render,
         )
 
-    def render(self, data: bytes, timeout: float | None = None) -> tuple[Any, bytes]:
+    def render(
+        self, data: bytes, timeout: float | None = None, *, urgent: bool = False
+    ) -> tuple[Any, bytes]:
         """The result and the output bytes of rendering `data`."""
         from engine.cpu_pool import RenderTask
 
@@ -413,7 +415,9 @@ class PoolUnderTest:
             view = self.inputs.view(in_slot)
             view[: len(data)] = data
             view.release()
-            result = self.pool.render(RenderTask(in_slot, len(data), out_slot), timeout)
+            result = self.pool.render(
+                RenderTask(in_slot, len(data), out_slot), timeout, urgent=urgent
+            )
             output = self.outputs.view(out_slot)
             try:
                 return result, bytes(output[: result.output_length])

@@ -15,7 +15,7 @@ import pytest
 
 from common.cache import ImageCache
 from common.config import Settings
-from common.jobs import JobMessage
+from common.jobs import BULK, INTERACTIVE, JobMessage
 from common.storage import ObjectStore, original_key
 from db import images
 from db.images import NewImage
@@ -56,7 +56,9 @@ class Pipeline:
         self.processor = self.processor_with(self.store)
         self._tags = iter(range(1, 1_000_000))
 
-    def processor_with(self, store: ObjectStore) -> BatchProcessor:
+    def processor_with(
+        self, store: ObjectStore, *, io_threads: int = 4, urgent_io_threads: int = 1
+    ) -> BatchProcessor:
         return BatchProcessor(
             self.db,
             store,
@@ -64,8 +66,9 @@ class Pipeline:
             self.pool,
             self.inputs,
             self.outputs,
-            io_threads=4,
+            io_threads=io_threads,
             delivery_limit=DELIVERY_LIMIT,
+            urgent_io_threads=urgent_io_threads,
         )
 
     def pending_image(self, owner: str, original: bytes, *, stored: bool = True) -> uuid.UUID:
@@ -83,8 +86,10 @@ class Pipeline:
             images.mark_enqueued(conn, [image_id])
         return image_id
 
-    def delivery(self, image_id: uuid.UUID, previous_deliveries: int = 0) -> Delivery:
-        body = JobMessage(image_id, f"req-{image_id.hex[:8]}").encode()
+    def delivery(
+        self, image_id: uuid.UUID, previous_deliveries: int = 0, lane: str = BULK
+    ) -> Delivery:
+        body = JobMessage(image_id, f"req-{image_id.hex[:8]}", lane).encode()
         return Delivery(next(self._tags), body, previous_deliveries)
 
     def processor_behind_proxy(self) -> BatchProcessor:
@@ -293,3 +298,36 @@ def test_an_image_that_crashes_its_process_fails_alone_across_two_batches_in_fli
     assert len(statuses) == 6
     # The render held in batch B ran once: the crashes in batch A never touched it.
     assert (tmp_path / "started").read_text().count("\n") == 1
+
+
+def test_interactive_work_runs_on_its_own_threads_while_bulk_work_holds_every_bulk_thread(
+    pipeline: Pipeline, probe: StackProbe, user_id: str, tmp_path: Path
+) -> None:
+    # One bulk I/O thread, held by a bulk image mid-render; a second bulk image waits behind it.
+    processor = pipeline.processor_with(pipeline.store, io_threads=1, urgent_io_threads=1)
+    held = pipeline.pending_image(user_id, paused(jpeg(900, 600, seed=1), tmp_path))
+    queued = pipeline.pending_image(user_id, jpeg(900, 600, seed=2))
+    interactive = [pipeline.pending_image(user_id, jpeg(900, 600, seed=s)) for s in (3, 4)]
+    try:
+        with ThreadPoolExecutor(2) as batches:
+            bulk = batches.submit(
+                processor.process, [pipeline.delivery(held), pipeline.delivery(queued)]
+            )
+            wait_for(lambda: (tmp_path / "started").exists(), timeout=30)
+            urgent = batches.submit(
+                processor.process, [pipeline.delivery(i, lane=INTERACTIVE) for i in interactive]
+            )
+            try:
+                report = urgent.result(timeout=60)
+                still_held = rows(probe, user_id)[held][0]
+            finally:
+                (tmp_path / "release").touch()
+            bulk_report = bulk.result(timeout=120)
+    finally:
+        processor.close()
+
+    assert (report.verdict.completed, report.verdict.failed) == (2, 0)
+    # The interactive batch was done while the bulk image still held its thread.
+    assert still_held == "processing"
+    assert (bulk_report.verdict.completed, bulk_report.verdict.failed) == (2, 0)
+    assert {rows(probe, user_id)[i][0] for i in [held, queued, *interactive]} == {"completed"}

@@ -146,3 +146,33 @@ def test_resize_starts_and_stops_processes(cpu: PoolUnderTest) -> None:
     assert kept in grown
     wait_for(lambda: sum(alive(p) for p in grown) == 1, timeout=10)
     assert_renders_an_800px_grayscale_png(cpu)
+
+
+def test_an_urgent_render_takes_the_next_idle_process_before_renders_that_waited_longer(
+    tmp_path: Path,
+) -> None:
+    options = KernelOptions(target_width=800, output_format="png", max_pixels=50_000_000)
+    one = PoolUnderTest(options, render_or_misbehave, processes=1, slots=6)
+    finished: list[str] = []
+
+    def render(name: str, *, urgent: bool) -> None:
+        result, _ = one.render(jpeg(900, 600), urgent=urgent)
+        assert result.error is None
+        finished.append(name)
+
+    try:
+        with ThreadPoolExecutor(5) as threads:
+            holding = threads.submit(one.render, paused(jpeg(900, 600), tmp_path))
+            wait_for(lambda: (tmp_path / "started").exists(), timeout=30)
+            waiting = [threads.submit(render, f"bulk {n}", urgent=False) for n in range(3)]
+            wait_for(lambda: one.pool.waiting == 3, timeout=30)
+            waiting.append(threads.submit(render, "urgent", urgent=True))
+            wait_for(lambda: one.pool.waiting == 4, timeout=30)
+            (tmp_path / "release").touch()
+            for future in (holding, *waiting):
+                future.result(timeout=60)
+    finally:
+        one.close()
+
+    assert finished[0] == "urgent"
+    assert sorted(finished[1:]) == ["bulk 0", "bulk 1", "bulk 2"]
