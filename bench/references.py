@@ -123,9 +123,15 @@ def vips_renditions_renderer(spec: str) -> Renderer:
 
 
 def _vips_suffix(rendition: Any) -> str:
+    """libvips's save options for `rendition`: its quality, and for WebP the encoder effort
+    pixelmill uses (libwebp's `method`), so the two encoders do the same work."""
+    from engine.renditions import WEBP_METHOD
+
     if rendition.format == "png":
         return ".png"
-    extension = {"jpeg": ".jpg", "webp": ".webp", "avif": ".avif", "jxl": ".jxl"}
+    if rendition.format == "webp":
+        return f".webp[Q={rendition.quality},effort={WEBP_METHOD}]"
+    extension = {"jpeg": ".jpg", "avif": ".avif", "jxl": ".jxl"}
     return f"{extension[rendition.format]}[Q={rendition.quality}]"
 
 
