@@ -152,11 +152,13 @@ class BatchProcessor:
         render_timeout: float | None = None,
         gate: DependencyGate | None = None,
         urgent_io_threads: int = 1,
+        lanes: bool = True,
     ) -> None:
         """`io_threads` take bulk images through their stages and `urgent_io_threads` the
         interactive ones, so interactive work never queues behind a bulk backlog; each thread
         holds one pair of slots at a time, so the two together must not exceed the arenas'
-        slots. `render_timeout`: seconds one image's render may take (MAX_RENDER_SECONDS);
+        slots; with `lanes` off (RABBITMQ_LANES=false) every image is bulk work here too.
+        `render_timeout`: seconds one image's render may take (MAX_RENDER_SECONDS);
         None: no deadline. `gate` holds stages through dependency outages; without one, every
         dependency failure counts against the image's delivery limit."""
         self._db = db
@@ -173,6 +175,7 @@ class BatchProcessor:
             max_workers=urgent_io_threads, thread_name_prefix="engine-urgent"
         )
         self._interactive_first = InteractiveFirst()
+        self._lanes = lanes
 
     def close(self) -> None:
         self._io.shutdown(wait=True)
@@ -223,7 +226,7 @@ class BatchProcessor:
                 image_id,
                 tuple(t),
                 jobs[image_id].request_id,
-                urgent=jobs[image_id].lane == INTERACTIVE,
+                urgent=self._lanes and jobs[image_id].lane == INTERACTIVE,
             )
             for image_id, t in tags.items()
         ]

@@ -109,6 +109,7 @@ class WorkerNode:
             self.outputs,
             io_threads=bulk_threads,
             urgent_io_threads=urgent_threads,
+            lanes=settings.queue.lanes,
             delivery_limit=settings.queue.delivery_limit,
             render_timeout=engine.max_render_seconds,
             gate=self.gate,

@@ -57,7 +57,12 @@ class Pipeline:
         self._tags = iter(range(1, 1_000_000))
 
     def processor_with(
-        self, store: ObjectStore, *, io_threads: int = 4, urgent_io_threads: int = 1
+        self,
+        store: ObjectStore,
+        *,
+        io_threads: int = 4,
+        urgent_io_threads: int = 1,
+        lanes: bool = True,
     ) -> BatchProcessor:
         return BatchProcessor(
             self.db,
@@ -69,6 +74,7 @@ class Pipeline:
             io_threads=io_threads,
             delivery_limit=DELIVERY_LIMIT,
             urgent_io_threads=urgent_io_threads,
+            lanes=lanes,
         )
 
     def pending_image(self, owner: str, original: bytes, *, stored: bool = True) -> uuid.UUID:
@@ -331,3 +337,32 @@ def test_interactive_work_runs_on_its_own_threads_while_bulk_work_holds_every_bu
     assert still_held == "processing"
     assert (bulk_report.verdict.completed, bulk_report.verdict.failed) == (2, 0)
     assert {rows(probe, user_id)[i][0] for i in [held, queued, *interactive]} == {"completed"}
+
+
+def test_with_lanes_off_interactive_jobs_are_bulk_work_inside_the_node_too(
+    pipeline: Pipeline, probe: StackProbe, user_id: str, tmp_path: Path
+) -> None:
+    processor = pipeline.processor_with(
+        pipeline.store, io_threads=1, urgent_io_threads=1, lanes=False
+    )
+    held = pipeline.pending_image(user_id, paused(jpeg(900, 600, seed=5), tmp_path))
+    interactive = pipeline.pending_image(user_id, jpeg(900, 600, seed=6))
+    try:
+        with ThreadPoolExecutor(2) as batches:
+            bulk = batches.submit(processor.process, [pipeline.delivery(held)])
+            wait_for(lambda: (tmp_path / "started").exists(), timeout=30)
+            queued = batches.submit(
+                processor.process, [pipeline.delivery(interactive, lane=INTERACTIVE)]
+            )
+            try:
+                # It waits behind the held bulk image for the one bulk I/O thread.
+                with pytest.raises(TimeoutError):
+                    queued.result(timeout=3)
+            finally:
+                (tmp_path / "release").touch()
+            assert queued.result(timeout=120).verdict.completed == 1
+            assert bulk.result(timeout=120).verdict.completed == 1
+    finally:
+        processor.close()
+
+    assert {rows(probe, user_id)[i][0] for i in (held, interactive)} == {"completed"}
