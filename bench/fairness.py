@@ -191,16 +191,15 @@ class FairnessRun:
 def idle_latencies(run: FairnessRun) -> list[float]:
     """Single interactive uploads, one at a time: seconds from publish to commit; after one
     upload per CPU process, not counted, so that no sample pays a process's first render."""
-    latencies = []
     for _ in range(run.config.node.processes):
-        rows = run.insert(run.config.interactive_class, "bench-interactive", INTERACTIVE, 1)
-        run.publish(rows)
-        run.wait_done(rows)
-    for _ in range(run.config.idle_samples):
-        rows = run.insert(run.config.interactive_class, "bench-interactive", INTERACTIVE, 1)
-        published = run.publish(rows)
-        latencies.append(run.wait_done(rows)[rows[0].id] - published)
-    return latencies
+        _one_interactive_upload(run)
+    return [_one_interactive_upload(run) for _ in range(run.config.idle_samples)]
+
+
+def _one_interactive_upload(run: FairnessRun) -> float:
+    [row] = run.insert(run.config.interactive_class, "bench-interactive", INTERACTIVE, 1)
+    published = run.publish([row])
+    return run.wait_done([row])[row.id] - published
 
 
 def bulk_alone(run: FairnessRun) -> float:
