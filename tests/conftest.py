@@ -7,6 +7,7 @@ from __future__ import annotations
 import dataclasses
 import uuid
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -28,6 +29,7 @@ from tests.support import (
     ApiClient,
     OwnStack,
     StackProbe,
+    renditions_stack,
     start_worker,
     stop_worker,
 )
@@ -195,3 +197,13 @@ def database(settings: Settings) -> Iterator[Database]:
     db = Database(settings.postgres_url, max_size=4)
     yield db
     db.close()
+
+
+@pytest.fixture
+def renditions_service(
+    env: dict[str, str], private_queue: Settings, tmp_path: Path, issuer: LocalIssuer, user_id: str
+) -> Iterator[ApiClient]:
+    """The API as `user_id`, and a worker node, both configured with several renditions
+    (`tests.support.API_RENDITIONS`), on a private queue."""
+    with renditions_stack(env, private_queue, tmp_path, issuer, user_id) as api:
+        yield api

@@ -223,6 +223,19 @@ def renditions_stack(
         stop_worker(worker)
 
 
+def renditions_once_made(api: ApiClient, image_id: str, count: int) -> list[str]:
+    """The names of the image's renditions once it is completed with `count` of them (a
+    de-duplicated upload adding what it lacked)."""
+
+    def made() -> list[str] | None:
+        body = api.get(f"/api/v1/images/{image_id}").json
+        names = [r["name"] for r in body["renditions"]]
+        return names if body["status"] == "completed" and len(names) == count else None
+
+    found: list[str] = wait_for(made, timeout=120)
+    return found
+
+
 def completed_image(api: ApiClient, image_id: str) -> dict[str, Any]:
     """The image's document once it is terminal with its renditions listed; fails unless it
     completed."""

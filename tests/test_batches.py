@@ -6,7 +6,6 @@ from __future__ import annotations
 import threading
 import uuid
 from collections.abc import Iterator
-from pathlib import Path
 from typing import Any
 
 import psycopg
@@ -22,7 +21,7 @@ from tests.support import (
     completed_image,
     jpeg,
     multipart,
-    renditions_stack,
+    renditions_once_made,
     wait_for,
 )
 
@@ -482,53 +481,40 @@ def test_the_renditions_a_batch_gives_count_in_the_idempotency_fingerprint(
 
 
 def test_images_of_a_batch_get_exactly_its_renditions_and_a_request_naming_others_wins(
-    env: dict[str, str],
-    private_queue: Settings,
-    tmp_path: Path,
-    issuer: Any,
-    user_id: str,
+    renditions_service: ApiClient,
     probe: StackProbe,
 ) -> None:
-    with renditions_stack(env, private_queue, tmp_path, issuer, user_id) as api:
-        batch = create_batch(api, renditions=["thumb"])["id"]
-        single = upload_into(api, batch, jpeg(640, 480, seed=50)).json["id"]
-        bulk = bulk_into(api, batch, [("b.jpg", jpeg(640, 480, seed=51))]).json["items"]
-        own = upload_into(api, batch, jpeg(640, 480, seed=52), query="&renditions=preview")
+    api = renditions_service
+    batch = create_batch(api, renditions=["thumb"])["id"]
+    single = upload_into(api, batch, jpeg(640, 480, seed=50)).json["id"]
+    bulk = bulk_into(api, batch, [("b.jpg", jpeg(640, 480, seed=51))]).json["items"]
+    own = upload_into(api, batch, jpeg(640, 480, seed=52), query="&renditions=preview")
 
-        for image_id in (single, bulk[0]["image"]["id"]):
-            body = completed_image(api, image_id)
-            assert [r["name"] for r in body["renditions"]] == ["thumb"]
-            assert stored_keys_of(probe, image_id) == {f"results/{image_id}/thumb.webp"}
-        body = completed_image(api, own.json["id"])
-        assert [r["name"] for r in body["renditions"]] == ["preview"]
-        assert stored_keys_of(probe, own.json["id"]) == {f"results/{own.json['id']}/preview.jpg"}
-        assert api.get(f"/api/v1/images/{single}/renditions/default").status_code == 404
+    for image_id in (single, bulk[0]["image"]["id"]):
+        body = completed_image(api, image_id)
+        assert [r["name"] for r in body["renditions"]] == ["thumb"]
+        assert stored_keys_of(probe, image_id) == {f"results/{image_id}/thumb.webp"}
+    body = completed_image(api, own.json["id"])
+    assert [r["name"] for r in body["renditions"]] == ["preview"]
+    assert stored_keys_of(probe, own.json["id"]) == {f"results/{own.json['id']}/preview.jpg"}
+    assert api.get(f"/api/v1/images/{single}/renditions/default").status_code == 404
 
 
 def test_a_deduplicated_upload_into_the_batch_adds_the_batchs_renditions_the_copy_lacks(
-    env: dict[str, str],
-    private_queue: Settings,
-    tmp_path: Path,
-    issuer: Any,
-    user_id: str,
+    renditions_service: ApiClient,
     probe: StackProbe,
 ) -> None:
     data = jpeg(640, 480, seed=53)
-    with renditions_stack(env, private_queue, tmp_path, issuer, user_id) as api:
-        batch = create_batch(api, renditions=["thumb"])["id"]
-        image_id = upload_into(api, batch, data, query="&renditions=preview").json["id"]
-        assert [r["name"] for r in completed_image(api, image_id)["renditions"]] == ["preview"]
+    api = renditions_service
+    batch = create_batch(api, renditions=["thumb"])["id"]
+    image_id = upload_into(api, batch, data, query="&renditions=preview").json["id"]
+    assert [r["name"] for r in completed_image(api, image_id)["renditions"]] == ["preview"]
 
-        again = upload_into(api, batch, data, query="&dedupe=true")
-        assert (again.status_code, again.json["id"]) == (200, image_id)
+    again = upload_into(api, batch, data, query="&dedupe=true")
+    assert (again.status_code, again.json["id"]) == (200, image_id)
 
-        def both() -> list[str] | None:
-            body = api.get(f"/api/v1/images/{image_id}").json
-            names = [r["name"] for r in body["renditions"]]
-            return names if body["status"] == "completed" and len(names) == 2 else None
-
-        assert wait_for(both, timeout=120) == ["thumb", "preview"]
-        assert stored_keys_of(probe, image_id) == {
-            f"results/{image_id}/thumb.webp",
-            f"results/{image_id}/preview.jpg",
-        }
+    assert renditions_once_made(api, image_id, 2) == ["thumb", "preview"]
+    assert stored_keys_of(probe, image_id) == {
+        f"results/{image_id}/thumb.webp",
+        f"results/{image_id}/preview.jpg",
+    }

@@ -42,8 +42,7 @@ from tests.support import (
     ApiClient,
     StackProbe,
     completed_image,
-    renditions_stack,
-    wait_for,
+    renditions_once_made,
 )
 from tests.test_imageinfo import exif_app1, with_segment
 from tests.test_kernel import jpeg_of, photo_rgb, pillow_bytes
@@ -611,76 +610,64 @@ def fetched(url: str) -> tuple[str, bytes]:
 
 
 def test_upload_gets_every_configured_rendition_listed_served_and_deleted(
-    env: dict[str, str],
-    private_queue: Settings,
-    tmp_path: Path,
+    renditions_service: ApiClient,
     issuer: Any,
-    user_id: str,
     probe: StackProbe,
     app: Any,
 ) -> None:
     admin = ApiClient(app, issuer.mint_token(f"admin-{uuid.uuid4()}", ("user", "admin")))
-    with renditions_stack(env, private_queue, tmp_path, issuer, user_id) as api:
-        image_id = upload(api, jpeg_of(photo_rgb(1600, 1200))).json["id"]
-        body = completed_image(api, image_id)
+    api = renditions_service
+    image_id = upload(api, jpeg_of(photo_rgb(1600, 1200))).json["id"]
+    body = completed_image(api, image_id)
 
-        listed = {r["name"]: r for r in body["renditions"]}
-        assert list(listed) == ["default", "thumb", "preview"]
-        assert body["result"]["key"] == f"results/{image_id}.png"
-        assert fetched(body["download_url"])[0] == "image/png"
-        for name, size, content_type in (
-            ("default", (800, 600), "image/png"),
-            ("thumb", (200, 150), "image/webp"),
-            ("preview", (1000, 750), "image/jpeg"),
-        ):
-            rendition = listed[name]
-            assert (rendition["width"], rendition["height"]) == size
-            served_type, data = fetched(rendition["url"])
-            assert served_type == rendition["content_type"] == content_type
-            assert len(data) == rendition["bytes"]
-            redirect = api.get(f"/api/v1/images/{image_id}/renditions/{name}")
-            assert redirect.status_code == 302
-            assert fetched(redirect.headers["Location"])[1] == data
-        assert api.get(f"/api/v1/images/{image_id}/renditions/nope").status_code == 404
-        keys = {r["key"] for r in body["renditions"]}
-        assert keys <= probe.results()
+    listed = {r["name"]: r for r in body["renditions"]}
+    assert list(listed) == ["default", "thumb", "preview"]
+    assert body["result"]["key"] == f"results/{image_id}.png"
+    assert fetched(body["download_url"])[0] == "image/png"
+    for name, size, content_type in (
+        ("default", (800, 600), "image/png"),
+        ("thumb", (200, 150), "image/webp"),
+        ("preview", (1000, 750), "image/jpeg"),
+    ):
+        rendition = listed[name]
+        assert (rendition["width"], rendition["height"]) == size
+        served_type, data = fetched(rendition["url"])
+        assert served_type == rendition["content_type"] == content_type
+        assert len(data) == rendition["bytes"]
+        redirect = api.get(f"/api/v1/images/{image_id}/renditions/{name}")
+        assert redirect.status_code == 302
+        assert fetched(redirect.headers["Location"])[1] == data
+    assert api.get(f"/api/v1/images/{image_id}/renditions/nope").status_code == 404
+    keys = {r["key"] for r in body["renditions"]}
+    assert keys <= probe.results()
 
-        assert admin.delete(f"/api/v1/images/{image_id}").status_code == 204
-        assert not keys & probe.results()
+    assert admin.delete(f"/api/v1/images/{image_id}").status_code == 204
+    assert not keys & probe.results()
 
 
 def test_a_subset_is_made_alone_and_a_deduplicated_upload_adds_what_it_lacks(
-    env: dict[str, str],
-    private_queue: Settings,
-    tmp_path: Path,
-    issuer: Any,
-    user_id: str,
+    renditions_service: ApiClient,
     probe: StackProbe,
 ) -> None:
     data = jpeg_of(photo_rgb(1200, 900, seed=7))
-    with renditions_stack(env, private_queue, tmp_path, issuer, user_id) as api:
-        refused = upload(api, data, "?renditions=thumb,poster")
-        assert refused.status_code == 400 and "poster" in refused.json["error"]["message"]
+    api = renditions_service
+    refused = upload(api, data, "?renditions=thumb,poster")
+    assert refused.status_code == 400 and "poster" in refused.json["error"]["message"]
 
-        image_id = upload(api, data, "?renditions=thumb").json["id"]
-        first = completed_image(api, image_id)
-        assert [r["name"] for r in first["renditions"]] == ["thumb"]
-        assert first["result"]["key"] == f"results/{image_id}/thumb.webp"
-        missing = api.get(f"/api/v1/images/{image_id}/renditions/default")
-        assert missing.status_code == 404
+    image_id = upload(api, data, "?renditions=thumb").json["id"]
+    first = completed_image(api, image_id)
+    assert [r["name"] for r in first["renditions"]] == ["thumb"]
+    assert first["result"]["key"] == f"results/{image_id}/thumb.webp"
+    missing = api.get(f"/api/v1/images/{image_id}/renditions/default")
+    assert missing.status_code == 404
 
-        again = upload(api, data, "?renditions=default&dedupe=true")
-        assert again.status_code == 200 and again.json["id"] == image_id
+    again = upload(api, data, "?renditions=default&dedupe=true")
+    assert again.status_code == 200 and again.json["id"] == image_id
 
-        def both() -> list[str] | None:
-            body = api.get(f"/api/v1/images/{image_id}").json
-            names = [r["name"] for r in body["renditions"]]
-            return names if body["status"] == "completed" and len(names) == 2 else None
-
-        assert wait_for(both, timeout=120) == ["default", "thumb"]
-        keys = {f"results/{image_id}.png", f"results/{image_id}/thumb.webp"}
-        assert keys <= probe.results()
-        assert not any(k.startswith(f"results/{image_id}/preview") for k in probe.results())
+    assert renditions_once_made(api, image_id, 2) == ["default", "thumb"]
+    keys = {f"results/{image_id}.png", f"results/{image_id}/thumb.webp"}
+    assert keys <= probe.results()
+    assert not any(k.startswith(f"results/{image_id}/preview") for k in probe.results())
 
 
 def test_the_openapi_document_lists_the_configured_rendition_names() -> None:
