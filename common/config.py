@@ -240,6 +240,8 @@ class EngineSettings:
     max_decode_mb: int = DEFAULT_MAX_DECODE_MB
     # A render that runs longer is stopped and its image fails.
     max_render_seconds: float = 30.0
+    # How much lower the CPU priority (nice) of bulk renders is than interactive ones'.
+    bulk_render_nice: int = 10
     # The node's local health record, which `python -m ops node-check` reads.
     health_file: str = field(
         default_factory=lambda: os.path.join(tempfile.gettempdir(), "pixelmill-worker-health.json")
@@ -495,6 +497,7 @@ def _engine_from(env: _Env) -> EngineSettings:
         max_pixels=env.integer("MAX_PIXELS", d.max_pixels, minimum=1),
         max_decode_mb=env.integer("MAX_DECODE_MB", d.max_decode_mb, minimum=1),
         max_render_seconds=env.decimal("MAX_RENDER_SECONDS", d.max_render_seconds, minimum=0.1),
+        bulk_render_nice=env.integer("BULK_RENDER_NICE", d.bulk_render_nice),
         health_file=env.text("WORKER_HEALTH_FILE", d.health_file),
         processes=processes,
         prefetch=env.integer("WORKER_PREFETCH", d.prefetch, minimum=1),

@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import multiprocessing
 import os
+import queue
 import resource
 import threading
 import time
@@ -117,6 +118,8 @@ class _ProcessSetup:
     output_slot_bytes: int
     options: KernelOptions
     node_pid: int
+    # Added to the nice value of the thread that makes bulk (not urgent) renders; 0: none.
+    bulk_nice: int = 0
 
 
 # State of a CPU process, set once at its start.
@@ -245,23 +248,60 @@ def _serve(
     conn: Connection, setup: _ProcessSetup, render: Callable[[RenderTask], RenderResult]
 ) -> None:
     """A CPU process's whole life: start, say so, then answer one task at a time until told
-    to stop (None) or until the node's end of the pipe closes."""
-    _init_process(setup)
+    to stop (None) or until the node's end of the pipe closes.
+
+    Urgent renders run on this (the main) thread; with `bulk_nice`, bulk renders run on a
+    thread of their own at that lower CPU priority (one render at a time either way)."""
+    bulk = _BulkThread(render, setup.bulk_nice) if setup.bulk_nice > 0 else None
+    _init_process(setup)  # after the thread: its stack is part of the size the cap starts from
     conn.send(os.getpid())
     while True:
         try:
-            task = conn.recv()
+            message = conn.recv()
         except EOFError:
             return
-        if task is None:
+        if message is None:
             return
-        try:
-            answer: RenderResult | _Failure = render(task)
-        except Exception as exc:  # the node raises it; this process stays usable
-            answer = _Failure(f"{type(exc).__name__}: {exc}")
-            if _out_of_memory(exc):
-                answer = RenderResult(error=OUT_OF_MEMORY_REASON)  # this image's own failure
-        conn.send(answer)
+        task, urgent = message
+        conn.send(_answer(render, task) if urgent or bulk is None else bulk.answer(task))
+
+
+def _answer(
+    render: Callable[[RenderTask], RenderResult], task: RenderTask
+) -> RenderResult | _Failure:
+    try:
+        return render(task)
+    except Exception as exc:  # the node raises it; this process stays usable
+        if _out_of_memory(exc):
+            return RenderResult(error=OUT_OF_MEMORY_REASON)  # this image's own failure
+        return _Failure(f"{type(exc).__name__}: {exc}")
+
+
+class _BulkThread:
+    """The CPU process's thread for bulk renders, at `nice` below the process's priority.
+
+    Linux schedules threads, and a thread may lower its own priority without privileges (it
+    could not raise it back; hence a thread per priority, not one thread switching). While an
+    interactive render runs on one core, bulk renders on the others then give way to it and to
+    the node, database and object store work it waits on, and take every cycle left over."""
+
+    def __init__(self, render: Callable[[RenderTask], RenderResult], nice: int) -> None:
+        self._render = render
+        self._nice = nice
+        self._tasks: queue.SimpleQueue[RenderTask] = queue.SimpleQueue()
+        self._answers: queue.SimpleQueue[RenderResult | _Failure] = queue.SimpleQueue()
+        threading.Thread(target=self._run, name="bulk-render", daemon=True).start()
+
+    def answer(self, task: RenderTask) -> RenderResult | _Failure:
+        self._tasks.put(task)
+        return self._answers.get()
+
+    def _run(self) -> None:
+        thread = threading.get_native_id()
+        current = os.getpriority(os.PRIO_PROCESS, thread)
+        os.setpriority(os.PRIO_PROCESS, thread, min(19, current + self._nice))
+        while True:
+            self._answers.put(_answer(self._render, self._tasks.get()))
 
 
 def _out_of_memory(exc: Exception) -> bool:
@@ -301,9 +341,9 @@ class _CpuProcess:
     def alive(self) -> bool:
         return self.process.is_alive()
 
-    def render(self, task: RenderTask, timeout: float | None) -> RenderResult:
+    def render(self, task: RenderTask, timeout: float | None, urgent: bool) -> RenderResult:
         try:
-            self.conn.send(task)
+            self.conn.send((task, urgent))
         except OSError as exc:  # the process is gone: its end of the pipe is closed
             raise RenderCrashed("the CPU process was gone") from exc
         ready = wait([self.conn, self.process.sentinel], timeout)
@@ -356,10 +396,14 @@ class KernelPool:
         render: Callable[[RenderTask], RenderResult] = render_slot,
         context: ForkServerContext | None = None,
         after_render: Callable[[], None] | None = None,
+        bulk_nice: int = 0,
     ) -> None:
         """`after_render` is called on the rendering thread after every render, whatever its
-        outcome (the node counts it as progress)."""
-        self._setup = _ProcessSetup(*input_arena, *output_arena, options, os.getpid())
+        outcome (the node counts it as progress). `bulk_nice` > 0 runs renders that are not
+        urgent at that much lower CPU priority (see `_BulkThread`)."""
+        self._setup = _ProcessSetup(
+            *input_arena, *output_arena, options, os.getpid(), bulk_nice=bulk_nice
+        )
         self._render = render
         self._after_render = after_render
         self._context = context or multiprocessing.get_context("forkserver")
@@ -381,7 +425,7 @@ class KernelPool:
         An `urgent` render (interactive work) gets the next idle process before any other."""
         process = self._borrow(urgent)
         try:
-            result = process.render(task, timeout)
+            result = process.render(task, timeout, urgent)
         except RenderFailed:
             self._give_back(process)  # it answered: the process is in a known state
             raise

@@ -90,6 +90,7 @@ class WorkerNode:
             render=render,
             context=cpu_context or multiprocessing.get_context("forkserver"),
             after_render=self.progress.progressed,
+            bulk_nice=engine.bulk_render_nice if settings.queue.lanes else 0,
         )
         self.db = Database(settings.postgres_url, max_size=4)
         self.store = ObjectStore(settings.storage)

@@ -403,6 +403,7 @@ class PoolUnderTest:
         slots: int = 4,
         input_slot_bytes: int = 2 * 1024 * 1024,
         output_slot_bytes: int = 1024 * 1024,
+        bulk_nice: int = 0,
     ) -> None:
         from engine.cpu_pool import KernelPool
         from engine.slots import SlotArena
@@ -415,6 +416,7 @@ class PoolUnderTest:
             (self.outputs.name, self.outputs.slot_bytes),
             options,
             render=render,
+            bulk_nice=bulk_nice,
         )
 
     def render(

@@ -3,6 +3,7 @@ the pool keeps its size, and renders in flight on other processes are not distur
 
 from __future__ import annotations
 
+import os
 import threading
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -16,6 +17,7 @@ from engine.cpu_pool import (
     KernelOptions,
     RenderCrashed,
     RenderFailed,
+    RenderResult,
     RenderTimedOut,
 )
 from tests.support import (
@@ -176,3 +178,29 @@ def test_an_urgent_render_takes_the_next_idle_process_before_renders_that_waited
 
     assert finished[0] == "urgent"
     assert sorted(finished[1:]) == ["bulk 0", "bulk 1", "bulk 2"]
+
+
+def render_reporting_the_threads_nice(task: object) -> RenderResult:
+    """A render function that answers with the nice value of the thread it runs on."""
+    return RenderResult(error=str(os.getpriority(os.PRIO_PROCESS, threading.get_native_id())))
+
+
+@pytest.mark.parametrize("bulk_nice", [0, 7])
+def test_bulk_renders_run_at_the_lower_priority_and_urgent_ones_at_the_processs_own(
+    bulk_nice: int,
+) -> None:
+    options = KernelOptions(target_width=800, output_format="png", max_pixels=50_000_000)
+    one = PoolUnderTest(
+        options, render_reporting_the_threads_nice, processes=1, bulk_nice=bulk_nice
+    )
+    try:
+        # Urgent after bulk too: the bulk renders' priority is not the process's.
+        niceness = [
+            int(one.render(b"-", urgent=urgent)[0].error) for urgent in (True, False, True, False)
+        ]
+    finally:
+        one.close()
+
+    own = os.getpriority(os.PRIO_PROCESS, 0)
+    bulk = min(19, own + bulk_nice)
+    assert niceness == [own, bulk, own, bulk]
