@@ -14,6 +14,7 @@ import pytest
 from common.config import Settings
 from common.errors import DependencyUnavailable
 from common.storage import ObjectStore
+from db.pool import Database
 from engine.abandoned_uploads import AbandonedUploadSweeper
 from ingest.intake import ImageIntake
 from ingest.upload_reader import validate_image
@@ -70,38 +71,50 @@ def test_sweep_leaves_the_originals_of_young_requests_alone(
 
 
 def test_sweep_never_removes_an_original_that_has_a_row(
-    database, store, probe: StackProbe, user_id: str, settings: Settings
+    own_database: Settings, store, probe: StackProbe, user_id: str
 ) -> None:
     """Even an old intent left next to a committed row (announced again by hand here, as a
-    publish failure that could not be rolled back leaves it) only loses the intent."""
-    publisher = _Recording()
-    intake = ImageIntake(database, store, publisher)  # type: ignore[arg-type]
-    with intake.begin(user_id) as batch:
-        batch.stage(validate_image("kept.jpg", jpeg(48, 32, seed=3)))
-        image_id = batch.commit("req-kept").body["id"]
-    with psycopg.connect(settings.postgres_url) as conn:
-        conn.execute("INSERT INTO upload_intents (image_id) VALUES (%s)", (image_id,))
-    sweeper = AbandonedUploadSweeper(database, store, age_seconds=0)
-    assert sweeper.sweep_once() == 0
+    publish failure that could not be rolled back leaves it) only loses the intent. In a schema
+    of its own: at age 0 the sweep would take any other test's request in flight too."""
+    database = Database(own_database.postgres_url, max_size=2)
+    try:
+        intake = ImageIntake(database, store, _Recording())  # type: ignore[arg-type]
+        with intake.begin(user_id) as batch:
+            batch.stage(validate_image("kept.jpg", jpeg(48, 32, seed=3)))
+            image_id = batch.commit("req-kept").body["id"]
+        with psycopg.connect(own_database.postgres_url) as conn:
+            conn.execute("INSERT INTO upload_intents (image_id) VALUES (%s)", (image_id,))
+        sweeper = AbandonedUploadSweeper(database, store, age_seconds=0)
+        assert sweeper.sweep_once() == 0
+    finally:
+        database.close()
     assert f"originals/{image_id}" in probe.originals()
-    assert uuid.UUID(image_id) not in probe.upload_intents()
+    with psycopg.connect(own_database.postgres_url) as conn:
+        intents = conn.execute("SELECT count(*) FROM upload_intents").fetchone()
+    assert intents == (0,)
 
 
 def test_request_that_outlived_the_age_is_refused_once_its_originals_were_swept(
-    database, store, probe: StackProbe, user_id: str
+    own_database: Settings, store, probe: StackProbe, user_id: str
 ) -> None:
     """The sweeper took the request's intents first: the request must not commit rows whose
-    originals are gone."""
+    originals are gone. In a schema of its own, as above."""
+    database = Database(own_database.postgres_url, max_size=2)
     intake = ImageIntake(database, store, NoPublisher())  # type: ignore[arg-type]
     before = probe.originals()
-    with pytest.raises(DependencyUnavailable), intake.begin(user_id) as batch:
-        batch.stage(validate_image("slow.jpg", jpeg(48, 32, seed=4)))
-        wait_for(lambda: len(probe.originals() - before) == 1)
-        sweeper = AbandonedUploadSweeper(database, store, age_seconds=0)
-        assert sweeper.sweep_once() == 1
-        assert probe.originals() == before
-        batch.commit("req-slow")
-    assert probe.rows_for(user_id) == []
+    try:
+        with pytest.raises(DependencyUnavailable), intake.begin(user_id) as batch:
+            batch.stage(validate_image("slow.jpg", jpeg(48, 32, seed=4)))
+            wait_for(lambda: len(probe.originals() - before) == 1)
+            sweeper = AbandonedUploadSweeper(database, store, age_seconds=0)
+            assert sweeper.sweep_once() == 1
+            assert probe.originals() == before
+            batch.commit("req-slow")
+        with psycopg.connect(own_database.postgres_url) as conn:
+            rows = conn.execute("SELECT count(*) FROM images").fetchone()
+    finally:
+        database.close()
+    assert rows == (0,)
     assert probe.originals() == before
 
 

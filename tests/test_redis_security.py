@@ -23,7 +23,7 @@ from common.cache import ImageCache, cache_signing_key, image_cache_key
 from common.config import ConfigError, QueueSettings, Settings
 from engine.control import NodeControl, NodeCounters, desired_processes_key
 from ops.issuer import LocalIssuer
-from tests.support import ApiClient, free_port, jpeg, wait_for
+from tests.support import ApiClient, api_for, free_port, jpeg, wait_for
 
 PASSWORD = "a-password-only-this-test-knows"
 SIGNING_KEY = cache_signing_key("the-s3-secret-of-this-test")
@@ -88,24 +88,27 @@ def _document(image_id: str, owner: str) -> dict[str, Any]:
 
 
 def test_forged_cache_entry_naming_another_owner_is_a_miss_and_the_row_decides(
-    env: dict[str, str], settings: Settings, api: ApiClient, app: Any, issuer: LocalIssuer
+    private_queue: Settings, issuer: LocalIssuer, user_id: str
 ) -> None:
-    image_id = api.upload(jpeg(64, 48)).json["id"]
-    attacker_sub = f"user-{uuid.uuid4()}"
-    attacker = ApiClient(app, issuer.mint_token(attacker_sub, ("user",)))
-    forged = {
-        **_document(image_id, attacker_sub),
-        "result": {"key": f"results/{image_id}.png", "content_type": "image/png"},
-    }
-    client = redis.Redis.from_url(settings.redis_url)
-    client.set(image_cache_key(settings.redis_prefix, image_id), json.dumps(forged), ex=60)
+    """On a queue no worker consumes: the row stays `pending`, with no download."""
+    with api_for(private_queue, issuer.mint_token(user_id, ("user",))) as api:
+        image_id = api.upload(jpeg(64, 48)).json["id"]
+        attacker_sub = f"user-{uuid.uuid4()}"
+        attacker = ApiClient(api.client.app, issuer.mint_token(attacker_sub, ("user",)))
+        forged = {
+            **_document(image_id, attacker_sub),
+            "result": {"key": f"results/{image_id}.png", "content_type": "image/png"},
+        }
+        client = redis.Redis.from_url(private_queue.redis_url)
+        cache_key = image_cache_key(private_queue.redis_prefix, image_id)
+        client.set(cache_key, json.dumps(forged), ex=60)
 
-    seen_by_attacker = attacker.get(f"/api/v1/images/{image_id}")
+        seen_by_attacker = attacker.get(f"/api/v1/images/{image_id}")
+        seen_by_owner = api.get(f"/api/v1/images/{image_id}")
 
     assert seen_by_attacker.status_code == 404
     assert "download_url" not in seen_by_attacker.text
     assert seen_by_attacker.headers["X-Cache"] == "miss"
-    seen_by_owner = api.get(f"/api/v1/images/{image_id}")
     assert seen_by_owner.status_code == 200
     assert seen_by_owner.json["owner"] != attacker_sub
     assert seen_by_owner.json["download_url"] is None
