@@ -10,9 +10,10 @@ call exactly the same code. The pipeline is:
 2. decode straight to grayscale, JPEGs at a reduced DCT scale (1/2, 1/4, 1/8) chosen so the
    decoded width still covers the target; PNGs through libpng (imagecodecs), with 16-bit samples
    scaled to 8 bits and alpha composited onto white;
-3. INTER_AREA resize in the stored orientation (after 2x2 box halvings while over twice the
-   target), then apply the EXIF orientation (cheaper on the small image than on the full
-   decode);
+3. resize in the stored orientation: 2x2 box halvings while over twice the target, then
+   INTER_LINEAR for a factor under 4/3 (the usual case after a reduced JPEG decode),
+   INTER_AREA otherwise; then apply the EXIF orientation (cheaper on the small image than on
+   the full decode);
 4. encode: PNG with the numpy + ISA-L writer in `engine.pngwrite`, or JPEG / WebP via OpenCV.
 
 Threads: the kernel starts none. libjpeg-turbo, libpng and ISA-L run on the calling thread
@@ -36,6 +37,8 @@ from engine.colour import SourceColour, to_srgb
 from engine.pngwrite import encode_png_gray
 
 JPEG_QUALITY = 85
+# The largest reduction the final resize step makes bilinearly (see `_final_interpolation`).
+LINEAR_UP_TO = 4 / 3
 # Rows converted at a time when a PNG is turned to gray inside its own decode buffer.
 _PNG_STRIP_ROWS = 256
 WEBP_QUALITY = 85
@@ -396,7 +399,25 @@ def _resize_stored(stored: np.ndarray, orientation: int, width: int, height: int
     stored = _halve_while_oversampled(stored, stored_width, stored_height)
     if stored.shape[1] == stored_width and stored.shape[0] == stored_height:
         return stored
-    return cv2.resize(stored, (stored_width, stored_height), interpolation=cv2.INTER_AREA)
+    return cv2.resize(
+        stored,
+        (stored_width, stored_height),
+        interpolation=_final_interpolation(stored, stored_width, stored_height),
+    )
+
+
+def _final_interpolation(image: np.ndarray, width: int, height: int) -> int:
+    """INTER_LINEAR for a reduction under LINEAR_UP_TO on both axes, INTER_AREA otherwise.
+
+    Measured against a Lanczos reference (Pillow), 800 px wide outputs: for a photo, bilinear
+    is as close as INTER_AREA up to about 1.3x (47.6 against 47.9 dB at 1.25x) and falls behind
+    from 1.4x (46.1 against 48.2); for a zone plate it is closer up to 1.6x. That range is the
+    usual case after a reduced JPEG decode (a 12 MP photo decoded at 1/4 is 1.26x its 800 px
+    output), where bilinear costs a seventh of INTER_AREA: OpenCV's INTER_AREA has a fast path
+    for integer factors only, and its general one took 4.4 of the 60 ms of such a render.
+    """
+    linear = image.shape[1] < LINEAR_UP_TO * width and image.shape[0] < LINEAR_UP_TO * height
+    return cv2.INTER_LINEAR if linear else cv2.INTER_AREA
 
 
 def _halve_while_oversampled(image: np.ndarray, width: int, height: int) -> np.ndarray:

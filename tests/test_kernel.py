@@ -504,3 +504,30 @@ def test_mutated_images_only_render_or_raise_image_rejected(data: bytes) -> None
         return
     assert 1 <= rendered.width <= 800 and rendered.height >= 1
     decoded_output(rendered)
+
+
+def zone_plate(width: int, height: int) -> np.ndarray:
+    """Rings whose frequency rises to the edge: every alias of a resize shows as false rings."""
+    y, x = np.mgrid[0:height, 0:width].astype(np.float64)
+    phase = ((x - width / 2) ** 2 + (y - height / 2) ** 2) * np.pi / (1.4 * width)
+    return np.rint(127.5 + 127.5 * np.cos(phase)).astype(np.uint8)
+
+
+def psnr(image: np.ndarray, reference: np.ndarray) -> float:
+    mse = float(np.mean((image.astype(np.float64) - reference) ** 2))
+    return 10 * np.log10(255**2 / max(mse, 1e-12))
+
+
+@pytest.mark.parametrize("factor", [1.05, 1.26, 1.5, 1.9, 3.0])
+def test_resize_is_as_faithful_to_a_lanczos_reference_as_an_exact_area_resize(
+    factor: float,
+) -> None:
+    """Whichever interpolation the kernel picks for a reduction, it loses at most 1 dB to
+    OpenCV's exact INTER_AREA against Pillow's Lanczos on a zone plate (bilinear at 1.9x
+    loses 4 dB, nearest neighbour 12 dB or more at every factor)."""
+    plate = zone_plate(round(800 * factor), round(600 * factor))
+    rendered = render_grayscale(pillow_bytes(Image.fromarray(plate), "PNG", compress_level=1))
+    reference = np.asarray(Image.fromarray(plate).resize((800, 600), Image.Resampling.LANCZOS))
+    area = cv2.resize(plate, (800, 600), interpolation=cv2.INTER_AREA)
+
+    assert psnr(decoded_output(rendered), reference) >= psnr(area, reference) - 1.0
