@@ -214,8 +214,14 @@ def _renditions_parameter(settings: Settings) -> dict[str, Any]:
         "required": False,
         "style": "form",
         "explode": False,
-        "schema": {"type": "array", "items": {"type": "string", "enum": names}, "minItems": 1},
-        "description": "make only these renditions (`renditions=a,b`); an unknown name is 400. "
+        "schema": {
+            "type": "array",
+            "items": {"type": "string", "enum": names},
+            "minItems": 1,
+            "uniqueItems": True,
+        },
+        "description": "make only these renditions (`renditions=a,b`); an unknown name or one "
+        "given twice is 400. "
         "Without it, the images get their batch's renditions (`batch`), else every configured "
         "one. With dedupe, an earlier copy lacking one of them is sent back to make it.",
     }

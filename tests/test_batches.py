@@ -382,6 +382,7 @@ def test_a_batchs_renditions_are_kept_in_configuration_order_and_shown_in_its_do
     [
         (["thumb", "poster"], "no rendition named poster (known: default, thumb, preview)"),
         ([], "renditions must name at least one rendition"),
+        (["thumb", "thumb"], "renditions must name each rendition once"),
     ],
 )
 def test_a_batch_naming_an_unknown_rendition_or_none_is_400_saying_why_and_no_row_is_made(

@@ -653,6 +653,8 @@ def test_a_subset_is_made_alone_and_a_deduplicated_upload_adds_what_it_lacks(
     api = renditions_service
     refused = upload(api, data, "?renditions=thumb,poster")
     assert refused.status_code == 400 and "poster" in refused.json["error"]["message"]
+    twice = upload(api, data, "?renditions=thumb&renditions=thumb")
+    assert twice.status_code == 400 and "once" in twice.json["error"]["message"]
 
     image_id = upload(api, data, "?renditions=thumb").json["id"]
     first = completed_image(api, image_id)

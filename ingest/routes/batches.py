@@ -127,8 +127,6 @@ def _renditions_field(value: Any, configured: Sequence[Rendition]) -> list[str] 
         return None
     if not isinstance(value, list) or not all(isinstance(name, str) for name in value):
         raise BadRequest("renditions must be a list of rendition names")
-    if len(set(value)) != len(value):
-        raise BadRequest("renditions must name each rendition once")
     return list(chosen_renditions(configured, value))
 
 

@@ -113,9 +113,12 @@ class _UploadRoute:
 
 def chosen_renditions(configured: Sequence[Rendition], names: Sequence[str]) -> tuple[str, ...]:
     """The configured renditions `names` asks for, in configuration order; a 400 for an empty
-    list or an unknown name (listing the known ones). Uploads and batches answer alike."""
+    list, a name given twice or an unknown name (listing the known ones). Uploads and batches
+    answer alike."""
     if not names:
         raise BadRequest("renditions must name at least one rendition")
+    if len(set(names)) != len(names):
+        raise BadRequest("renditions must name each rendition once")
     try:
         chosen = select(configured, names)
     except RenditionSpecError as exc:
