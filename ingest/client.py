@@ -28,7 +28,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, TextIO
-from urllib.parse import urlsplit
+from urllib.parse import urlencode, urlsplit
 
 from common.formats import EXTENSION_BY_CONTENT_TYPE
 
@@ -90,6 +90,8 @@ class UploadOptions:
     batch_id: str | None = None
     use_batch: bool = False
     batch_name: str | None = None
+    # Make only these renditions (`?renditions=`); empty: the batch's, else every configured one.
+    renditions: tuple[str, ...] = ()
 
 
 @dataclass
@@ -843,7 +845,9 @@ class UploadClient:
     ) -> None:
         chunks, content_type = multipart_body([(f.filename, f.path.read_bytes()) for f in batch])
         route = "single" if request == self._single_request else "bulk"
-        key = idempotency_key(route, batch, self.options.key_salt + (self.batch_id or ""))
+        # A run asking for other renditions is another request, not a replay of the first.
+        salt = self.options.key_salt + (self.batch_id or "") + ",".join(self.options.renditions)
+        key = idempotency_key(route, batch, salt)
         started = time.time()
         response, attempts, reason = send_with_retries(
             lambda: request(batch, chunks, content_type, key), self.policy
@@ -876,7 +880,12 @@ class UploadClient:
         return self._connection().request("POST", self._route("/api/v1/upload"), chunks, headers)
 
     def _route(self, path: str) -> str:
-        return path if self.batch_id is None else f"{path}?batch={self.batch_id}"
+        query = {}
+        if self.batch_id is not None:
+            query["batch"] = self.batch_id
+        if self.options.renditions:
+            query["renditions"] = ",".join(self.options.renditions)
+        return f"{path}?{urlencode(query)}" if query else path
 
     def _fall_back_to_single(self, batch: list[FileResult]) -> None:
         if not self._single:
@@ -929,15 +938,28 @@ class UploadClient:
         if response is None or response.status != 200:
             item.reason = reason or (response.error_text() if response else "no answer")
             return
-        url = response.json().get("download_url")
+        document = response.json()
+        url = document.get("download_url")
         if not url:
             item.reason = "completed but no download_url"
             return
+        # Every rendition but the main result is `<stem>.<rendition>.<extension>`; the main one,
+        # `target`, is written last, so that its presence means all of them are there.
+        main_key = (document.get("result") or {}).get("key")
+        for rendition in document.get("renditions", []):
+            if rendition["key"] == main_key:
+                continue
+            extension = EXTENSION_BY_CONTENT_TYPE.get(rendition["content_type"], "bin")
+            name = f"{target.stem}.{rendition['name']}.{extension}"
+            self._fetch(rendition["url"], target.with_name(name))
+        self._fetch(url, target)
+        item.download_path = target
+
+    def _fetch(self, url: str, target: Path) -> None:
         partial = target.with_name(target.name + ".part")
         with urllib.request.urlopen(url, timeout=self.options.request_timeout_s) as source:
             partial.write_bytes(source.read())
         partial.replace(target)
-        item.download_path = target
 
 
 def _accept(
@@ -1107,6 +1129,11 @@ def build_parser() -> argparse.ArgumentParser:
     upload.add_argument("--request-timeout", type=float, default=120.0, help="per request, s")
     upload.add_argument("--batch", help="upload into this open batch (default: a new one)")
     upload.add_argument("--name", help="the new batch's name")
+    upload.add_argument(
+        "--renditions",
+        help="make only these renditions, e.g. thumb,preview (default: every configured one); "
+        "--out downloads each rendition an image has",
+    )
     for name, text in (
         ("retry", "queue a batch's failed images again"),
         ("cancel", "cancel a batch's images not yet started"),
@@ -1135,6 +1162,7 @@ def options_from(args: argparse.Namespace, token: str) -> UploadOptions:
         batch_id=args.batch,
         use_batch=True,
         batch_name=args.name,
+        renditions=tuple(n.strip() for n in (args.renditions or "").split(",") if n.strip()),
     )
 
 

@@ -17,9 +17,19 @@ import cv2
 import numpy as np
 import pytest
 
+from common.config import Settings
 from ingest.client import JOURNAL_NAME, UploadOptions, UploadReport, upload_files
 from ops.issuer import LocalIssuer
-from tests.support import ROOT, StackProbe, jpeg, png, served_api
+from tests.support import (
+    API_RENDITIONS,
+    ROOT,
+    StackProbe,
+    jpeg,
+    png,
+    served_api,
+    start_worker,
+    stop_worker,
+)
 
 GOOD_FILES = ("a.jpg", "b.png", "sub/c.jpeg")
 
@@ -174,9 +184,11 @@ def _command(api_url: str, token: str, *args: str) -> subprocess.CompletedProces
 
 
 def _batch(api_url: str, token: str, batch_id: str) -> dict[str, Any]:
-    request = urllib.request.Request(
-        f"{api_url}/api/v1/batches/{batch_id}", headers={"Authorization": f"Bearer {token}"}
-    )
+    return _get(api_url, token, f"/api/v1/batches/{batch_id}")
+
+
+def _get(api_url: str, token: str, path: str) -> dict[str, Any]:
+    request = urllib.request.Request(api_url + path, headers={"Authorization": f"Bearer {token}"})
     with urllib.request.urlopen(request, timeout=10) as response:
         return json.loads(response.read())  # type: ignore[no-any-return]
 
@@ -238,3 +250,34 @@ def test_batch_option_uploads_into_an_existing_batch_and_cancel_ends_an_open_one
     cancelled = _command(api_url, token, "cancel", open_one)
     assert (cancelled.returncode, json.loads(cancelled.stdout)) == (0, {"cancelled": 0})
     assert _batch(api_url, token, open_one)["status"] == "cancelled"
+
+
+def test_renditions_option_makes_only_those_and_out_downloads_each_of_them(
+    env: dict[str, str], private_queue: Settings, token: str, tmp_path: Path
+) -> None:
+    own_env = {
+        **env,
+        "RABBITMQ_QUEUE": private_queue.queue.queue,
+        "REDIS_PREFIX": private_queue.redis_prefix,
+        "RENDITIONS": API_RENDITIONS,  # default 800 gray PNG, thumb 200 WebP, preview 1000 JPEG
+    }
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    (photos / "a.jpg").write_bytes(jpeg(1200, 900, seed=31))
+    state = tmp_path / "state"
+    worker = start_worker(own_env, tmp_path / "worker.log")
+    try:
+        with served_api(own_env, tmp_path / "api.log") as (url, _):
+            options = _options(url, token, state, renditions=("preview", "thumb"))
+            report = upload_files([photos], options)
+            [item] = report.files
+            document = _get(url, token, f"/api/v1/images/{item.image_id}")
+    finally:
+        stop_worker(worker)
+
+    assert report.ok, [(f.path.name, f.outcome, f.reason) for f in report.files]
+    assert [r["name"] for r in document["renditions"]] == ["thumb", "preview"]
+    assert sorted(p.name for p in (state / "out").iterdir()) == ["a.preview.jpg", "a.webp"]
+    thumb = cv2.imdecode(np.fromfile(state / "out" / "a.webp", np.uint8), cv2.IMREAD_UNCHANGED)
+    preview = cv2.imread(str(state / "out" / "a.preview.jpg"), cv2.IMREAD_UNCHANGED)
+    assert thumb.shape == (150, 200, 3) and preview.shape == (750, 1000, 3)
