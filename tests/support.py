@@ -199,6 +199,17 @@ def api_for(settings: Settings, token: str | None) -> Iterator[ApiClient]:
 API_RENDITIONS = "default:800:gray:png, thumb:200:color:webp:80, preview:1000:color:jpeg:80"
 
 
+def renditions_env(env: dict[str, str], queue: Settings) -> dict[str, str]:
+    """`env` for an API or node configured with API_RENDITIONS, on the queue and Redis prefix of
+    `queue` (a `private_queue`)."""
+    return {
+        **env,
+        "RABBITMQ_QUEUE": queue.queue.queue,
+        "REDIS_PREFIX": queue.redis_prefix,
+        "RENDITIONS": API_RENDITIONS,
+    }
+
+
 @contextlib.contextmanager
 def renditions_stack(
     env: dict[str, str], queue: Settings, tmp_path: Path, issuer: Any, user: str
@@ -207,12 +218,7 @@ def renditions_stack(
     Redis prefix of `queue` (a `private_queue`)."""
     from ingest.app import Dependencies, create_app
 
-    own_env = {
-        **env,
-        "RABBITMQ_QUEUE": queue.queue.queue,
-        "REDIS_PREFIX": queue.redis_prefix,
-        "RENDITIONS": API_RENDITIONS,
-    }
+    own_env = renditions_env(env, queue)
     own = Settings.from_env(own_env)
     worker = start_worker(own_env, tmp_path / "worker.log")
     deps = Dependencies.connect(own)

@@ -21,11 +21,11 @@ from common.config import Settings
 from ingest.client import JOURNAL_NAME, UploadOptions, UploadReport, upload_files
 from ops.issuer import LocalIssuer
 from tests.support import (
-    API_RENDITIONS,
     ROOT,
     StackProbe,
     jpeg,
     png,
+    renditions_env,
     served_api,
     start_worker,
     stop_worker,
@@ -255,12 +255,8 @@ def test_batch_option_uploads_into_an_existing_batch_and_cancel_ends_an_open_one
 def test_renditions_option_makes_only_those_and_out_downloads_each_of_them(
     env: dict[str, str], private_queue: Settings, token: str, tmp_path: Path
 ) -> None:
-    own_env = {
-        **env,
-        "RABBITMQ_QUEUE": private_queue.queue.queue,
-        "REDIS_PREFIX": private_queue.redis_prefix,
-        "RENDITIONS": API_RENDITIONS,  # default 800 gray PNG, thumb 200 WebP, preview 1000 JPEG
-    }
+    # Renditions: default 800 gray PNG, thumb 200 WebP, preview 1000 JPEG.
+    own_env = renditions_env(env, private_queue)
     photos = tmp_path / "photos"
     photos.mkdir()
     (photos / "a.jpg").write_bytes(jpeg(1200, 900, seed=31))
