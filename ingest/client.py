@@ -845,8 +845,10 @@ class UploadClient:
     ) -> None:
         chunks, content_type = multipart_body([(f.filename, f.path.read_bytes()) for f in batch])
         route = "single" if request == self._single_request else "bulk"
-        # A run asking for other renditions is another request, not a replay of the first.
-        salt = self.options.key_salt + (self.batch_id or "") + ",".join(self.options.renditions)
+        # A run asking for other renditions is another request, not a replay of the first (the
+        # same ones in another order are the same request: the server makes them in its order).
+        renditions = ",".join(sorted(self.options.renditions))
+        salt = self.options.key_salt + (self.batch_id or "") + renditions
         key = idempotency_key(route, batch, salt)
         started = time.time()
         response, attempts, reason = send_with_retries(
