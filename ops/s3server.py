@@ -14,6 +14,7 @@ import shutil
 import socket
 import sys
 import time
+import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -178,8 +179,8 @@ class LocalS3Server:
         )
 
     def start(self, timeout: float = 30.0) -> None:
-        """Start SeaweedFS and wait until an S3 request succeeds; no-op if it already answers."""
-        if self.is_running() and self._answers():
+        """Start SeaweedFS and wait until it is ready (see `_ready`); no-op if it already is."""
+        if self.is_running() and self._ready():
             return
         started_here = not self.is_running()
         if started_here:
@@ -247,6 +248,12 @@ class LocalS3Server:
                 "another process; stop it or point MINIO_ENDPOINT at another port"
             )
 
+    def _ready(self) -> bool:
+        """S3 answers, and every object already stored can be read: after a restart S3 answers
+        before the volume server has told the master about its volumes, and until it has, a
+        read of an object in one of them fails ("volume 1 not found")."""
+        return self._answers() and self._volume_ids_on_disk() <= self._volume_ids_known()
+
     def _answers(self) -> bool:
         try:
             self.client().list_buckets()
@@ -254,9 +261,30 @@ class LocalS3Server:
             return False
         return True
 
+    def _volume_ids_on_disk(self) -> set[int]:
+        """The ids of the volumes under `data_dir`: files `[<collection>_]<id>.dat`."""
+        return {int(p.stem.rpartition("_")[2]) for p in self.data_dir.rglob("*.dat")}
+
+    def _volume_ids_known(self) -> set[int]:
+        """The ids of the volumes the master knows of (its `/vol/status`); none while it does
+        not answer."""
+        url = f"http://127.0.0.1:{self.ports.master}/vol/status"
+        try:
+            with urllib.request.urlopen(url, timeout=2) as response:
+                data_centers = json.load(response)["Volumes"]["DataCenters"]
+        except (OSError, ValueError, KeyError, TypeError):
+            return set()
+        return {
+            volume["Id"]
+            for racks in data_centers.values()
+            for nodes in racks.values()
+            for volumes in nodes.values()
+            for volume in volumes
+        }
+
     def _wait_ready(self, timeout: float) -> None:
         deadline = time.monotonic() + timeout
-        while not self._answers():
+        while not self._ready():
             status = self._process.exited()
             if status is not None or not self.is_running():
                 raise S3ServerError(
@@ -265,7 +293,8 @@ class LocalS3Server:
                 )
             if time.monotonic() >= deadline:
                 raise S3ServerError(
-                    f"SeaweedFS S3 did not answer on {self.endpoint} within {timeout:.0f} s; "
+                    f"SeaweedFS on {self.endpoint} was not ready within {timeout:.0f} s "
+                    "(S3 answering, every stored volume known to its master); "
                     f"log {self.log_path}:\n{log_tail(self.log_path)}"
                 )
             time.sleep(_READY_POLL_SECONDS)
