@@ -18,7 +18,8 @@ class Database:
     """A small pool of connections; create it in the process that uses it (after fork).
 
     `transaction()` yields a connection inside a transaction that commits on success and rolls
-    back on error; a lost connection is discarded by the pool and replaced on next use.
+    back on error; `one_statement()` yields one for a single statement, which is a transaction by
+    itself. A lost connection is discarded by the pool and replaced on next use.
     """
 
     def __init__(self, conninfo: str, *, min_size: int = 1, max_size: int = 8) -> None:
@@ -29,7 +30,9 @@ class Database:
             timeout=5.0,
             open=False,
             check=ConnectionPool.check_connection,
-            kwargs={"connect_timeout": 3},
+            # Autocommit: `transaction()` opens its block with BEGIN as it would otherwise, and
+            # `one_statement()` needs no BEGIN and COMMIT round trips of its own.
+            kwargs={"connect_timeout": 3, "autocommit": True},
             # The pool doubles its delay between reconnection attempts for this long, so after
             # an outage of minutes it would notice the server's return minutes late; past it, the
             # next request that finds no connection makes a fresh attempt at once.
@@ -41,6 +44,18 @@ class Database:
     def transaction(self) -> Iterator[psycopg.Connection[Any]]:
         try:
             with self._pool.connection() as conn, conn.transaction():
+                yield conn
+        except (psycopg.OperationalError, PoolTimeout) as exc:
+            raise DependencyUnavailable(DEPENDENCY) from exc
+
+    @contextmanager
+    def one_statement(self) -> Iterator[psycopg.Connection[Any]]:
+        """A connection for exactly one statement, committed as it runs: one round trip where a
+        transaction takes three (BEGIN, the statement, COMMIT). On a busy node each round trip
+        waits for the database and the node to be scheduled, so this is what the per-batch
+        claim and commit use. Two statements here would not be atomic: use `transaction()`."""
+        try:
+            with self._pool.connection() as conn:
                 yield conn
         except (psycopg.OperationalError, PoolTimeout) as exc:
             raise DependencyUnavailable(DEPENDENCY) from exc

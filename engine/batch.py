@@ -264,7 +264,7 @@ class BatchProcessor:
         )
 
     def _claim_rows(self, work: list[ImageWork]) -> list[ImageRecord]:
-        with self._db.transaction() as conn:
+        with self._db.one_statement() as conn:
             return images.claim_batch(conn, [w.image_id for w in work])
 
     def _through_outages(self, call: Callable[[], T]) -> T:
@@ -346,7 +346,7 @@ class BatchProcessor:
         return work
 
     def _commit_rows(self, outcomes: list[Outcome]) -> set[uuid.UUID]:
-        with self._db.transaction() as conn:
+        with self._db.one_statement() as conn:
             return images.commit_batch(conn, outcomes)
 
     def _remove_orphans(self, outcomes: list[Outcome], updated: set[uuid.UUID]) -> None:
