@@ -3,7 +3,8 @@
 Each image of a batch is one `ImageWork` record that every stage returns updated: claim (one
 statement for the batch) -> download -> render -> upload (on I/O threads; the CPU processes
 render) -> commit (one statement for the batch, then one cache pipeline). A record leaves with
-exactly one fate, and only then is the consumer told which messages to ack.
+exactly one fate, and only then is the consumer told which messages to ack. Bulk stages wait
+their turn while interactive images are in flight (`engine.lane_priority`).
 
 A stage that fails because its dependency is down (not only for its image: see
 `engine.dependencies`) waits for the dependency and runs again, so an outage uses no delivery.
@@ -153,6 +154,7 @@ class BatchProcessor:
         gate: DependencyGate | None = None,
         urgent_io_threads: int = 1,
         lanes: bool = True,
+        interactive_first: InteractiveFirst | None = None,
     ) -> None:
         """`io_threads` take bulk images through their stages and `urgent_io_threads` the
         interactive ones, so interactive work never queues behind a bulk backlog; each thread
@@ -160,7 +162,8 @@ class BatchProcessor:
         slots; with `lanes` off (RABBITMQ_LANES=false) every image is bulk work here too.
         `render_timeout`: seconds one image's render may take (MAX_RENDER_SECONDS);
         None: no deadline. `gate` holds stages through dependency outages; without one, every
-        dependency failure counts against the image's delivery limit."""
+        dependency failure counts against the image's delivery limit. `interactive_first`
+        holds bulk stages while interactive images are in flight (its default bounds)."""
         self._db = db
         self._store = store
         self._cache = cache
@@ -174,7 +177,7 @@ class BatchProcessor:
         self._urgent_io = ThreadPoolExecutor(
             max_workers=urgent_io_threads, thread_name_prefix="engine-urgent"
         )
-        self._interactive_first = InteractiveFirst()
+        self._interactive_first = interactive_first or InteractiveFirst()
         self._lanes = lanes
 
     def close(self) -> None:
@@ -192,6 +195,11 @@ class BatchProcessor:
 
     def _process(self, size: int, work: list[ImageWork], malformed: list[int]) -> BatchReport:
         batch_seconds: dict[str, float] = {}
+        # A bulk batch waits its turn before its claim, each image's stages and its commit,
+        # while interactive images are in flight (engine.lane_priority).
+        bulk = not any(w.urgent for w in work)
+        if bulk:
+            self._interactive_first.bulk_turn()
         started = time.perf_counter()
         work = self._claim(work)
         if work:
@@ -199,8 +207,10 @@ class BatchProcessor:
         work = self._run_stages(work)
         work = self._retry_crashed(work)
         work = [self._give_up_on_last_attempt(w) for w in work]
-        started = time.perf_counter()
         if any(w.fate is Fate.FINISHED for w in work):
+            if bulk:
+                self._interactive_first.bulk_turn()
+            started = time.perf_counter()
             work = self._commit(work)
             batch_seconds["commit"] = time.perf_counter() - started
         return _report(size, work, malformed, batch_seconds)
@@ -375,6 +385,8 @@ class BatchProcessor:
         slots = _Slots(self._inputs.acquire(), self._outputs.acquire())
         try:
             for stage in stages:
+                if not work.urgent:
+                    self._interactive_first.bulk_turn()
                 work = stage(work, slots)
                 if work.fate is not Fate.IN_PROGRESS:
                     break
@@ -401,8 +413,6 @@ class BatchProcessor:
         return dataclasses.replace(work, input_length=length).timed("download", started)
 
     def _render(self, work: ImageWork, slots: _Slots) -> ImageWork:
-        if not work.urgent:
-            self._interactive_first.bulk_turn()
         started = time.perf_counter()
         try:
             result = self._pool.render(

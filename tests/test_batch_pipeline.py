@@ -22,6 +22,7 @@ from db.images import NewImage
 from db.pool import Database
 from engine.batch import CRASH_REASON, MISSING_REASON, BatchProcessor, BatchReport, Delivery
 from engine.cpu_pool import KernelOptions, KernelPool
+from engine.lane_priority import InteractiveFirst
 from engine.slots import SlotArena
 from tests.faults import FailingS3Proxy
 from tests.support import CRASH_MARKER, StackProbe, jpeg, paused, render_or_misbehave, wait_for
@@ -63,6 +64,7 @@ class Pipeline:
         io_threads: int = 4,
         urgent_io_threads: int = 1,
         lanes: bool = True,
+        interactive_first: InteractiveFirst | None = None,
     ) -> BatchProcessor:
         return BatchProcessor(
             self.db,
@@ -75,6 +77,7 @@ class Pipeline:
             delivery_limit=DELIVERY_LIMIT,
             urgent_io_threads=urgent_io_threads,
             lanes=lanes,
+            interactive_first=interactive_first,
         )
 
     def pending_image(self, owner: str, original: bytes, *, stored: bool = True) -> uuid.UUID:
@@ -337,6 +340,38 @@ def test_interactive_work_runs_on_its_own_threads_while_bulk_work_holds_every_bu
     assert still_held == "processing"
     assert (bulk_report.verdict.completed, bulk_report.verdict.failed) == (2, 0)
     assert {rows(probe, user_id)[i][0] for i in [held, queued, *interactive]} == {"completed"}
+
+
+def test_a_bulk_batch_starts_no_stage_while_an_interactive_image_is_in_flight(
+    pipeline: Pipeline, probe: StackProbe, user_id: str, tmp_path: Path
+) -> None:
+    # Holds as long as the interactive image is in flight, however long that is.
+    unbounded = InteractiveFirst(longest_hold_seconds=3600, burst_seconds=3600)
+    processor = pipeline.processor_with(pipeline.store, interactive_first=unbounded)
+    interactive = pipeline.pending_image(user_id, paused(jpeg(900, 600, seed=7), tmp_path))
+    bulk_images = [pipeline.pending_image(user_id, jpeg(900, 600, seed=s)) for s in (8, 9)]
+    try:
+        with ThreadPoolExecutor(2) as batches:
+            urgent = batches.submit(
+                processor.process, [pipeline.delivery(interactive, lane=INTERACTIVE)]
+            )
+            wait_for(lambda: (tmp_path / "started").exists(), timeout=30)
+            bulk = batches.submit(processor.process, [pipeline.delivery(i) for i in bulk_images])
+            try:
+                # Not even claimed: the bulk batch holds before its first statement.
+                with pytest.raises(TimeoutError):
+                    bulk.result(timeout=2)
+                held = {rows(probe, user_id)[i][0] for i in bulk_images}
+            finally:
+                (tmp_path / "release").touch()
+            report = urgent.result(timeout=60)
+            bulk_report = bulk.result(timeout=120)
+    finally:
+        processor.close()
+
+    assert held == {"pending"}
+    assert (report.verdict.completed, bulk_report.verdict.completed) == (1, 2)
+    assert {rows(probe, user_id)[i][0] for i in [interactive, *bulk_images]} == {"completed"}
 
 
 def test_with_lanes_off_interactive_jobs_are_bulk_work_inside_the_node_too(
