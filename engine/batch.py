@@ -199,7 +199,7 @@ class BatchProcessor:
         # while interactive images are in flight (engine.lane_priority).
         bulk = not any(w.urgent for w in work)
         if bulk:
-            self._interactive_first.bulk_turn()
+            self._bulk_turn()
         started = time.perf_counter()
         work = self._claim(work)
         if work:
@@ -209,11 +209,17 @@ class BatchProcessor:
         work = [self._give_up_on_last_attempt(w) for w in work]
         if any(w.fate is Fate.FINISHED for w in work):
             if bulk:
-                self._interactive_first.bulk_turn()
+                self._bulk_turn()
             started = time.perf_counter()
             work = self._commit(work)
             batch_seconds["commit"] = time.perf_counter() - started
         return _report(size, work, malformed, batch_seconds)
+
+    def _bulk_turn(self) -> None:
+        """Wait until bulk work may start its next stage (see `engine.lane_priority`)."""
+        held = self._interactive_first.bulk_turn()
+        if held > 0:
+            metrics.STAGE_SECONDS.labels("bulk_hold").observe(held)
 
     # -- stages of the whole batch ------------------------------------------------------------
 
@@ -386,7 +392,7 @@ class BatchProcessor:
         try:
             for stage in stages:
                 if not work.urgent:
-                    self._interactive_first.bulk_turn()
+                    self._bulk_turn()
                 work = stage(work, slots)
                 if work.fate is not Fate.IN_PROGRESS:
                     break

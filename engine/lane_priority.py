@@ -69,19 +69,23 @@ class InteractiveFirst:
                 if not self._holding:
                     self._changed.notify_all()
 
-    def bulk_turn(self) -> None:
+    def bulk_turn(self) -> float:
         """Return once bulk work may start its next stage: at once unless an interactive image
-        is in flight, else when none is, after the longest hold, or when the budget is spent."""
+        is in flight, else when none is, after the longest hold, or when the budget is spent.
+        Returns the seconds it held."""
         with self._changed:
-            deadline = self._clock() + self._longest_hold
+            started = self._clock()
+            deadline = started + self._longest_hold
+            waited = False
             while True:
                 self._settle()
                 now = self._clock()
                 if not self._holding or now >= deadline:
-                    return
+                    return now - started if waited else 0.0
                 # Until the budget would run out, or the deadline, whichever comes first.
                 spent_in = self._budget / (1.0 - self._held_share)
                 self._changed.wait(timeout=max(0.001, min(deadline - now, spent_in)))
+                waited = True
 
     @property
     def holding_bulk(self) -> bool:

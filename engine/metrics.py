@@ -8,7 +8,8 @@ from prometheus_client import Counter, Gauge, Histogram
 
 STAGE_SECONDS = Histogram(
     "pixelmill_engine_stage_seconds",
-    "Time spent per image (download, render, upload) or per batch (claim, commit).",
+    "Time spent per image (download, render, upload) or per batch (claim, commit); bulk_hold: "
+    "a bulk stage waiting for interactive work in flight (observed only when it waited).",
     ["stage"],
     buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10),
 )

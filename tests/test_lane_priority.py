@@ -10,41 +10,46 @@ import pytest
 from engine.lane_priority import InteractiveFirst
 
 
-def bulk_turn_in_background(priority: InteractiveFirst) -> tuple[threading.Thread, threading.Event]:
-    returned = threading.Event()
+class BulkTurn:
+    """One bulk turn taken on a thread of its own: `returned` is set once it returned, with
+    the seconds it held in `held`."""
 
-    def take_turn() -> None:
-        priority.bulk_turn()
-        returned.set()
+    def __init__(self, priority: InteractiveFirst) -> None:
+        self.returned = threading.Event()
+        self.held = -1.0
+        self.thread = threading.Thread(target=self._take, args=(priority,), daemon=True)
+        self.thread.start()
 
-    thread = threading.Thread(target=take_turn, daemon=True)
-    thread.start()
-    return thread, returned
+    def _take(self, priority: InteractiveFirst) -> None:
+        self.held = priority.bulk_turn()
+        self.returned.set()
 
 
 def test_a_bulk_stage_goes_at_once_when_no_interactive_image_is_in_flight() -> None:
-    thread, returned = bulk_turn_in_background(InteractiveFirst(longest_hold_seconds=3600))
-    thread.join(timeout=30)
-    assert returned.is_set()
+    turn = BulkTurn(InteractiveFirst(longest_hold_seconds=3600))
+    turn.thread.join(timeout=30)
+    assert turn.returned.is_set()
+    assert turn.held == 0.0
 
 
 def test_a_bulk_stage_holds_until_the_interactive_images_in_flight_are_done() -> None:
-    priority = InteractiveFirst(longest_hold_seconds=3600)
+    priority = InteractiveFirst(longest_hold_seconds=3600, burst_seconds=3600)
     with priority.interactive():
         with priority.interactive():
-            thread, returned = bulk_turn_in_background(priority)
-            assert not returned.wait(0.3)
-        assert not returned.wait(0.3)  # one interactive image is still in flight
-    thread.join(timeout=30)
-    assert returned.is_set()
+            turn = BulkTurn(priority)
+            assert not turn.returned.wait(0.3)
+        assert not turn.returned.wait(0.3)  # one interactive image is still in flight
+    turn.thread.join(timeout=30)
+    assert turn.returned.is_set()
+    assert turn.held > 0.0
 
 
 def test_a_bulk_stage_holds_no_longer_than_the_longest_hold() -> None:
     priority = InteractiveFirst(longest_hold_seconds=0.05)
     with priority.interactive():
-        thread, returned = bulk_turn_in_background(priority)
-        thread.join(timeout=30)
-        assert returned.is_set()
+        turn = BulkTurn(priority)
+        turn.thread.join(timeout=30)
+        assert turn.returned.is_set()
 
 
 class FakeClock:
@@ -86,9 +91,10 @@ def test_the_held_time_budget_refills_while_no_interactive_work_is_in_flight() -
 def test_a_bulk_stage_goes_on_once_the_held_time_budget_is_spent() -> None:
     priority = InteractiveFirst(longest_hold_seconds=3600, held_share=0.5, burst_seconds=0.2)
     with priority.interactive():
-        thread, returned = bulk_turn_in_background(priority)
-        thread.join(timeout=30)  # the budget lasts 0.4 s of holding
-        assert returned.is_set()
+        turn = BulkTurn(priority)
+        turn.thread.join(timeout=30)  # the budget lasts 0.4 s of holding
+        assert turn.returned.is_set()
+        assert turn.held > 0.0
         assert priority.held_budget_seconds < 0.2
 
 
