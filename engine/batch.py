@@ -191,13 +191,14 @@ class BatchProcessor:
         work, malformed = self._decode(deliveries)
         urgent = any(w.urgent for w in work)
         with self._interactive_first.interactive() if urgent else contextlib.nullcontext():
-            return self._process(len(deliveries), work, malformed)
+            return self._process(len(deliveries), work, malformed, bulk=not urgent)
 
-    def _process(self, size: int, work: list[ImageWork], malformed: list[int]) -> BatchReport:
+    def _process(
+        self, size: int, work: list[ImageWork], malformed: list[int], *, bulk: bool
+    ) -> BatchReport:
         batch_seconds: dict[str, float] = {}
         # A bulk batch waits its turn before its claim, each image's stages and its commit,
         # while interactive images are in flight (engine.lane_priority).
-        bulk = not any(w.urgent for w in work)
         if bulk:
             self._bulk_turn()
         started = time.perf_counter()

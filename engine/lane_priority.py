@@ -50,7 +50,6 @@ class InteractiveFirst:
         # one per second while bulk work is held.
         self._budget = burst_seconds
         self._settled_at = clock()
-        self._holding = False
 
     @contextlib.contextmanager
     def interactive(self) -> Iterator[None]:
@@ -58,15 +57,13 @@ class InteractiveFirst:
         with self._changed:
             self._settle()
             self._in_flight += 1
-            self._holding = self._budget > 0
         try:
             yield
         finally:
             with self._changed:
                 self._settle()
                 self._in_flight -= 1
-                self._holding = bool(self._in_flight) and self._budget > 0
-                if not self._holding:
+                if not self._holds():
                     self._changed.notify_all()
 
     def bulk_turn(self) -> float:
@@ -74,25 +71,23 @@ class InteractiveFirst:
         is in flight, else when none is, after the longest hold, or when the budget is spent.
         Returns the seconds it held."""
         with self._changed:
-            started = self._clock()
+            started = self._settle()
             deadline = started + self._longest_hold
-            waited = False
-            while True:
-                self._settle()
-                now = self._clock()
-                if not self._holding or now >= deadline:
-                    return now - started if waited else 0.0
-                # Until the budget would run out, or the deadline, whichever comes first.
+            now = started
+            while self._holds() and now < deadline:
+                # Until the budget runs out or the deadline, whichever comes first; the exit of
+                # the last interactive image in flight wakes it sooner.
                 spent_in = self._budget / (1.0 - self._held_share)
                 self._changed.wait(timeout=max(0.001, min(deadline - now, spent_in)))
-                waited = True
+                now = self._settle()
+            return now - started
 
     @property
     def holding_bulk(self) -> bool:
         """Whether bulk stages wait now."""
         with self._changed:
             self._settle()
-            return self._holding
+            return self._holds()
 
     @property
     def held_budget_seconds(self) -> float:
@@ -101,19 +96,19 @@ class InteractiveFirst:
             self._settle()
             return self._budget
 
-    def _settle(self) -> None:
-        """Account for the time since the last call: the budget refills at `held_share` per
-        second, and while bulk work was held it was spent at one per second too. Once it is
-        spent, bulk work goes on (holding resumes as it refills). Called with the lock held."""
+    def _holds(self) -> bool:
+        """Bulk work holds while interactive work is in flight and the budget lasts; once it is
+        spent, bulk work goes on, and holding resumes as it refills."""
+        return self._in_flight > 0 and self._budget > 0
+
+    def _settle(self) -> float:
+        """Account for the time since the last call, and return the time now: the budget
+        refills at `held_share` per second, and while bulk work was held it was also spent at
+        one per second. Called with the lock held, before any change to what is in flight."""
         now = self._clock()
         elapsed = max(0.0, now - self._settled_at)
         self._settled_at = now
-        spent = elapsed if self._holding else 0.0
-        self._budget = min(self._burst, self._budget + elapsed * self._held_share - spent)
-        if self._budget <= 0:
-            self._budget = 0.0
-            if self._holding:
-                self._holding = False
-                self._changed.notify_all()
-        elif self._in_flight and not self._holding:
-            self._holding = True
+        spent = elapsed if self._holds() else 0.0
+        refilled = self._budget + elapsed * self._held_share - spent
+        self._budget = max(0.0, min(self._burst, refilled))
+        return now
