@@ -31,10 +31,14 @@ class StoredRendition:
     height: int
     # None for results stored before renditions, whose size was not recorded.
     bytes: int | None
+    # The CRC-32 of the stored bytes (a batch archive's entries carry it); None for renditions
+    # stored before it was recorded (migration 0009).
+    crc32: int | None = None
 
     @classmethod
     def from_json(cls, item: dict[str, Any]) -> StoredRendition:
         size = item.get("bytes")
+        crc = item.get("crc32")
         return cls(
             str(item["name"]),
             str(item["key"]),
@@ -42,6 +46,7 @@ class StoredRendition:
             int(item["width"]),
             int(item["height"]),
             None if size is None else int(size),
+            None if crc is None else int(crc),
         )
 
 

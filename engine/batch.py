@@ -18,6 +18,7 @@ import enum
 import logging
 import time
 import uuid
+import zlib
 from collections import defaultdict
 from collections.abc import Callable, Iterable
 from concurrent.futures import ThreadPoolExecutor
@@ -496,11 +497,19 @@ class BatchProcessor:
             else memoryview(data)[output.offset : end]
         )
         try:
+            # Kept with the rendition so a batch archive never reads an object to know its CRC.
+            checksum = zlib.crc32(payload)
             self._through_outages(lambda: self._store.put_result(key, payload, output.content_type))
         finally:
             payload.release()
         return StoredRendition(
-            output.name, key, output.content_type, output.width, output.height, output.length
+            output.name,
+            key,
+            output.content_type,
+            output.width,
+            output.height,
+            output.length,
+            checksum,
         )
 
     def _merged(
