@@ -44,6 +44,17 @@ class PayloadTooLarge(PixelmillError):
     code = "payload_too_large"
 
 
+class RangeNotSatisfiable(PixelmillError):
+    """A `Range` that starts past the end of the resource; `size` is its length."""
+
+    status = 416
+    code = "range_not_satisfiable"
+
+    def __init__(self, size: int) -> None:
+        super().__init__(f"the range starts past the end of the {size} bytes")
+        self.size = size
+
+
 class UnsupportedMediaType(PixelmillError):
     status = 415
     code = "unsupported_media_type"

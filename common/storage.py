@@ -139,6 +139,21 @@ class ObjectStore:
                 response.close()
                 response.release_conn()
 
+    def stream_result(
+        self, key: str, offset: int = 0, length: int | None = None, chunk_size: int = 256 * 1024
+    ) -> Iterator[bytes]:
+        """A result's bytes from `offset` (`length` of them, or to the end), a chunk at a time,
+        never held whole; closing the iterator early releases the connection."""
+        with _translated_errors():
+            response = self._client.get_object(
+                self.settings.processed_bucket, key, offset=offset, length=length or 0
+            )
+            try:
+                yield from response.stream(chunk_size)
+            finally:
+                response.close()
+                response.release_conn()
+
     def delete_image_objects(self, original: str, results: str | Sequence[str] | None) -> None:
         """Delete an original and its results (one key, or every rendition's)."""
         keys = [results] if isinstance(results, str) else list(results or ())

@@ -31,6 +31,7 @@ from ingest.middleware import (
 )
 from ingest.openapi import OpenApiResource, openapi_document
 from ingest.rate_limit import UploadRateLimiter
+from ingest.routes.archive import BatchArchiveResource
 from ingest.routes.batches import (
     BatchCancelResource,
     BatchCloseResource,
@@ -150,6 +151,10 @@ def _add_batch_routes(app: falcon.App, settings: Settings, deps: Dependencies) -
         BatchRetryResource(deps.db, deps.publisher, deps.cache),
     )
     app.add_route("/api/v1/batches/{batch_id}/cancel", BatchCancelResource(deps.db, deps.cache))
+    app.add_route(
+        "/api/v1/batches/{batch_id}/archive",
+        BatchArchiveResource(deps.db, deps.store, settings.engine.renditions),
+    )
 
 
 def _configure_multipart(app: falcon.App) -> None:

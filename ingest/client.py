@@ -5,7 +5,8 @@ over keep-alive connections with retries and content-derived idempotency keys, a
 restarted run uploads nothing twice, waiting for completion, downloading the results and
 summarising. The command makes one server-side batch per run (`--batch ID` or the state folder
 resumes one), closes it once every file is sent and follows the batch document; without a batch
-(the library's default) it polls `?ids=`. `retry BATCH` and `cancel BATCH` steer a batch.
+(the library's default) it polls `?ids=`. `retry BATCH` and `cancel BATCH` steer a batch;
+`download BATCH` saves its archive, resuming an interrupted download with `Range`.
 Standard library only. The benchmarks drive the same code path through `upload_files`, whose
 report carries per-file timings.
 """
@@ -359,6 +360,21 @@ class ApiConnection:
         if response.getheader("Connection", "").lower() == "close":
             self.close()
         return ApiResponse(response.status, {k.lower(): v for k, v in response.getheaders()}, body)
+
+    def open_download(self, path: str, headers: dict[str, str]) -> http.client.HTTPResponse:
+        """A GET whose body the caller reads (and the connection is closed after): for bodies
+        too large to hold. Connection-level failures become TransientFailure."""
+        connection = self._connect()
+        try:
+            connection.request(
+                "GET",
+                self._prefix + path,
+                headers={"Authorization": f"Bearer {self._token}", **headers},
+            )
+            return connection.getresponse()
+        except (OSError, http.client.HTTPException) as exc:
+            self.close()
+            raise TransientFailure(f"connection error: {exc!r}") from exc
 
 
 @dataclass(frozen=True)
@@ -1081,6 +1097,135 @@ def _remembered_batch(options: UploadOptions) -> str | None:
 
 
 # ---------------------------------------------------------------------------------------------
+# Batch archives
+
+DOWNLOAD_CHUNK = 1024 * 1024
+
+
+class DownloadFailed(Exception):
+    """The archive could not be downloaded (refused, or the attempts ran out)."""
+
+
+@dataclass(frozen=True)
+class PartialDownload:
+    """What an interrupted download left: `<out>.part` (the bytes so far) and `<out>.etag`
+    (the version they are of), so the next attempt, or the next run, asks for the rest only
+    if the archive is still that version (`If-Range`)."""
+
+    out: Path
+
+    @property
+    def part(self) -> Path:
+        return self.out.with_name(self.out.name + ".part")
+
+    @property
+    def etag_file(self) -> Path:
+        return self.out.with_name(self.out.name + ".etag")
+
+    def have(self) -> tuple[int, str | None]:
+        try:
+            etag = self.etag_file.read_text(encoding="utf-8").strip() or None
+            return (self.part.stat().st_size, etag) if etag else (0, None)
+        except OSError:
+            return 0, None
+
+    def restart(self, etag: str) -> None:
+        self.part.parent.mkdir(parents=True, exist_ok=True)
+        self.part.write_bytes(b"")
+        self.etag_file.write_text(etag + "\n", encoding="utf-8")
+
+    def finish(self) -> None:
+        self.part.replace(self.out)
+        self.etag_file.unlink(missing_ok=True)
+
+
+@dataclass(frozen=True)
+class DownloadResult:
+    """`size`: the archive's length; `fetched`: the bytes this run received (less when it
+    resumed what an earlier run left)."""
+
+    size: int
+    fetched: int
+
+
+def archive_path(batch_id: str, renditions: Sequence[str]) -> str:
+    query = f"?{urlencode({'renditions': ','.join(renditions)})}" if renditions else ""
+    return f"/api/v1/batches/{batch_id}/archive{query}"
+
+
+def download_archive(
+    connection: ApiConnection,
+    batch_id: str,
+    out: Path,
+    renditions: Sequence[str] = (),
+    policy: RetryPolicy = RetryPolicy(),
+) -> DownloadResult:
+    """Save the batch's archive as `out`, resuming after every interruption (and from what an
+    earlier run left). DownloadFailed when refused or out of attempts."""
+    partial = PartialDownload(out)
+    reason = "no attempt"
+    fetched = 0
+    for attempt in range(1, policy.max_attempts + 1):
+        try:
+            done, received = _download_rest(connection, archive_path(batch_id, renditions), partial)
+            fetched += received
+            if done:
+                size = partial.part.stat().st_size
+                partial.finish()
+                return DownloadResult(size, fetched)
+            reason = "the answer ended early"
+        except TransientFailure as exc:
+            reason = str(exc)
+        finally:
+            connection.close()
+        if attempt < policy.max_attempts:
+            time.sleep(policy.delay(attempt, None))
+    raise DownloadFailed(f"gave up after {policy.max_attempts} attempts: {reason}")
+
+
+def _download_rest(
+    connection: ApiConnection, path: str, partial: PartialDownload
+) -> tuple[bool, int]:
+    """One request for what `partial` lacks: (whether it now holds the whole archive, the
+    bytes received). A transfer cut off mid-way raises TransientFailure, keeping what came."""
+    have, etag = partial.have()
+    headers = {"Range": f"bytes={have}-", "If-Range": etag} if have and etag else {}
+    response = connection.open_download(path, headers)
+    if response.status in TRANSIENT_STATUSES:
+        raise TransientFailure(f"HTTP {response.status}")
+    if response.status == 416:
+        # What we hold is already the whole of that version; anything else starts over.
+        whole = response.getheader("Content-Range", "").rpartition("/")[2]
+        if whole == str(have):
+            return True, 0
+        partial.restart("")
+        return False, 0
+    if response.status not in (200, 206):
+        body = ApiResponse(response.status, {}, response.read())
+        raise DownloadFailed(f"HTTP {response.status} {body.error_text()}")
+    if response.status == 206 and not response.getheader("Content-Range", "").startswith(
+        f"bytes {have}-"
+    ):
+        partial.restart("")
+        raise TransientFailure("the server answered another range; starting over")
+    if response.status == 200:
+        partial.restart(response.getheader("ETag", ""))
+        have = 0
+    total = have + int(response.getheader("Content-Length", "0"))
+    received = 0
+    try:
+        with partial.part.open("r+b") as sink:
+            sink.seek(have)
+            sink.truncate()
+            while chunk := response.read(DOWNLOAD_CHUNK):
+                sink.write(chunk)
+                received += len(chunk)
+    except (OSError, http.client.HTTPException) as exc:
+        raise TransientFailure(f"download interrupted: {exc!r}") from exc
+    return partial.part.stat().st_size == total, received
+
+
+# ---------------------------------------------------------------------------------------------
 # Summary and command line
 
 
@@ -1144,6 +1289,14 @@ def build_parser() -> argparse.ArgumentParser:
         steer.add_argument("batch", metavar="BATCH")
         steer.add_argument("--url", default="http://127.0.0.1:3000")
         steer.add_argument("--token", help="bearer token (default: $PIXELMILL_TOKEN)")
+    download = commands.add_parser(
+        "download", help="save a batch's completed results as one ZIP (resumes if interrupted)"
+    )
+    download.add_argument("batch", metavar="BATCH")
+    download.add_argument("--renditions", help="e.g. default,thumb (default: the first one)")
+    download.add_argument("--out", type=Path, help="the ZIP file (default: batch-BATCH.zip)")
+    download.add_argument("--url", default="http://127.0.0.1:3000")
+    download.add_argument("--token", help="bearer token (default: $PIXELMILL_TOKEN)")
     return parser
 
 
@@ -1177,6 +1330,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     if args.command in ("retry", "cancel"):
         return steer_batch(args.url, token, args.command, args.batch)
+    if args.command == "download":
+        return download_command(args, token)
     if args.concurrency < 1 or args.batch_size < 1:
         print(
             "pixelmill-upload: --concurrency and --batch-size must be at least 1", file=sys.stderr
@@ -1208,6 +1363,20 @@ def steer_batch(url: str, token: str, action: str, batch_id: str) -> int:
         print(f"pixelmill-upload {action}: {why}", file=sys.stderr)
         return 1
     print(json.dumps(response.json()))
+    return 0
+
+
+def download_command(args: argparse.Namespace, token: str) -> int:
+    out = args.out or Path(f"batch-{args.batch}.zip")
+    names = [n.strip() for n in (args.renditions or "").split(",") if n.strip()]
+    connection = ApiConnection(args.url, token, 120.0)
+    try:
+        result = download_archive(connection, args.batch, out, names)
+    except DownloadFailed as exc:
+        print(f"pixelmill-upload download: {exc}", file=sys.stderr)
+        return 1
+    resumed = result.size - result.fetched
+    print(f"{out}: {result.size} bytes" + (f" (resumed at byte {resumed})" if resumed else ""))
     return 0
 
 

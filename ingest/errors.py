@@ -12,7 +12,12 @@ from typing import Any
 
 import falcon
 
-from common.errors import DependencyUnavailable, PixelmillError, TooManyRequests
+from common.errors import (
+    DependencyUnavailable,
+    PixelmillError,
+    RangeNotSatisfiable,
+    TooManyRequests,
+)
 
 log = logging.getLogger(__name__)
 
@@ -41,6 +46,8 @@ def handle_pixelmill_error(
         log.warning("%s %s: %s unavailable", req.method, req.path, ex.dependency)
     elif isinstance(ex, TooManyRequests):
         resp.set_header("Retry-After", str(ex.retry_after))
+    elif isinstance(ex, RangeNotSatisfiable):
+        resp.set_header("Content-Range", f"bytes */{ex.size}")
 
     challenge = getattr(ex, "www_authenticate", None)
     if challenge:

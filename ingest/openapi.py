@@ -676,6 +676,63 @@ def _batch_paths() -> dict[str, Any]:
     }
 
 
+def _archive_paths(settings: Settings) -> dict[str, Any]:
+    names = [r.name for r in settings.engine.renditions]
+    zip_body = {"application/zip": {"schema": {"type": "string", "format": "binary"}}}
+    length = {"Content-Length": {"required": True, "schema": {"type": "integer"}}}
+    return {
+        "/api/v1/batches/{batch_id}/archive": {
+            "get": {
+                "operationId": "get_batch_archive",
+                "summary": "The batch's completed results and failed.csv as one ZIP, streamed; "
+                "resumable with Range",
+                "description": "Entries are stored (not recompressed), named from the original "
+                "filenames (`photo.png`, `photo.thumb.webp` for another rendition, `photo~2.png` "
+                "for a second image of that name); `failed.csv` lists each failed image (id, "
+                "filename, reason). ZIP64 past 4 GiB or 65,535 entries. A single byte range "
+                "(with `If-Range` naming the ETag) answers 206; several ranges, or an If-Range "
+                "naming another version, answer the whole archive.",
+                "parameters": [
+                    BATCH_ID,
+                    {
+                        "name": "renditions",
+                        "in": "query",
+                        "required": False,
+                        "style": "form",
+                        "explode": False,
+                        "schema": {
+                            "type": "array",
+                            "items": {"type": "string", "enum": names},
+                            "minItems": 1,
+                            "uniqueItems": True,
+                        },
+                        "description": "the renditions to include (default: the first "
+                        "configured one); an unknown name or one given twice is 400",
+                    },
+                    {"name": "Range", "in": "header", "schema": {"type": "string"}},
+                    {"name": "If-Range", "in": "header", "schema": {"type": "string"}},
+                ],
+                "responses": {
+                    "200": {
+                        "description": "the whole archive",
+                        "headers": {**length, "ETag": {"schema": {"type": "string"}}},
+                        "content": zip_body,
+                    },
+                    "206": {
+                        "description": "the byte range asked for",
+                        "headers": {
+                            **length,
+                            "Content-Range": {"required": True, "schema": {"type": "string"}},
+                        },
+                        "content": zip_body,
+                    },
+                    **_errors(400, 401, 403, 404, 416, 503),
+                },
+            }
+        }
+    }
+
+
 def openapi_document(settings: Settings) -> dict[str, Any]:
     return {
         "openapi": "3.1.0",
@@ -687,7 +744,7 @@ def openapi_document(settings: Settings) -> dict[str, Any]:
         },
         "servers": [{"url": "/"}],
         "security": SECURED,
-        "paths": {**_paths(settings), **_batch_paths()},
+        "paths": {**_paths(settings), **_batch_paths(), **_archive_paths(settings)},
         "components": {
             "securitySchemes": {
                 "bearer": {"type": "http", "scheme": "bearer", "bearerFormat": "JWT"}
