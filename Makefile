@@ -18,7 +18,7 @@ export PIXELMILL_ENV ?= local
 # Batch webhooks may call receivers on this machine (refused in production).
 export WEBHOOK_ALLOW_PRIVATE ?= true
 
-.PHONY: up down logs ps token scale test lint bench clean compose-tool promtool
+.PHONY: up down logs ps token scale test lint bench clean compose-tool promtool unzip-tool
 
 $(STAMP): pyproject.toml
 	@test -x $(PY) || python3 -m venv $(VENV) >&2
@@ -46,7 +46,7 @@ token: $(STAMP)
 scale: $(STAMP)
 	$(PY) -m ops scale --processes '$(N)'
 
-test: $(STAMP) compose-tool promtool
+test: $(STAMP) compose-tool promtool unzip-tool
 	$(PY) -m ops services --test-database
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
@@ -75,6 +75,15 @@ compose-tool:
 	  echo "installing docker-compose (apt-get)" >&2; \
 	  apt-get update -q >&2 && DEBIAN_FRONTEND=noninteractive \
 	    apt-get install -y -q --no-install-recommends docker-compose >&2; \
+	fi
+
+# Info-ZIP's `unzip -t` checks the batch archives in the tests, beside Python's zipfile.
+unzip-tool:
+	@if ! command -v unzip >/dev/null 2>&1 \
+	    && [ -f /etc/debian_version ] && [ "$$(id -u)" = 0 ]; then \
+	  echo "installing unzip (apt-get)" >&2; \
+	  apt-get update -q >&2 && DEBIAN_FRONTEND=noninteractive \
+	    apt-get install -y -q --no-install-recommends unzip >&2; \
 	fi
 
 # promtool checks the Prometheus config and the dashboards' queries in the tests; Debian ships it

@@ -1,6 +1,6 @@
 """The benchmarks' command line: `python -m bench COMMAND`.
 
-Commands: corpus, kernel, engine, e2e, fairness, soak, sweep, report, quick, full.
+Commands: corpus, kernel, engine, e2e, fairness, soak, sweep, archive, report, quick, full.
 
 This is a CLI edge: `engine` and `sweep` read the environment (Settings) for where PostgreSQL,
 RabbitMQ and Redis live; everything they create there is their own and removed afterwards.
@@ -19,6 +19,7 @@ from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
+from bench.archive import ArchiveBenchConfig, archive_summary_markdown, run_archive_benchmark
 from bench.corpus import IMAGE_CLASSES, MANIFEST_NAME, bpp_by_class, is_photo_like, write_corpus
 from bench.e2e import E2EConfig, compare_single_and_bulk, e2e_images, e2e_statistics, mint_token
 from bench.e2e import run_upload as run_e2e_upload
@@ -302,6 +303,19 @@ def command_soak(args: argparse.Namespace) -> None:
     _write("soak", config.summary(), payload, args.results_dir, soak_summary_markdown)
 
 
+def command_archive(args: argparse.Namespace) -> None:
+    """A batch's archive against reading its objects from S3, on isolated services."""
+    config = ArchiveBenchConfig(
+        images=args.images, object_bytes=args.object_bytes, api_threads=args.api_threads
+    )
+    payload = run_archive_benchmark(config, Settings.from_env(declare_local(os.environ)))
+    document = build_document("archive", config.summary(), payload, REPO_ROOT)
+    markdown = archive_summary_markdown(document)
+    path = write_results(new_run_dir(args.results_dir, "archive"), document, markdown)
+    print(markdown)
+    print(f"results: {path}")
+
+
 def command_sweep(args: argparse.Namespace) -> None:
     if args.mode == "engine":
         specs = engine_grid(
@@ -417,6 +431,15 @@ def _add_soak_parser(commands: Any) -> None:
     soak.add_argument("--samples", type=int, default=200, help="GETs per idle p99")
 
 
+def _add_archive_parser(commands: Any) -> None:
+    archive = commands.add_parser(
+        "archive", help="a batch archive's streaming rate and memory against reading S3"
+    )
+    archive.add_argument("--images", type=int, default=100_000)
+    archive.add_argument("--object-bytes", type=int, default=8 * 1024)
+    archive.add_argument("--api-threads", type=int, default=4)
+
+
 def _add_sweep_parser(commands: Any) -> None:
     sweep = commands.add_parser("sweep", help="a grid of engine or end-to-end settings")
     sweep.add_argument("--mode", choices=["engine", "e2e"], default="engine")
@@ -459,6 +482,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_fairness_parser(commands)
     _add_soak_parser(commands)
     _add_sweep_parser(commands)
+    _add_archive_parser(commands)
 
     for name in ("quick", "full"):
         _add_kernel_options(commands.add_parser(name, help=f"the {name} benchmark profile"))
@@ -474,6 +498,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     elif args.command == "report":
         for path in generate_report(args.results, args.out):
             print(path)
+    elif args.command == "archive":
+        command_archive(args)
     elif args.command in ("engine", "e2e", "fairness", "soak", "sweep"):
         commands = {
             "engine": command_engine,

@@ -54,6 +54,8 @@ REPLACED_CHARACTERS = re.compile(
 FAILED_LIST = "failed.csv"
 FAILED_COLUMNS = ("id", "filename", "reason")
 ROWS_PER_PAGE = 500
+# Reads of the rows per response: the plan (length and ETag), the entries, the central directory.
+ROW_PASSES = 3
 # Bytes gathered before a write: small objects would otherwise each cost a socket write.
 FLUSH_BYTES = 256 * 1024
 

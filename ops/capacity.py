@@ -19,6 +19,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from ingest.archive import ROW_PASSES as ARCHIVE_ROW_PASSES
+from ingest.archive import ROWS_PER_PAGE as ARCHIVE_ROWS_PER_PAGE
 from ops.stack import project_root
 
 SECONDS_PER_DAY = 86_400
@@ -92,6 +94,9 @@ REFERENCE_COSTS: dict[str, ImageCosts] = {
 # --- the deployment's givens ------------------------------------------------------------------
 
 
+_MAY_BE_ZERO = ("result_downloads", "archive_downloads")
+
+
 @dataclass(frozen=True)
 class Sizes:
     """What is given: the peak over the daily average, how images arrive and are read back, and
@@ -102,6 +107,8 @@ class Sizes:
     cores_per_node: int = 8
     upload_batch: int = 16  # images per bulk upload request
     result_downloads: float = 1.0  # reads of each result by clients (presigned GETs)
+    # Reads of each result inside a batch archive (through the API, not presigned).
+    archive_downloads: float = 0.0
     s3_cores: float = 8.0
     s3_network_gbps: float = 10.0
     postgres_cores: float = 4.0
@@ -110,10 +117,12 @@ class Sizes:
 
     def __post_init__(self) -> None:
         for field in dataclasses.fields(self):
-            if getattr(self, field.name) <= 0 and field.name != "result_downloads":
+            if getattr(self, field.name) <= 0 and field.name not in _MAY_BE_ZERO:
                 raise ValueError(f"{field.name.replace('_', '-')} must be above zero")
-        if self.result_downloads < 0 or self.peak_factor < 1:
-            raise ValueError("result-downloads must be 0 or more, peak-factor at least 1")
+        if self.result_downloads < 0 or self.archive_downloads < 0 or self.peak_factor < 1:
+            raise ValueError(
+                "result-downloads and archive-downloads must be 0 or more, peak-factor at least 1"
+            )
 
 
 # --- per image, then per second ---------------------------------------------------------------
@@ -139,20 +148,25 @@ class Load:
     @classmethod
     def per_image(cls, costs: ImageCosts, sizes: Sizes) -> Load:
         """One image: uploaded through the bulk route, processed in batches, its result read
-        `result_downloads` times."""
+        `result_downloads` times by presigned GETs and `archive_downloads` times in a batch
+        archive (one GET by the API each time, and keyset pages of the rows)."""
         batch, upload = costs.batch_size, sizes.upload_batch
+        reads = sizes.result_downloads + sizes.archive_downloads
         return cls(
             worker_cores=costs.node_cpu_s,
             api_processes=1 / costs.api_images_per_s,
-            # The node GETs the original; clients GET the result.
-            s3_get=1 + sizes.result_downloads,
+            # The node GETs the original; clients (or the API, for an archive) GET the result.
+            s3_get=1 + reads,
             # The API PUTs the original, the node the result.
             s3_put=2,
             s3_in_bytes=costs.original_bytes + costs.result_bytes,
-            s3_out_bytes=costs.original_bytes + costs.result_bytes * sizes.result_downloads,
+            s3_out_bytes=costs.original_bytes + costs.result_bytes * reads,
             s3_cores=costs.s3_cpu_s,
-            # Upload: 1 INSERT + 1 UPDATE per request; processing: claim + commit per batch.
-            postgres_statements=2 / upload + 2 / batch,
+            # Upload: 1 INSERT + 1 UPDATE per request; processing: claim + commit per batch;
+            # an archive reads its rows ARCHIVE_ROW_PASSES times, a page at a time.
+            postgres_statements=2 / upload
+            + 2 / batch
+            + sizes.archive_downloads * ARCHIVE_ROW_PASSES / ARCHIVE_ROWS_PER_PAGE,
             postgres_cores=costs.postgres_cpu_s,
             # One publish and one delivery per image, one `multiple` ack per batch.
             rabbitmq_messages=2 + 1 / batch,

@@ -208,7 +208,17 @@ def test_entry_names_are_safe_unique_and_keep_non_ascii_and_two_formats_of_a_ste
     assert "été 写真.png" in listing.stdout.splitlines()
 
 
-@pytest.mark.parametrize("character", [chr(c) for c in range(1, 0xA0)] + ["\u202e", "é", "写"])
+BIDI_CONTROLS = [
+    "\u200e",
+    "\u200f",
+    *map(chr, range(0x202A, 0x202F)),
+    *map(chr, range(0x2066, 0x206A)),
+]
+
+
+@pytest.mark.parametrize(
+    "character", [chr(c) for c in range(1, 0xA0)] + BIDI_CONTROLS + ["\u200d", "é", "写", "Ä"]
+)
 def test_database_name_groups_delete_exactly_the_characters_names_replace(
     database: Database, character: str
 ) -> None:

@@ -70,6 +70,18 @@ def test_unread_results_cost_no_gets_and_no_outgoing_bytes() -> None:
     assert read.s3_in_bytes == unread.s3_in_bytes == 2_250_000
 
 
+def test_archive_downloads_cost_a_get_and_the_result_bytes_each_and_pages_of_rows() -> None:
+    plain = Load.per_image(COSTS, Sizes(result_downloads=0))
+    archived = Load.per_image(COSTS, Sizes(result_downloads=0, archive_downloads=2))
+
+    assert archived.s3_get == plain.s3_get + 2
+    assert archived.s3_out_bytes == plain.s3_out_bytes + 2 * 250_000
+    # Three passes over the rows per archive, 500 rows a page.
+    assert archived.postgres_statements == pytest.approx(plain.postgres_statements + 2 * 3 / 500)
+    with pytest.raises(ValueError, match="archive-downloads"):
+        Sizes(archive_downloads=-1)
+
+
 def test_the_first_bottleneck_is_the_lowest_ceiling_and_moves_with_the_sizes() -> None:
     narrow = plan_capacity(A_HUNDRED_PER_SECOND, COSTS, Sizes(s3_network_gbps=1))
     wide = plan_capacity(A_HUNDRED_PER_SECOND, COSTS, Sizes(s3_network_gbps=100, s3_cores=8))
