@@ -4,7 +4,7 @@ faults hits it, then an audit that nothing was lost.
 The stack (bench.chaos_stack) is two worker nodes, the API under gunicorn, and PostgreSQL,
 RabbitMQ, Redis and SeaweedFS started for the run alone. Clients (bench.chaos_uploads) upload
 bulk batches, some with webhooks to a local receiver, and interactive single images, for several
-owners. Meanwhile the schedule (bench.chaos_faults) SIGKILLs nodes, CPU processes and API
+owners, the sessions spread over the schedule's expected length. Meanwhile the schedule (bench.chaos_faults) SIGKILLs nodes, CPU processes and API
 workers, restarts RabbitMQ, PostgreSQL and the S3 server, cuts one node's link to a service, and
 makes the webhook receiver slow or down. Crashed parts are restarted as an orchestrator would.
 When the schedule and the uploads are done the run waits for the system to settle, then audits
@@ -30,7 +30,14 @@ from typing import Any
 import psycopg
 
 from bench.chaos_audit import Verdict, audit, gather
-from bench.chaos_faults import FAULT_KINDS, FaultInjector, InjectedFault, fault_schedule
+from bench.chaos_faults import (
+    FAULT_KINDS,
+    FaultInjector,
+    InjectedFault,
+    PlannedFault,
+    expected_seconds,
+    fault_schedule,
+)
 from bench.chaos_receiver import WebhookReceiver, verified_finished
 from bench.chaos_stack import ChaosStack, StackOptions, chaos_stack
 from bench.chaos_uploads import ClientLedger, SessionRunner, plan_sessions
@@ -39,6 +46,9 @@ from db import audit as audit_queries
 DEFAULT_CHAOS_SEED = 20261207
 SETTLE_POLL_SECONDS = 2.0
 TOKEN_SECONDS = 24 * 3600
+# The sessions start spread over this share of the schedule's expected length, so that the
+# faults fall on work in flight, not on a system that has drained.
+UPLOAD_SPAN_SHARE = 0.8
 
 
 @dataclass(frozen=True)
@@ -93,16 +103,18 @@ def _run_on(
 
     runner = SessionRunner(stack.api_url, token_for, receiver.url, images)
     plans = plan_sessions(config.uploads, config.owners, config.seed)
+    schedule = fault_schedule(config.seed, config.faults, config.gap_s)
+    span = UPLOAD_SPAN_SHARE * expected_seconds(schedule)
     ledgers: list[ClientLedger] = []
 
     def upload_all() -> None:
-        ledgers.append(runner.run(plans, config.sessions_at_once))
+        ledgers.append(runner.run(plans, config.sessions_at_once, span))
         clock.uploads_ended = time.time()
         _progress(f"uploads done after {clock.uploads_ended - clock.started:.0f} s")
 
     uploads = threading.Thread(target=upload_all, name="chaos-uploads")
     uploads.start()
-    injected = _inject_all(stack, receiver, config)
+    injected = _inject_all(stack, receiver, schedule, config.seed)
     clock.faults_ended = time.time()
     while uploads.is_alive():
         stack.revive()
@@ -118,11 +130,10 @@ def _run_on(
 
 
 def _inject_all(
-    stack: ChaosStack, receiver: WebhookReceiver, config: ChaosConfig
+    stack: ChaosStack, receiver: WebhookReceiver, schedule: Sequence[PlannedFault], seed: int
 ) -> list[InjectedFault]:
-    injector = FaultInjector(stack, receiver, config.seed)
+    injector = FaultInjector(stack, receiver, seed)
     injected = []
-    schedule = fault_schedule(config.seed, config.faults, config.gap_s)
     for number, fault in enumerate(schedule, 1):
         _pause(fault.gap_s, stack)
         done = injector.inject(fault)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import random
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 from bench.chaos_receiver import ReceiverMode, WebhookReceiver
@@ -26,6 +27,8 @@ FAULT_HOLDS: dict[str, tuple[float, float]] = {
     "webhook_receiver": (5.0, 20.0),
 }
 FAULT_KINDS = tuple(FAULT_HOLDS)
+# For pacing the uploads only: seconds a restart takes beyond its hold on the 2-core VM.
+RESTART_SECONDS = {"rabbitmq_restart": 10.0, "postgres_restart": 4.0, "s3_restart": 3.0}
 
 
 @dataclass(frozen=True)
@@ -68,6 +71,11 @@ def fault_schedule(
         )
         for kind in kinds
     ]
+
+
+def expected_seconds(schedule: Sequence[PlannedFault]) -> float:
+    """About how long the schedule takes: its gaps, holds and restarts."""
+    return sum(f.gap_s + f.hold_s + RESTART_SECONDS.get(f.kind, 0.0) for f in schedule)
 
 
 @dataclass(frozen=True)

@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import random
 import threading
+import time
 import uuid
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -140,12 +141,18 @@ class SessionRunner:
         self.batches: list[str] = []
         self.errors: list[str] = []
 
-    def run(self, plans: Sequence[SessionPlan], at_once: int) -> ClientLedger:
+    def run(self, plans: Sequence[SessionPlan], at_once: int, span_s: float) -> ClientLedger:
+        """Run the sessions, `at_once` at a time, session i starting no earlier than
+        i / len(plans) of `span_s` after the first: the uploads are spread over the faults
+        rather than done before most of them."""
+        started = time.monotonic()
+        due = {plan.index: started + span_s * n / len(plans) for n, plan in enumerate(plans)}
         with ThreadPoolExecutor(at_once, thread_name_prefix="chaos-session") as pool:
-            list(pool.map(self._run_logged, plans))
+            list(pool.map(lambda plan: self._run_logged(plan, due[plan.index]), plans))
         return ClientLedger(self.records, self.secrets, self.batches)
 
-    def _run_logged(self, plan: SessionPlan) -> None:
+    def _run_logged(self, plan: SessionPlan, due: float) -> None:
+        time.sleep(max(0.0, due - time.monotonic()))
         try:
             self.run_session(plan)
         except Exception as exc:  # one session's crash must not hide the others' records
