@@ -4,14 +4,16 @@ faults hits it, then an audit that nothing was lost.
 The stack (bench.chaos_stack) is two worker nodes, the API under gunicorn, and PostgreSQL,
 RabbitMQ, Redis and SeaweedFS started for the run alone. Clients (bench.chaos_uploads) upload
 bulk batches, some with webhooks to a local receiver, and interactive single images, for several
-owners, the sessions spread over the schedule's expected length. Meanwhile the schedule (bench.chaos_faults) SIGKILLs nodes, CPU processes and API
-workers, restarts RabbitMQ, PostgreSQL and the S3 server, cuts one node's link to a service, and
-makes the webhook receiver slow or down. Crashed parts are restarted as an orchestrator would.
+owners, the sessions spread over the schedule's expected length. Meanwhile the schedule
+(bench.chaos_faults) SIGKILLs nodes, CPU processes and API workers, restarts RabbitMQ,
+PostgreSQL and the S3 server, cuts one node's link to a service, and makes the webhook receiver
+slow or down. Crashed parts are restarted as an orchestrator would.
 When the schedule and the uploads are done the run waits for the system to settle, then audits
 the client's records, the rows and the buckets (bench.chaos_audit).
 
-A fault's recovery time is from its restore to the next image completed anywhere (faults
-restored after the last completion have none).
+A fault's recovery time is from its restore to the next image completed anywhere, measured
+only when that came before the next fault began (the table counts the faults whose recovery the
+next one interrupted; faults restored after the last completion have none).
 """
 
 from __future__ import annotations
@@ -172,16 +174,35 @@ def _settle(
     return f"not settled after {timeout:.0f} s: {left}"
 
 
-def recovery_times(settings_url: str, injected: Sequence[InjectedFault]) -> list[float | None]:
-    """Per fault: seconds from its restore to the next completed image (None when none came
-    after it: the work had drained before)."""
-    with psycopg.connect(settings_url) as conn:
-        return [
-            None
-            if (at := audit_queries.first_completion_after(conn, f.restored_at)) is None
-            else max(0.0, at - f.restored_at)
-            for f in injected
-        ]
+@dataclass(frozen=True)
+class Recovery:
+    """How a fault was recovered from: seconds from its restore to the next completed image,
+    when that came before the next fault began; `interrupted` when the next fault came first;
+    neither when no image completed after it (the work had drained)."""
+
+    seconds: float | None
+    interrupted: bool = False
+
+
+def recoveries(
+    injected: Sequence[InjectedFault], next_completions: Sequence[float | None]
+) -> list[Recovery]:
+    """Per fault, from the first completion after its restore (`next_completions`)."""
+    found = []
+    for index, (fault, completed) in enumerate(zip(injected, next_completions, strict=True)):
+        following = injected[index + 1].started_at if index + 1 < len(injected) else None
+        if completed is None:
+            found.append(Recovery(None))
+        elif following is not None and completed > following:
+            found.append(Recovery(None, interrupted=True))
+        else:
+            found.append(Recovery(max(0.0, completed - fault.restored_at)))
+    return found
+
+
+def next_completions(postgres_url: str, injected: Sequence[InjectedFault]) -> list[float | None]:
+    with psycopg.connect(postgres_url) as conn:
+        return [audit_queries.first_completion_after(conn, f.restored_at) for f in injected]
 
 
 def _results(
@@ -191,8 +212,10 @@ def _results(
     verdict: Verdict,
     stack: ChaosStack,
 ) -> dict[str, Any]:
-    recoveries = recovery_times(stack.settings().postgres_url, injected)
-    measured = [(f, r) for f, r in zip(injected, recoveries, strict=True) if r is not None]
+    found = recoveries(injected, next_completions(stack.settings().postgres_url, injected))
+    measured = [
+        (f, r.seconds) for f, r in zip(injected, found, strict=True) if r.seconds is not None
+    ]
     worst = max(measured, key=lambda pair: pair[1], default=None)
     return {
         "kind": "chaos",
@@ -209,9 +232,10 @@ def _results(
                 "detail": f.detail,
                 "at_s": round(f.started_at - clock.started, 2),
                 "restored_after_s": round(f.restored_at - f.started_at, 2),
-                "recovery_s": None if r is None else round(r, 2),
+                "recovery_s": None if r.seconds is None else round(r.seconds, 2),
+                "recovery_interrupted": r.interrupted,
             }
-            for f, r in zip(injected, recoveries, strict=True)
+            for f, r in zip(injected, found, strict=True)
         ],
         "worst_recovery": None
         if worst is None
@@ -231,6 +255,7 @@ def chaos_table(results: dict[str, Any]) -> str:
     kinds = results["faults_by_kind"]
     worst = results["worst_recovery"]
     seconds = results["seconds"]
+    interrupted = sum(f["recovery_interrupted"] for f in results["faults"])
     rows: list[tuple[str, object]] = [
         *((f"faults: {kind}", kinds.get(kind, 0)) for kind in FAULT_KINDS),
         ("faults injected", sum(kinds.values())),
@@ -250,6 +275,7 @@ def chaos_table(results: dict[str, Any]) -> str:
             f"{v['webhooks_expected'] - v['webhooks_missing']} of {v['webhooks_expected']}",
         ),
         ("worst recovery", "-" if worst is None else f"{worst['seconds']} s ({worst['fault']})"),
+        ("recoveries interrupted by the next fault", interrupted),
         ("processes restarted after exiting by themselves", len(results["unplanned_exits"])),
         (
             "run (uploads / faults / settled)",

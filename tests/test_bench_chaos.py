@@ -10,9 +10,9 @@ from pathlib import Path
 
 import pytest
 
-from bench.chaos import ChaosConfig, chaos_markdown, run_chaos
+from bench.chaos import ChaosConfig, Recovery, chaos_markdown, recoveries, run_chaos
 from bench.chaos_audit import Evidence, audit
-from bench.chaos_faults import FAULT_KINDS, fault_schedule
+from bench.chaos_faults import FAULT_KINDS, InjectedFault, fault_schedule
 from bench.chaos_receiver import Delivery, signature_is_valid
 from bench.chaos_uploads import ClientLedger, UploadRecord
 from bench.results import build_document
@@ -30,6 +30,19 @@ def test_the_schedule_is_a_function_of_its_seed_and_holds_every_kind_of_fault() 
     assert {kinds.count(kind) for kind in FAULT_KINDS} <= {60 // len(FAULT_KINDS), 8}
     assert set(kinds) == set(FAULT_KINDS)
     assert {f.kind for f in fault_schedule(1, len(FAULT_KINDS))} == set(FAULT_KINDS)
+
+
+def test_a_recovery_counts_only_until_the_next_fault_begins() -> None:
+    plan = fault_schedule(1, 3)
+    injected = [
+        InjectedFault(plan[0], started_at=0.0, restored_at=5.0, detail=""),
+        InjectedFault(plan[1], started_at=10.0, restored_at=12.0, detail=""),
+        InjectedFault(plan[2], started_at=20.0, restored_at=21.0, detail=""),
+    ]
+
+    found = recoveries(injected, [7.5, 25.0, None])
+
+    assert found == [Recovery(2.5), Recovery(None, interrupted=True), Recovery(None)]
 
 
 def _image(status: str, name: str, error: str | None = None) -> AuditedImage:
