@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import contextlib
 import os
-import random
 import signal
 import subprocess
 import sys
@@ -111,13 +110,9 @@ class ChaosStack:
         s = self.services
         return {
             **self.env(),
-            "POSTGRES_URL": s.postgres.url.replace(
-                f":{s.postgres.port}/", f":{links['postgres']}/"
-            ),
-            "RABBITMQ_URL": s.rabbitmq.url.replace(
-                f":{s.rabbitmq.port}/", f":{links['rabbitmq']}/"
-            ),
-            "REDIS_URL": s.redis.url.replace(f":{s.redis.port}/", f":{links['redis']}/"),
+            "POSTGRES_URL": s.postgres.url_at(links["postgres"]),
+            "RABBITMQ_URL": s.rabbitmq.url_at(links["rabbitmq"]),
+            "REDIS_URL": s.redis.url_at(links["redis"]),
             "MINIO_ENDPOINT": f"127.0.0.1:{links['s3']}",
         }
 
@@ -224,10 +219,6 @@ def _terminate(process: subprocess.Popen[bytes] | None, timeout: float) -> None:
 def kill_pid(pid: int) -> None:
     with contextlib.suppress(ProcessLookupError):
         os.kill(pid, signal.SIGKILL)
-
-
-def pick(rng: random.Random, pids: list[int]) -> int | None:
-    return rng.choice(pids) if pids else None
 
 
 @contextlib.contextmanager

@@ -59,7 +59,11 @@ class PrivateRedis:
 
     @property
     def url(self) -> str:
-        return f"redis://127.0.0.1:{self.port}/0"
+        return self.url_at(self.port)
+
+    def url_at(self, port: int) -> str:
+        """The URL of this server as reached through `port` (a proxy in front of it)."""
+        return f"redis://127.0.0.1:{port}/0"
 
     def start(self, timeout: float = 10.0) -> None:
         with self.log_path.open("ab") as log:
@@ -127,7 +131,11 @@ class PrivatePostgres:
 
     @property
     def url(self) -> str:
-        return f"postgresql://postgres@127.0.0.1:{self.port}/{self.database}"
+        return self.url_at(self.port)
+
+    def url_at(self, port: int) -> str:
+        """The database's URL as reached through `port` (a proxy in front of it)."""
+        return f"postgresql://postgres@127.0.0.1:{port}/{self.database}"
 
     def _as_owner(self) -> list[str]:
         return ["runuser", "-u", "postgres", "--"] if os.geteuid() == 0 else []
@@ -225,7 +233,11 @@ class PrivateRabbitMQ:
 
     @property
     def url(self) -> str:
-        return f"amqp://guest:guest@127.0.0.1:{self.port}/%2F"
+        return self.url_at(self.port)
+
+    def url_at(self, port: int) -> str:
+        """The broker's URL as reached through `port` (a proxy in front of it)."""
+        return f"amqp://guest:guest@127.0.0.1:{port}/%2F"
 
     def environment(self) -> dict[str, str]:
         return {
