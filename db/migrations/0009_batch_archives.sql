@@ -19,10 +19,13 @@ LANGUAGE sql IMMUTABLE STRICT PARALLEL SAFE AS $$
     SELECT regexp_replace(filename, '\.[^./\\]*$', '')
 $$;
 
+-- Built-in functions only, the stem's expression written out again: an index expression must
+-- not depend on the search path (autovacuum's ANALYZE and pg_restore run without this schema
+-- on it).
 CREATE FUNCTION archive_group(filename text) RETURNS text
 LANGUAGE sql IMMUTABLE STRICT PARALLEL SAFE AS $$
     SELECT translate(
-        regexp_replace(archive_stem(filename),
+        regexp_replace(regexp_replace(filename, '\.[^./\\]*$', ''),
                        '[\x01-\x1f\x7f-\x9f\u200e\u200f\u202a-\u202e\u2066-\u2069/\\:*?"<>|~._]',
                        '', 'g'),
         'ABCDEFGHIJKLMNOPQRSTUVWXYZ', 'abcdefghijklmnopqrstuvwxyz')
