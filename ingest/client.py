@@ -1161,33 +1161,41 @@ def download_archive(
     policy: RetryPolicy = RetryPolicy(),
 ) -> DownloadResult:
     """Save the batch's archive as `out`, resuming after every interruption (and from what an
-    earlier run left). DownloadFailed when refused or out of attempts."""
+    earlier run left). An attempt that brought bytes resets the count of failures, so a long
+    download over a flaky link goes on; DownloadFailed when refused, or after
+    `policy.max_attempts` attempts in a row without progress."""
     partial = PartialDownload(out)
-    reason = "no attempt"
-    fetched = 0
-    for attempt in range(1, policy.max_attempts + 1):
+    fetched = failures = 0
+    while True:
         try:
-            done, received = _download_rest(connection, archive_path(batch_id, renditions), partial)
-            fetched += received
-            if done:
-                size = partial.part.stat().st_size
-                partial.finish()
-                return DownloadResult(size, fetched)
-            reason = "the answer ended early"
+            attempt = _download_rest(connection, archive_path(batch_id, renditions), partial)
         except TransientFailure as exc:
-            reason = str(exc)
+            attempt = _Attempt(False, 0, str(exc))
         finally:
             connection.close()
-        if attempt < policy.max_attempts:
-            time.sleep(policy.delay(attempt, None))
-    raise DownloadFailed(f"gave up after {policy.max_attempts} attempts: {reason}")
+        fetched += attempt.received
+        if attempt.done:
+            size = partial.part.stat().st_size
+            partial.finish()
+            return DownloadResult(size, fetched)
+        failures = 0 if attempt.received else failures + 1
+        if failures >= policy.max_attempts:
+            raise DownloadFailed(
+                f"gave up after {failures} attempts without progress: {attempt.reason}"
+            )
+        time.sleep(policy.delay(max(failures, 1), None))
 
 
-def _download_rest(
-    connection: ApiConnection, path: str, partial: PartialDownload
-) -> tuple[bool, int]:
-    """One request for what `partial` lacks: (whether it now holds the whole archive, the
-    bytes received). A transfer cut off mid-way raises TransientFailure, keeping what came."""
+@dataclass(frozen=True)
+class _Attempt:
+    done: bool
+    received: int
+    reason: str = ""
+
+
+def _download_rest(connection: ApiConnection, path: str, partial: PartialDownload) -> _Attempt:
+    """One request for what `partial` lacks: whether it now holds the whole archive, and the
+    bytes received (kept in `partial` even when the transfer was cut off)."""
     have, etag = partial.have()
     headers = {"Range": f"bytes={have}-", "If-Range": etag} if have and etag else {}
     response = connection.open_download(path, headers)
@@ -1197,9 +1205,9 @@ def _download_rest(
         # What we hold is already the whole of that version; anything else starts over.
         whole = response.getheader("Content-Range", "").rpartition("/")[2]
         if whole == str(have):
-            return True, 0
+            return _Attempt(True, 0)
         partial.restart("")
-        return False, 0
+        return _Attempt(False, 0, "the archive changed; starting over")
     if response.status not in (200, 206):
         body = ApiResponse(response.status, {}, response.read())
         raise DownloadFailed(f"HTTP {response.status} {body.error_text()}")
@@ -1213,16 +1221,17 @@ def _download_rest(
         have = 0
     total = have + int(response.getheader("Content-Length", "0"))
     received = 0
-    try:
-        with partial.part.open("r+b") as sink:
-            sink.seek(have)
-            sink.truncate()
+    reason = "the answer ended early"
+    with partial.part.open("r+b") as sink:
+        sink.seek(have)
+        sink.truncate()
+        try:
             while chunk := response.read(DOWNLOAD_CHUNK):
                 sink.write(chunk)
                 received += len(chunk)
-    except (OSError, http.client.HTTPException) as exc:
-        raise TransientFailure(f"download interrupted: {exc!r}") from exc
-    return partial.part.stat().st_size == total, received
+        except (OSError, http.client.HTTPException) as exc:
+            reason = f"download interrupted: {exc!r}"
+    return _Attempt(partial.part.stat().st_size == total, received, reason)
 
 
 # ---------------------------------------------------------------------------------------------

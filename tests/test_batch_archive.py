@@ -16,6 +16,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import psycopg
 import pytest
 
 from bench.archive import SeedImage, seed_batch
@@ -26,6 +27,7 @@ from ingest import client
 from ingest.archive import REPLACED_CHARACTERS, ArchiveChanged, BatchArchive
 from tests.support import (
     API_RENDITIONS,
+    BASE_POSTGRES_URL,
     ApiClient,
     api_for,
     completed_image,
@@ -230,6 +232,17 @@ def test_database_name_groups_delete_exactly_the_characters_names_replace(
     assert row[0] == ("abcd" if replaced else f"ab{kept}cd")
 
 
+def test_name_group_index_works_without_the_schema_on_the_search_path(
+    database: Database, store: ObjectStore, settings: Settings, schema: str, user_id: str
+) -> None:
+    # Autovacuum's ANALYZE and pg_restore evaluate index expressions with no schema of ours on
+    # the search path: the expression must need only built-in functions.
+    seeded(database, store, user_id, settings, made("indexed.jpg", 1))
+    with psycopg.connect(BASE_POSTGRES_URL, autocommit=True) as conn:
+        conn.execute(f"ANALYZE {schema}.images")
+        conn.execute(f"REINDEX INDEX {schema}.images_batch_archive_idx")
+
+
 def test_failed_images_are_listed_in_failed_csv_with_their_reasons(
     api: ApiClient, database: Database, store: ObjectStore, settings: Settings, user_id: str
 ) -> None:
@@ -416,10 +429,49 @@ def test_upload_client_download_resumes_an_interrupted_archive(
             client.main(["download", batch_id, "--out", str(out), "--url", url, "--token", token])
             == 0
         )
+        # A connection cut at 60 % during this run: the next attempt asks for the rest.
+        cut_at = len(whole) * 6 // 10
+        connection = CutOnce(url, token, 30.0, cut_at)
+        again = tmp_path / "again.zip"
+        result = client.download_archive(
+            connection, batch_id, again, policy=client.RetryPolicy(3, 0.01, 0.01)
+        )
     assert out.read_bytes() == whole
     assert f"resumed at byte {len(whole) * 6 // 10}" in capsys.readouterr().out
     assert not partial.part.exists() and not partial.etag_file.exists()
     opened(out.read_bytes())
+    assert again.read_bytes() == whole
+    assert (result.size, result.fetched) == (len(whole), len(whole))
+    assert connection.asked == [{}, {"Range": f"bytes={cut_at}-", "If-Range": etag}]
+
+
+class CutOnce(client.ApiConnection):
+    """A connection whose first download breaks after `cut_at` bytes, as a network would."""
+
+    def __init__(self, base_url: str, token: str, timeout_s: float, cut_at: int) -> None:
+        super().__init__(base_url, token, timeout_s)
+        self.cut_at = cut_at
+        self.asked: list[dict[str, str]] = []
+
+    def open_download(self, path: str, headers: dict[str, str]) -> Any:
+        self.asked.append(dict(headers))
+        response = super().open_download(path, headers)
+        return CutResponse(response, self.cut_at) if len(self.asked) == 1 else response
+
+
+class CutResponse:
+    def __init__(self, response: Any, cut_at: int) -> None:
+        self._response = response
+        self._left = cut_at
+        self.status = response.status
+        self.getheader = response.getheader
+
+    def read(self, size: int = -1) -> bytes:
+        if self._left <= 0:
+            raise ConnectionResetError("the connection was cut")
+        chunk = self._response.read(min(size, self._left) if size > 0 else self._left)
+        self._left -= len(chunk)
+        return chunk
 
 
 def _etag_of(url: str, token: str, batch_id: str) -> str:
