@@ -38,8 +38,12 @@ def generate_client(base: str, workdir: Path) -> None:
     document = workdir / "openapi.json"
     with urllib.request.urlopen(f"{base}/openapi.json", timeout=10) as response:
         document.write_bytes(response.read())
+    # The generator knows binary bodies as application/octet-stream only: a ZIP is one.
+    config = workdir / "generator.yaml"
+    config.write_text("content_type_overrides:\n  application/zip: application/octet-stream\n")
     command = [sys.executable, "-m", "openapi_python_client", "generate", "--path", str(document)]
     command += ["--meta", "none", "--output-path", str(workdir / PACKAGE), "--fail-on-warning"]
+    command += ["--config", str(config)]
     # The generator formats its output with ruff, found on PATH beside this interpreter.
     path = f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"
     result = subprocess.run(
