@@ -15,6 +15,14 @@ import pytest
 import yaml
 
 from common.config import ConfigError, Settings, declare_local
+from ops.keycloak_server import (
+    BUILD_OPTIONS,
+    DEMO_FILE,
+    DEMO_USERS_SCRIPT,
+    KEYCLOAK_VERSION,
+    REALM_FILE,
+    START_ARGS,
+)
 from tests.support import COMPOSE_SECRETS, free_port
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -280,6 +288,27 @@ def test_compose_keycloak_runs_in_production_mode_with_demo_users_only_in_dev() 
     assert demo["profiles"] == ["dev"]
     assert {user["username"] for user in demo_file["users"]} == {"user", "admin"}
     assert all(user["attributes"]["demo_only"] == ["true"] for user in demo_file["users"])
+
+
+@needs_compose
+def test_compose_keycloak_is_the_version_command_database_and_realm_the_tests_prove() -> None:
+    services = _compose_services()
+    keycloak, demo = services["keycloak"], services["keycloak-demo-users"]
+    major_minor = ".".join(KEYCLOAK_VERSION.split(".")[:2])
+    environment = keycloak["environment"]
+    mounted = dict(volume.split(":")[:2][::-1] for volume in keycloak["volumes"])
+    demo_mounted = dict(volume.split(":")[:2][::-1] for volume in demo["volumes"])
+
+    assert keycloak["image"] == demo["image"] == f"quay.io/keycloak/keycloak:{major_minor}"
+    # The tests' server is built ahead (`kc.sh build`), so it starts --optimized.
+    assert keycloak["command"] == [arg for arg in START_ARGS if arg != "--optimized"]
+    assert environment["KC_DB"] == "postgres"
+    assert environment["KC_DB_URL"] == "jdbc:postgresql://postgres:5432/keycloak"
+    assert {"KC_DB_USERNAME", "KC_DB_PASSWORD"} <= set(environment)
+    assert f"--health-enabled={environment['KC_HEALTH_ENABLED']}" in BUILD_OPTIONS
+    assert Path(mounted["/opt/keycloak/data/import/realm-ImageProcessor.json"]) == REALM_FILE
+    assert Path(demo_mounted["/opt/pixelmill/demo_users.sh"]) == DEMO_USERS_SCRIPT
+    assert Path(demo_mounted["/opt/pixelmill/demo-ImageProcessor.json"]) == DEMO_FILE
 
 
 def test_realm_client_allows_only_browser_logins_with_pkce() -> None:
