@@ -176,6 +176,7 @@ class LocalStack:
 
     def up(self, timeout: float = 60.0) -> None:
         """Start everything that is not running yet and wait until the API is healthy."""
+        self._refuse_switching_to_keycloak()
         extra = [self.keycloak_db_url] if self.keycloak_db_url is not None else []
         ensure_services(self.settings, extra_databases=extra)
         storage = self.storage()
@@ -288,6 +289,14 @@ class LocalStack:
         already = process.pid()
         pid = already if already is not None else process.start()
         _report(process.name, pid, process.log_path, started=already is None)
+
+    def _refuse_switching_to_keycloak(self) -> None:
+        # The running API and worker would keep trusting the issuer they were started with.
+        if self.keycloak_db_url is not None and self._issuer_process(DEFAULT_ISSUER_PORT).pid():
+            raise StackError(
+                "the stack is running with the local issuer; stop it first (make down), then "
+                "make up KEYCLOAK=1"
+            )
 
     def _start_keycloak(self, keycloak: KeycloakServer) -> None:
         already = keycloak.pid()

@@ -31,7 +31,13 @@ from ops.services import (
     ensure_services,
     provision_postgres,
 )
-from ops.stack import LOCAL_KEYCLOAK_DB_URL, LOCAL_KEYCLOAK_URL, LocalStack, StatePaths
+from ops.stack import (
+    LOCAL_KEYCLOAK_DB_URL,
+    LOCAL_KEYCLOAK_URL,
+    LocalStack,
+    StackError,
+    StatePaths,
+)
 from tests.support import COMPOSE_SECRETS, free_port, wait_for
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -426,6 +432,35 @@ def test_a_keycloak_that_up_started_makes_token_and_ps_use_it_until_down_stops_i
     assert "keycloak stopped" in capsys.readouterr().out
     assert not standin.is_running()
     assert local_stack().keycloak_db_url is None
+
+
+def test_up_with_keycloak_refuses_while_the_stack_runs_with_the_local_issuer(
+    tmp_path: Path,
+) -> None:
+    state = StatePaths(tmp_path)
+    issuer = BackgroundProcess(
+        "issuer",
+        [sys.executable, "-c", "import time; time.sleep(300)", "-m", "ops", "issuer"],
+        pid_path=state.pid_file("issuer"),
+        log_path=state.log_file("issuer"),
+        marker="-m ops issuer",
+    )
+    issuer.start()
+    # Were it not refused, up would stop at a database nobody runs (192.0.2.0/24 is unroutable).
+    environ = {
+        "PIXELMILL_ENV": "local",
+        "KEYCLOAK_URL": LOCAL_KEYCLOAK_URL,
+        "POSTGRES_URL": "postgresql://nobody:nothing@192.0.2.1:5432/none",
+        "MINIO_ENDPOINT": "minio:9000",
+    }
+    stack = LocalStack(
+        Settings.from_env(environ), state, child_env=environ, keycloak_db_url=LOCAL_KEYCLOAK_DB_URL
+    )
+    try:
+        with pytest.raises(StackError, match="make down"):
+            stack.up()
+    finally:
+        issuer.stop()
 
 
 def test_unknown_command_prints_usage_and_fails(capsys) -> None:
