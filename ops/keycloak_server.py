@@ -222,8 +222,10 @@ class KeycloakServer:
     def background_process(self) -> BackgroundProcess:
         return self._process
 
-    def start(self, timeout: float = 300.0) -> None:
-        """Start the server unless it runs, and wait until it is ready (its realms imported)."""
+    def start(self, timeout: float = 600.0) -> None:
+        """Start the server unless it runs, and wait until it is ready (its realms imported).
+        A first start on a busy 2-core machine has taken over 5 minutes; a server that dies
+        ends the wait at once."""
         if not self.is_running():
             self.distribution.ensure()
             self._prepare_instance()
