@@ -156,6 +156,9 @@ class QueueSettings:
     bulk_shards: int = 4
     # A bulk request of at most this many images is interactive work (0: only single uploads).
     interactive_max_parts: int = 4
+    # Images one user may send as interactive work per minute; past it their requests go to the
+    # bulk lane (0: no limit).
+    interactive_images_per_minute: int = 60
 
 
 @dataclass(frozen=True)
@@ -428,6 +431,9 @@ def _queue_from(env: _Env) -> QueueSettings:
         lanes=env.boolean("RABBITMQ_LANES", d.lanes),
         bulk_shards=env.integer("RABBITMQ_BULK_SHARDS", d.bulk_shards, minimum=1),
         interactive_max_parts=env.integer("INTERACTIVE_MAX_PARTS", d.interactive_max_parts),
+        interactive_images_per_minute=env.integer(
+            "INTERACTIVE_IMAGES_PER_MINUTE", d.interactive_images_per_minute
+        ),
     )
 
 

@@ -248,13 +248,15 @@ def claim_batch(conn: psycopg.Connection[Any], ids: Sequence[uuid.UUID]) -> list
                     UPDATE images SET status = 'cancelled', updated_at = now()
                      WHERE id = ANY(%(ids)s) AND status = 'pending' AND batch_id IS NOT NULL
                        AND EXISTS (SELECT 1 FROM batches AS b
-                                    WHERE b.id = images.batch_id AND b.status = 'cancelled')
+                                    WHERE b.id = images.batch_id
+                                      AND b.status IN ('cancelling', 'cancelled'))
                     RETURNING id)
                 UPDATE images SET status = 'processing', attempts = attempts + 1, updated_at = now()
                 WHERE id = ANY(%(ids)s) AND status IN ('pending', 'processing')
                   AND (batch_id IS NULL OR status = 'processing' OR NOT EXISTS (
                         SELECT 1 FROM batches AS b
-                         WHERE b.id = images.batch_id AND b.status = 'cancelled'))
+                         WHERE b.id = images.batch_id
+                           AND b.status IN ('cancelling', 'cancelled')))
                 RETURNING {_COLUMNS}""",
             {"ids": list(ids)},
         )
@@ -319,7 +321,8 @@ def request_renditions(
 
     A completed image goes back to `pending` without `enqueued_at`, for a job to make the ones
     it lacks; a pending or processing one only has its request widened. Failed images are
-    never reopened here (de-duplication skips them)."""
+    never reopened here (de-duplication skips them), nor images of a batch that is no longer
+    open (None then: a close or cancel came between the upload's plan and its commit)."""
     with conn.cursor(row_factory=class_row(ImageRecord)) as cur:
         cur.execute(
             f"""UPDATE images SET requested_renditions = %s,
@@ -327,6 +330,9 @@ def request_renditions(
                     enqueued_at = CASE WHEN status = 'completed' THEN NULL ELSE enqueued_at END,
                     updated_at = now()
                 WHERE id = %s AND status <> 'failed'
+                  AND (batch_id IS NULL OR EXISTS (SELECT 1 FROM batches AS b
+                                                    WHERE b.id = images.batch_id
+                                                      AND b.status = 'open'))
                 RETURNING {_COLUMNS}""",
             (names, image_id),
         )
@@ -340,13 +346,14 @@ def statuses_of(conn: psycopg.Connection[Any], ids: Sequence[uuid.UUID]) -> dict
 
 
 def reset_to_pending(conn: psycopg.Connection[Any], ids: Sequence[uuid.UUID]) -> list[uuid.UUID]:
-    """processing/failed -> pending, error cleared, before their jobs are published again.
+    """processing/failed -> pending, error cleared and attempts counted afresh (an operator's
+    requeue is a new start), before their jobs are published again.
 
     enqueued_at is cleared too, so the outbox sweeper republishes an image whose message then
     fails to publish (a duplicate message is harmless: claims skip). Returns the ids changed."""
     rows = conn.execute(
         """UPDATE images SET status = 'pending', error = NULL, enqueued_at = NULL,
-                             updated_at = now()
+                             attempts = 0, updated_at = now()
             WHERE id = ANY(%s) AND status IN ('processing', 'failed')
         RETURNING id""",
         (list(ids),),

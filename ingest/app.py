@@ -30,7 +30,7 @@ from ingest.middleware import (
     UploadSlots,
 )
 from ingest.openapi import OpenApiResource, openapi_document
-from ingest.rate_limit import UploadRateLimiter
+from ingest.rate_limit import InteractiveAllowance, UploadRateLimiter
 from ingest.routes.batches import (
     BatchCancelResource,
     BatchCloseResource,
@@ -96,8 +96,16 @@ def create_app(settings: Settings, deps: Dependencies) -> falcon.App:
     _configure_multipart(app)
     errors.install(app)
 
+    allowance = InteractiveAllowance(
+        deps.cache.client, settings.redis_prefix, settings.queue.interactive_images_per_minute
+    )
     intake = ImageIntake(
-        deps.db, deps.store, deps.publisher, settings.api.idempotency_ttl_seconds, settings.queue
+        deps.db,
+        deps.store,
+        deps.publisher,
+        settings.api.idempotency_ttl_seconds,
+        settings.queue,
+        allowance.take,
     )
     limiter = UploadRateLimiter(
         deps.cache.client, settings.redis_prefix, settings.api.uploads_per_minute

@@ -15,6 +15,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 import urllib.request
 import uuid
@@ -362,6 +363,29 @@ def render_or_misbehave(task: Any) -> Any:
         view[: len(image)] = image
         task = dataclasses.replace(task, input_length=len(image))  # its renditions kept
     return render_slot(task)
+
+
+@contextlib.contextmanager
+def running_node(settings: Settings, tmp_path: Path, **engine: object) -> Iterator[Any]:
+    """A worker node in this process whose CPU processes misbehave on marked inputs (see
+    `render_or_misbehave`), with engine settings `engine` overlaid; stopped on exit."""
+    from engine.node import WorkerNode
+
+    tuned = dataclasses.replace(
+        settings,
+        engine=dataclasses.replace(
+            settings.engine, processes=2, health_file=str(tmp_path / "health.json"), **engine
+        ),
+    )
+    node = WorkerNode(tuned, render=render_or_misbehave)
+    thread = threading.Thread(target=node.run, name="node-under-test", daemon=True)
+    thread.start()
+    try:
+        yield node
+    finally:
+        node.stop()
+        thread.join(timeout=120)
+        assert not thread.is_alive(), "the node did not stop"
 
 
 class PendingJobs:

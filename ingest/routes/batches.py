@@ -25,6 +25,8 @@ from ingest.documents import image_document
 from ingest.routes.images import MAX_PAGE, decode_cursor, encode_cursor
 from ingest.routes.upload import UPLOAD_ROLE, chosen_renditions
 
+# A batch being cancelled or cancelled: no upload, close or retry changes it any more.
+CANCELLED = ("cancelling", "cancelled")
 MAX_NAME = 200
 MAX_URL = 2000
 EVENT_CHOICES = (["batch"], ["batch", "image"])
@@ -171,7 +173,7 @@ class BatchCloseResource:
 
     def on_post(self, req: falcon.Request, resp: falcon.Response, batch_id: str) -> None:
         record = load_visible(self._db, batch_id, req.context.principal)
-        if record.status == "cancelled":
+        if record.status in CANCELLED:
             raise Conflict("the batch was cancelled")
         with self._db.transaction() as conn:
             batches.close_batch(conn, record.id)
@@ -181,7 +183,8 @@ class BatchCloseResource:
 
 
 class BatchRetryResource:
-    """The batch's failed images go back to `pending` and are queued again (idempotent)."""
+    """The batch's failed images go back to `pending`, with a fresh count of attempts, and are
+    queued again in the lane and shard stored with each (idempotent)."""
 
     def __init__(self, db: Database, publisher: JobPublisher, cache: ImageCache) -> None:
         self._db = db
@@ -190,23 +193,27 @@ class BatchRetryResource:
 
     def on_post(self, req: falcon.Request, resp: falcon.Response, batch_id: str) -> None:
         record = load_visible(self._db, batch_id, req.context.principal)
-        if record.status == "cancelled":
+        if record.status in CANCELLED:
             raise Conflict("a cancelled batch cannot be retried")
         with self._db.transaction() as conn:
             requeued = batches.retry_batch(conn, record.id)
-        self._cache.invalidate(requeued)
+        ids = [image.id for image in requeued]
+        self._cache.invalidate(ids)
         if requeued:
             # If this publish fails, the rows stay pending without `enqueued_at` and the outbox
             # sweeper queues them.
-            self._publisher.publish([JobMessage(i, req.context.request_id) for i in requeued])
+            self._publisher.publish(
+                [JobMessage(i.id, req.context.request_id, i.lane, i.shard) for i in requeued]
+            )
             with self._db.transaction() as conn:
-                images.mark_enqueued(conn, requeued)
+                images.mark_enqueued(conn, ids)
         resp.status = falcon.HTTP_202
         resp.media = {"requeued": len(requeued)}
 
 
 class BatchCancelResource:
-    """Images not yet started end `cancelled`; those in flight finish."""
+    """Images not yet started end `cancelled`; those in flight finish. The batch reads
+    `cancelling` until the last of them has, then `cancelled` (and its event is sent)."""
 
     def __init__(self, db: Database, cache: ImageCache) -> None:
         self._db = db
