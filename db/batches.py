@@ -191,6 +191,17 @@ def retry_batch(conn: psycopg.Connection[Any], batch_id: uuid.UUID) -> list[Requ
     return requeued
 
 
+def count_open_batches(conn: psycopg.Connection[Any], owner: str) -> int:
+    """How many open batches `owner` has. Serialised per owner until the caller's transaction
+    ends, so two creations at once cannot both see room for one more."""
+    conn.execute("SELECT pg_advisory_xact_lock(hashtext('open-batches:' || %s))", (owner,))
+    row = conn.execute(
+        "SELECT count(*) FROM batches WHERE owner = %s AND status = 'open'", (owner,)
+    ).fetchone()
+    assert row is not None
+    return int(row[0])
+
+
 def statuses_of(conn: psycopg.Connection[Any], ids: Collection[uuid.UUID]) -> dict[uuid.UUID, str]:
     """The status of each batch of `ids` that exists."""
     if not ids:

@@ -187,6 +187,17 @@ def delete_images(conn: psycopg.Connection[Any], ids: Sequence[uuid.UUID]) -> No
     conn.execute("DELETE FROM images WHERE id = ANY(%s)", (list(ids),))
 
 
+def delete_terminal(conn: psycopg.Connection[Any], ids: Sequence[uuid.UUID]) -> list[ImageRecord]:
+    """Delete the images of `ids` that are terminal (completed, failed, cancelled); returns
+    the rows deleted (a reopened or retried image is left as it is)."""
+    with conn.cursor(row_factory=class_row(ImageRecord)) as cur:
+        cur.execute(
+            f"DELETE FROM images WHERE id = ANY(%s) AND status = ANY(%s) RETURNING {_COLUMNS}",
+            (list(ids), list(TERMINAL_STATUSES)),
+        )
+        return cur.fetchall()
+
+
 def mark_enqueued(conn: psycopg.Connection[Any], ids: Sequence[uuid.UUID]) -> None:
     """Record that the broker confirmed the job messages of `ids` (the outbox marker)."""
     conn.execute(

@@ -148,7 +148,12 @@ def create_app(settings: Settings, deps: Dependencies) -> falcon.App:
 def _add_batch_routes(app: falcon.App, settings: Settings, deps: Dependencies) -> None:
     app.add_route(
         "/api/v1/batches",
-        BatchCollectionResource(deps.db, settings.webhooks, settings.engine.renditions),
+        BatchCollectionResource(
+            deps.db,
+            settings.webhooks,
+            settings.engine.renditions,
+            settings.api.max_open_batches_per_user,
+        ),
     )
     app.add_route("/api/v1/batches/{batch_id}", BatchResource(deps.db))
     app.add_route("/api/v1/batches/{batch_id}/images", BatchImagesResource(deps.db))

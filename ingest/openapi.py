@@ -619,7 +619,8 @@ def _batch_paths() -> dict[str, Any]:
                 },
                 "responses": {
                     "201": _json("CreatedBatch", "created, open"),
-                    **_errors(400, 401, 403, 415, 503),
+                    # 409: MAX_OPEN_BATCHES_PER_USER of yours are open already.
+                    **_errors(400, 401, 403, 409, 415, 503),
                 },
             },
             "get": {

@@ -1,7 +1,7 @@
 """A batch's life after its uploads, through the real API and worker nodes: a retry that starts
 afresh in each image's own lane, a cancel that tells when it has settled, de-duplication that
-leaves settled batches alone, bytes out after a reopen, and the per-user bound on interactive
-work."""
+leaves settled batches alone, bytes out after a reopen, the per-user bounds (open batches,
+interactive work) and retention, which removes rows and objects together."""
 
 from __future__ import annotations
 
@@ -278,3 +278,90 @@ def test_past_the_interactive_allowance_a_users_small_requests_go_to_the_bulk_la
     shard = bulk_shard(user_id, settings.queue.bulk_shards)
     depths = lane_depths(settings.queue)
     assert (depths["interactive"], depths[f"bulk.{shard}"]) == (4, 3)
+
+
+def test_a_user_past_max_open_batches_gets_409_until_one_is_closed_or_cancelled(
+    own_stack: OwnStack, issuer: Any, user_id: str
+) -> None:
+    settings = tuned(own_stack.settings, api={"max_open_batches_per_user": 2})
+    with api_for(settings, issuer.mint_token(user_id, ("user",))) as api:
+        first, second = create_batch(api)["id"], create_batch(api)["id"]
+        refused = api.client.simulate_post("/api/v1/batches", json={}, headers=api.headers())
+        assert refused.status_code == 409, refused.text
+        assert refused.json["error"]["code"] == "conflict"
+        assert "MAX_OPEN_BATCHES_PER_USER" in refused.json["error"]["message"]
+        other = ApiClient(api.client.app, issuer.mint_token(f"other-{uuid.uuid4()}", ("user",)))
+        create_batch(other)  # another user's batches are counted apart
+
+        assert post(api, f"/api/v1/batches/{first}/close").status_code == 200
+        create_batch(api)
+        assert post(api, f"/api/v1/batches/{second}/cancel").status_code == 202
+        create_batch(api)
+        assert (
+            api.client.simulate_post("/api/v1/batches", json={}, headers=api.headers()).status_code
+            == 409
+        )
+    owned = query(settings, "SELECT status FROM batches WHERE owner = %s", user_id)
+    assert sorted(s for (s,) in owned) == ["cancelled", "finished", "open", "open"]
+
+
+# --- retention -----------------------------------------------------------------------------------
+
+
+RETENTION = {
+    "BATCH_RETENTION_DAYS": "1",
+    "IMAGE_RETENTION_DAYS": "1",
+    "RETENTION_SWEEP_SECONDS": "0.2",
+}
+
+
+def keys_of(probe: StackProbe, image_id: str) -> set[str]:
+    """Every object of the image, original and results."""
+    return {k for k in probe.originals() | probe.results() if image_id in k}
+
+
+def test_retention_removes_expired_batches_and_images_with_every_object_and_keeps_the_rest(
+    own_stack: OwnStack, probe: StackProbe
+) -> None:
+    api, settings = own_stack.api, own_stack.settings
+    old_batch, new_batch = create_batch(api)["id"], create_batch(api)["id"]
+    old_in_batch = [
+        upload(api, jpeg(200, 100, seed=60 + i), f"?batch={old_batch}").json["id"] for i in range(2)
+    ]
+    old_in_batch.append(upload(api, truncated_jpeg(62), f"?batch={old_batch}").json["id"])
+    new_in_batch = upload(api, jpeg(200, 100, seed=63), f"?batch={new_batch}").json["id"]
+    old_loose = upload(api, jpeg(200, 100, seed=64)).json["id"]
+    new_loose = upload(api, jpeg(200, 100, seed=65)).json["id"]
+    for batch in (old_batch, new_batch):
+        post(api, f"/api/v1/batches/{batch}/close")
+    own_stack.start_node("--processes", "1", **RETENTION)
+    for batch in (old_batch, new_batch):
+        wait_for(lambda b=batch: batch_of(api, b)["status"] == "finished", timeout=90)
+    for image in (old_loose, new_loose):
+        completed_image(api, image)
+    expiring = [*old_in_batch, old_loose]
+    assert all(keys_of(probe, i) for i in expiring)
+    kept = {i: keys_of(probe, i) for i in (new_in_batch, new_loose)}
+    for image in expiring:  # read once, so the cache holds them
+        assert api.get(f"/api/v1/images/{image}").status_code == 200
+
+    # Two days pass for the old ones, together (one transaction), so that one sweep round
+    # finds them all: the node's sweeper removes them at its next round.
+    with psycopg.connect(settings.postgres_url) as conn:
+        conn.execute(
+            "UPDATE batches SET finished_at = now() - interval '2 days' WHERE id = %s", (old_batch,)
+        )
+        conn.execute(
+            "UPDATE images SET updated_at = now() - interval '2 days' WHERE id = %s", (old_loose,)
+        )
+
+    wait_for(lambda: api.get(f"/api/v1/batches/{old_batch}").status_code == 404, timeout=60)
+    for image in expiring:
+        assert api.get(f"/api/v1/images/{image}").status_code == 404
+        assert keys_of(probe, image) == set(), "no object outlives its row"
+    assert query(settings, "SELECT count(*) FROM images WHERE batch_id = %s", old_batch) == [(0,)]
+    wait_for(lambda: query(settings, "SELECT count(*) FROM expired_objects") == [(0,)], timeout=30)
+    assert batch_of(api, new_batch)["counts"]["completed"] == 1
+    for image, keys in kept.items():
+        assert api.get(f"/api/v1/images/{image}").json["status"] == "completed"
+        assert keys_of(probe, image) == keys

@@ -52,12 +52,17 @@ class BatchCollectionResource:
     required_role_post = UPLOAD_ROLE
 
     def __init__(
-        self, db: Database, webhooks: WebhookSettings, renditions: Sequence[Rendition]
+        self,
+        db: Database,
+        webhooks: WebhookSettings,
+        renditions: Sequence[Rendition],
+        max_open_batches: int = 0,
     ) -> None:
         self._db = db
         self._webhooks = webhooks
         self._box = SecretBox(webhooks.encryption_key)
         self._renditions = renditions
+        self._max_open = max_open_batches
 
     def on_post(self, req: falcon.Request, resp: falcon.Response) -> None:
         body = req.get_media(default_when_empty={})
@@ -82,6 +87,7 @@ class BatchCollectionResource:
             renditions=renditions,
         )
         with self._db.transaction() as conn:
+            _ensure_room_for_a_batch(conn, new.owner, self._max_open)
             record = batches.create_batch(conn, new)
         resp.status = falcon.HTTP_201
         resp.location = f"/api/v1/batches/{record.id}"
@@ -98,6 +104,16 @@ class BatchCollectionResource:
             encode_cursor(rows[-1].created_at, rows[-1].id) if len(rows) == limit else None
         )
         resp.media = {"items": [batch_document(r) for r in rows], "next_cursor": next_cursor}
+
+
+def _ensure_room_for_a_batch(conn: Any, owner: str, max_open: int) -> None:
+    """Conflict if `owner` already has `max_open` open batches (0: no limit). Closed, finished
+    and cancelled batches do not count: closing one makes room."""
+    if max_open and batches.count_open_batches(conn, owner) >= max_open:
+        raise Conflict(
+            f"you have {max_open} open batches, the most allowed (MAX_OPEN_BATCHES_PER_USER); "
+            "close or cancel one before creating another"
+        )
 
 
 def _creation_fields(
