@@ -30,12 +30,15 @@ class ExpiredObject:
 
 
 def expired_batch_images(conn: psycopg.Connection[Any], days: float, limit: int) -> list[uuid.UUID]:
-    """Up to `limit` images of batches settled (finished or cancelled) more than `days` ago,
-    locked for the caller's transaction and skipped by other nodes' sweepers."""
+    """Up to `limit` terminal images of batches settled (finished or cancelled) more than `days`
+    ago, locked for the caller's transaction and skipped by other nodes' sweepers. (A batch
+    cancelled before `cancelling` existed may still have had images running when it read
+    `cancelled`: those wait until they end.)"""
     rows = conn.execute(
         """SELECT i.id FROM batches AS b JOIN images AS i ON i.batch_id = b.id
             WHERE b.status IN ('finished', 'cancelled')
               AND b.finished_at < now() - make_interval(secs => %s)
+              AND i.status IN ('completed', 'failed', 'cancelled')
             LIMIT %s FOR UPDATE OF i SKIP LOCKED""",
         (days * SECONDS_PER_DAY, limit),
     ).fetchall()
