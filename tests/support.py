@@ -2,8 +2,8 @@
 
 Helpers that benchmarks need too live in the package and are re-exported here, so that a test
 module finds every helper in this one place: waiting (common.waiting), worker nodes
-(ops.worker_process), the multipart encoder (ingest.client); queue depth and deletion are in
-common.broker, throwaway schemas in db.schemas."""
+(ops.worker_process), free ports (ops.tcp_proxy), the multipart encoder (ingest.client); queue
+depth and deletion are in common.broker, throwaway schemas in db.schemas."""
 
 from __future__ import annotations
 
@@ -12,7 +12,6 @@ import dataclasses
 import hashlib
 import os
 import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -39,6 +38,7 @@ from db.images import NewImage
 from db.pool import Database
 from ingest.client import FormPart, encode_multipart
 from ops.services import LOCAL_TEST_POSTGRES_URL
+from ops.tcp_proxy import free_port as free_port
 from ops.worker_process import start_worker as start_worker
 from ops.worker_process import stop_worker as stop_worker
 
@@ -277,12 +277,6 @@ class OwnStack:
     def stop_nodes(self) -> None:
         for node in self.nodes:
             stop_worker(node)
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 def _answers(url: str) -> bool:
