@@ -365,3 +365,31 @@ def test_retention_removes_expired_batches_and_images_with_every_object_and_keep
     for image, keys in kept.items():
         assert api.get(f"/api/v1/images/{image}").json["status"] == "completed"
         assert keys_of(probe, image) == keys
+
+
+def test_objects_a_cut_short_retention_round_left_recorded_are_removed_by_the_next_round(
+    own_stack: OwnStack, probe: StackProbe
+) -> None:
+    """A node killed between deleting expired rows and removing their objects leaves the
+    objects recorded in `expired_objects`: the next round, on any node, removes them."""
+    settings = own_stack.settings
+    image_id = uuid.uuid4()
+    key = original_key(image_id)
+    ObjectStore(settings.storage).put_original(key, jpeg(64, 64, seed=70), "image/jpeg")
+    query(
+        settings,
+        "INSERT INTO expired_objects (bucket, key, image_id) VALUES ('originals', %s, %s)",
+        key,
+        image_id,
+    )
+    assert key in probe.originals()
+
+    own_stack.start_node("--processes", "1", **RETENTION)
+
+    wait_for(lambda: key not in probe.originals(), timeout=60, what="the recorded object's removal")
+    wait_for(
+        lambda: (
+            query(settings, "SELECT count(*) FROM expired_objects WHERE key = %s", key) == [(0,)]
+        ),
+        timeout=30,
+    )
