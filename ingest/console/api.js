@@ -63,7 +63,7 @@ export class Api {
       }
       if (response.status === 401 && !refreshed) {
         refreshed = true;
-        await this.session.refresh();
+        await this.session.refresh().catch(() => {}); // signed out: bearer() waits for sign-in
         continue;
       }
       if (!TRANSIENT_STATUSES.has(response.status) || attempt === this.policy.maxAttempts) {

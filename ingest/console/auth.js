@@ -203,12 +203,15 @@ export class Session extends EventTarget {
     this.expiresAt = 0;
   }
 
-  // The access token to send now: refreshed first when it is about to expire.
+  // The access token to send now: refreshed first when it is about to expire. Signed out (the
+  // refresh token expired), callers wait for the next sign-in, so uploads under way go on.
   async bearer() {
     if (this.accessToken && Date.now() > this.expiresAt - 5000 && this.refreshToken) {
-      await this.refresh();
+      await this.refresh().catch(() => {});
     }
-    if (!this.accessToken) throw new SignInError("sign in first");
+    while (!this.accessToken) {
+      await new Promise((resolve) => this.addEventListener("signed-in", resolve, { once: true }));
+    }
     return this.accessToken;
   }
 }
