@@ -19,6 +19,13 @@ import psycopg
 import pytest
 
 from common.config import Settings
+from ingest.client import (
+    FileResult,
+    UploadOptions,
+    discover_images,
+    file_sha256,
+    idempotency_key,
+)
 from ops.issuer import LocalIssuer, running
 from tests.browser import (
     artifacts,
@@ -34,6 +41,8 @@ from tests.support import jpeg, png, renditions_env, served_api, start_worker, s
 
 # The console refreshes its token at 70 % of this lifetime: the test sees a refresh happen.
 ACCESS_TOKEN_SECONDS = 8
+# The command-line client's files per request, which the console's requests match.
+GROUP_SIZE = UploadOptions(url="", token="").batch_size
 GIF = b"GIF89a\x01\x00\x01\x00\x80\x00\x00\x00\x00\x00\xff\xff\xff!\xf9\x04\x01\x00\x00\x00\x00,"
 
 
@@ -216,6 +225,7 @@ def test_console_signs_in_uploads_a_folder_follows_retries_and_skips_it_after_a_
     # A reload forgets everything; the batch chosen from the list knows what it holds.
     browser.refresh()
     sign_in(browser, "user", "user")
+    wait_for(lambda: find(browser, "#batches li button"), timeout=30)
     [listed] = find(browser, "#batches li button")
     assert "shop-catalogue" in listed.text and "open" in listed.text
     listed.click()
@@ -233,6 +243,50 @@ def test_console_signs_in_uploads_a_folder_follows_retries_and_skips_it_after_a_
     shot(browser, steps, "08-phone-width")
     assert not wide, "the console scrolls sideways at phone width"
     assert page_errors(browser) == []
+
+
+def test_console_orders_files_and_derives_keys_as_the_command_line_client(
+    console_stack: ConsoleStack, browser: Any, tmp_path: Path
+) -> None:
+    folder = tmp_path / "mixed"
+    for i, name in enumerate(
+        ["a b.jpg", "a/b.jpg", "a/c/d.jpg", "a-c.jpg", "B.jpg", "\u00e4.jpg", "z.jpg", "a.jpg"]
+        + [f"many/{n:02}.jpg" for n in range(12)]
+    ):
+        (folder / name).parent.mkdir(parents=True, exist_ok=True)
+        (folder / name).write_bytes(jpeg(16, 16, seed=500 + i))
+    chosen, refused = discover_images([folder])
+    assert not refused
+    files = [FileResult(p, p.name, file_sha256(p)[0], p.stat().st_size) for p in chosen]
+    groups = [files[i : i + GROUP_SIZE] for i in range(0, len(files), GROUP_SIZE)]
+    expected_keys = [idempotency_key("bulk", group, "BATCH-ID") for group in groups]
+
+    browser.get(f"{console_stack.url}/console/")
+    browser.execute_script(
+        "const input = document.createElement('input');"
+        "input.type = 'file'; input.id = 'probe'; input.multiple = true;"
+        "input.webkitdirectory = true; document.body.append(input);"
+    )
+    find(browser, "#probe")[0].send_keys(str(folder))
+    seen = browser.execute_async_script(
+        """
+        const [size, done] = arguments;
+        (async () => {
+          const files = await import("./files.js");
+          const picked = files.filesFromInput(document.getElementById("probe"));
+          await files.hashFiles(picked, () => {});
+          const keys = [];
+          for (let i = 0; i < picked.length; i += size) {
+            keys.push(await files.idempotencyKey("bulk", picked.slice(i, i + size), "BATCH-ID"));
+          }
+          done({paths: picked.map((f) => f.path), keys});
+        })();
+        """,
+        GROUP_SIZE,
+    )
+    relative = [str(p.relative_to(tmp_path)) for p in chosen]
+    assert seen["paths"] == relative
+    assert seen["keys"] == expected_keys
 
 
 def archive_route_served(url: str) -> bool:
