@@ -6,12 +6,17 @@ from __future__ import annotations
 
 import contextlib
 import io
+import json
 import os
 import signal
+import socket
+import threading
+import time
 import urllib.request
 import zipfile
 from collections.abc import Iterator
 from dataclasses import dataclass
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
@@ -26,6 +31,7 @@ from ingest.client import (
     file_sha256,
     idempotency_key,
 )
+from ingest.routes.console import CONSOLE_DIRECTORY, CONTENT_TYPES
 from ops.issuer import LocalIssuer, running
 from tests.browser import (
     artifacts,
@@ -319,3 +325,90 @@ def test_console_downloads_the_batch_archive(
         pictures = {n: archive.read(n) for n in archive.namelist() if n.startswith("picture-")}
     assert sorted(pictures) == ["picture-0.png", "picture-1.png", "picture-2.png"]
     assert all(data.startswith(b"\x89PNG\r\n\x1a\n") for data in pictures.values())
+
+
+class _FlakyUploads(BaseHTTPRequestHandler):
+    """The console's files, and an upload route that answers each request 503 (Retry-After: 1),
+    then 429 (Retry-After: 1), then drops the connection, and only then accepts it (207)."""
+
+    server: Any
+
+    def do_GET(self) -> None:
+        path = CONSOLE_DIRECTORY / self.path.split("?")[0].removeprefix("/console/")
+        if path.parent != CONSOLE_DIRECTORY or not path.is_file():
+            self.send_error(404)
+            return
+        body = path.read_bytes()
+        self.send_response(200)
+        self.send_header("Content-Type", CONTENT_TYPES[path.suffix])
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def do_POST(self) -> None:
+        body = self.rfile.read(int(self.headers["Content-Length"]))
+        key = self.headers["Idempotency-Key"]
+        attempts = self.server.attempts.setdefault(key, [])
+        attempts.append(time.monotonic())
+        if len(attempts) <= 2:
+            self._answer(503 if len(attempts) == 1 else 429, {"error": {"code": "busy"}}, "1")
+        elif len(attempts) == 3:
+            self.close_connection = True
+            self.connection.shutdown(socket.SHUT_RDWR)
+        else:
+            parts = body.count(b'name="image"')
+            items = [
+                {"index": i, "status": 201, "id": f"id-{i}", "image": {"id": f"id-{i}"}}
+                for i in range(parts)
+            ]
+            self._answer(207, {"items": items})
+
+    def _answer(self, status: int, document: dict[str, Any], retry_after: str = "") -> None:
+        body = json.dumps(document).encode()
+        self.send_response(status)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(body)))
+        if retry_after:
+            self.send_header("Retry-After", retry_after)
+        self.end_headers()
+        self.wfile.write(body)
+
+    def log_message(self, format: str, *args: Any) -> None:
+        pass
+
+
+def test_console_uploads_retry_503_429_and_lost_answers_and_wait_for_retry_after(
+    browser: Any,
+) -> None:
+    server = ThreadingHTTPServer(("127.0.0.1", 0), _FlakyUploads)
+    server.attempts = {}
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        browser.get(f"http://127.0.0.1:{server.server_address[1]}/console/callback.html")
+        states = browser.execute_async_script(
+            """
+            const done = arguments[arguments.length - 1];
+            (async () => {
+              const { LocalFile, hashFiles } = await import("./files.js");
+              const { UploadRun } = await import("./upload.js");
+              const { RetryPolicy } = await import("./api.js");
+              const files = Array.from({ length: 20 }, (_, i) =>
+                new LocalFile(new File([`bytes of ${i}`], `f${i}.jpg`), `f${i}.jpg`));
+              await hashFiles(files, () => {});
+              const session = { bearer: async () => "token", refresh: async () => {} };
+              const policy = new RetryPolicy({ baseSeconds: 0.05, capSeconds: 0.2 });
+              const run = new UploadRun(session, "BATCH", files, new Set(), policy);
+              await run.run();
+              done(run.files.map((f) => f.state));
+            })();
+            """
+        )
+    finally:
+        server.shutdown()
+        server.server_close()
+    assert states == ["accepted"] * 20
+    assert len(server.attempts) == 2, "two requests: 16 files, then 4"
+    for attempts in server.attempts.values():
+        assert len(attempts) == 4
+        assert attempts[1] - attempts[0] >= 1 and attempts[2] - attempts[1] >= 1, "Retry-After"

@@ -130,10 +130,11 @@ export class UploadRun extends EventTarget {
     let answer = null;
     let refreshed = false;
     for (let attempt = 1; attempt <= this.policy.maxAttempts; attempt += 1) {
+      const token = await this.session.bearer();
       for (const f of group) f.state = "sending";
       this.inFlight += 1;
       this.changed();
-      answer = await send(url, body, key, await this.session.bearer(), (loaded) => {
+      answer = await send(url, body, key, token, (loaded) => {
         group.forEach((f, i) => {
           const [start, end] = body.ranges[i];
           f.sent = Math.max(0, Math.min(loaded, end) - start);
