@@ -47,6 +47,7 @@ from tests.support import jpeg, png, renditions_env, served_api, start_worker, s
 
 # The console refreshes its token at 70 % of this lifetime: the test sees a refresh happen.
 ACCESS_TOKEN_SECONDS = 8
+ORDER_PROBE = Path(__file__).with_name("console_order_probe.js")
 # The command-line client's files per request, which the console's requests match.
 GROUP_SIZE = UploadOptions(url="", token="").batch_size
 GIF = b"GIF89a\x01\x00\x01\x00\x80\x00\x00\x00\x00\x00\xff\xff\xff!\xf9\x04\x01\x00\x00\x00\x00,"
@@ -251,7 +252,7 @@ def test_console_signs_in_uploads_a_folder_follows_retries_and_skips_it_after_a_
     assert page_errors(browser) == []
 
 
-def test_console_orders_files_and_derives_keys_as_the_command_line_client(
+def test_console_orders_picked_and_dropped_files_and_derives_keys_as_the_cli(
     console_stack: ConsoleStack, browser: Any, tmp_path: Path
 ) -> None:
     folder = tmp_path / "mixed"
@@ -274,24 +275,10 @@ def test_console_orders_files_and_derives_keys_as_the_command_line_client(
         "input.webkitdirectory = true; document.body.append(input);"
     )
     find(browser, "#probe")[0].send_keys(str(folder))
-    seen = browser.execute_async_script(
-        """
-        const [size, done] = arguments;
-        (async () => {
-          const files = await import("./files.js");
-          const picked = files.filesFromInput(document.getElementById("probe"));
-          await files.hashFiles(picked, () => {});
-          const keys = [];
-          for (let i = 0; i < picked.length; i += size) {
-            keys.push(await files.idempotencyKey("bulk", picked.slice(i, i + size), "BATCH-ID"));
-          }
-          done({paths: picked.map((f) => f.path), keys});
-        })();
-        """,
-        GROUP_SIZE,
-    )
+    seen = browser.execute_async_script(ORDER_PROBE.read_text(), GROUP_SIZE)
     relative = [str(p.relative_to(tmp_path)) for p in chosen]
     assert seen["paths"] == relative
+    assert seen["dropped"] == relative, "a dropped folder is walked and ordered alike"
     assert seen["keys"] == expected_keys
 
 
