@@ -214,7 +214,8 @@ def test_console_signs_in_uploads_a_folder_follows_retries_and_skips_it_after_a_
         ),
         timeout=60,
     )
-    [failed] = texts(browser, "#failed li")
+    # The counts are shown before the failed list is read again: wait for the list.
+    [failed] = wait_for(lambda: texts(browser, "#failed li"), timeout=30)
     assert failed.startswith("broken.jpg "), failed
     shot(browser, steps, "05-processed")
 
