@@ -205,9 +205,10 @@ async function upload(files) {
       loadBatches();
     }
     const run = new UploadRun(session, batch.id, files, known);
-    new RunView(run);
+    const view = new RunView(run);
     summary.textContent = `Uploading ${files.length} files into ${batch.name || batch.id.slice(0, 8)}...`;
     await run.run();
+    view.render(); // the last state now, not at the next frame: the summary below says "Done"
     const count = (state) => run.files.filter((f) => f.state === state).length;
     summary.textContent =
       `Done: ${count("accepted")} uploaded, ${count("known")} already in the batch, ` +
