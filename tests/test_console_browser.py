@@ -16,6 +16,7 @@ import urllib.request
 import zipfile
 from collections.abc import Iterator
 from dataclasses import dataclass
+from datetime import datetime
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
@@ -161,10 +162,13 @@ def completed_rows(settings: Settings) -> int:
         return int(found)
 
 
-def image_rows(settings: Settings) -> list[tuple[str, str, int]]:
+def image_rows(settings: Settings) -> list[tuple[str, str, int, datetime]]:
+    """(filename, status, attempts, updated_at) of every image."""
     with psycopg.connect(settings.postgres_url) as conn:
-        rows = conn.execute("SELECT filename, status, attempts FROM images ORDER BY filename")
-        return [(str(f), str(s), int(a)) for f, s, a in rows.fetchall()]
+        rows = conn.execute(
+            "SELECT filename, status, attempts, updated_at FROM images ORDER BY filename"
+        )
+        return [(str(f), str(s), int(a), u) for f, s, a, u in rows.fetchall()]
 
 
 def batch_count(settings: Settings) -> int:
@@ -220,11 +224,18 @@ def test_console_signs_in_uploads_a_folder_follows_retries_and_skips_it_after_a_
     shot(browser, steps, "05-processed")
 
     # Retried from the keyboard: the truncated image is processed a second time (and fails
-    # again: only a cut file can be made to fail on purpose here).
+    # again: only a cut file can be made to fail on purpose here). The retry makes it pending
+    # with its attempts counted afresh before it answers, so failing again means processed again.
+    [before] = [row for row in image_rows(console_stack.settings) if row[0] == "broken.jpg"]
     retry = find(browser, "#retry-batch")[0]
     retry.send_keys(Keys.ENTER)
     wait_for_text(browser, "batch-message", "1 failed image(s) requeued.")
-    wait_for(lambda: ("broken.jpg", "failed", 2) in image_rows(console_stack.settings), timeout=120)
+
+    def failed_again() -> bool:
+        [row] = [row for row in image_rows(console_stack.settings) if row[0] == "broken.jpg"]
+        return row[1:3] == ("failed", 1) and row[3] > before[3]
+
+    wait_for(failed_again, timeout=120)
     shot(browser, steps, "06-retried")
 
     wait_for(lambda: console_stack.issuer.flows.refresh_grants >= 1, timeout=60)

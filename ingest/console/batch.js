@@ -92,9 +92,10 @@ export class BatchView extends EventTarget {
       `${batch.images_per_second.toFixed(2)} images/s, ` +
       `ETA ${batch.eta_seconds === null ? "unknown" : formatSeconds(batch.eta_seconds)}, ` +
       `${formatBytes(batch.bytes_in)} in, ${formatBytes(batch.bytes_out)} out`;
+    const cancelled = batch.status === "cancelling" || batch.status === "cancelled";
     byId("close-batch").disabled = batch.status !== "open";
-    byId("retry-batch").disabled = batch.status === "cancelled" || batch.counts.failed === 0;
-    byId("cancel-batch").disabled = ENDED.has(batch.status);
+    byId("retry-batch").disabled = cancelled || batch.counts.failed === 0;
+    byId("cancel-batch").disabled = cancelled || batch.status === "finished";
     byId("download-archive").disabled = batch.counts.completed === 0;
   }
 
