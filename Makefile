@@ -20,7 +20,7 @@ export PIXELMILL_ENV ?= local
 # Batch webhooks may call receivers on this machine (refused in production).
 export WEBHOOK_ALLOW_PRIVATE ?= true
 
-.PHONY: up down logs ps token scale test lint bench clean compose-tool promtool jq-tool
+.PHONY: up down logs ps token scale test lint bench clean compose-tool promtool jq-tool chromium
 
 $(STAMP): pyproject.toml
 	@test -x $(PY) || python3 -m venv $(VENV) >&2
@@ -48,7 +48,7 @@ token: $(STAMP)
 scale: $(STAMP)
 	$(PY) -m ops scale --processes '$(N)'
 
-test: $(STAMP) compose-tool promtool jq-tool
+test: $(STAMP) compose-tool promtool jq-tool chromium
 	$(PY) -m ops services --test-database
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
@@ -102,4 +102,14 @@ promtool:
 	  else \
 	    service prometheus stop >&2 || true; update-rc.d prometheus disable >&2 || true; \
 	  fi; \
+	fi
+
+# The console's browser tests drive Debian's Chromium through its chromedriver (Selenium is told
+# where both are, so nothing is downloaded at test time).
+chromium:
+	@if { [ ! -x /usr/bin/chromium ] || [ ! -x /usr/bin/chromedriver ]; } \
+	    && [ -f /etc/debian_version ] && [ "$$(id -u)" = 0 ]; then \
+	  echo "installing chromium and chromium-driver (apt-get)" >&2; \
+	  apt-get update -q >&2 && DEBIAN_FRONTEND=noninteractive \
+	    apt-get install -y -q --no-install-recommends chromium chromium-driver >&2; \
 	fi

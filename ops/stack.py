@@ -44,6 +44,8 @@ _POLL_SECONDS = 0.25
 NEXT_STEPS = """\
 pixelmill is up: API http://localhost:3000  (follow logs: make logs; stop: make down)
 
+Console: http://localhost:3000/console/  (sign in as user/user or admin/admin)
+
 Try it:
   TOKEN=$(make -s token)
   curl -X POST http://localhost:3000/api/v1/upload -H "Authorization: Bearer $TOKEN" \\

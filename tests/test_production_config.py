@@ -15,6 +15,7 @@ import pytest
 import yaml
 
 from common.config import ConfigError, Settings, declare_local
+from ops.issuer_flows import CONSOLE_REDIRECT_URIS
 from ops.keycloak_server import (
     BUILD_OPTIONS,
     DEMO_FILE,
@@ -311,13 +312,20 @@ def test_compose_keycloak_is_the_version_command_database_and_realm_the_tests_pr
     assert Path(demo_mounted["/opt/pixelmill/demo-ImageProcessor.json"]) == DEMO_FILE
 
 
-def test_realm_client_allows_only_browser_logins_with_pkce() -> None:
-    [client] = json.loads((KEYCLOAK / "realm-ImageProcessor.json").read_text())["clients"]
+def test_realm_clients_allow_only_browser_logins_with_pkce() -> None:
+    clients = json.loads((KEYCLOAK / "realm-ImageProcessor.json").read_text())["clients"]
+    api, console = clients
 
-    assert client["publicClient"] and client["standardFlowEnabled"]
-    assert not client["directAccessGrantsEnabled"] and not client["implicitFlowEnabled"]
-    assert client["attributes"]["pkce.code.challenge.method"] == "S256"
-    assert client["redirectUris"] == []  # each deployment adds its own
+    for client in clients:
+        assert client["publicClient"] and client["standardFlowEnabled"]
+        assert not client["directAccessGrantsEnabled"] and not client["implicitFlowEnabled"]
+        assert client["attributes"]["pkce.code.challenge.method"] == "S256"
+        [mapper] = client["protocolMappers"]
+        assert mapper["config"]["included.client.audience"] == "api-gateway-client"
+    assert api["redirectUris"] == []  # each deployment adds its own
+    # The console's callback on the API that `make up` serves; another deployment adds its own.
+    assert console["clientId"] == "pixelmill-console"
+    assert console["redirectUris"] == list(CONSOLE_REDIRECT_URIS)
 
 
 @pytest.mark.parametrize("value", [None, "pixelmill-local-webhook-key"])
