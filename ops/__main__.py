@@ -18,8 +18,9 @@ from common.config import ConfigError, Settings, declare_local
 from common.errors import DependencyUnavailable
 from ops import issuer
 from ops.capacity import capacity_command
+from ops.demo_users import demo_user, demo_users
 from ops.dlq import dlq_command
-from ops.keycloak_server import DEMO_USERS, KeycloakError, password_grant
+from ops.keycloak_server import KeycloakError, password_grant
 from ops.s3server import S3ServerError
 from ops.scale import autoscale_command, override_notice, scale_command
 from ops.services import LOCAL_TEST_POSTGRES_URL, ServicesUnavailable, ensure_services
@@ -138,15 +139,18 @@ def keycloak_token(stack: LocalStack, argv: list[str]) -> int:
     """A password-grant token of a demo user from the running Keycloak; the realm decides its
     roles, so --roles and --expires-in are not used."""
     parser = argparse.ArgumentParser(prog="python -m ops token")
-    parser.add_argument("--user", default="user", help=f"a demo user: {', '.join(DEMO_USERS)}")
+    names = [user.username for user in demo_users()]
+    parser.add_argument("--user", default="user", help=f"a demo user: {', '.join(names)}")
     parser.add_argument("--roles", help="ignored: Keycloak's realm gives the roles")
     parser.add_argument("--expires-in", help="ignored: the realm sets the lifetime")
     args = parser.parse_args(argv)
-    if args.user not in DEMO_USERS:
-        raise KeycloakError(f"{args.user!r} is not a demo user of the local Keycloak {DEMO_USERS}")
+    user = demo_user(args.user)
+    if user is None:
+        raise KeycloakError(f"{args.user!r} is not a demo user of the local Keycloak {names}")
     auth = stack.settings.auth
-    # A demo user's password is its name (ops/keycloak/demo-ImageProcessor.json).
-    answer = password_grant(auth.keycloak_url, auth.realm, auth.client_id, args.user, args.user)
+    answer = password_grant(
+        auth.keycloak_url, auth.realm, auth.client_id, user.username, user.password
+    )
     print(answer["access_token"])
     return 0
 

@@ -20,27 +20,13 @@ from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import urlencode, urlsplit
 
+from ops.demo_users import DemoUser, demo_users
+
 CODE_SECONDS = 60
 REFRESH_SECONDS = 30 * 60
 LOOPBACK_HOSTS = frozenset({"127.0.0.1", "localhost", "::1"})
 # RFC 7636 4.1: 43 to 128 characters of the unreserved set.
 _VERIFIER = re.compile(r"^[A-Za-z0-9._~-]{43,128}$")
-
-
-@dataclass(frozen=True)
-class DemoUser:
-    """A login of the development issuer; the same names and passwords as Keycloak's demo realm
-    (`ops/keycloak/demo-ImageProcessor.json`), so the console signs in alike against both."""
-
-    username: str
-    password: str
-    roles: tuple[str, ...]
-
-
-DEMO_USERS = (
-    DemoUser("user", "user", ("user",)),
-    DemoUser("admin", "admin", ("admin", "user")),
-)
 
 
 @dataclass(frozen=True)
@@ -165,7 +151,7 @@ class SignInFlows:
     """Pending codes and live refresh tokens of the demo users, guarded by one lock."""
 
     clients: Sequence[PublicClient]
-    users: Sequence[DemoUser] = DEMO_USERS
+    users: Sequence[DemoUser] = field(default_factory=demo_users)
     clock: Callable[[], float] = time.time
     _codes: dict[str, _IssuedCode] = field(default_factory=dict)
     _refresh: dict[str, _RefreshGrant] = field(default_factory=dict)
@@ -291,7 +277,7 @@ def login_page(request: AuthorizationRequest, realm: str, failed: bool = False) 
 <title>Sign in to {html.escape(realm)}</title></head>
 <body><main>
 <h1>Sign in to {html.escape(realm)}</h1>
-<p>Local development issuer: the demo logins are user/user and admin/admin.</p>
+<p>Local development issuer: the demo logins of ops/keycloak/demo-ImageProcessor.json.</p>
 {message}
 <form method="post" action="">
 {hidden}

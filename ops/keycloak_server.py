@@ -27,6 +27,7 @@ from typing import Any
 from urllib.parse import unquote, urlsplit
 
 from ops.background import BackgroundProcess, Stopped, log_tail
+from ops.demo_users import DEMO_FILE as DEMO_USERS_FILE
 
 # The one place the version lives; compose.yaml's image must carry the same major.minor (a test
 # compares them). A new version needs its SHA-256 here too: `sha256sum` of the tar.gz.
@@ -40,10 +41,8 @@ START_ARGS = ("start", "--optimized", "--import-realm")
 
 KEYCLOAK_FILES = Path(__file__).resolve().parent / "keycloak"
 REALM_FILE = KEYCLOAK_FILES / "realm-ImageProcessor.json"
-DEMO_FILE = KEYCLOAK_FILES / "demo-ImageProcessor.json"
+DEMO_FILE = DEMO_USERS_FILE  # imported by demo_users.sh
 DEMO_USERS_SCRIPT = KEYCLOAK_FILES / "demo_users.sh"
-# The demo users' passwords are their user names (demo-ImageProcessor.json).
-DEMO_USERS = ("user", "admin")
 ADMIN_USER = "admin"
 _BUILT_MARKER = ".pixelmill-built"
 _READY_POLL_SECONDS = 0.5

@@ -44,7 +44,7 @@ _POLL_SECONDS = 0.25
 NEXT_STEPS = """\
 pixelmill is up: API http://localhost:3000  (follow logs: make logs; stop: make down)
 
-Console: http://localhost:3000/console/  (sign in as user/user or admin/admin)
+Console: http://localhost:3000/console/  (sign in as user/password or admin/admin)
 
 Try it:
   TOKEN=$(make -s token)
@@ -58,10 +58,10 @@ KEYCLOAK_NEXT_STEPS = """\
 pixelmill is up with Keycloak: API http://localhost:3000, Keycloak http://localhost:8080
 (admin console: admin/admin; follow logs: make logs; stop: make down)
 
-Try it (the demo users are user/user and admin/admin):
+Try it (the demo users are user/password and admin/admin):
   TOKEN=$(curl -s -X POST \\
     http://localhost:8080/realms/ImageProcessor/protocol/openid-connect/token \\
-    -d grant_type=password -d client_id=api-gateway-client -d username=user -d password=user \\
+    -d grant_type=password -d client_id=api-gateway-client -d username=user -d password=password \\
     | python3 -c 'import json,sys; print(json.load(sys.stdin)["access_token"])')
   curl -X POST http://localhost:3000/api/v1/upload -H "Authorization: Bearer $TOKEN" \\
        -F "image=@test.png"

@@ -186,7 +186,7 @@ def test_console_signs_in_uploads_a_folder_follows_retries_and_skips_it_after_a_
     folder = photo_folder(tmp_path)
     browser.get(f"{console_stack.url}/console/")
     shot(browser, steps, "01-signed-out")
-    sign_in(browser, "user", "user")
+    sign_in(browser, "user", "password")
     shot(browser, steps, "02-signed-in")
 
     # Upload with no worker running, so that the batch is caught in progress afterwards.
@@ -243,7 +243,7 @@ def test_console_signs_in_uploads_a_folder_follows_retries_and_skips_it_after_a_
 
     # A reload forgets everything; the batch chosen from the list knows what it holds.
     browser.refresh()
-    sign_in(browser, "user", "user")
+    sign_in(browser, "user", "password")
     wait_for(lambda: find(browser, "#batches li button"), timeout=30)
     [listed] = find(browser, "#batches li button")
     assert "shop-catalogue" in listed.text and "open" in listed.text

@@ -94,7 +94,7 @@ def token_url(issuer: LocalIssuer) -> str:
     return f"{issuer.base_url}{issuer.token_path}"
 
 
-def sign_in(issuer: LocalIssuer, verifier: str, password: str = "user") -> tuple[int, str]:
+def sign_in(issuer: LocalIssuer, verifier: str, password: str = "password") -> tuple[int, str]:
     """GET the login form, post it back with the credentials; (status, Location)."""
     status, _, page = call(f"{auth_url(issuer)}?{urlencode(auth_query(verifier))}")
     assert status == 200, page

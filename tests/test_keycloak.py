@@ -178,11 +178,11 @@ def test_a_distribution_whose_sha256_is_not_the_pinned_one_is_refused_and_remove
 def test_realm_roles_decide_access_user_uploads_admin_deletes_a_user_without_it_is_403(
     keycloak: KeycloakServer, admin: KeycloakAdmin, api_as: Any
 ) -> None:
-    uploaded = api_as(token_of(keycloak, "user", "user")).upload(jpeg(64, 48))
+    uploaded = api_as(token_of(keycloak, "user", "password")).upload(jpeg(64, 48))
     assert uploaded.status_code == 201
     image = f"/api/v1/images/{uploaded.json['id']}"
 
-    assert api_as(token_of(keycloak, "user", "user")).delete(image).status_code == 403
+    assert api_as(token_of(keycloak, "user", "password")).delete(image).status_code == 403
     assert api_as(token_of(keycloak, "admin", "admin")).delete(image).status_code == 204
     assert api_as(token_of(keycloak, "admin", "admin")).get(image).status_code == 404
 
@@ -198,12 +198,12 @@ def test_a_token_of_another_realm_is_401(
 ) -> None:
     # Same client, same user, same roles: only the issuer differs.
     other = admin.copy_of_realm_file(unique("Other"), demo=True)
-    foreign = token_of(keycloak, "user", "user", realm=other)
+    foreign = token_of(keycloak, "user", "password", realm=other)
     assert claims(foreign)["realm_access"]["roles"] == ["user"]
 
     refused = api_as(foreign).upload(jpeg(64, 48))
     assert refused.status_code == 401
-    assert api_as(token_of(keycloak, "user", "user")).upload(jpeg(64, 48)).status_code == 201
+    assert api_as(token_of(keycloak, "user", "password")).upload(jpeg(64, 48)).status_code == 201
 
 
 def test_a_token_of_another_client_of_the_realm_is_401(
@@ -215,7 +215,7 @@ def test_a_token_of_another_client_of_the_realm_is_401(
         f"/{REALM}/clients",
         {"clientId": other_client, "publicClient": True, "directAccessGrantsEnabled": True},
     )
-    token = password_grant(keycloak.url, REALM, other_client, "user", "user")["access_token"]
+    token = password_grant(keycloak.url, REALM, other_client, "user", "password")["access_token"]
     assert claims(token)["azp"] == other_client
     assert CLIENT not in claims(token).get("aud", [])
 
@@ -227,7 +227,7 @@ def test_an_expired_token_is_401_and_a_refreshed_one_is_accepted(
 ) -> None:
     admin.update_client(REALM, CLIENT, {"attributes": {"access.token.lifespan": "2"}})
     try:
-        answer = password_grant(keycloak.url, REALM, CLIENT, "user", "user")
+        answer = password_grant(keycloak.url, REALM, CLIENT, "user", "password")
     finally:
         admin.update_client(REALM, CLIENT, {"attributes": {"access.token.lifespan": ""}})
     token = answer["access_token"]
@@ -252,13 +252,13 @@ def test_the_api_follows_a_key_rotation_without_restart(
 ) -> None:
     realm = admin.copy_of_realm_file(unique("Rotation"), demo=True)
     with api_for(Settings.from_env({**kc_env, "KEYCLOAK_REALM": realm}), None) as api:
-        before = token_of(keycloak, "user", "user", realm=realm)
+        before = token_of(keycloak, "user", "password", realm=realm)
         api.token = before
         assert api.get("/api/v1/images").status_code == 200
         old_key = kid(before)
 
         rotate_signing_key(admin, realm)
-        after = token_of(keycloak, "user", "user", realm=realm)
+        after = token_of(keycloak, "user", "password", realm=realm)
         assert kid(after) != old_key
 
         api.token = after
@@ -304,7 +304,7 @@ def test_setup_keycloak_creates_the_realm_the_api_accepts_and_a_second_run_chang
     assert realm_state(admin, realm) == state
 
     with api_for(Settings.from_env({**kc_env, "KEYCLOAK_REALM": realm}), None) as api:
-        api.token = token_of(keycloak, "user", "user", realm=realm)
+        api.token = token_of(keycloak, "user", "password", realm=realm)
         assert api.upload(jpeg(64, 48)).status_code == 201
 
 

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Development only (compose's `dev` profile, `make up KEYCLOAK=1`): adds the demo users user/user
+# Development only (compose's `dev` profile, `make up KEYCLOAK=1`): adds the demo users user/password
 # and admin/admin from demo-ImageProcessor.json to the realm, and lets the API's client
 # api-gateway-client take password logins, so the README's token request works as it stands.
 # The realm file itself keeps password logins off: production never gets them. Keycloak's partial

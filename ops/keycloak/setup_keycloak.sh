@@ -5,7 +5,7 @@
 # next to this script, the same file `kc.sh start --import-realm` reads.
 #
 #   setup_keycloak.sh                    # realm, roles, the API's client: fit for production
-#   setup_keycloak.sh --with-demo-users  # also demo-ImageProcessor.json: user/user, admin/admin,
+#   setup_keycloak.sh --with-demo-users  # also demo-ImageProcessor.json: user/password, admin/admin,
 #                                        # and password logins on the API's client (development)
 #
 # Environment: KEYCLOAK_URL (default http://localhost:8080), KEYCLOAK_ADMIN (default admin),
