@@ -42,7 +42,10 @@ from tests.support import (
     ApiClient,
     StackProbe,
     completed_image,
+    jpeg,
+    multipart,
     renditions_once_made,
+    tall_strip_png,
 )
 from tests.test_imageinfo import exif_app1, with_segment
 from tests.test_kernel import jpeg_of, photo_rgb, pillow_bytes
@@ -210,6 +213,7 @@ def test_renditions_setting_reads_name_width_mode_format_and_quality() -> None:
         ("a:800:gray:jpeg:101", "quality must be 1-100"),
         ("a:800:gray:png, a:200:color:png", "names a more than once"),
         ("A b:800:gray:png", "name must be"),
+        ("a:20000:color:webp", "webp images are at most 16382 pixels wide"),
     ],
 )
 def test_a_malformed_renditions_setting_is_refused_naming_the_variable(
@@ -598,8 +602,6 @@ def test_results_completed_before_renditions_become_the_default_rendition() -> N
 
 
 def upload(api: ApiClient, data: bytes, query: str = "") -> Any:
-    from tests.support import multipart
-
     body, content_type = multipart([("image", "photo.jpg", data, "image/jpeg")])
     return api.post_raw(f"/api/v1/upload{query}", body, content_type)
 
@@ -683,3 +685,40 @@ def test_the_openapi_document_lists_the_configured_rendition_names() -> None:
     [parameter] = [p for p in upload_parameters if p["name"] == "renditions"]
     assert parameter["schema"]["items"]["enum"] == ["default", "thumb", "preview"]
     assert new_batch["renditions"]["items"]["enum"] == ["default", "thumb", "preview"]
+
+
+def test_an_upload_whose_webp_rendition_would_be_past_webps_size_limit_is_422_and_others_complete(
+    renditions_service: ApiClient, issuer: Any, probe: StackProbe, user_id: str
+) -> None:
+    hostile = renditions_service
+    other_user = f"other-{uuid.uuid4()}"
+    other = ApiClient(hostile.client.app, issuer.mint_token(other_user, ("user",)))
+    strip = tall_strip_png()  # its 200 px WebP thumb would be 200x20000
+
+    refused = upload(hostile, strip)
+    body, content_type = multipart(
+        [("image", "strip.png", strip, ""), ("image", "ok.jpg", jpeg(640, 480), "")]
+    )
+    bulk = hostile.post_raw("/api/v1/uploads", body, content_type)
+    ordinary = [upload(other, jpeg(900, 600, seed=seed)).json["id"] for seed in (1, 2, 3)]
+
+    assert refused.status_code == 422, refused.text
+    message = refused.json["error"]["message"]
+    assert "'thumb' rendition would be 200x20000 pixels" in message
+    assert "over the WEBP limit of 16382 pixels per side" in message
+    assert bulk.status_code == 207
+    strip_part, ok_part = bulk.json["items"]
+    assert strip_part["status"] == 422 and "WEBP limit" in strip_part["error"]["message"]
+    assert [str(row[0]) for row in probe.rows_for(user_id)] == [ok_part["id"]]
+    for image_id in (*ordinary, ok_part["id"]):
+        client = hostile if image_id == ok_part["id"] else other
+        assert [r["name"] for r in completed_image(client, image_id)["renditions"]] == [
+            "default",
+            "thumb",
+            "preview",
+        ]
+        assert probe.attempts(image_id) == 1  # never requeued with a failing batch
+    # Without the WebP rendition the same file is accepted and made.
+    subset = upload(hostile, strip, "?renditions=default,preview").json["id"]
+    made = {r["name"]: r for r in completed_image(hostile, subset)["renditions"]}
+    assert (made["default"]["width"], made["default"]["height"]) == (200, 20000)
