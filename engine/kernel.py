@@ -166,17 +166,20 @@ def read_header(
 def decode_gray(encoded: memoryview, header: ImageHeader, target_width: int) -> np.ndarray:
     """Decode to a 2-D uint8 array in the STORED orientation (EXIF is applied later)."""
     if header.format == "jpeg":
-        return _decode_jpeg_gray(encoded, jpeg_reduction(header.display_size[0], target_width))
+        return _decode_jpeg_gray(encoded, jpeg_reduction(header.display_size, target_width))
     return _decode_png_gray(encoded)
 
 
-def jpeg_reduction(display_width: int, target_width: int) -> int:
-    """Largest DCT scale denominator (8, 4, 2 or 1) whose decoded width still covers the target.
+def jpeg_reduction(display_size: tuple[int, int], target_width: int) -> int:
+    """Largest DCT scale denominator (8, 4, 2 or 1) whose decoded size still covers the output
+    `target_size` gives, on both axes: a strip narrower than the target keeps its height, and
+    a reduction that just covers the width can fall a row short of the height.
 
     libjpeg rounds scaled sizes up, so the decoded width is ceil(width / factor).
     """
+    width, height = target_size(*display_size, target_width)
     for factor, _flag in _JPEG_REDUCED_FLAGS:
-        if -(-display_width // factor) >= target_width:
+        if -(-display_size[0] // factor) >= width and -(-display_size[1] // factor) >= height:
             return factor
     return 1
 
@@ -310,7 +313,7 @@ def decode_colour(
     if header.format == "jpeg":
         if not colour.decoded_by_opencv:
             return _decode_jpeg_cmyk(encoded, colour)
-        factor = jpeg_reduction(header.display_size[0], target_width)
+        factor = jpeg_reduction(header.display_size, target_width)
         bgr = _decode_jpeg_colour(encoded, factor)
         converted = None if colour.profile is None else to_srgb(bgr, colour.profile, "bgr")
         return cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB) if converted is None else converted

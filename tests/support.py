@@ -116,6 +116,12 @@ def tall_strip_png(width: int = 200, height: int = 20000) -> bytes:
     return encoded.tobytes()
 
 
+def without_adobe_marker(data: bytes) -> bytes:
+    """The JPEG without its APP14 Adobe segment: its CMYK values then read as ink, uninverted."""
+    at = data.index(b"\xff\xee")
+    return data[:at] + data[at + 2 + int.from_bytes(data[at + 2 : at + 4], "big") :]
+
+
 class ApiClient:
     """The Falcon app driven through falcon.testing, with a bearer token."""
 

@@ -46,6 +46,7 @@ from tests.support import (
     multipart,
     renditions_once_made,
     tall_strip_png,
+    without_adobe_marker,
 )
 from tests.test_imageinfo import exif_app1, with_segment
 from tests.test_kernel import jpeg_of, photo_rgb, pillow_bytes
@@ -337,6 +338,55 @@ def test_cmyk_jpeg_with_its_profile_matches_pillow_imagecms() -> None:
 
     for output, rendition in zip(rendered.images, wanted, strict=True):
         assert_matches(output, data, rendition)
+
+
+@pytest.mark.parametrize("adobe", [True, False], ids=["adobe-inverted", "ink"])
+def test_cmyk_jpeg_without_a_profile_matches_pillows_naive_conversion(adobe: bool) -> None:
+    rgb = photo_rgb(900, 600)
+    pillows = pillow_bytes(Image.fromarray(rgb).convert("CMYK"), "JPEG", quality=95)
+    # Pillow stores Adobe's inverted values, and reads every CMYK JPEG so; without the Adobe
+    # marker the values are ink (libjpeg's and libvips' reading too): the same picture.
+    ink = np.dstack([255 - rgb, np.zeros(rgb.shape[:2], np.uint8)])
+    encoded = imagecodecs.jpeg8_encode(ink, level=95, colorspace="CMYK", outcolorspace="CMYK")
+    data = pillows if adobe else without_adobe_marker(bytes(encoded))
+    wanted = (Rendition("colour", 450, "color", "png"), Rendition("gray", 300, "gray", "png"))
+
+    rendered = render_renditions(data, wanted)
+
+    for output, rendition in zip(rendered.images, wanted, strict=True):
+        assert_matches(output, pillows, rendition)
+
+
+def icc_segments(profile: bytes) -> bytes:
+    """`profile` in as many APP2 ICC_PROFILE segments as it needs (65519 bytes each)."""
+    chunks = [profile[at : at + 65519] for at in range(0, len(profile), 65519)]
+    segments = b""
+    for number, chunk in enumerate(chunks, 1):
+        body = b"ICC_PROFILE\x00" + bytes([number, len(chunks)]) + chunk
+        segments += b"\xff\xe2" + struct.pack(">H", len(body) + 2) + body
+    return segments
+
+
+def huge_profile(size: int) -> bytes:
+    """An RGB display profile header padded to `size` bytes."""
+    return _icc(b"mntr", b"RGB ", b"XYZ ", {b"pad ": b"\0" * (size - 144)})
+
+
+def test_a_jpeg_or_png_whose_icc_profile_is_over_4_mb_is_refused_with_the_reason() -> None:
+    small = jpeg_of(photo_rgb(64, 48))
+    over = 4 * 1024 * 1024 + 1024
+    tagged_jpeg_file = small[:2] + icc_segments(huge_profile(over)) + small[2:]
+    iccp = b"srgb\x00\x00" + zlib.compress(huge_profile(over))
+    plain_png = pillow_bytes(Image.fromarray(photo_rgb(64, 48)), "PNG")
+    chunk = struct.pack(">I", len(iccp)) + b"iCCP" + iccp
+    chunk += struct.pack(">I", zlib.crc32(b"iCCP" + iccp))
+    tagged_png_file = plain_png[:33] + chunk + plain_png[33:]
+    near = small[:2] + icc_segments(huge_profile(4 * 1024 * 1024 - 4096)) + small[2:]
+
+    for data in (tagged_jpeg_file, tagged_png_file):
+        with pytest.raises(ImageRejected, match="ICC colour profile is larger than the 4 MB limit"):
+            render_renditions(data, BOTH)
+    assert len(render_renditions(near, BOTH).images) == 2  # under the cap: rendered
 
 
 def test_colour_outputs_are_tagged_srgb_in_each_formats_own_way() -> None:
