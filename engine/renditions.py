@@ -93,12 +93,12 @@ def render_renditions(
         reason = over_budget_reason(header, max_decode_bytes, colour=colour_decode)
         if reason is not None:
             raise ImageRejected(reason)
-    if not colour_decode:
-        decoded = decode_gray(encoded, header, largest)
-    else:
-        decoded = decode_colour(encoded, header, largest, colour)
-        if all_gray and decoded.ndim == 3:
-            with library_errors_rejected("converting it to gray"):
+    with library_errors_rejected("decoding it"):
+        if not colour_decode:
+            decoded = decode_gray(encoded, header, largest)
+        else:
+            decoded = decode_colour(encoded, header, largest, colour)
+            if all_gray and decoded.ndim == 3:
                 decoded = cv2.cvtColor(decoded, cv2.COLOR_RGB2GRAY)
     made = _fan_out(decoded, header, renditions)
     return RenderedSet(tuple(made), *header.display_size)

@@ -9,7 +9,7 @@ wide gamut, CMYK, gray, garbage, cut short, over the 4 MB cap), then bytes overw
 file cut short; each against a random set of gray and colour renditions of every output format.
 
 The suite runs a fixed, derandomized set of examples. A longer run explores at random and keeps
-what it finds in `.hypothesis/`: `RENDER_FUZZ_EXAMPLES=20000 .venv/bin/pytest -q -s
+what it finds in `.hypothesis/`: `RENDER_FUZZ_EXAMPLES=10000 .venv/bin/pytest -q -s
 tests/test_render_fuzz.py`. Each crash found is kept below as an `@example`.
 """
 
@@ -278,6 +278,7 @@ def test_any_file_against_any_renditions_renders_or_is_rejected_with_a_reason(
 
 
 @pytest.mark.skipif(not LONG_RUN, reason="a long run: set RENDER_FUZZ_EXAMPLES")
+@pytest.mark.timeout(0)  # as long as its examples take
 def test_a_long_random_fuzz_run_renders_or_rejects_every_input() -> None:
     outcomes: dict[str, int] = {}
     started = time.perf_counter()
