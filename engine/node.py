@@ -31,6 +31,7 @@ from engine.dead_letters import DeadLetterReaper
 from engine.dependencies import DependencyGate
 from engine.health import HealthReporter, WorkProgress
 from engine.outbox import OutboxSweeper
+from engine.retention import RetentionSweeper
 from engine.slots import SlotArena, sweep_stale_segments
 from engine.webhooks import WebhookDeliverer
 
@@ -132,6 +133,7 @@ class WorkerNode:
             interval_seconds=engine.abandoned_upload_sweep_seconds,
             age_seconds=engine.abandoned_upload_age_seconds,
         )
+        self.retention = RetentionSweeper(self.db, self.store, cache, settings.retention)
         self.health = HealthReporter(
             Path(engine.health_file),
             self.progress,
@@ -204,6 +206,7 @@ class WorkerNode:
         self.sweeper.start()
         self.reaper.start()
         self.upload_sweeper.start()
+        self.retention.start()
         self.webhooks.start()
         self.control.start()
         try:
@@ -233,6 +236,7 @@ class WorkerNode:
         self.sweeper.stop()
         self.reaper.stop()
         self.upload_sweeper.stop()
+        self.retention.stop()
         self.webhooks.stop()
         self.processor.close()
         self.pool.close()

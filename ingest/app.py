@@ -30,7 +30,7 @@ from ingest.middleware import (
     UploadSlots,
 )
 from ingest.openapi import OpenApiResource, openapi_document
-from ingest.rate_limit import UploadRateLimiter
+from ingest.rate_limit import InteractiveAllowance, UploadRateLimiter
 from ingest.routes.batches import (
     BatchCancelResource,
     BatchCloseResource,
@@ -96,8 +96,16 @@ def create_app(settings: Settings, deps: Dependencies) -> falcon.App:
     _configure_multipart(app)
     errors.install(app)
 
+    allowance = InteractiveAllowance(
+        deps.cache.client, settings.redis_prefix, settings.queue.interactive_images_per_minute
+    )
     intake = ImageIntake(
-        deps.db, deps.store, deps.publisher, settings.api.idempotency_ttl_seconds, settings.queue
+        deps.db,
+        deps.store,
+        deps.publisher,
+        settings.api.idempotency_ttl_seconds,
+        settings.queue,
+        allowance.take,
     )
     limiter = UploadRateLimiter(
         deps.cache.client, settings.redis_prefix, settings.api.uploads_per_minute
@@ -140,7 +148,12 @@ def create_app(settings: Settings, deps: Dependencies) -> falcon.App:
 def _add_batch_routes(app: falcon.App, settings: Settings, deps: Dependencies) -> None:
     app.add_route(
         "/api/v1/batches",
-        BatchCollectionResource(deps.db, settings.webhooks, settings.engine.renditions),
+        BatchCollectionResource(
+            deps.db,
+            settings.webhooks,
+            settings.engine.renditions,
+            settings.api.max_open_batches_per_user,
+        ),
     )
     app.add_route("/api/v1/batches/{batch_id}", BatchResource(deps.db))
     app.add_route("/api/v1/batches/{batch_id}/images", BatchImagesResource(deps.db))

@@ -4,9 +4,6 @@ own batch and in any other batch in flight, and the node goes on."""
 
 from __future__ import annotations
 
-import contextlib
-import dataclasses
-import threading
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -16,7 +13,6 @@ import pytest
 from common.config import Settings
 from common.renditions import parse_renditions
 from engine.batch import CRASH_REASON
-from engine.node import WorkerNode
 from tests.support import (
     CRASH_MARKER,
     HANG_MARKER,
@@ -24,7 +20,7 @@ from tests.support import (
     StackProbe,
     jpeg,
     paused,
-    render_or_misbehave,
+    running_node,
     tall_strip_png,
     wait_for,
 )
@@ -40,26 +36,6 @@ def jobs(private_queue: Settings, user_id: str) -> Iterator[PendingJobs]:
     made = PendingJobs(private_queue, user_id)
     yield made
     made.close()
-
-
-@contextlib.contextmanager
-def running_node(settings: Settings, tmp_path: Path, **engine: object) -> Iterator[WorkerNode]:
-    """A worker node in this process whose CPU processes misbehave on marked inputs."""
-    tuned = dataclasses.replace(
-        settings,
-        engine=dataclasses.replace(
-            settings.engine, processes=2, health_file=str(tmp_path / "health.json"), **engine
-        ),
-    )
-    node = WorkerNode(tuned, render=render_or_misbehave)
-    thread = threading.Thread(target=node.run, name="node-under-test", daemon=True)
-    thread.start()
-    try:
-        yield node
-    finally:
-        node.stop()
-        thread.join(timeout=120)
-        assert not thread.is_alive(), "the node did not stop"
 
 
 def statuses(probe: StackProbe, owner: str) -> dict[uuid.UUID, tuple[str, str | None]]:
