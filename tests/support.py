@@ -112,6 +112,21 @@ def png(width: int, height: int, *, alpha: bool = False, seed: int = 1) -> bytes
     return encoded.tobytes()
 
 
+def tall_strip_png(width: int = 200, height: int = 20000) -> bytes:
+    """A small gray PNG (under 50 KB) of a very tall strip: a 200 px wide rendition of it is 20000
+    px tall, past WebP's size limit."""
+    rows = np.linspace(0, 255, height, dtype=np.float32).astype(np.uint8)
+    ok, encoded = cv2.imencode(".png", np.repeat(rows[:, None], width, axis=1))
+    assert ok
+    return encoded.tobytes()
+
+
+def without_adobe_marker(data: bytes) -> bytes:
+    """The JPEG without its APP14 Adobe segment: its CMYK values then read as ink, uninverted."""
+    at = data.index(b"\xff\xee")
+    return data[:at] + data[at + 2 + int.from_bytes(data[at + 2 : at + 4], "big") :]
+
+
 class ApiClient:
     """The Falcon app driven through falcon.testing, with a bearer token."""
 
@@ -152,6 +167,13 @@ class StackProbe:
             return conn.execute(
                 "SELECT id, status, error, result_key FROM images WHERE owner = %s", (owner,)
             ).fetchall()
+
+    def attempts(self, image_id: str | uuid.UUID) -> int:
+        """How many times a worker claimed the image (a requeued batch claims it again)."""
+        with psycopg.connect(self.settings.postgres_url) as conn:
+            row = conn.execute("SELECT attempts FROM images WHERE id = %s", (image_id,)).fetchone()
+        assert row is not None, f"no image {image_id}"
+        return int(row[0])
 
     def status(self, image_id: str | uuid.UUID) -> str | None:
         with psycopg.connect(self.settings.postgres_url) as conn:
