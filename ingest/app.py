@@ -18,6 +18,7 @@ from common.storage import ObjectStore
 from db.pool import Database
 from ingest import errors
 from ingest.auth import TokenVerifier
+from ingest.connection_close import CloseRefusedConnections
 from ingest.intake import ImageIntake
 from ingest.metrics import MetricsMiddleware, MetricsResource
 from ingest.middleware import (
@@ -160,7 +161,9 @@ def _configure_multipart(app: falcon.App) -> None:
     app.req_options.media_handlers[falcon.MEDIA_MULTIPART] = handler
 
 
-def get_app() -> falcon.App:
-    """Entry point for gunicorn (`ingest.app:get_app()`), called after fork in each worker."""
+def get_app() -> CloseRefusedConnections:
+    """Entry point for gunicorn (`ingest.app:get_app()`), called after fork in each worker.
+    (`pixelmill-api` also sets the hook that makes a refused upload's answer say
+    `Connection: close`; see ingest.connection_close.)"""
     settings = Settings.from_env()
-    return create_app(settings, Dependencies.connect(settings))
+    return CloseRefusedConnections(create_app(settings, Dependencies.connect(settings)))

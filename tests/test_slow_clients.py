@@ -221,3 +221,48 @@ def test_one_user_gets_429_past_their_share_and_others_still_upload(
         # Her finished upload gave her slot back.
         assert post_upload(base, alice_token, seed=3)[0] == 201
         assert len(probe.rows_for(alice)) == 2 and len(probe.rows_for(bob)) == 1
+
+
+def closed_by_server(upload: SlowUpload) -> bool:
+    """Whether the server has closed the connection (an end of stream or a reset after the
+    answer); False while it is still open."""
+    try:
+        upload.sock.settimeout(0.2)
+        return upload.sock.recv(1) == b""
+    except TimeoutError:
+        return False
+    except ConnectionResetError:
+        return True
+
+
+def test_uploads_refused_unread_are_answered_connection_close_and_closed_while_they_trickle(
+    env, settings, issuer, tmp_path: Path, slow_uploads: list[SlowUpload]
+) -> None:
+    overrides = {"MAX_UPLOADS_PER_USER": "1", "BODY_MIN_BYTES_PER_SECOND": "10"}
+    with served_api(env, tmp_path / "api.log", *ONE_PROCESS, **overrides) as (base, _):
+        _, token = new_user(issuer)
+        body, content_type = upload_body()
+        # One user's uploads past their share (429), a bad token (401) and a declared length
+        # over MAX_UPLOAD_BYTES (413): each refused before its body is read, each trickling on.
+        refusals = {429: 6, 401: 1, 413: 1}
+        for _ in range(refusals[429] + 1):
+            slow_uploads.append(SlowUpload(base, token, body, content_type))
+        slow_uploads.append(SlowUpload(base, "not-a-token", body, content_type))
+        too_long = body + b"\0" * (2 * settings.api.max_upload_bytes)
+        slow_uploads.append(SlowUpload(base, new_user(issuer)[1], too_long, content_type))
+
+        def answered() -> list[tuple[SlowUpload, int, dict[str, str]]]:
+            return [(u, a[0], a[1]) for u in slow_uploads if (a := u.answer()) is not None]
+
+        refused = wait_for(lambda: len(answered()) >= sum(refusals.values()) and answered(), 60)
+        statuses = sorted(status for _, status, _ in refused)
+        assert statuses == sorted(s for s, n in refusals.items() for _ in range(n))
+        for _, status, headers in refused:
+            assert headers["connection"] == "close", (status, headers)
+        closed = [upload for upload, _, _ in refused]
+        wait_for(lambda: all(closed_by_server(u) for u in closed), timeout=60)
+        # Closed unread: none had sent its body, and each is still trickling meanwhile.
+        assert all(u.sent < len(u.body) for u in slow_uploads)
+        assert get(f"{base}/health") == (200, b'{"status": "ok"}')
+        [reading] = [u for u in slow_uploads if u not in closed]
+        assert reading.answer() is None and not closed_by_server(reading)
