@@ -1,5 +1,6 @@
-"""A worker node: the arenas, the CPU pool, the batch pipeline, the consumer, the sweepers and the
-webhook deliverer, started together and stopped together (SIGTERM drains)."""
+"""A worker node: the arenas, the CPU pool, the batch pipeline, the consumer, the sweepers, the
+webhook deliverer and its retention chore, started together and stopped together (SIGTERM
+drains)."""
 
 from __future__ import annotations
 
@@ -32,6 +33,7 @@ from engine.dependencies import DependencyGate
 from engine.health import HealthReporter, WorkProgress
 from engine.outbox import OutboxSweeper
 from engine.slots import SlotArena, sweep_stale_segments
+from engine.webhook_retention import WebhookPruner
 from engine.webhooks import WebhookDeliverer
 
 log = logging.getLogger(__name__)
@@ -139,6 +141,7 @@ class WorkerNode:
             paused=self._paused_reason,
         )
         self.webhooks = WebhookDeliverer(self.db, settings.webhooks)
+        self.webhook_pruner = WebhookPruner(self.db, settings.webhooks.retention_hours)
         self.control = NodeControl(
             cache.client,
             settings.redis_prefix,
@@ -205,6 +208,7 @@ class WorkerNode:
         self.reaper.start()
         self.upload_sweeper.start()
         self.webhooks.start()
+        self.webhook_pruner.start()
         self.control.start()
         try:
             self.consumer.run()
@@ -234,6 +238,7 @@ class WorkerNode:
         self.reaper.stop()
         self.upload_sweeper.stop()
         self.webhooks.stop()
+        self.webhook_pruner.stop()
         self.processor.close()
         self.pool.close()
         self.db.close()

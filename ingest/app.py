@@ -31,7 +31,7 @@ from ingest.middleware import (
     UploadSlots,
 )
 from ingest.openapi import OpenApiResource, openapi_document
-from ingest.rate_limit import UploadRateLimiter
+from ingest.rate_limit import BatchRateLimiter, UploadRateLimiter
 from ingest.routes.batches import (
     BatchCancelResource,
     BatchCloseResource,
@@ -141,7 +141,14 @@ def create_app(settings: Settings, deps: Dependencies) -> falcon.App:
 def _add_batch_routes(app: falcon.App, settings: Settings, deps: Dependencies) -> None:
     app.add_route(
         "/api/v1/batches",
-        BatchCollectionResource(deps.db, settings.webhooks, settings.engine.renditions),
+        BatchCollectionResource(
+            deps.db,
+            settings.webhooks,
+            settings.engine.renditions,
+            BatchRateLimiter(
+                deps.cache.client, settings.redis_prefix, settings.api.batches_per_minute
+            ),
+        ),
     )
     app.add_route("/api/v1/batches/{batch_id}", BatchResource(deps.db))
     app.add_route("/api/v1/batches/{batch_id}/images", BatchImagesResource(deps.db))

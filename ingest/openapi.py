@@ -602,7 +602,7 @@ def _batch_paths() -> dict[str, Any]:
                 },
                 "responses": {
                     "201": _json("CreatedBatch", "created, open"),
-                    **_errors(400, 401, 403, 415, 503),
+                    **_errors(400, 401, 403, 415, 429, 503),
                 },
             },
             "get": {

@@ -1,4 +1,5 @@
-"""Per-user upload rate limit: a sliding limit of N images per minute, kept in Redis (GCRA).
+"""Per-user rate limits, kept in Redis (GCRA): a sliding limit of N images uploaded per minute,
+and of N batches created per minute.
 
 The generic cell rate algorithm keeps one number per user, the time at which their allowance
 would be fully spent again (the "theoretical arrival time"). Each image moves it 60/N seconds
@@ -48,9 +49,8 @@ return '0'
 
 class UploadRateLimiter:
     def __init__(self, client: redis.Redis, prefix: str, per_minute: int) -> None:
-        self._prefix = prefix
+        self._limit = _PerMinute(client, f"{prefix}ratelimit:upload:", per_minute)
         self._per_minute = per_minute
-        self._script = client.register_script(_GCRA)
 
     def charge(self, subject: str, images: int = 1) -> None:
         """Take `images` uploads from `subject`'s allowance; raise TooManyRequests (and take
@@ -63,24 +63,59 @@ class UploadRateLimiter:
                 f"{self._per_minute} images per minute; send them in smaller requests",
                 WINDOW_SECONDS,
             )
-        self._run(subject, images)
+        self._refuse_after(self._limit.take(subject, images))
 
     def ensure_room(self, subject: str) -> None:
         """Raise TooManyRequests unless one more image would fit now; takes nothing. For a
         request whose image count is known only once its body is read."""
         if self._per_minute > 0:
-            self._run(subject, 0)
+            self._refuse_after(self._limit.take(subject, 0))
 
-    def _run(self, subject: str, images: int) -> None:
-        key = f"{self._prefix}ratelimit:upload:{subject}"
-        interval = WINDOW_SECONDS / self._per_minute
-        try:
-            wait = float(self._script(keys=[key], args=[interval, images, WINDOW_SECONDS]))
-        except redis.RedisError as exc:
-            log.warning("rate limit not applied, Redis unavailable: %s", exc)
-            return
+    def _refuse_after(self, wait: float) -> None:
         if wait > 0:
             raise TooManyRequests(
                 f"upload limit of {self._per_minute} images per minute reached",
                 max(1, math.ceil(wait)),
             )
+
+
+class BatchRateLimiter:
+    """Per-user limit on batch creations (`BATCHES_PER_MINUTE`), the same sliding limit on a
+    key of its own: each creation is answered before its body is read."""
+
+    def __init__(self, client: redis.Redis, prefix: str, per_minute: int) -> None:
+        self._limit = _PerMinute(client, f"{prefix}ratelimit:batches:", per_minute)
+        self._per_minute = per_minute
+
+    def charge(self, subject: str) -> None:
+        if self._per_minute <= 0:
+            return
+        wait = self._limit.take(subject, 1)
+        if wait > 0:
+            raise TooManyRequests(
+                f"limit of {self._per_minute} new batches per minute reached",
+                max(1, math.ceil(wait)),
+            )
+
+
+class _PerMinute:
+    """The GCRA script on keys `key_prefix + subject`, at `per_minute` units per minute."""
+
+    def __init__(self, client: redis.Redis, key_prefix: str, per_minute: int) -> None:
+        self._key_prefix = key_prefix
+        self._interval = WINDOW_SECONDS / max(1, per_minute)
+        self._script = client.register_script(_GCRA)
+
+    def take(self, subject: str, units: int) -> float:
+        """0 when `units` fit (and are taken; 0 units: when one more would fit), else the
+        seconds to wait. Fails open (0) while Redis is away."""
+        try:
+            return float(
+                self._script(
+                    keys=[self._key_prefix + subject],
+                    args=[self._interval, units, WINDOW_SECONDS],
+                )
+            )
+        except redis.RedisError as exc:
+            log.warning("rate limit not applied, Redis unavailable: %s", exc)
+            return 0.0
