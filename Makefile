@@ -47,7 +47,7 @@ scale: $(STAMP)
 	$(PY) -m ops scale --processes '$(N)'
 
 test: $(STAMP) compose-tool promtool
-	$(PY) -m ops services
+	$(PY) -m ops services --test-database
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
 	$(VENV)/bin/mypy

@@ -298,7 +298,7 @@ class WebhookSettings:
 class Settings:
     """Everything a pixelmill process needs, read once at start-up."""
 
-    postgres_url: str = "postgresql://postgres@127.0.0.1:5432/postgres"
+    postgres_url: str = "postgresql://pixelmill:pixelmill@127.0.0.1:5432/pixelmill"
     redis_url: str = "redis://127.0.0.1:6379/0"
     redis_prefix: str = "pixelmill:"
     storage: StorageSettings = field(default_factory=StorageSettings)

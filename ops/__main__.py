@@ -21,7 +21,7 @@ from ops.capacity import capacity_command
 from ops.dlq import dlq_command
 from ops.s3server import S3ServerError
 from ops.scale import autoscale_command, override_notice, scale_command
-from ops.services import ServicesUnavailable, ensure_services
+from ops.services import LOCAL_TEST_POSTGRES_URL, ServicesUnavailable, ensure_services
 from ops.stack import NEXT_STEPS, LocalStack, StackError, StatePaths, project_root
 from ops.status import node_check_command, status_command
 
@@ -73,8 +73,16 @@ def services_command(argv: list[str]) -> int:
     """Make sure PostgreSQL, Redis and RabbitMQ answer (--check-only: never install or start)."""
     parser = argparse.ArgumentParser(prog="python -m ops services")
     parser.add_argument("--check-only", action="store_true", help="report, do not start anything")
+    parser.add_argument(
+        "--test-database",
+        action="store_true",
+        help="also the test suite's database (TEST_POSTGRES_URL, else the local default)",
+    )
     args = parser.parse_args(argv)
-    ensure_services(Settings.from_env(), allow_install=not args.check_only)
+    extra = (
+        [os.environ.get("TEST_POSTGRES_URL", LOCAL_TEST_POSTGRES_URL)] if args.test_database else []
+    )
+    ensure_services(Settings.from_env(), allow_install=not args.check_only, extra_databases=extra)
     print("PostgreSQL, Redis and RabbitMQ are reachable")
     return 0
 

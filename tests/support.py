@@ -42,11 +42,12 @@ from db.images import NewImage
 from db.pool import Database
 from engine.webhooks import WebhookDeliverer
 from ingest.client import FormPart, encode_multipart
+from ops.services import LOCAL_TEST_POSTGRES_URL
 from ops.worker_process import start_worker as start_worker
 from ops.worker_process import stop_worker as stop_worker
 
 ROOT = Path(__file__).resolve().parent.parent
-BASE_POSTGRES_URL = os.environ.get("TEST_POSTGRES_URL", "postgresql://postgres@127.0.0.1:5432/test")
+BASE_POSTGRES_URL = os.environ.get("TEST_POSTGRES_URL", LOCAL_TEST_POSTGRES_URL)
 REDIS_URL = os.environ.get("TEST_REDIS_URL", "redis://127.0.0.1:6379/0")
 RABBITMQ_URL = os.environ.get("TEST_RABBITMQ_URL", "amqp://guest:guest@127.0.0.1:5672/%2F")
 S3_ACCESS_KEY = "pixelmill-test"

@@ -9,10 +9,12 @@ import shutil
 import subprocess
 import sys
 import urllib.request
+import uuid
 from collections.abc import Iterator
 from pathlib import Path
 from urllib.parse import urlsplit
 
+import psycopg
 import pytest
 from minio import Minio
 from minio.error import S3Error
@@ -21,7 +23,13 @@ from common.config import QueueSettings, Settings, StorageSettings
 from ops.__main__ import main as ops_main
 from ops.background import BackgroundProcess, Stopped, command_line
 from ops.s3server import LocalS3Server, WeedPorts, pick_free_s3_port, port_is_open
-from ops.services import ServicesUnavailable, ensure_services
+from ops.services import (
+    DatabaseLogin,
+    ServicesUnavailable,
+    can_manage_packages,
+    ensure_services,
+    provision_postgres,
+)
 from ops.stack import LocalStack, StatePaths
 from tests.support import COMPOSE_SECRETS, free_port, wait_for
 
@@ -243,7 +251,9 @@ def test_ensure_services_accepts_the_running_services(
 
     real_services_for = ops.services.services_for
     monkeypatch.setattr(
-        ops.services, "services_for", lambda s: [recording(x) for x in real_services_for(s)]
+        ops.services,
+        "services_for",
+        lambda s, extra=(): [recording(x) for x in real_services_for(s, extra)],
     )
     monkeypatch.setattr(
         ops.services,
@@ -262,6 +272,45 @@ def test_ensure_services_accepts_the_running_services(
         ("RabbitMQ", address(settings.queue.url)),
         ("Redis", address(settings.redis_url)),
     ]
+
+
+@pytest.mark.skipif(
+    not can_manage_packages(), reason="provisioning needs root on Debian with a local PostgreSQL"
+)
+def test_a_database_url_the_server_refuses_gets_its_role_and_database_once() -> None:
+    """What `make test` does on a fresh machine: the URL's login is refused, ensure_services
+    creates its role and database through the server's own account, and a second provisioning
+    finds both and changes nothing."""
+    name = f"pm_prov_{uuid.uuid4().hex[:8]}"
+    url = f"postgresql://{name}:secret-{name}@127.0.0.1:5432/{name}"
+    settings = Settings(postgres_url=url)
+    with pytest.raises(ServicesUnavailable, match=r"PostgreSQL at 127\.0\.0\.1:5432 refused"):
+        ensure_services(settings, allow_install=False)
+    try:
+        ensure_services(settings)
+
+        with psycopg.connect(url) as conn:
+            row = conn.execute("SELECT current_user, current_database()").fetchone()
+        assert row == (name, name)
+        assert provision_postgres(url) == [f"role {name} exists", f"database {name} exists"]
+    finally:
+        for statement in (f"DROP DATABASE IF EXISTS {name}", f"DROP ROLE IF EXISTS {name}"):
+            subprocess.run(
+                ["runuser", "-u", "postgres", "--", "psql", "-X", "-q", "-c", statement],
+                check=True,
+                capture_output=True,
+            )
+
+
+def test_a_database_url_without_a_password_is_not_provisioned() -> None:
+    with pytest.raises(OSError, match="names no role and password"):
+        provision_postgres("postgresql://postgres@127.0.0.1:5432/postgres")
+
+
+def test_database_login_reads_role_password_and_database_from_the_url() -> None:
+    login = DatabaseLogin.from_url("postgresql://pm%40x:p%3Ass@127.0.0.1:6543/db_1?sslmode=off")
+    assert login == DatabaseLogin(role="pm@x", password="p:ss", database="db_1", port=6543)
+    assert DatabaseLogin.from_url("postgresql://alice:pw@localhost").database == "alice"
 
 
 def test_ensure_services_names_the_missing_service_and_how_to_start_it() -> None:
