@@ -201,6 +201,14 @@ class BodyTimeoutMiddleware:
             # A refused upload: reading the rest of a body the app did not want would let a
             # trickling client hold the connection (see ingest.connection_close).
             request_close(req.env, stream.inner)
+        elif _is_chunked(req) and not req_succeeded and "gunicorn.socket" in req.env:
+            # A chunked body has no length to tell whether it was read to its end; one of a
+            # refused request (an upload without Content-Length is 411) is not wanted either.
+            request_close(req.env, req.env["wsgi.input"])
+
+
+def _is_chunked(req: falcon.Request) -> bool:
+    return "chunked" in (req.get_header("Transfer-Encoding") or "").lower()
 
 
 class UploadSlots:

@@ -38,8 +38,15 @@ class SlowUpload:
         content_type: str,
         piece: int = 1,
         interval: float = TRICKLE_SECONDS,
+        chunked: bool = False,
     ) -> None:
         host, port = base.removeprefix("http://").split(":")
+        # A chunked body trickles as one chunk, announced whole and sent a byte at a time.
+        framing = (
+            f"Transfer-Encoding: chunked\r\n\r\n{len(body):x}\r\n"
+            if chunked
+            else f"Content-Length: {len(body)}\r\n\r\n"
+        )
         self.body = body
         self.piece = piece
         self.interval = interval
@@ -47,7 +54,7 @@ class SlowUpload:
         self.sock.sendall(
             b"POST /api/v1/upload HTTP/1.1\r\nHost: x\r\n"
             + f"Authorization: Bearer {token}\r\nContent-Type: {content_type}\r\n".encode()
-            + f"Content-Length: {len(body)}\r\n\r\n".encode()
+            + framing.encode()
             + body[:100]
         )
         self.sent = 100
@@ -242,21 +249,23 @@ def test_uploads_refused_unread_are_answered_connection_close_and_closed_while_t
     with served_api(env, tmp_path / "api.log", *ONE_PROCESS, **overrides) as (base, _):
         _, token = new_user(issuer)
         body, content_type = upload_body()
-        # One user's uploads past their share (429), a bad token (401) and a declared length
-        # over MAX_UPLOAD_BYTES (413): each refused before its body is read, each trickling on.
-        refusals = {429: 6, 401: 1, 413: 1}
-        for _ in range(refusals[429] + 1):
+        too_long = body + b"\0" * (2 * settings.api.max_upload_bytes)
+        # One user's uploads past their share (429), a bad token (401), a declared length over
+        # MAX_UPLOAD_BYTES (413), then a chunked body (411): each refused before its body is
+        # read, each trickling on.
+        for _ in range(7):
             slow_uploads.append(SlowUpload(base, token, body, content_type))
         slow_uploads.append(SlowUpload(base, "not-a-token", body, content_type))
-        too_long = body + b"\0" * (2 * settings.api.max_upload_bytes)
         slow_uploads.append(SlowUpload(base, new_user(issuer)[1], too_long, content_type))
 
         def answered() -> list[tuple[SlowUpload, int, dict[str, str]]]:
             return [(u, a[0], a[1]) for u in slow_uploads if (a := u.answer()) is not None]
 
-        refused = wait_for(lambda: len(answered()) >= sum(refusals.values()) and answered(), 60)
+        wait_for(lambda: len(answered()) >= 8, timeout=60)
+        slow_uploads.append(SlowUpload(base, new_user(issuer)[1], body, content_type, chunked=True))
+        refused = wait_for(lambda: len(answered()) >= 9 and answered(), timeout=60)
         statuses = sorted(status for _, status, _ in refused)
-        assert statuses == sorted(s for s, n in refusals.items() for _ in range(n))
+        assert statuses == [401, 411, 413, *[429] * 6], statuses
         for _, status, headers in refused:
             assert headers["connection"] == "close", (status, headers)
         closed = [upload for upload, _, _ in refused]
