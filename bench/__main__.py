@@ -1,6 +1,6 @@
 """The benchmarks' command line: `python -m bench COMMAND`.
 
-Commands: corpus, kernel, engine, e2e, fairness, soak, sweep, report, quick, full.
+Commands: corpus, kernel, engine, e2e, fairness, soak, chaos, sweep, report, quick, full.
 
 This is a CLI edge: `engine` and `sweep` read the environment (Settings) for where PostgreSQL,
 RabbitMQ and Redis live; everything they create there is their own and removed afterwards.
@@ -19,6 +19,7 @@ from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
+from bench.chaos import DEFAULT_CHAOS_SEED, ChaosConfig, chaos_markdown, run_chaos
 from bench.corpus import IMAGE_CLASSES, MANIFEST_NAME, bpp_by_class, is_photo_like, write_corpus
 from bench.e2e import E2EConfig, compare_single_and_bulk, e2e_images, e2e_statistics, mint_token
 from bench.e2e import run_upload as run_e2e_upload
@@ -133,7 +134,7 @@ def command_quick(args: argparse.Namespace) -> None:
 
 def command_full(args: argparse.Namespace) -> None:
     """Larger corpus, more repeats, processes 1..cores, PNG and JPEG output; then the fairness
-    benchmark at full scale (about 25 minutes on 2 cores)."""
+    benchmark at full scale (about 25 minutes on 2 cores) and the chaos run at full scale."""
     cores = usable_cores()
     defaults = {
         "repeat": 5,
@@ -152,6 +153,8 @@ def command_full(args: argparse.Namespace) -> None:
     ]
     run_engine(specs, corpus, args.results_dir, "full-engine")
     run_fairness(FairnessConfig(), corpus, args.results_dir, "full-fairness")
+    if not run_chaos_command(ChaosConfig(), args.results_dir, "full-chaos"):
+        sys.exit(1)
 
 
 def _write(
@@ -302,6 +305,30 @@ def command_soak(args: argparse.Namespace) -> None:
     _write("soak", config.summary(), payload, args.results_dir, soak_summary_markdown)
 
 
+def run_chaos_command(config: ChaosConfig, results_root: Path, command: str) -> bool:
+    """A chaos run on a stack of its own; results.json + summary.md; whether nothing was lost."""
+    log_dir = new_run_dir(results_root, command) / "logs"
+    payload = run_chaos(config, log_dir)
+    document = build_document(command, payload.pop("config"), payload, REPO_ROOT)
+    path = write_results(log_dir.parent, document, chaos_markdown(document))
+    print(chaos_markdown(document))
+    print(f"results: {path}  (logs: {log_dir})")
+    return bool(document["verdict"]["passed"])
+
+
+def command_chaos(args: argparse.Namespace) -> None:
+    config = ChaosConfig(
+        uploads=args.uploads,
+        faults=args.faults,
+        seed=args.seed,
+        owners=args.owners,
+        gap_s=(args.min_gap, args.max_gap),
+        settle_timeout_s=args.settle_timeout,
+    )
+    if not run_chaos_command(config, args.results_dir, "chaos"):
+        sys.exit(1)
+
+
 def command_sweep(args: argparse.Namespace) -> None:
     if args.mode == "engine":
         specs = engine_grid(
@@ -417,6 +444,22 @@ def _add_soak_parser(commands: Any) -> None:
     soak.add_argument("--samples", type=int, default=200, help="GETs per idle p99")
 
 
+def _add_chaos_parser(commands: Any) -> None:
+    full = ChaosConfig()
+    chaos = commands.add_parser(
+        "chaos", help="uploads under a seeded schedule of crashes and outages; nothing may be lost"
+    )
+    chaos.add_argument("--uploads", type=int, default=full.uploads, help="images to upload")
+    chaos.add_argument("--faults", type=int, default=full.faults, help="faults to inject")
+    chaos.add_argument("--seed", type=int, default=DEFAULT_CHAOS_SEED, help="of the schedule")
+    chaos.add_argument("--owners", type=int, default=full.owners)
+    chaos.add_argument("--min-gap", type=float, default=full.gap_s[0], help="s between faults")
+    chaos.add_argument("--max-gap", type=float, default=full.gap_s[1], help="s between faults")
+    chaos.add_argument(
+        "--settle-timeout", type=float, default=full.settle_timeout_s, help="longest settle, s"
+    )
+
+
 def _add_sweep_parser(commands: Any) -> None:
     sweep = commands.add_parser("sweep", help="a grid of engine or end-to-end settings")
     sweep.add_argument("--mode", choices=["engine", "e2e"], default="engine")
@@ -458,6 +501,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_e2e_parser(commands)
     _add_fairness_parser(commands)
     _add_soak_parser(commands)
+    _add_chaos_parser(commands)
     _add_sweep_parser(commands)
 
     for name in ("quick", "full"):
@@ -474,8 +518,9 @@ def main(argv: Sequence[str] | None = None) -> None:
     elif args.command == "report":
         for path in generate_report(args.results, args.out):
             print(path)
-    elif args.command in ("engine", "e2e", "fairness", "soak", "sweep"):
+    elif args.command in ("engine", "e2e", "fairness", "soak", "chaos", "sweep"):
         commands = {
+            "chaos": command_chaos,
             "engine": command_engine,
             "e2e": command_e2e,
             "fairness": command_fairness,

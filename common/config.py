@@ -156,6 +156,9 @@ class QueueSettings:
     bulk_shards: int = 4
     # A bulk request of at most this many images is interactive work (0: only single uploads).
     interactive_max_parts: int = 4
+    # Images one user may send as interactive work per minute; past it their requests go to the
+    # bulk lane (0: no limit).
+    interactive_images_per_minute: int = 60
 
 
 @dataclass(frozen=True)
@@ -198,6 +201,8 @@ class ApiSettings:
     body_min_bytes_per_second: int = 16 * 1024
     # Uploads one user may send at once to one API process.
     max_uploads_per_user: int = 4
+    # Batches one user may have open at once (0: no limit); closed ones do not count.
+    max_open_batches_per_user: int = 100
 
     def body_deadline_seconds(self, content_length: int) -> float:
         """How long a body of `content_length` bytes may take to arrive, in all."""
@@ -295,6 +300,24 @@ class WebhookSettings:
 
 
 @dataclass(frozen=True)
+class RetentionSettings:
+    """How long settled work is kept before the worker nodes delete it, rows and objects
+    (engine/retention.py); 0 keeps it forever. README: Retention."""
+
+    # A finished or cancelled batch, its images and its events, this long after it settled.
+    batch_days: float = 0.0
+    # A completed, failed or cancelled image of no batch, this long after it last changed.
+    image_days: float = 0.0
+    sweep_seconds: float = 60.0
+    # Images deleted per round per node (and as many empty batches).
+    sweep_limit: int = 500
+
+    @property
+    def enabled(self) -> bool:
+        return bool(self.batch_days or self.image_days)
+
+
+@dataclass(frozen=True)
 class Settings:
     """Everything a pixelmill process needs, read once at start-up."""
 
@@ -310,6 +333,7 @@ class Settings:
     server: ServerSettings = field(default_factory=ServerSettings)
     environment: str = PRODUCTION
     webhooks: WebhookSettings = field(default_factory=WebhookSettings)
+    retention: RetentionSettings = field(default_factory=RetentionSettings)
 
     @property
     def is_local(self) -> bool:
@@ -336,6 +360,7 @@ class Settings:
             server=_server_from(env),
             environment=environment,
             webhooks=_webhooks_from(env),
+            retention=_retention_from(env),
         )
 
 
@@ -435,6 +460,9 @@ def _queue_from(env: _Env) -> QueueSettings:
         lanes=env.boolean("RABBITMQ_LANES", d.lanes),
         bulk_shards=env.integer("RABBITMQ_BULK_SHARDS", d.bulk_shards, minimum=1),
         interactive_max_parts=env.integer("INTERACTIVE_MAX_PARTS", d.interactive_max_parts),
+        interactive_images_per_minute=env.integer(
+            "INTERACTIVE_IMAGES_PER_MINUTE", d.interactive_images_per_minute
+        ),
     )
 
 
@@ -477,6 +505,9 @@ def _api_from(env: _Env) -> ApiSettings:
             "BODY_MIN_BYTES_PER_SECOND", d.body_min_bytes_per_second, minimum=1
         ),
         max_uploads_per_user=env.integer("MAX_UPLOADS_PER_USER", d.max_uploads_per_user, 1),
+        max_open_batches_per_user=env.integer(
+            "MAX_OPEN_BATCHES_PER_USER", d.max_open_batches_per_user
+        ),
     )
 
 
@@ -568,3 +599,13 @@ def _webhook_ports(env: _Env, allow_private: bool) -> frozenset[int] | None:
             f"WEBHOOK_ALLOWED_PORTS={raw!r} must be comma-separated ports (1-65535) or `any`"
         )
     return frozenset(int(p) for p in ports)
+
+
+def _retention_from(env: _Env) -> RetentionSettings:
+    d = RetentionSettings()
+    return RetentionSettings(
+        batch_days=env.decimal("BATCH_RETENTION_DAYS", d.batch_days),
+        image_days=env.decimal("IMAGE_RETENTION_DAYS", d.image_days),
+        sweep_seconds=env.decimal("RETENTION_SWEEP_SECONDS", d.sweep_seconds, minimum=0.1),
+        sweep_limit=env.integer("RETENTION_SWEEP_LIMIT", d.sweep_limit, minimum=1),
+    )

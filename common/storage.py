@@ -161,6 +161,19 @@ class ObjectStore:
             expires=timedelta(seconds=self.settings.presign_seconds),
         )
 
+    def inventory(self) -> tuple[dict[str, int], dict[str, int]]:
+        """(originals, results): every stored key with its size in bytes, for audits that
+        compare the buckets with the rows (the chaos benchmark)."""
+        with _translated_errors():
+            return (
+                self._sizes(self.settings.raw_bucket),
+                self._sizes(self.settings.processed_bucket),
+            )
+
+    def _sizes(self, bucket: str) -> dict[str, int]:
+        listed = self._client.list_objects(bucket, recursive=True)
+        return {o.object_name: int(o.size or 0) for o in listed if o.object_name is not None}
+
     def check(self) -> None:
         """Raise DependencyUnavailable unless the raw bucket answers (readiness probe)."""
         with _translated_errors():

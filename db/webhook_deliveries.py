@@ -1,7 +1,7 @@
 """Data access for `webhook_deliveries`, the durable outbox of batch and image events: rows are
 added by the transaction that makes the event happen (see `db.batches` and the triggers of
 migration 0007), claimed by the worker nodes' deliverer, marked delivered or retried, and
-deleted once settled for the retention time (migration 0009)."""
+deleted once settled for the retention time (migration 0010)."""
 
 from __future__ import annotations
 

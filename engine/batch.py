@@ -478,8 +478,9 @@ class BatchProcessor:
                 result_height=main.height,
                 renditions=renditions,
                 requested_renditions=work.record.requested_renditions,
-                # What this render stored, for its batch's bytes out.
-                result_size_bytes=sum(r.bytes or 0 for r in stored),
+                # Every output the image has now, those of earlier renders included: its
+                # batch's bytes out count the image as it stands, not only this render.
+                result_size_bytes=sum(r.bytes or 0 for r in renditions),
             )
         )
 

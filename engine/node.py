@@ -32,6 +32,7 @@ from engine.dead_letters import DeadLetterReaper
 from engine.dependencies import DependencyGate
 from engine.health import HealthReporter, WorkProgress
 from engine.outbox import OutboxSweeper
+from engine.retention import RetentionSweeper
 from engine.slots import SlotArena, sweep_stale_segments
 from engine.webhook_retention import WebhookPruner
 from engine.webhooks import WebhookDeliverer
@@ -134,6 +135,7 @@ class WorkerNode:
             interval_seconds=engine.abandoned_upload_sweep_seconds,
             age_seconds=engine.abandoned_upload_age_seconds,
         )
+        self.retention = RetentionSweeper(self.db, self.store, cache, settings.retention)
         self.health = HealthReporter(
             Path(engine.health_file),
             self.progress,
@@ -207,6 +209,7 @@ class WorkerNode:
         self.sweeper.start()
         self.reaper.start()
         self.upload_sweeper.start()
+        self.retention.start()
         self.webhooks.start()
         self.webhook_pruner.start()
         self.control.start()
@@ -237,6 +240,7 @@ class WorkerNode:
         self.sweeper.stop()
         self.reaper.stop()
         self.upload_sweeper.stop()
+        self.retention.stop()
         self.webhooks.stop()
         self.webhook_pruner.stop()
         self.processor.close()

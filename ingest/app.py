@@ -31,7 +31,7 @@ from ingest.middleware import (
     UploadSlots,
 )
 from ingest.openapi import OpenApiResource, openapi_document
-from ingest.rate_limit import BatchRateLimiter, UploadRateLimiter
+from ingest.rate_limit import BatchRateLimiter, InteractiveAllowance, UploadRateLimiter
 from ingest.routes.batches import (
     BatchCancelResource,
     BatchCloseResource,
@@ -97,8 +97,16 @@ def create_app(settings: Settings, deps: Dependencies) -> falcon.App:
     _configure_multipart(app)
     errors.install(app)
 
+    allowance = InteractiveAllowance(
+        deps.cache.client, settings.redis_prefix, settings.queue.interactive_images_per_minute
+    )
     intake = ImageIntake(
-        deps.db, deps.store, deps.publisher, settings.api.idempotency_ttl_seconds, settings.queue
+        deps.db,
+        deps.store,
+        deps.publisher,
+        settings.api.idempotency_ttl_seconds,
+        settings.queue,
+        allowance.take,
     )
     limiter = UploadRateLimiter(
         deps.cache.client, settings.redis_prefix, settings.api.uploads_per_minute
@@ -145,6 +153,7 @@ def _add_batch_routes(app: falcon.App, settings: Settings, deps: Dependencies) -
             deps.db,
             settings.webhooks,
             settings.engine.renditions,
+            settings.api.max_open_batches_per_user,
             BatchRateLimiter(
                 deps.cache.client, settings.redis_prefix, settings.api.batches_per_minute
             ),

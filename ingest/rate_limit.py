@@ -1,5 +1,5 @@
-"""Per-user rate limits, kept in Redis (GCRA): a sliding limit of N images uploaded per minute,
-and of N batches created per minute.
+"""Per-user allowances of N per minute, kept in Redis (GCRA): the upload rate limit, how many of
+a user's images may travel in the interactive lane, and how many batches a user may create.
 
 The generic cell rate algorithm keeps one number per user, the time at which their allowance
 would be fully spent again (the "theoretical arrival time"). Each image moves it 60/N seconds
@@ -18,6 +18,7 @@ import logging
 import math
 
 import redis
+from redis.commands.core import Script
 
 from common.errors import TooManyRequests
 
@@ -49,8 +50,9 @@ return '0'
 
 class UploadRateLimiter:
     def __init__(self, client: redis.Redis, prefix: str, per_minute: int) -> None:
-        self._limit = _PerMinute(client, f"{prefix}ratelimit:upload:", per_minute)
+        self._prefix = prefix
         self._per_minute = per_minute
+        self._script = client.register_script(_GCRA)
 
     def charge(self, subject: str, images: int = 1) -> None:
         """Take `images` uploads from `subject`'s allowance; raise TooManyRequests (and take
@@ -63,15 +65,21 @@ class UploadRateLimiter:
                 f"{self._per_minute} images per minute; send them in smaller requests",
                 WINDOW_SECONDS,
             )
-        self._refuse_after(self._limit.take(subject, images))
+        self._run(subject, images)
 
     def ensure_room(self, subject: str) -> None:
         """Raise TooManyRequests unless one more image would fit now; takes nothing. For a
         request whose image count is known only once its body is read."""
         if self._per_minute > 0:
-            self._refuse_after(self._limit.take(subject, 0))
+            self._run(subject, 0)
 
-    def _refuse_after(self, wait: float) -> None:
+    def _run(self, subject: str, images: int) -> None:
+        key = f"{self._prefix}ratelimit:upload:{subject}"
+        try:
+            wait = _seconds_to_wait(self._script, key, self._per_minute, images)
+        except redis.RedisError as exc:
+            log.warning("rate limit not applied, Redis unavailable: %s", exc)
+            return
         if wait > 0:
             raise TooManyRequests(
                 f"upload limit of {self._per_minute} images per minute reached",
@@ -79,18 +87,50 @@ class UploadRateLimiter:
             )
 
 
-class BatchRateLimiter:
-    """Per-user limit on batch creations (`BATCHES_PER_MINUTE`), the same sliding limit on a
-    key of its own: each creation is answered before its body is read."""
+class InteractiveAllowance:
+    """How many images a user may send in the interactive lane per minute: a request whose images
+    do not fit goes to the bulk lane instead (nothing is refused), so one user's stream of small
+    requests cannot take the lane that keeps everyone's single uploads fast."""
 
     def __init__(self, client: redis.Redis, prefix: str, per_minute: int) -> None:
-        self._limit = _PerMinute(client, f"{prefix}ratelimit:batches:", per_minute)
+        self._prefix = prefix
         self._per_minute = per_minute
+        self._script = client.register_script(_GCRA)
+
+    def take(self, subject: str, images: int) -> bool:
+        """True, and `images` taken from `subject`'s allowance, if they fit; False (nothing
+        taken) otherwise. Without Redis every request fits, as it did before the allowance."""
+        if self._per_minute <= 0:
+            return True
+        if images > self._per_minute:
+            return False
+        key = f"{self._prefix}ratelimit:interactive:{subject}"
+        try:
+            return _seconds_to_wait(self._script, key, self._per_minute, images) <= 0
+        except redis.RedisError as exc:
+            log.warning("interactive allowance not applied, Redis unavailable: %s", exc)
+            return True
+
+
+class BatchRateLimiter:
+    """Per-user limit on batch creations (`BATCHES_PER_MINUTE`), the same sliding limit on a key
+    of its own: each creation is answered before its body is read."""
+
+    def __init__(self, client: redis.Redis, prefix: str, per_minute: int) -> None:
+        self._prefix = prefix
+        self._per_minute = per_minute
+        self._script = client.register_script(_GCRA)
 
     def charge(self, subject: str) -> None:
+        """Take one creation from `subject`'s allowance, or raise TooManyRequests."""
         if self._per_minute <= 0:
             return
-        wait = self._limit.take(subject, 1)
+        key = f"{self._prefix}ratelimit:batches:{subject}"
+        try:
+            wait = _seconds_to_wait(self._script, key, self._per_minute, 1)
+        except redis.RedisError as exc:
+            log.warning("batch creation limit not applied, Redis unavailable: %s", exc)
+            return
         if wait > 0:
             raise TooManyRequests(
                 f"limit of {self._per_minute} new batches per minute reached",
@@ -98,24 +138,7 @@ class BatchRateLimiter:
             )
 
 
-class _PerMinute:
-    """The GCRA script on keys `key_prefix + subject`, at `per_minute` units per minute."""
-
-    def __init__(self, client: redis.Redis, key_prefix: str, per_minute: int) -> None:
-        self._key_prefix = key_prefix
-        self._interval = WINDOW_SECONDS / max(1, per_minute)
-        self._script = client.register_script(_GCRA)
-
-    def take(self, subject: str, units: int) -> float:
-        """0 when `units` fit (and are taken; 0 units: when one more would fit), else the
-        seconds to wait. Fails open (0) while Redis is away."""
-        try:
-            return float(
-                self._script(
-                    keys=[self._key_prefix + subject],
-                    args=[self._interval, units, WINDOW_SECONDS],
-                )
-            )
-        except redis.RedisError as exc:
-            log.warning("rate limit not applied, Redis unavailable: %s", exc)
-            return 0.0
+def _seconds_to_wait(script: Script, key: str, per_minute: int, images: int) -> float:
+    """Run the GCRA script for `images` of `per_minute`: 0 when they fit (and were taken)."""
+    interval = WINDOW_SECONDS / per_minute
+    return float(script(keys=[key], args=[interval, images, WINDOW_SECONDS]))

@@ -1,157 +1,22 @@
-"""Fault-injection helpers: a pausable TCP proxy, an S3 proxy that fails chosen keys, a private
-Redis, and the accounting that checks the reliability promise (every accepted upload ends
-terminal, exactly one result per completed image, nothing left behind by rejected ones)."""
+"""Fault-injection helpers: a pausable TCP proxy and a private Redis (from ops, which the chaos
+benchmark shares), an S3 proxy that fails chosen keys, and the accounting that checks the
+reliability promise (every accepted upload ends terminal, exactly one result per completed
+image, nothing left behind by rejected ones)."""
 
 from __future__ import annotations
 
-import contextlib
 import datetime
 import http.client
-import socket
-import subprocess
 import threading
 import time
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from pathlib import Path
 
 import psycopg
-import redis
 
-from tests.support import ApiClient, StackProbe, free_port, wait_for
-
-
-def _close(sock: socket.socket) -> None:
-    with contextlib.suppress(OSError):
-        sock.shutdown(socket.SHUT_RDWR)
-    with contextlib.suppress(OSError):
-        sock.close()
-
-
-class TcpProxy:
-    """Forwards 127.0.0.1:`port` to `target_port`, so a shared service can be made unreachable
-    for one stack only: `pause()` drops every open connection and refuses new ones (the listener
-    is closed), `resume()` listens again on the same port. `tap`, when given, is called once per
-    accepted connection and returns the function that sees every chunk the client sends, before
-    the service does."""
-
-    def __init__(
-        self,
-        target_port: int,
-        target_host: str = "127.0.0.1",
-        tap: Callable[[], Callable[[bytes], None]] | None = None,
-    ) -> None:
-        self.target = (target_host, target_port)
-        self._tap = tap
-        self.port = free_port()
-        self._lock = threading.Lock()
-        self._open: set[socket.socket] = set()
-        self._listener: socket.socket | None = None
-        self._acceptor: threading.Thread | None = None
-
-    def start(self) -> None:
-        listener = socket.socket()
-        listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        listener.bind(("127.0.0.1", self.port))
-        listener.listen(128)
-        self._listener = listener
-        self._acceptor = threading.Thread(target=self._accept, args=(listener,), daemon=True)
-        self._acceptor.start()
-
-    def pause(self) -> None:
-        """Refuse new connections and reset every open one, as if the service went down."""
-        listener, self._listener = self._listener, None
-        if listener is not None:
-            _close(listener)
-        if self._acceptor is not None:
-            self._acceptor.join(timeout=5)
-        with self._lock:
-            victims, self._open = self._open, set()
-        for sock in victims:
-            _close(sock)
-
-    def resume(self) -> None:
-        self.start()
-
-    def close(self) -> None:
-        self.pause()
-
-    def _accept(self, listener: socket.socket) -> None:
-        while True:
-            try:
-                client, _ = listener.accept()
-            except OSError:
-                return  # the listener was closed by pause()
-            try:
-                upstream = socket.create_connection(self.target, timeout=5)
-            except OSError:
-                _close(client)
-                continue
-            upstream.settimeout(None)
-            with self._lock:
-                self._open.update((client, upstream))
-            sent = self._tap() if self._tap is not None else None
-            for source, sink, seen in ((client, upstream, sent), (upstream, client, None)):
-                threading.Thread(target=self._pump, args=(source, sink, seen), daemon=True).start()
-
-    def _pump(
-        self,
-        source: socket.socket,
-        sink: socket.socket,
-        seen: Callable[[bytes], None] | None = None,
-    ) -> None:
-        try:
-            while chunk := source.recv(65536):
-                if seen is not None:
-                    seen(chunk)
-                sink.sendall(chunk)
-        except OSError:
-            pass
-        with self._lock:
-            self._open.discard(source)
-            self._open.discard(sink)
-        _close(source)
-        _close(sink)
-
-
-class PrivateRedis:
-    """A `redis-server` of this test module only, without persistence, that can be killed."""
-
-    def __init__(self, log_path: Path) -> None:
-        self.port = free_port()
-        self.log_path = log_path
-        self._process: subprocess.Popen[bytes] | None = None
-
-    @property
-    def url(self) -> str:
-        return f"redis://127.0.0.1:{self.port}/0"
-
-    def start(self, timeout: float = 10.0) -> None:
-        with self.log_path.open("ab") as log:
-            self._process = subprocess.Popen(
-                [
-                    "redis-server",
-                    *("--port", str(self.port), "--bind", "127.0.0.1"),
-                    *("--save", "", "--appendonly", "no", "--daemonize", "no"),
-                ],
-                stdout=log,
-                stderr=subprocess.STDOUT,
-            )
-        client = redis.Redis.from_url(self.url, socket_connect_timeout=0.2)
-        wait_for(lambda: _pings(client), timeout, what="the private Redis to answer")
-
-    def kill(self) -> None:
-        if self._process is not None and self._process.poll() is None:
-            self._process.kill()
-            self._process.wait()
-
-
-def _pings(client: redis.Redis) -> bool:
-    try:
-        return bool(client.ping())
-    except redis.RedisError:
-        return False
+from ops.private_services import PrivateRedis as PrivateRedis
+from ops.tcp_proxy import TcpProxy as TcpProxy
+from tests.support import ApiClient, StackProbe
 
 
 @dataclass

@@ -2,8 +2,8 @@
 
 Helpers that benchmarks need too live in the package and are re-exported here, so that a test
 module finds every helper in this one place: waiting (common.waiting), worker nodes
-(ops.worker_process), the multipart encoder (ingest.client); queue depth and deletion are in
-common.broker, throwaway schemas in db.schemas."""
+(ops.worker_process), free ports (ops.tcp_proxy), the multipart encoder (ingest.client); queue
+depth and deletion are in common.broker, throwaway schemas in db.schemas."""
 
 from __future__ import annotations
 
@@ -43,6 +43,7 @@ from db.pool import Database
 from engine.webhooks import WebhookDeliverer
 from ingest.client import FormPart, encode_multipart
 from ops.services import LOCAL_TEST_POSTGRES_URL
+from ops.tcp_proxy import free_port as free_port
 from ops.worker_process import start_worker as start_worker
 from ops.worker_process import stop_worker as stop_worker
 
@@ -283,12 +284,6 @@ class OwnStack:
             stop_worker(node)
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
 def _answers(url: str) -> bool:
     try:
         with urllib.request.urlopen(url, timeout=1) as response:
@@ -368,6 +363,29 @@ def render_or_misbehave(task: Any) -> Any:
         view[: len(image)] = image
         task = dataclasses.replace(task, input_length=len(image))  # its renditions kept
     return render_slot(task)
+
+
+@contextlib.contextmanager
+def running_node(settings: Settings, tmp_path: Path, **engine: object) -> Iterator[Any]:
+    """A worker node in this process whose CPU processes misbehave on marked inputs (see
+    `render_or_misbehave`), with engine settings `engine` overlaid; stopped on exit."""
+    from engine.node import WorkerNode
+
+    tuned = dataclasses.replace(
+        settings,
+        engine=dataclasses.replace(
+            settings.engine, processes=2, health_file=str(tmp_path / "health.json"), **engine
+        ),
+    )
+    node = WorkerNode(tuned, render=render_or_misbehave)
+    thread = threading.Thread(target=node.run, name="node-under-test", daemon=True)
+    thread.start()
+    try:
+        yield node
+    finally:
+        node.stop()
+        thread.join(timeout=120)
+        assert not thread.is_alive(), "the node did not stop"
 
 
 class PendingJobs:

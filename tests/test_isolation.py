@@ -4,9 +4,6 @@ own batch and in any other batch in flight, and the node goes on."""
 
 from __future__ import annotations
 
-import contextlib
-import dataclasses
-import threading
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -15,7 +12,6 @@ import pytest
 
 from common.config import Settings
 from engine.batch import CRASH_REASON
-from engine.node import WorkerNode
 from tests.support import (
     CRASH_MARKER,
     HANG_MARKER,
@@ -23,7 +19,7 @@ from tests.support import (
     StackProbe,
     jpeg,
     paused,
-    render_or_misbehave,
+    running_node,
     wait_for,
 )
 
@@ -35,26 +31,6 @@ def jobs(private_queue: Settings, user_id: str) -> Iterator[PendingJobs]:
     made = PendingJobs(private_queue, user_id)
     yield made
     made.close()
-
-
-@contextlib.contextmanager
-def running_node(settings: Settings, tmp_path: Path, **engine: object) -> Iterator[WorkerNode]:
-    """A worker node in this process whose CPU processes misbehave on marked inputs."""
-    tuned = dataclasses.replace(
-        settings,
-        engine=dataclasses.replace(
-            settings.engine, processes=2, health_file=str(tmp_path / "health.json"), **engine
-        ),
-    )
-    node = WorkerNode(tuned, render=render_or_misbehave)
-    thread = threading.Thread(target=node.run, name="node-under-test", daemon=True)
-    thread.start()
-    try:
-        yield node
-    finally:
-        node.stop()
-        thread.join(timeout=120)
-        assert not thread.is_alive(), "the node did not stop"
 
 
 def statuses(probe: StackProbe, owner: str) -> dict[uuid.UUID, tuple[str, str | None]]:
