@@ -168,6 +168,8 @@ class AuthSettings:
     keycloak_url: str = "http://127.0.0.1:8180"
     realm: str = "ImageProcessor"
     client_id: str = "api-gateway-client"
+    # The public client the web console signs in with (its tokens carry `client_id` in `aud`).
+    console_client_id: str = "pixelmill-console"
     algorithms: tuple[str, ...] = ("RS256",)
     leeway_seconds: int = 30
     jwks_refresh_seconds: int = 60
@@ -479,6 +481,7 @@ def _auth_from(env: _Env) -> AuthSettings:
         keycloak_url=env.url("KEYCLOAK_URL", d.keycloak_url, ("http", "https")),
         realm=env.text("KEYCLOAK_REALM", d.realm),
         client_id=env.text("KEYCLOAK_CLIENT_ID", d.client_id),
+        console_client_id=env.text("CONSOLE_CLIENT_ID", d.console_client_id),
         algorithms=algorithms,
         leeway_seconds=env.integer("JWT_LEEWAY_SECONDS", d.leeway_seconds),
         jwks_refresh_seconds=env.integer("JWKS_REFRESH_SECONDS", d.jwks_refresh_seconds, 1),

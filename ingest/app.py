@@ -40,6 +40,7 @@ from ingest.routes.batches import (
     BatchResource,
     BatchRetryResource,
 )
+from ingest.routes.console import CONSOLE_PATH, ConsoleSink
 from ingest.routes.health import HealthResource, ReadinessResource
 from ingest.routes.images import ImageCollectionResource, ImageResource, RenditionResource
 from ingest.routes.upload import BulkUploadResource, UploadResource
@@ -143,6 +144,7 @@ def create_app(settings: Settings, deps: Dependencies) -> falcon.App:
         "/api/v1/images/{image_id}/renditions/{name}", RenditionResource(image, deps.store)
     )
     _add_batch_routes(app, settings, deps)
+    app.add_sink(ConsoleSink(settings), CONSOLE_PATH)
     return app
 
 

@@ -277,8 +277,14 @@ class UploadSlotMiddleware:
 
 
 class SecurityHeadersMiddleware:
+    """The same headers on every answer; a page (the console) names its own, still strict,
+    Content-Security-Policy in `resp.context.content_security_policy`."""
+
     def process_response(
         self, req: falcon.Request, resp: falcon.Response, resource: Any, req_succeeded: bool
     ) -> None:
         for name, value in SECURITY_HEADERS.items():
             resp.set_header(name, value)
+        policy = resp.context.get("content_security_policy")
+        if policy:
+            resp.set_header("Content-Security-Policy", policy)

@@ -20,6 +20,7 @@ import subprocess
 import sys
 import threading
 import time
+import urllib.error
 import urllib.request
 import uuid
 from collections.abc import Iterator
@@ -42,6 +43,7 @@ from db.images import NewImage
 from db.pool import Database
 from engine.webhooks import WebhookDeliverer
 from ingest.client import FormPart, encode_multipart
+from ops.keycloak_server import ADMIN_USER, DEMO_FILE, REALM_FILE, password_grant
 from ops.services import LOCAL_TEST_POSTGRES_URL
 from ops.tcp_proxy import free_port as free_port
 from ops.worker_process import start_worker as start_worker
@@ -489,6 +491,76 @@ def kill_tree(process: subprocess.Popen[bytes]) -> None:
     for child in children:
         with contextlib.suppress(ProcessLookupError):
             os.kill(int(child), signal.SIGKILL)
+
+
+# The bootstrap admin password of the tests' Keycloak (a throwaway server on loopback).
+KEYCLOAK_TEST_ADMIN_PASSWORD = "keycloak-test-admin"
+
+
+class KeycloakAdmin:
+    """Keycloak's admin REST API as the bootstrap admin of the master realm, for tests that
+    change realms, clients, users and keys."""
+
+    def __init__(self, base_url: str, password: str = KEYCLOAK_TEST_ADMIN_PASSWORD) -> None:
+        self.base_url = base_url.rstrip("/")
+        self.password = password
+
+    def call(self, method: str, path: str, body: Any = None) -> Any:
+        """`method` on /admin/realms`path`; the parsed JSON answer, or None when it has none."""
+        token = password_grant(self.base_url, "master", "admin-cli", ADMIN_USER, self.password)
+        request = urllib.request.Request(
+            f"{self.base_url}/admin/realms{path}",
+            method=method,
+            data=None if body is None else json.dumps(body).encode(),
+            headers={
+                "Authorization": f"Bearer {token['access_token']}",
+                "Content-Type": "application/json",
+            },
+        )
+        try:
+            with urllib.request.urlopen(request, timeout=30) as response:
+                answer = response.read()
+        except urllib.error.HTTPError as exc:
+            raise AssertionError(f"{method} {path}: {exc.code} {exc.read()[:500]!r}") from exc
+        return json.loads(answer) if answer else None
+
+    def client_uuid(self, realm: str, client_id: str) -> str:
+        [client] = self.call("GET", f"/{realm}/clients?clientId={client_id}")
+        return str(client["id"])
+
+    def update_client(self, realm: str, client_id: str, changes: dict[str, Any]) -> None:
+        uuid_ = self.client_uuid(realm, client_id)
+        client = self.call("GET", f"/{realm}/clients/{uuid_}")
+        merged = {**client, **changes, "attributes": {**client.get("attributes", {})}}
+        merged["attributes"].update(changes.get("attributes", {}))
+        self.call("PUT", f"/{realm}/clients/{uuid_}", merged)
+
+    def add_user(self, realm: str, username: str, password: str, roles: list[str]) -> None:
+        user = {
+            "username": username,
+            "enabled": True,
+            "emailVerified": True,
+            "firstName": username,
+            "lastName": "Test",
+            "email": f"{username}@pixelmill.invalid",
+            "credentials": [{"type": "password", "value": password, "temporary": False}],
+        }
+        self.call("POST", f"/{realm}/users", user)
+        if roles:
+            [found] = self.call("GET", f"/{realm}/users?username={username}&exact=true")
+            mappings = [self.call("GET", f"/{realm}/roles/{role}") for role in roles]
+            self.call("POST", f"/{realm}/users/{found['id']}/role-mappings/realm", mappings)
+
+    def copy_of_realm_file(self, name: str, *, demo: bool) -> str:
+        """A new realm `name` from the realm file compose imports, as an import would make it;
+        with `demo`, also its demo users and password logins on the API's client, as
+        demo_users.sh adds them."""
+        realm = {**json.loads(REALM_FILE.read_text()), "realm": name}
+        if demo:
+            realm["users"] = json.loads(DEMO_FILE.read_text())["users"]
+            realm["clients"] = [{**c, "directAccessGrantsEnabled": True} for c in realm["clients"]]
+        self.call("POST", "", realm)
+        return name
 
 
 # --- Webhook receivers and the deliverer, for tests of webhook deliveries --------------------
