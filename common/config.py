@@ -197,6 +197,8 @@ class ApiSettings:
     cache_ttl_seconds: int = 30
     cors_origins: tuple[str, ...] = ()
     uploads_per_minute: int = 600
+    # Batches one user may create in any 60 s (0: no limit).
+    batches_per_minute: int = 60
     # A body must average this rate (after `body_timeout_seconds` of grace) or it is cut off.
     body_min_bytes_per_second: int = 16 * 1024
     # Uploads one user may send at once to one API process.
@@ -288,10 +290,15 @@ class WebhookSettings:
     encryption_key: str = DEVELOPMENT_WEBHOOK_KEY
     # Private, loopback and link-local targets (and plain http) are refused unless true.
     allow_private: bool = False
+    # The whole of one attempt: resolving, connecting, TLS, sending and the response head.
     timeout_seconds: float = 5.0
     # A delivery is retried with backoff until it is this old, then abandoned.
     retry_hours: float = 24.0
     sweep_seconds: float = 2.0
+    # The ports a callback URL may name; None: every port.
+    allowed_ports: frozenset[int] | None = frozenset({80, 443})
+    # Delivered and abandoned events are deleted once settled this long.
+    retention_hours: float = 168.0
 
 
 @dataclass(frozen=True)
@@ -496,6 +503,7 @@ def _api_from(env: _Env) -> ApiSettings:
         cache_ttl_seconds=env.integer("CACHE_TTL_SECONDS", d.cache_ttl_seconds, minimum=1),
         cors_origins=env.names("CORS_ORIGINS", ""),
         uploads_per_minute=env.integer("UPLOADS_PER_MINUTE", d.uploads_per_minute),
+        batches_per_minute=env.integer("BATCHES_PER_MINUTE", d.batches_per_minute),
         body_min_bytes_per_second=env.integer(
             "BODY_MIN_BYTES_PER_SECOND", d.body_min_bytes_per_second, minimum=1
         ),
@@ -568,13 +576,32 @@ def _webhooks_from(env: _Env) -> WebhookSettings:
     key = env.raw("WEBHOOK_ENCRYPTION_KEY", d.encryption_key)
     if len(key) < 16:
         raise ConfigError("WEBHOOK_ENCRYPTION_KEY must be at least 16 characters (use 32+ random)")
+    allow_private = env.boolean("WEBHOOK_ALLOW_PRIVATE", d.allow_private)
     return WebhookSettings(
         encryption_key=key,
-        allow_private=env.boolean("WEBHOOK_ALLOW_PRIVATE", d.allow_private),
+        allow_private=allow_private,
         timeout_seconds=env.decimal("WEBHOOK_TIMEOUT_SECONDS", d.timeout_seconds, minimum=0.1),
         retry_hours=env.decimal("WEBHOOK_RETRY_HOURS", d.retry_hours, minimum=0.01),
         sweep_seconds=env.decimal("WEBHOOK_SWEEP_SECONDS", d.sweep_seconds, minimum=0.1),
+        allowed_ports=_webhook_ports(env, allow_private),
+        retention_hours=env.decimal("WEBHOOK_RETENTION_HOURS", d.retention_hours, minimum=0.01),
     )
+
+
+def _webhook_ports(env: _Env, allow_private: bool) -> frozenset[int] | None:
+    """WEBHOOK_ALLOWED_PORTS: comma-separated ports, or `any`; unset, 80 and 443, or every port
+    where private targets are allowed (local receivers listen on ports of their own)."""
+    raw = env.raw("WEBHOOK_ALLOWED_PORTS", "").strip().lower()
+    if raw == "any" or (raw == "" and allow_private):
+        return None
+    if raw == "":
+        return WebhookSettings().allowed_ports
+    ports = {item.strip() for item in raw.split(",") if item.strip()}
+    if not ports or not all(p.isdigit() and 1 <= int(p) <= 65535 for p in ports):
+        raise ConfigError(
+            f"WEBHOOK_ALLOWED_PORTS={raw!r} must be comma-separated ports (1-65535) or `any`"
+        )
+    return frozenset(int(p) for p in ports)
 
 
 def _retention_from(env: _Env) -> RetentionSettings:

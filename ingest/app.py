@@ -18,6 +18,7 @@ from common.storage import ObjectStore
 from db.pool import Database
 from ingest import errors
 from ingest.auth import TokenVerifier
+from ingest.connection_close import CloseRefusedConnections
 from ingest.intake import ImageIntake
 from ingest.metrics import MetricsMiddleware, MetricsResource
 from ingest.middleware import (
@@ -30,7 +31,7 @@ from ingest.middleware import (
     UploadSlots,
 )
 from ingest.openapi import OpenApiResource, openapi_document
-from ingest.rate_limit import InteractiveAllowance, UploadRateLimiter
+from ingest.rate_limit import BatchRateLimiter, InteractiveAllowance, UploadRateLimiter
 from ingest.routes.batches import (
     BatchCancelResource,
     BatchCloseResource,
@@ -155,6 +156,9 @@ def _add_batch_routes(app: falcon.App, settings: Settings, deps: Dependencies) -
             settings.webhooks,
             settings.engine.renditions,
             settings.api.max_open_batches_per_user,
+            BatchRateLimiter(
+                deps.cache.client, settings.redis_prefix, settings.api.batches_per_minute
+            ),
         ),
     )
     app.add_route("/api/v1/batches/{batch_id}", BatchResource(deps.db))
@@ -175,7 +179,9 @@ def _configure_multipart(app: falcon.App) -> None:
     app.req_options.media_handlers[falcon.MEDIA_MULTIPART] = handler
 
 
-def get_app() -> falcon.App:
-    """Entry point for gunicorn (`ingest.app:get_app()`), called after fork in each worker."""
+def get_app() -> CloseRefusedConnections:
+    """Entry point for gunicorn (`ingest.app:get_app()`), called after fork in each worker.
+    (`pixelmill-api` also sets the hook that makes a refused upload's answer say
+    `Connection: close`; see ingest.connection_close.)"""
     settings = Settings.from_env()
-    return create_app(settings, Dependencies.connect(settings))
+    return CloseRefusedConnections(create_app(settings, Dependencies.connect(settings)))

@@ -619,8 +619,9 @@ def _batch_paths() -> dict[str, Any]:
                 },
                 "responses": {
                     "201": _json("CreatedBatch", "created, open"),
-                    # 409: MAX_OPEN_BATCHES_PER_USER of yours are open already.
-                    **_errors(400, 401, 403, 409, 415, 503),
+                    # 409: MAX_OPEN_BATCHES_PER_USER of yours are open already; 429: past
+                    # BATCHES_PER_MINUTE.
+                    **_errors(400, 401, 403, 409, 415, 429, 503),
                 },
             },
             "get": {

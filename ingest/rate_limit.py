@@ -1,5 +1,5 @@
-"""Per-user allowances of N images per minute, kept in Redis (GCRA): the upload rate limit, and
-how many of a user's images may travel in the interactive lane.
+"""Per-user allowances of N per minute, kept in Redis (GCRA): the upload rate limit, how many of
+a user's images may travel in the interactive lane, and how many batches a user may create.
 
 The generic cell rate algorithm keeps one number per user, the time at which their allowance
 would be fully spent again (the "theoretical arrival time"). Each image moves it 60/N seconds
@@ -110,6 +110,32 @@ class InteractiveAllowance:
         except redis.RedisError as exc:
             log.warning("interactive allowance not applied, Redis unavailable: %s", exc)
             return True
+
+
+class BatchRateLimiter:
+    """Per-user limit on batch creations (`BATCHES_PER_MINUTE`), the same sliding limit on a key
+    of its own: each creation is answered before its body is read."""
+
+    def __init__(self, client: redis.Redis, prefix: str, per_minute: int) -> None:
+        self._prefix = prefix
+        self._per_minute = per_minute
+        self._script = client.register_script(_GCRA)
+
+    def charge(self, subject: str) -> None:
+        """Take one creation from `subject`'s allowance, or raise TooManyRequests."""
+        if self._per_minute <= 0:
+            return
+        key = f"{self._prefix}ratelimit:batches:{subject}"
+        try:
+            wait = _seconds_to_wait(self._script, key, self._per_minute, 1)
+        except redis.RedisError as exc:
+            log.warning("batch creation limit not applied, Redis unavailable: %s", exc)
+            return
+        if wait > 0:
+            raise TooManyRequests(
+                f"limit of {self._per_minute} new batches per minute reached",
+                max(1, math.ceil(wait)),
+            )
 
 
 def _seconds_to_wait(script: Script, key: str, per_minute: int, images: int) -> float:

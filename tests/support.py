@@ -10,9 +10,12 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import hashlib
+import http.server
+import itertools
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -38,6 +41,7 @@ from common.waiting import wait_for as wait_for
 from db import images
 from db.images import NewImage
 from db.pool import Database
+from engine.webhooks import WebhookDeliverer
 from ingest.client import FormPart, encode_multipart
 from ops.keycloak_server import ADMIN_USER, DEMO_FILE, REALM_FILE, password_grant
 from ops.services import LOCAL_TEST_POSTGRES_URL
@@ -579,3 +583,132 @@ class KeycloakAdmin:
             realm["clients"] = [{**c, "directAccessGrantsEnabled": True} for c in realm["clients"]]
         self.call("POST", "", realm)
         return name
+
+
+# --- Webhook receivers and the deliverer, for tests of webhook deliveries --------------------
+
+
+@dataclasses.dataclass
+class Received:
+    path: str
+    headers: dict[str, str]
+    body: bytes
+
+
+class Receiver:
+    """An HTTP endpoint answering each POST with the next of `answers` (the last one repeats)."""
+
+    def __init__(self, answers: list[tuple[int, dict[str, str]]] | None = None) -> None:
+        self.requests: list[Received] = []
+        self.answers = answers or [(204, {})]
+        receiver = self
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def do_POST(self) -> None:
+                body = self.rfile.read(int(self.headers.get("Content-Length", 0)))
+                receiver.requests.append(Received(self.path, dict(self.headers), body))
+                turn = min(len(receiver.requests), len(receiver.answers)) - 1
+                status, headers = receiver.answers[turn]
+                self.send_response(status)
+                for name, value in headers.items():
+                    self.send_header(name, value)
+                self.send_header("Content-Length", "0")
+                self.end_headers()
+
+            def log_message(self, *args: Any) -> None:
+                pass
+
+        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.port = self.server.server_address[1]
+        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+
+    def url(self, host: str = "127.0.0.1", path: str = "/hook") -> str:
+        return f"http://{host}:{self.port}{path}"
+
+    def events(self) -> list[dict[str, Any]]:
+        return [json.loads(r.body) for r in self.requests]
+
+
+class TricklingReceiver:
+    """A hostile endpoint: reads each request, then answers one byte every `interval` s of a
+    response head that never ends, until the test lets go (`release`) or the sender hangs up.
+    Counts the connections it holds and those the sender closed."""
+
+    def __init__(self, interval: float) -> None:
+        self.interval = interval
+        self.accepted = 0
+        self.hung_up = 0
+        self._released = threading.Event()
+        self._lock = threading.Lock()
+        self._listener = socket.create_server(("127.0.0.1", 0))
+        self.port = self._listener.getsockname()[1]
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def url(self, path: str = "/hook") -> str:
+        return f"http://127.0.0.1:{self.port}{path}"
+
+    @property
+    def held(self) -> int:
+        """Connections open now: accepted, not hung up on by the sender."""
+        with self._lock:
+            return self.accepted - self.hung_up
+
+    def release(self) -> None:
+        """Stop trickling: every connection is closed from this side."""
+        self._released.set()
+        self._listener.close()
+
+    def _accept(self) -> None:
+        while not self._released.is_set():
+            try:
+                conn, _ = self._listener.accept()
+            except OSError:
+                return
+            with self._lock:
+                self.accepted += 1
+            threading.Thread(target=self._trickle, args=(conn,), daemon=True).start()
+
+    def _trickle(self, conn: socket.socket) -> None:
+        head = b"HTTP/1.1 200 OK\r\nX-Pad: "
+        with conn:
+            conn.recv(65536)
+            conn.setblocking(False)
+            for sent in itertools.count():
+                if self._released.wait(self.interval):
+                    return
+                if self._sender_hung_up(conn):
+                    with self._lock:
+                        self.hung_up += 1
+                    return
+                with contextlib.suppress(BlockingIOError):
+                    conn.send(head[sent : sent + 1] or b"a")
+
+    @staticmethod
+    def _sender_hung_up(conn: socket.socket) -> bool:
+        try:
+            return conn.recv(1) == b""
+        except BlockingIOError:
+            return False
+        except OSError:
+            return True
+
+
+def create_batch(api: ApiClient, **fields: Any) -> dict[str, Any]:
+    response = api.client.simulate_post("/api/v1/batches", json=fields, headers=api.headers())
+    assert response.status_code == 201, response.text
+    return response.json
+
+
+def close_batch(api: ApiClient, batch_id: str) -> None:
+    response = api.client.simulate_post(f"/api/v1/batches/{batch_id}/close", headers=api.headers())
+    assert response.status_code == 200, response.text
+
+
+@contextlib.contextmanager
+def deliverer_on(settings: Settings, **options: Any) -> Iterator[WebhookDeliverer]:
+    """A deliverer as worker nodes run it, driven round by round by the test."""
+    db = Database(settings.postgres_url)
+    try:
+        yield WebhookDeliverer(db, settings.webhooks, **options)
+    finally:
+        db.close()

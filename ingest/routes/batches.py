@@ -17,11 +17,12 @@ from common.config import WebhookSettings
 from common.errors import BadRequest, Conflict, NotFound
 from common.jobs import JobMessage
 from common.renditions import Rendition
-from common.webhooks import SecretBox, TargetRefused, TargetUnresolved, check_target, new_secret
+from common.webhooks import SecretBox, TargetRefused, check_callback_url, new_secret
 from db import batches, images
 from db.batches import BatchRecord, NewBatch, batch_document
 from db.pool import Database
 from ingest.documents import image_document
+from ingest.rate_limit import BatchRateLimiter
 from ingest.routes.images import MAX_PAGE, decode_cursor, encode_cursor
 from ingest.routes.upload import UPLOAD_ROLE, chosen_renditions
 
@@ -57,23 +58,27 @@ class BatchCollectionResource:
         webhooks: WebhookSettings,
         renditions: Sequence[Rendition],
         max_open_batches: int = 0,
+        limiter: BatchRateLimiter | None = None,
     ) -> None:
         self._db = db
         self._webhooks = webhooks
         self._box = SecretBox(webhooks.encryption_key)
         self._renditions = renditions
         self._max_open = max_open_batches
+        self._limiter = limiter
 
     def on_post(self, req: falcon.Request, resp: falcon.Response) -> None:
+        if self._limiter is not None:
+            # Charged before the body is read, as uploads are.
+            self._limiter.charge(req.context.principal.subject)
         body = req.get_media(default_when_empty={})
         name, callback_url, events, renditions = _creation_fields(body, self._renditions)
         secret = None
         if callback_url is not None:
             try:
-                check_target(callback_url, self._webhooks.allow_private)
-            except TargetUnresolved:
-                # Nothing to vet yet; every delivery resolves and checks the host again.
-                pass
+                # The literal form only: no DNS in a request. Every delivery resolves the host
+                # within its deadline and checks each address.
+                check_callback_url(callback_url, self._webhooks)
             except TargetRefused as exc:
                 raise BadRequest(str(exc)) from None
             secret = new_secret()
