@@ -12,13 +12,15 @@ else
 TOKEN_USER := user
 endif
 ROLES ?= user
+# `make up KEYCLOAK=1`: the real Keycloak on :8080 instead of the local issuer.
+KEYCLOAK ?=
 BENCH_PROFILE ?= quick
 # Every target runs against the local stack, whose secrets are the development ones.
 export PIXELMILL_ENV ?= local
 # Batch webhooks may call receivers on this machine (refused in production).
 export WEBHOOK_ALLOW_PRIVATE ?= true
 
-.PHONY: up down logs ps token scale test lint bench clean compose-tool promtool unzip-tool
+.PHONY: up down logs ps token scale test lint bench clean compose-tool promtool jq-tool chromium unzip-tool
 
 $(STAMP): pyproject.toml
 	@test -x $(PY) || python3 -m venv $(VENV) >&2
@@ -27,7 +29,7 @@ $(STAMP): pyproject.toml
 	@touch $@
 
 up: $(STAMP)
-	$(PY) -m ops up
+	$(PY) -m ops up $(if $(filter 1 true yes,$(KEYCLOAK)),--keycloak)
 
 down: $(STAMP)
 	$(PY) -m ops down
@@ -46,7 +48,7 @@ token: $(STAMP)
 scale: $(STAMP)
 	$(PY) -m ops scale --processes '$(N)'
 
-test: $(STAMP) compose-tool promtool unzip-tool
+test: $(STAMP) compose-tool promtool jq-tool chromium unzip-tool
 	$(PY) -m ops services --test-database
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
@@ -86,6 +88,15 @@ unzip-tool:
 	    apt-get install -y -q --no-install-recommends unzip >&2; \
 	fi
 
+# jq: ops/keycloak/setup_keycloak.sh reads the realm file with it, and the tests run that script.
+jq-tool:
+	@if ! command -v jq >/dev/null 2>&1 \
+	    && [ -f /etc/debian_version ] && [ "$$(id -u)" = 0 ]; then \
+	  echo "installing jq (apt-get)" >&2; \
+	  apt-get update -q >&2 && DEBIAN_FRONTEND=noninteractive \
+	    apt-get install -y -q --no-install-recommends jq >&2; \
+	fi
+
 # promtool checks the Prometheus config and the dashboards' queries in the tests; Debian ships it
 # in the `prometheus` package, whose install may start and enable a Prometheus server: the tests
 # need only the tool, so the server is stopped and disabled again.
@@ -100,4 +111,14 @@ promtool:
 	  else \
 	    service prometheus stop >&2 || true; update-rc.d prometheus disable >&2 || true; \
 	  fi; \
+	fi
+
+# The console's browser tests drive Debian's Chromium through its chromedriver (Selenium is told
+# where both are, so nothing is downloaded at test time).
+chromium:
+	@if { [ ! -x /usr/bin/chromium ] || [ ! -x /usr/bin/chromedriver ]; } \
+	    && [ -f /etc/debian_version ] && [ "$$(id -u)" = 0 ]; then \
+	  echo "installing chromium and chromium-driver (apt-get)" >&2; \
+	  apt-get update -q >&2 && DEBIAN_FRONTEND=noninteractive \
+	    apt-get install -y -q --no-install-recommends chromium chromium-driver >&2; \
 	fi

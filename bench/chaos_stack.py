@@ -92,6 +92,7 @@ class ChaosStack:
             "KEYCLOAK_URL": s.issuer.base_url,
             "API_WORKERS": str(self.options.api_workers),
             "UPLOADS_PER_MINUTE": "1000000",
+            "BATCHES_PER_MINUTE": "0",
             "MAX_UPLOADS_PER_USER": "16",
             "METRICS_PORT": "0",
             "WORKER_PROCESSES": str(self.options.node_processes),

@@ -7,13 +7,16 @@ always yields byte-identical files, so benchmark runs on different days compare 
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
+import struct
 import zlib
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import cv2
+import imagecodecs
 import numpy as np
 
 MANIFEST_NAME = "manifest.json"
@@ -33,6 +36,10 @@ class ImageClass:
     extension: str
     progressive: bool = False
     alpha: bool = False
+    # CMYK as Photoshop writes it (YCCK-coded, Adobe's inverted values), without a profile.
+    cmyk: bool = False
+    # EXIF orientation written into the file (6: a phone held upright); 1 writes no EXIF.
+    orientation: int = 1
 
     @property
     def is_jpeg(self) -> bool:
@@ -48,6 +55,9 @@ IMAGE_CLASSES: dict[str, ImageClass] = {
         ImageClass("jpeg-small", 640, 480, ".jpg"),
         ImageClass("jpeg-progressive", 1920, 1080, ".jpg", progressive=True),
         ImageClass("png-alpha", 1024, 768, ".png", alpha=True),
+        ImageClass("jpeg-cmyk-12mp", 4032, 3024, ".jpg", cmyk=True),
+        ImageClass("jpeg-exif-rotated-12mp", 4032, 3024, ".jpg", orientation=6),
+        ImageClass("jpeg-progressive-12mp", 4032, 3024, ".jpg", progressive=True),
     )
 }
 
@@ -138,8 +148,36 @@ def _alpha_mask(rng: np.random.Generator, width: int, height: int) -> np.ndarray
     return cv2.GaussianBlur(alpha, (0, 0), 2.0)
 
 
+def to_adobe_cmyk(bgr: np.ndarray) -> np.ndarray:
+    """The naive separation (black where the three inks overlap), stored as Adobe's files
+    store it: 255 for no ink."""
+    brightest = bgr.max(axis=2)
+    paper = np.maximum(brightest, 1).astype(np.uint16)[..., None]
+    # 255 - ink, for C, M, Y: (255 - k) x (1 - ink) = the channel scaled by 255 / brightest.
+    cmy = (bgr[..., ::-1].astype(np.uint16) * 255 + paper // 2) // paper
+    return np.dstack([cmy.astype(np.uint8), brightest])
+
+
+def exif_orientation_segment(orientation: int) -> bytes:
+    """An APP1 segment whose EXIF holds only the Orientation tag."""
+    ifd = struct.pack("<HHHIHH", 1, 0x0112, 3, 1, orientation, 0) + struct.pack("<I", 0)
+    tiff = b"II*\x00" + struct.pack("<I", 8) + ifd
+    body = b"Exif\x00\x00" + tiff
+    return b"\xff\xe1" + struct.pack(">H", len(body) + 2) + body
+
+
 def encode_image(image: np.ndarray, spec: ImageClass) -> bytes:
     """Encode with explicit, fixed encoder parameters so output bytes are reproducible."""
+    if spec.cmyk:
+        cmyk = to_adobe_cmyk(image)
+        return bytes(
+            imagecodecs.jpeg8_encode(
+                cmyk, level=JPEG_QUALITY, colorspace="CMYK", outcolorspace="YCCK"
+            )
+        )
+    if spec.orientation != 1:
+        plain = encode_image(image, dataclasses.replace(spec, orientation=1))
+        return plain[:2] + exif_orientation_segment(spec.orientation) + plain[2:]
     if spec.is_jpeg:
         params = [
             cv2.IMWRITE_JPEG_QUALITY,

@@ -156,6 +156,9 @@ class QueueSettings:
     bulk_shards: int = 4
     # A bulk request of at most this many images is interactive work (0: only single uploads).
     interactive_max_parts: int = 4
+    # Images one user may send as interactive work per minute; past it their requests go to the
+    # bulk lane (0: no limit).
+    interactive_images_per_minute: int = 60
 
 
 @dataclass(frozen=True)
@@ -165,6 +168,8 @@ class AuthSettings:
     keycloak_url: str = "http://127.0.0.1:8180"
     realm: str = "ImageProcessor"
     client_id: str = "api-gateway-client"
+    # The public client the web console signs in with (its tokens carry `client_id` in `aud`).
+    console_client_id: str = "pixelmill-console"
     algorithms: tuple[str, ...] = ("RS256",)
     leeway_seconds: int = 30
     jwks_refresh_seconds: int = 60
@@ -192,10 +197,14 @@ class ApiSettings:
     cache_ttl_seconds: int = 30
     cors_origins: tuple[str, ...] = ()
     uploads_per_minute: int = 600
+    # Batches one user may create in any 60 s (0: no limit).
+    batches_per_minute: int = 60
     # A body must average this rate (after `body_timeout_seconds` of grace) or it is cut off.
     body_min_bytes_per_second: int = 16 * 1024
     # Uploads one user may send at once to one API process.
     max_uploads_per_user: int = 4
+    # Batches one user may have open at once (0: no limit); closed ones do not count.
+    max_open_batches_per_user: int = 100
 
     def body_deadline_seconds(self, content_length: int) -> float:
         """How long a body of `content_length` bytes may take to arrive, in all."""
@@ -281,10 +290,33 @@ class WebhookSettings:
     encryption_key: str = DEVELOPMENT_WEBHOOK_KEY
     # Private, loopback and link-local targets (and plain http) are refused unless true.
     allow_private: bool = False
+    # The whole of one attempt: resolving, connecting, TLS, sending and the response head.
     timeout_seconds: float = 5.0
     # A delivery is retried with backoff until it is this old, then abandoned.
     retry_hours: float = 24.0
     sweep_seconds: float = 2.0
+    # The ports a callback URL may name; None: every port.
+    allowed_ports: frozenset[int] | None = frozenset({80, 443})
+    # Delivered and abandoned events are deleted once settled this long.
+    retention_hours: float = 168.0
+
+
+@dataclass(frozen=True)
+class RetentionSettings:
+    """How long settled work is kept before the worker nodes delete it, rows and objects
+    (engine/retention.py); 0 keeps it forever. README: Retention."""
+
+    # A finished or cancelled batch, its images and its events, this long after it settled.
+    batch_days: float = 0.0
+    # A completed, failed or cancelled image of no batch, this long after it last changed.
+    image_days: float = 0.0
+    sweep_seconds: float = 60.0
+    # Images deleted per round per node (and as many empty batches).
+    sweep_limit: int = 500
+
+    @property
+    def enabled(self) -> bool:
+        return bool(self.batch_days or self.image_days)
 
 
 @dataclass(frozen=True)
@@ -303,6 +335,7 @@ class Settings:
     server: ServerSettings = field(default_factory=ServerSettings)
     environment: str = PRODUCTION
     webhooks: WebhookSettings = field(default_factory=WebhookSettings)
+    retention: RetentionSettings = field(default_factory=RetentionSettings)
 
     @property
     def is_local(self) -> bool:
@@ -329,6 +362,7 @@ class Settings:
             server=_server_from(env),
             environment=environment,
             webhooks=_webhooks_from(env),
+            retention=_retention_from(env),
         )
 
 
@@ -428,6 +462,9 @@ def _queue_from(env: _Env) -> QueueSettings:
         lanes=env.boolean("RABBITMQ_LANES", d.lanes),
         bulk_shards=env.integer("RABBITMQ_BULK_SHARDS", d.bulk_shards, minimum=1),
         interactive_max_parts=env.integer("INTERACTIVE_MAX_PARTS", d.interactive_max_parts),
+        interactive_images_per_minute=env.integer(
+            "INTERACTIVE_IMAGES_PER_MINUTE", d.interactive_images_per_minute
+        ),
     )
 
 
@@ -444,6 +481,7 @@ def _auth_from(env: _Env) -> AuthSettings:
         keycloak_url=env.url("KEYCLOAK_URL", d.keycloak_url, ("http", "https")),
         realm=env.text("KEYCLOAK_REALM", d.realm),
         client_id=env.text("KEYCLOAK_CLIENT_ID", d.client_id),
+        console_client_id=env.text("CONSOLE_CLIENT_ID", d.console_client_id),
         algorithms=algorithms,
         leeway_seconds=env.integer("JWT_LEEWAY_SECONDS", d.leeway_seconds),
         jwks_refresh_seconds=env.integer("JWKS_REFRESH_SECONDS", d.jwks_refresh_seconds, 1),
@@ -465,10 +503,14 @@ def _api_from(env: _Env) -> ApiSettings:
         cache_ttl_seconds=env.integer("CACHE_TTL_SECONDS", d.cache_ttl_seconds, minimum=1),
         cors_origins=env.names("CORS_ORIGINS", ""),
         uploads_per_minute=env.integer("UPLOADS_PER_MINUTE", d.uploads_per_minute),
+        batches_per_minute=env.integer("BATCHES_PER_MINUTE", d.batches_per_minute),
         body_min_bytes_per_second=env.integer(
             "BODY_MIN_BYTES_PER_SECOND", d.body_min_bytes_per_second, minimum=1
         ),
         max_uploads_per_user=env.integer("MAX_UPLOADS_PER_USER", d.max_uploads_per_user, 1),
+        max_open_batches_per_user=env.integer(
+            "MAX_OPEN_BATCHES_PER_USER", d.max_open_batches_per_user
+        ),
     )
 
 
@@ -534,10 +576,39 @@ def _webhooks_from(env: _Env) -> WebhookSettings:
     key = env.raw("WEBHOOK_ENCRYPTION_KEY", d.encryption_key)
     if len(key) < 16:
         raise ConfigError("WEBHOOK_ENCRYPTION_KEY must be at least 16 characters (use 32+ random)")
+    allow_private = env.boolean("WEBHOOK_ALLOW_PRIVATE", d.allow_private)
     return WebhookSettings(
         encryption_key=key,
-        allow_private=env.boolean("WEBHOOK_ALLOW_PRIVATE", d.allow_private),
+        allow_private=allow_private,
         timeout_seconds=env.decimal("WEBHOOK_TIMEOUT_SECONDS", d.timeout_seconds, minimum=0.1),
         retry_hours=env.decimal("WEBHOOK_RETRY_HOURS", d.retry_hours, minimum=0.01),
         sweep_seconds=env.decimal("WEBHOOK_SWEEP_SECONDS", d.sweep_seconds, minimum=0.1),
+        allowed_ports=_webhook_ports(env, allow_private),
+        retention_hours=env.decimal("WEBHOOK_RETENTION_HOURS", d.retention_hours, minimum=0.01),
+    )
+
+
+def _webhook_ports(env: _Env, allow_private: bool) -> frozenset[int] | None:
+    """WEBHOOK_ALLOWED_PORTS: comma-separated ports, or `any`; unset, 80 and 443, or every port
+    where private targets are allowed (local receivers listen on ports of their own)."""
+    raw = env.raw("WEBHOOK_ALLOWED_PORTS", "").strip().lower()
+    if raw == "any" or (raw == "" and allow_private):
+        return None
+    if raw == "":
+        return WebhookSettings().allowed_ports
+    ports = {item.strip() for item in raw.split(",") if item.strip()}
+    if not ports or not all(p.isdigit() and 1 <= int(p) <= 65535 for p in ports):
+        raise ConfigError(
+            f"WEBHOOK_ALLOWED_PORTS={raw!r} must be comma-separated ports (1-65535) or `any`"
+        )
+    return frozenset(int(p) for p in ports)
+
+
+def _retention_from(env: _Env) -> RetentionSettings:
+    d = RetentionSettings()
+    return RetentionSettings(
+        batch_days=env.decimal("BATCH_RETENTION_DAYS", d.batch_days),
+        image_days=env.decimal("IMAGE_RETENTION_DAYS", d.image_days),
+        sweep_seconds=env.decimal("RETENTION_SWEEP_SECONDS", d.sweep_seconds, minimum=0.1),
+        sweep_limit=env.integer("RETENTION_SWEEP_LIMIT", d.sweep_limit, minimum=1),
     )

@@ -12,7 +12,7 @@ import re
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
-from common.formats import LOSSY_FORMATS, OUTPUT_FORMATS
+from common.formats import LOSSY_FORMATS, MAX_DIMENSION_BY_FORMAT, OUTPUT_FORMATS
 
 MODES = ("gray", "color")
 DEFAULT_QUALITY = {"jpeg": 85, "webp": 85, "avif": 60, "jxl": 80}
@@ -43,6 +43,36 @@ class Rendition:
         """The rendition as `RENDITIONS` spells it."""
         tail = f":{self.quality}" if self.format in LOSSY_FORMATS else ""
         return f"{self.name}:{self.width}:{self.mode}:{self.format}{tail}"
+
+
+def target_size(width: int, height: int, target_width: int) -> tuple[int, int]:
+    """Return the output size: `target_width` wide with the aspect kept, never upscaled.
+
+    Images narrower than the target keep their size; the height is rounded and never 0.
+    """
+    if width < 1 or height < 1 or target_width < 1:
+        raise ValueError(f"sizes must be positive, got {width}x{height} -> {target_width}")
+    if width <= target_width:
+        return width, height
+    scaled_height = (2 * height * target_width + width) // (2 * width)  # round half up, exact
+    return target_width, max(1, scaled_height)
+
+
+def oversized_reason(width: int, height: int, renditions: Iterable[Rendition]) -> str | None:
+    """Why an image displayed at width x height cannot have one of `renditions`: that output
+    would be past its format's largest dimension (a WebP thumbnail of a very tall strip).
+    None when every output fits. The API refuses such an upload (422) and the engine the image,
+    before anything is decoded."""
+    for rendition in renditions:
+        out_width, out_height = target_size(width, height, rendition.width)
+        limit = MAX_DIMENSION_BY_FORMAT[rendition.format]
+        if max(out_width, out_height) > limit:
+            return (
+                f"image is {width}x{height}: its {rendition.name!r} rendition would be "
+                f"{out_width}x{out_height} pixels, over the {rendition.format.upper()} limit "
+                f"of {limit} pixels per side"
+            )
+    return None
 
 
 def default_renditions(target_width: int, output_format: str) -> tuple[Rendition, ...]:
@@ -107,6 +137,9 @@ def _rendition(
         raise RenditionSpecError(f"{where}{mode!r} is not gray or color")
     if image_format not in OUTPUT_FORMATS:
         raise RenditionSpecError(f"{where}format must be one of {', '.join(OUTPUT_FORMATS)}")
+    if width > MAX_DIMENSION_BY_FORMAT[image_format]:
+        limit = MAX_DIMENSION_BY_FORMAT[image_format]
+        raise RenditionSpecError(f"{where}{image_format} images are at most {limit} pixels wide")
     if image_format not in LOSSY_FORMATS:
         if quality is not None:
             raise RenditionSpecError(f"{where}{image_format} is lossless and takes no quality")

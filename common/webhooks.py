@@ -2,30 +2,52 @@
 decrypted), the signature headers, the refusal of private targets, and one HTTP attempt.
 
 Shared by the API (which checks a callback URL and makes its secret) and the worker nodes (which
-send the events). A target is checked when the batch is created and again at every attempt, and
-the connection goes to the address that was checked, so DNS cannot rebind it to a private one.
+send the events). The API checks only the URL's literal form (no DNS in a request); every
+attempt resolves the host within its deadline, vets each address, and connects to the address
+it vetted, so DNS cannot rebind it. An attempt has one deadline for everything (resolving,
+connecting, TLS, sending, the response head) and reads at most `MAX_RESPONSE_HEAD_BYTES`.
 """
 
 from __future__ import annotations
 
 import base64
+import functools
 import hashlib
 import hmac
-import http.client
 import ipaddress
+import re
 import secrets
 import socket
 import ssl
+import threading
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from urllib.parse import urlsplit
 
 from cryptography.fernet import Fernet, InvalidToken
 
+from common.config import WebhookSettings
+
 SECRET_PREFIX = "whsec_"
 USER_AGENT = "pixelmill-webhooks/1"
+DEFAULT_PORTS = {"https": 443, "http": 80}
+# What a receiver may make an attempt read: the status line and headers, never the body.
+MAX_RESPONSE_HEAD_BYTES = 16 * 1024
+MAX_RESPONSE_HEADERS = 64
 
 Resolver = Callable[[str, int], list[str]]
+IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
+
+_LABEL = re.compile(r"^(?!-)[a-z0-9-]{1,63}(?<!-)$")
+_PATH = re.compile(r"^[\x21-\x7e]*$")
+_STATUS_LINE = re.compile(rb"^HTTP/1\.[01] ([1-5][0-9][0-9])(?: [^\r\n]*)?$")
+# Names that only ever mean this machine or a private network (RFC 6761, 6762, 8375).
+_LOCAL_SUFFIXES = ("localhost", "local", "localdomain", "internal", "home.arpa")
+# Where an IPv6 address carries an IPv4 one that is the real destination.
+_NAT64 = ipaddress.IPv6Network("64:ff9b::/96")
+_NAT64_LOCAL = ipaddress.IPv6Network("64:ff9b:1::/48")
+_IPV4_COMPATIBLE = ipaddress.IPv6Network("::/96")
 
 
 class TargetRefused(ValueError):
@@ -33,11 +55,31 @@ class TargetRefused(ValueError):
 
 
 class TargetUnresolved(TargetRefused):
-    """The host does not resolve now: no address to vet or to call (yet)."""
+    """The host does not resolve now (or not within the attempt's deadline)."""
 
 
 class SecretUnreadable(ValueError):
     """A stored secret does not decrypt with WEBHOOK_ENCRYPTION_KEY (the key was changed)."""
+
+
+class ResponseRefused(OSError):
+    """The receiver's answer is not an HTTP response pixelmill reads (too large, malformed)."""
+
+
+@dataclass(frozen=True)
+class CallbackURL:
+    """A callback URL whose literal form was checked: no DNS was asked."""
+
+    scheme: str
+    host: str
+    port: int
+    path: str
+    literal_address: IPAddress | None
+
+    @property
+    def key(self) -> str:
+        """What concurrent deliveries are counted by: one receiver, whatever the path."""
+        return f"{self.scheme}://{self.host}:{self.port}"
 
 
 @dataclass(frozen=True)
@@ -55,6 +97,19 @@ class Target:
 class AttemptResult:
     delivered: bool
     detail: str  # "HTTP 200", "HTTP 302", "timed out", ...
+
+
+class Deadline:
+    """The time one attempt has left; `left()` raises TimeoutError once it has none."""
+
+    def __init__(self, seconds: float) -> None:
+        self._end = time.monotonic() + seconds
+
+    def left(self) -> float:
+        remaining = self._end - time.monotonic()
+        if remaining <= 0:
+            raise TimeoutError("the attempt's deadline passed")
+        return remaining
 
 
 def new_secret() -> str:
@@ -93,6 +148,84 @@ def signature_headers(secret: str, message_id: str, timestamp: int, body: bytes)
     }
 
 
+# --- Which targets: the URL's form, then its addresses ---------------------------------------
+
+
+def check_callback_url(url: str, settings: WebhookSettings) -> CallbackURL:
+    """The URL as a `CallbackURL`, or TargetRefused, from its literal form alone: `https` only
+    (plain `http` too where private targets are allowed), a port of `allowed_ports`, a host
+    name that can be public (not `localhost`, `*.local`, a single label...) or a public IP
+    literal, and a path of visible ASCII."""
+    try:
+        parts = urlsplit(url)
+        port = parts.port
+    except ValueError:
+        raise TargetRefused("callback_url is not a valid URL") from None
+    allowed = ("https", "http") if settings.allow_private else ("https",)
+    if parts.scheme not in allowed:
+        schemes = " or ".join(f"{scheme}://" for scheme in allowed)
+        raise TargetRefused(f"callback_url must start with {schemes}")
+    if not parts.hostname or parts.username is not None or parts.password is not None:
+        raise TargetRefused("callback_url needs a host and no credentials")
+    port = DEFAULT_PORTS[parts.scheme] if port is None else port
+    if settings.allowed_ports is not None and port not in settings.allowed_ports:
+        ports = ", ".join(map(str, sorted(settings.allowed_ports)))
+        raise TargetRefused(f"callback_url must use port {ports}")
+    path = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
+    if not _PATH.match(path):
+        raise TargetRefused("callback_url's path must be visible ASCII (percent-encode the rest)")
+    host = parts.hostname.rstrip(".")
+    literal = _literal_address(host)
+    if literal is None:
+        _check_host_name(host, settings.allow_private)
+    elif not settings.allow_private and not is_public_address(literal):
+        raise TargetRefused(f"callback_url host {host!r} is not a public address")
+    return CallbackURL(parts.scheme, host, port, path, literal)
+
+
+def _literal_address(host: str) -> IPAddress | None:
+    try:
+        return ipaddress.ip_address(host)
+    except ValueError:
+        return None
+
+
+def _check_host_name(host: str, allow_private: bool) -> None:
+    labels = host.split(".")
+    if len(host) > 253 or not all(_LABEL.match(label) for label in labels):
+        raise TargetRefused("callback_url's host is not a valid host name (use its ASCII form)")
+    if labels[-1].isdigit() or labels[-1].startswith("0x"):
+        # `127.1`, `2130706433` or `0x7f.1`: resolvers read these as IPv4 addresses.
+        raise TargetRefused("callback_url's host must be a name or a dotted IP address")
+    if allow_private:
+        return
+    local = len(labels) == 1 or any(
+        host == suffix or host.endswith(f".{suffix}") for suffix in _LOCAL_SUFFIXES
+    )
+    if local:
+        raise TargetRefused(f"callback_url host {host!r} names a local or private host")
+
+
+def is_public_address(address: IPAddress | str) -> bool:
+    """Whether pixelmill may connect to `address`: globally reachable (`is_global`), not
+    multicast, not site-local, and so is every IPv4 address it carries (mapped, NAT64, 6to4,
+    Teredo). IPv4-compatible addresses (`::a.b.c.d`, deprecated) are never public."""
+    ip = ipaddress.ip_address(address.split("%", 1)[0]) if isinstance(address, str) else address
+    if isinstance(ip, ipaddress.IPv6Address):
+        if ip.is_site_local or ip in _IPV4_COMPATIBLE or ip in _NAT64_LOCAL:
+            return False
+        if not all(is_public_address(inner) for inner in _carried_ipv4(ip)):
+            return False
+    return ip.is_global and not ip.is_multicast
+
+
+def _carried_ipv4(ip: ipaddress.IPv6Address) -> list[ipaddress.IPv4Address]:
+    carried = [ip.ipv4_mapped, ip.sixtofour, *(ip.teredo or ())]
+    if ip in _NAT64:
+        carried.append(ipaddress.IPv4Address(int(ip) & 0xFFFFFFFF))
+    return [inner for inner in carried if inner is not None]
+
+
 def system_resolver(host: str, port: int) -> list[str]:
     try:
         infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
@@ -101,102 +234,141 @@ def system_resolver(host: str, port: int) -> list[str]:
     return sorted({str(info[4][0]) for info in infos})
 
 
-def check_target(url: str, allow_private: bool, resolve: Resolver = system_resolver) -> Target:
-    """The URL as a `Target`, or TargetRefused: `https` only (plain `http` only where private
-    targets are allowed), and every address the host resolves to must be public unless
-    `allow_private`."""
-    try:
-        parts = urlsplit(url)
-        port = parts.port
-    except ValueError:
-        raise TargetRefused("callback_url is not a valid URL") from None
-    allowed = ("https", "http") if allow_private else ("https",)
-    if parts.scheme not in allowed:
-        schemes = " or ".join(f"{scheme}://" for scheme in allowed)
-        raise TargetRefused(f"callback_url must start with {schemes}")
-    if not parts.hostname or parts.username or parts.password:
-        raise TargetRefused("callback_url needs a host and no credentials")
-    port = port or (443 if parts.scheme == "https" else 80)
-    addresses = resolve(parts.hostname, port)
+def resolve_target(
+    callback: CallbackURL, settings: WebhookSettings, resolve: Resolver, deadline: Deadline
+) -> Target:
+    """Where to connect: the host's addresses, resolved within `deadline`, every one of them
+    public unless private targets are allowed (TargetRefused), the first one pinned."""
+    if callback.literal_address is not None:
+        addresses = [str(callback.literal_address)]
+    else:
+        addresses = resolve_within(resolve, callback.host, callback.port, deadline.left())
     if not addresses:
-        raise TargetUnresolved(f"callback_url host {parts.hostname!r} does not resolve")
-    if not allow_private:
+        raise TargetUnresolved(f"callback_url host {callback.host!r} does not resolve")
+    if not settings.allow_private:
         for address in addresses:
-            if not _is_public(address):
+            if not is_public_address(address):
                 raise TargetRefused(
-                    f"callback_url host {parts.hostname!r} resolves to a private, loopback or "
-                    "link-local address"
+                    f"callback_url host {callback.host!r} resolves to a private, loopback, "
+                    "link-local or otherwise non-public address"
                 )
-    path = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
-    return Target(parts.scheme, parts.hostname, port, addresses[0], path)
+    return Target(callback.scheme, callback.host, callback.port, addresses[0], callback.path)
 
 
-def _is_public(address: str) -> bool:
-    ip = ipaddress.ip_address(address.split("%", 1)[0])
-    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
-        ip = ip.ipv4_mapped
-    return ip.is_global and not ip.is_multicast
+def resolve_within(resolve: Resolver, host: str, port: int, seconds: float) -> list[str]:
+    """`resolve(host, port)` in a thread of its own, given up on after `seconds`:
+    `getaddrinfo` has no timeout, and a sender must not wait past its deadline. A lookup given up
+    on ends when the system resolver's own timeouts end it."""
+    answer: list[list[str]] = []
+    done = threading.Event()
+
+    def lookup() -> None:
+        try:
+            answer.append(resolve(host, port))
+        finally:
+            done.set()
+
+    threading.Thread(target=lookup, name="webhook-dns", daemon=True).start()
+    if not done.wait(seconds):
+        raise TargetUnresolved(f"callback_url host {host!r} did not resolve in time")
+    return answer[0] if answer else []
+
+
+# --- One attempt -----------------------------------------------------------------------------
 
 
 def post_event(
-    target: Target, body: bytes, headers: dict[str, str], timeout_seconds: float
+    target: Target, body: bytes, headers: dict[str, str], deadline: Deadline
 ) -> AttemptResult:
-    """One POST to the vetted address; redirects are not followed and only 2xx is success."""
-    connection = _connection(target, timeout_seconds)
+    """One POST to the vetted address, all of it within `deadline`; redirects are not
+    followed and only 2xx is success. The response's body is never read."""
     try:
-        connection.request(
-            "POST",
-            target.path,
-            body=body,
-            headers={
-                **headers,
-                "Content-Type": "application/json",
-                "User-Agent": USER_AGENT,
-                "Host": _host_header(target),
-            },
-        )
-        response = connection.getresponse()
-        response.read(64 * 1024)
-        return AttemptResult(200 <= response.status < 300, f"HTTP {response.status}")
+        with _connect(target, deadline) as sock:
+            _send_all(sock, _request(target, body, headers), deadline)
+            status = _read_status(sock, deadline)
     except TimeoutError:
         return AttemptResult(False, "timed out")
-    except (OSError, http.client.HTTPException) as exc:
+    except OSError as exc:
         return AttemptResult(False, f"{type(exc).__name__}: {exc}"[:200])
-    finally:
-        connection.close()
+    return AttemptResult(200 <= status < 300, f"HTTP {status}")
+
+
+def _connect(target: Target, deadline: Deadline) -> socket.socket:
+    """A connection to the vetted address, TLS verified against the URL's host name; the TLS
+    handshake's timeout bounds the whole handshake."""
+    sock = socket.create_connection((target.address, target.port), timeout=deadline.left())
+    if target.scheme != "https":
+        return sock
+    try:
+        sock.settimeout(deadline.left())
+        return _tls_context().wrap_socket(sock, server_hostname=target.host)
+    except BaseException:
+        sock.close()
+        raise
+
+
+@functools.cache
+def _tls_context() -> ssl.SSLContext:
+    return ssl.create_default_context()
+
+
+def _send_all(sock: socket.socket, data: bytes, deadline: Deadline) -> None:
+    """`sendall` within the deadline (a TLS socket's `sendall` times each piece, not the whole)."""
+    view = memoryview(data)
+    while view:
+        sock.settimeout(deadline.left())
+        view = view[sock.send(view) :]
+
+
+def _request(target: Target, body: bytes, headers: dict[str, str]) -> bytes:
+    lines = [
+        f"POST {target.path} HTTP/1.1",
+        f"Host: {_host_header(target)}",
+        f"User-Agent: {USER_AGENT}",
+        "Content-Type: application/json",
+        f"Content-Length: {len(body)}",
+        "Connection: close",
+        *(f"{name}: {value}" for name, value in headers.items()),
+    ]
+    return ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1") + body
 
 
 def _host_header(target: Target) -> str:
-    default = 443 if target.scheme == "https" else 80
     host = f"[{target.host}]" if ":" in target.host else target.host
-    return host if target.port == default else f"{host}:{target.port}"
+    return host if target.port == DEFAULT_PORTS[target.scheme] else f"{host}:{target.port}"
 
 
-class _PinnedHTTPConnection(http.client.HTTPConnection):
-    """Connects to the address that was checked, whatever the host name resolves to now."""
-
-    def __init__(self, target: Target, timeout: float) -> None:
-        super().__init__(target.host, target.port, timeout=timeout)
-        self._address = target.address
-
-    def connect(self) -> None:
-        self.sock = socket.create_connection((self._address, self.port), self.timeout)
-
-
-class _PinnedHTTPSConnection(http.client.HTTPSConnection):
-    """As `_PinnedHTTPConnection`, with TLS verified against the URL's host name."""
-
-    def __init__(self, target: Target, timeout: float) -> None:
-        super().__init__(target.host, target.port, timeout=timeout)
-        self._address = target.address
-        self._tls = ssl.create_default_context()
-
-    def connect(self) -> None:
-        sock = socket.create_connection((self._address, self.port), self.timeout)
-        self.sock = self._tls.wrap_socket(sock, server_hostname=self.host)
+def _read_status(sock: socket.socket, deadline: Deadline) -> int:
+    """The final status code, read within `deadline` from at most `MAX_RESPONSE_HEAD_BYTES`
+    (interim 1xx answers included) and `MAX_RESPONSE_HEADERS` header lines per head."""
+    received = b""
+    while True:
+        head, received = _read_head(sock, deadline, received)
+        status = _status_of(head)
+        if status >= 200:
+            return status
 
 
-def _connection(target: Target, timeout: float) -> http.client.HTTPConnection:
-    if target.scheme == "https":
-        return _PinnedHTTPSConnection(target, timeout)
-    return _PinnedHTTPConnection(target, timeout)
+def _read_head(sock: socket.socket, deadline: Deadline, received: bytes) -> tuple[bytes, bytes]:
+    """One response head (up to its blank line) and what was read after it."""
+    budget = MAX_RESPONSE_HEAD_BYTES
+    while b"\r\n\r\n" not in received:
+        if len(received) >= budget:
+            raise ResponseRefused(f"the response head is over {budget} bytes")
+        sock.settimeout(deadline.left())
+        chunk = sock.recv(min(4096, budget - len(received) + 4))
+        if not chunk:
+            raise ResponseRefused("the connection closed before the response head ended")
+        received += chunk
+    head, _, rest = received.partition(b"\r\n\r\n")
+    return head, rest
+
+
+def _status_of(head: bytes) -> int:
+    status_line, *header_lines = head.split(b"\r\n")
+    if len(header_lines) > MAX_RESPONSE_HEADERS:
+        raise ResponseRefused(f"the response has over {MAX_RESPONSE_HEADERS} headers")
+    matched = _STATUS_LINE.match(status_line)
+    if matched is None:
+        raise ResponseRefused("the response does not start with an HTTP/1.x status line")
+    return int(matched.group(1))

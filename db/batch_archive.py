@@ -1,5 +1,5 @@
 """The reads a batch's archive makes, a page at a time: its completed images in archive order
-(by the name group of `db/migrations/0009_batch_archives.sql`, then id) and its failed ones
+(by the name group of `db/migrations/0011_batch_archives.sql`, then id) and its failed ones
 oldest first, plus the write that keeps a rendition's CRC-32 once it had to be computed."""
 
 from __future__ import annotations

@@ -8,6 +8,7 @@ The batch document is built here too, because both the API (answers) and the wor
 from __future__ import annotations
 
 import uuid
+from collections.abc import Collection
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
@@ -17,7 +18,10 @@ from psycopg.rows import class_row
 
 from db.pages import newest_first
 
-BATCH_STATUSES = ("open", "closed", "finished", "cancelled")
+# `cancelling`: cancelled while images it had started still run; `cancelled` once none does.
+BATCH_STATUSES = ("open", "closed", "finished", "cancelling", "cancelled")
+# Nothing more changes in a batch of these (until a retry reopens a finished one).
+SETTLED_STATUSES = ("finished", "cancelled")
 EVENT_KINDS = ("batch", "image")
 COUNTED_STATUSES = ("pending", "processing", "completed", "failed", "cancelled")
 
@@ -126,56 +130,84 @@ def close_batch(conn: psycopg.Connection[Any], batch_id: uuid.UUID) -> None:
 
 
 def mark_cancelled(conn: psycopg.Connection[Any], batch_id: uuid.UUID) -> bool:
-    """open/closed -> cancelled, with its `batch.cancelled` event; False if it was not open or
-    closed. From then on no claim starts one of its images, and the trigger never finishes it.
+    """open/closed -> cancelling; False if it was neither. From then on no claim starts one of
+    its images, and it becomes `cancelled`, with its `batch.cancelled` event, once none of its
+    images is pending or processing (`finish_batches_if_done`, migration 0009).
 
     Commit this before `cancel_waiting_images`: the images' statement then locks image rows
     before the batch row, in the order a claim does, so a cancel and a claim cannot deadlock."""
     row = conn.execute(
-        """UPDATE batches SET status = 'cancelled', finished_at = now(),
-                              closed_at = coalesce(closed_at, now())
-            WHERE id = %s AND status IN ('open', 'closed') RETURNING callback_url""",
+        """UPDATE batches SET status = 'cancelling', closed_at = coalesce(closed_at, now())
+            WHERE id = %s AND status IN ('open', 'closed') RETURNING id""",
         (batch_id,),
     ).fetchone()
-    if row is None:
-        return False
-    if row[0] is not None:
-        conn.execute(
-            "INSERT INTO webhook_deliveries (batch_id, event_type) VALUES (%s, 'batch.cancelled')",
-            (batch_id,),
-        )
-    return True
+    return row is not None
 
 
 def cancel_waiting_images(conn: psycopg.Connection[Any], batch_id: uuid.UUID) -> list[uuid.UUID]:
     """A cancelled batch's `pending` images -> `cancelled` (their messages are acknowledged
-    without work); images already claimed finish. Safe to repeat. Returns the images changed."""
+    without work); images already claimed finish. A batch with none left running settles now
+    (the counters' trigger settles it when its last running image ends). Safe to repeat.
+    Returns the images changed."""
     rows = conn.execute(
         """UPDATE images SET status = 'cancelled', updated_at = now()
             WHERE batch_id = %s AND status = 'pending'
-              AND EXISTS (SELECT 1 FROM batches WHERE id = %s AND status = 'cancelled')
+              AND EXISTS (SELECT 1 FROM batches
+                           WHERE id = %s AND status IN ('cancelling', 'cancelled'))
         RETURNING id""",
         (batch_id, batch_id),
     ).fetchall()
+    conn.execute("SELECT finish_batches_if_done(ARRAY[%s]::uuid[])", (batch_id,))
     return [r[0] for r in rows]
 
 
-def retry_batch(conn: psycopg.Connection[Any], batch_id: uuid.UUID) -> list[uuid.UUID]:
-    """The batch's `failed` images back to `pending` (error and outbox marker cleared); a
-    finished batch goes back to `closed` and finishes again. Returns the images requeued."""
-    rows = conn.execute(
-        """UPDATE images SET status = 'pending', error = NULL, enqueued_at = NULL,
-                             updated_at = now()
-            WHERE batch_id = %s AND status = 'failed' RETURNING id""",
-        (batch_id,),
-    ).fetchall()
-    if rows:
+@dataclass(frozen=True)
+class RequeuedImage:
+    """An image a retry sent back to `pending`, with the lane and shard its job travels in."""
+
+    id: uuid.UUID
+    lane: str
+    shard: int
+
+
+def retry_batch(conn: psycopg.Connection[Any], batch_id: uuid.UUID) -> list[RequeuedImage]:
+    """The batch's `failed` images back to `pending` (error and outbox marker cleared, attempts
+    counted afresh: a retry is a new start, whatever used the earlier ones up); a finished
+    batch goes back to `closed` and finishes again. Returns the images requeued."""
+    with conn.cursor(row_factory=class_row(RequeuedImage)) as cur:
+        cur.execute(
+            """UPDATE images SET status = 'pending', error = NULL, enqueued_at = NULL,
+                                 attempts = 0, updated_at = now()
+                WHERE batch_id = %s AND status = 'failed' RETURNING id, lane, shard""",
+            (batch_id,),
+        )
+        requeued = cur.fetchall()
+    if requeued:
         conn.execute(
             """UPDATE batches SET status = 'closed', finished_at = NULL
                 WHERE id = %s AND status = 'finished'""",
             (batch_id,),
         )
-    return [r[0] for r in rows]
+    return requeued
+
+
+def count_open_batches(conn: psycopg.Connection[Any], owner: str) -> int:
+    """How many open batches `owner` has. Serialised per owner until the caller's transaction
+    ends, so two creations at once cannot both see room for one more."""
+    conn.execute("SELECT pg_advisory_xact_lock(hashtext('open-batches:' || %s))", (owner,))
+    row = conn.execute(
+        "SELECT count(*) FROM batches WHERE owner = %s AND status = 'open'", (owner,)
+    ).fetchone()
+    assert row is not None
+    return int(row[0])
+
+
+def statuses_of(conn: psycopg.Connection[Any], ids: Collection[uuid.UUID]) -> dict[uuid.UUID, str]:
+    """The status of each batch of `ids` that exists."""
+    if not ids:
+        return {}
+    rows = conn.execute("SELECT id, status FROM batches WHERE id = ANY(%s)", (list(ids),))
+    return {row[0]: str(row[1]) for row in rows.fetchall()}
 
 
 def record_from_snapshot(snapshot: dict[str, Any]) -> BatchRecord:
@@ -198,7 +230,7 @@ def batch_document(record: BatchRecord, now: datetime | None = None) -> dict[str
     rate = done / elapsed if done else 0.0
     remaining = record.pending + record.processing
     eta: float | None
-    if record.status in ("finished", "cancelled"):
+    if record.status in SETTLED_STATUSES:
         eta = 0.0
     elif remaining == 0:
         eta = 0.0 if record.status == "closed" else None

@@ -32,7 +32,7 @@ class StoredRendition:
     # None for results stored before renditions, whose size was not recorded.
     bytes: int | None
     # The CRC-32 of the stored bytes (a batch archive's entries carry it); None for renditions
-    # stored before it was recorded (migration 0009).
+    # stored before it was recorded (migration 0011).
     crc32: int | None = None
 
     @classmethod
@@ -192,6 +192,17 @@ def delete_images(conn: psycopg.Connection[Any], ids: Sequence[uuid.UUID]) -> No
     conn.execute("DELETE FROM images WHERE id = ANY(%s)", (list(ids),))
 
 
+def delete_terminal(conn: psycopg.Connection[Any], ids: Sequence[uuid.UUID]) -> list[ImageRecord]:
+    """Delete the images of `ids` that are terminal (completed, failed, cancelled); returns
+    the rows deleted (a reopened or retried image is left as it is)."""
+    with conn.cursor(row_factory=class_row(ImageRecord)) as cur:
+        cur.execute(
+            f"DELETE FROM images WHERE id = ANY(%s) AND status = ANY(%s) RETURNING {_COLUMNS}",
+            (list(ids), list(TERMINAL_STATUSES)),
+        )
+        return cur.fetchall()
+
+
 def mark_enqueued(conn: psycopg.Connection[Any], ids: Sequence[uuid.UUID]) -> None:
     """Record that the broker confirmed the job messages of `ids` (the outbox marker)."""
     conn.execute(
@@ -253,13 +264,15 @@ def claim_batch(conn: psycopg.Connection[Any], ids: Sequence[uuid.UUID]) -> list
                     UPDATE images SET status = 'cancelled', updated_at = now()
                      WHERE id = ANY(%(ids)s) AND status = 'pending' AND batch_id IS NOT NULL
                        AND EXISTS (SELECT 1 FROM batches AS b
-                                    WHERE b.id = images.batch_id AND b.status = 'cancelled')
+                                    WHERE b.id = images.batch_id
+                                      AND b.status IN ('cancelling', 'cancelled'))
                     RETURNING id)
                 UPDATE images SET status = 'processing', attempts = attempts + 1, updated_at = now()
                 WHERE id = ANY(%(ids)s) AND status IN ('pending', 'processing')
                   AND (batch_id IS NULL OR status = 'processing' OR NOT EXISTS (
                         SELECT 1 FROM batches AS b
-                         WHERE b.id = images.batch_id AND b.status = 'cancelled'))
+                         WHERE b.id = images.batch_id
+                           AND b.status IN ('cancelling', 'cancelled')))
                 RETURNING {_COLUMNS}""",
             {"ids": list(ids)},
         )
@@ -324,7 +337,8 @@ def request_renditions(
 
     A completed image goes back to `pending` without `enqueued_at`, for a job to make the ones
     it lacks; a pending or processing one only has its request widened. Failed images are
-    never reopened here (de-duplication skips them)."""
+    never reopened here (de-duplication skips them), nor images of a batch that is no longer
+    open (None then: a close or cancel came between the upload's plan and its commit)."""
     with conn.cursor(row_factory=class_row(ImageRecord)) as cur:
         cur.execute(
             f"""UPDATE images SET requested_renditions = %s,
@@ -332,6 +346,9 @@ def request_renditions(
                     enqueued_at = CASE WHEN status = 'completed' THEN NULL ELSE enqueued_at END,
                     updated_at = now()
                 WHERE id = %s AND status <> 'failed'
+                  AND (batch_id IS NULL OR EXISTS (SELECT 1 FROM batches AS b
+                                                    WHERE b.id = images.batch_id
+                                                      AND b.status = 'open'))
                 RETURNING {_COLUMNS}""",
             (names, image_id),
         )
@@ -345,13 +362,14 @@ def statuses_of(conn: psycopg.Connection[Any], ids: Sequence[uuid.UUID]) -> dict
 
 
 def reset_to_pending(conn: psycopg.Connection[Any], ids: Sequence[uuid.UUID]) -> list[uuid.UUID]:
-    """processing/failed -> pending, error cleared, before their jobs are published again.
+    """processing/failed -> pending, error cleared and attempts counted afresh (an operator's
+    requeue is a new start), before their jobs are published again.
 
     enqueued_at is cleared too, so the outbox sweeper republishes an image whose message then
     fails to publish (a duplicate message is harmless: claims skip). Returns the ids changed."""
     rows = conn.execute(
         """UPDATE images SET status = 'pending', error = NULL, enqueued_at = NULL,
-                             updated_at = now()
+                             attempts = 0, updated_at = now()
             WHERE id = ANY(%s) AND status IN ('processing', 'failed')
         RETURNING id""",
         (list(ids),),

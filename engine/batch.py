@@ -37,6 +37,7 @@ from engine import metrics
 from engine.cpu_pool import (
     KernelPool,
     RenderCrashed,
+    RenderFailed,
     RenderResult,
     RenderTask,
     RenderTimedOut,
@@ -51,6 +52,8 @@ log = logging.getLogger(__name__)
 T = TypeVar("T")
 
 CRASH_REASON = "processing this image crashed the image decoder process"
+# Followed by what the render raised.
+RENDER_FAILED_REASON = "rendering this image failed unexpectedly"
 MISSING_REASON = "the original image is missing"
 
 
@@ -433,6 +436,11 @@ class BatchProcessor:
             reason = f"took longer than {self._render_timeout:g} s to render"
             log.info("image %s failed: %s", work.image_id, reason)
             return work.timed("render", started).fail(reason)
+        except RenderFailed as exc:
+            # The image's own failure, never its batch's: the same input would raise again on
+            # every delivery, and the other images of the batch rendered on other processes.
+            log.error("image %s: %s\n%s", work.image_id, exc, exc.traceback)
+            return work.timed("render", started).fail(f"{RENDER_FAILED_REASON} ({exc.description})")
         work = work.timed("render", started)
         work = dataclasses.replace(
             work, rendered=result, seconds=(*work.seconds, ("kernel_cpu", result.cpu_seconds))
@@ -479,8 +487,9 @@ class BatchProcessor:
                 result_height=main.height,
                 renditions=renditions,
                 requested_renditions=work.record.requested_renditions,
-                # What this render stored, for its batch's bytes out.
-                result_size_bytes=sum(r.bytes or 0 for r in stored),
+                # Every output the image has now, those of earlier renders included: its
+                # batch's bytes out count the image as it stands, not only this render.
+                result_size_bytes=sum(r.bytes or 0 for r in renditions),
             )
         )
 

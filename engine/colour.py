@@ -4,7 +4,8 @@ Reads the embedded ICC profile (JPEG APP2 `ICC_PROFILE` segments, PNG `iCCP`), t
 component count and Adobe marker (CMYK files), and converts pixels to sRGB with lcms2 (through
 imagecodecs). An RGB profile whose colorants are sRGB's is treated as untagged, so the many
 sRGB-tagged files keep the kernel's gray fast path. Every read is bounds-checked: a damaged
-profile or segment reads as "no profile", never as an exception.
+profile or segment reads as "no profile", never as an exception; a profile over
+MAX_PROFILE_BYTES is a `refusal` of the image.
 """
 
 from __future__ import annotations
@@ -23,7 +24,10 @@ _ICC_PREFIX = b"ICC_PROFILE\x00"
 _ADOBE_PREFIX = b"Adobe"
 _JPEG_SOF = frozenset(range(0xC0, 0xD0)) - {0xC4, 0xC8, 0xCC}
 _JPEG_STANDALONE = frozenset({0x01, *range(0xD0, 0xD8)})
-_MAX_PROFILE_BYTES = 4 * 1024 * 1024
+# The largest embedded profile read, in JPEG and PNG alike (real ones are under 1 MB; a CMYK
+# profile with a 17-point grid is about 600 KB).
+MAX_PROFILE_BYTES = 4 * 1024 * 1024
+_MIB = 1024 * 1024
 # sRGB's colorants adapted to D50 (ICC v4 spec, annex; lcms2's built-in sRGB), in s15Fixed16.
 _SRGB_COLORANTS = {
     b"rXYZ": (0.4361, 0.2225, 0.0139),
@@ -44,11 +48,22 @@ class SourceColour:
     adobe_inverted: bool = False
     # PNG colour type (0 gray, 2 RGB, 3 palette, 4 gray+alpha, 6 RGBA); -1 for JPEG.
     png_colour_type: int = -1
+    # Why the image must not be processed (an embedded profile over MAX_PROFILE_BYTES).
+    refusal: str | None = None
 
     @property
     def needs_colour_decode(self) -> bool:
-        """Whether even a gray output must be computed from converted colour values."""
-        return self.profile is not None or self.cmyk
+        """Whether even a gray output must be computed from converted colour values (a CMYK
+        file stored as Adobe writes it, without a profile, converts inside libjpeg's own
+        decode, gray or colour: see `decoded_by_opencv`)."""
+        return self.profile is not None or (self.cmyk and not self.adobe_inverted)
+
+    @property
+    def decoded_by_opencv(self) -> bool:
+        """Whether OpenCV's decode gives the right pixels, at a reduced DCT scale: anything but
+        CMYK that needs its profile or stores ink uninverted (OpenCV reads every CMYK file as
+        Adobe's, 255 for no ink, and ignores its profile)."""
+        return not self.cmyk or (self.adobe_inverted and self.profile is None)
 
     @property
     def is_gray(self) -> bool:
@@ -60,16 +75,37 @@ def source_colour(encoded: memoryview, header: ImageHeader) -> SourceColour:
     if header.format == "jpeg":
         profile, components, adobe = _jpeg_colour(bytes(encoded[: _jpeg_header_end(encoded)]))
         cmyk = components == 4
-        return SourceColour(_conversion_profile(profile, cmyk), cmyk, cmyk and adobe)
+        return SourceColour(
+            _conversion_profile(profile, cmyk),
+            cmyk,
+            cmyk and adobe,
+            refusal=_profile_refusal(profile),
+        )
     colour_type = encoded[25] if len(encoded) > 25 else 0
     profile = _png_profile(encoded)
-    return SourceColour(_conversion_profile(profile, False), png_colour_type=colour_type)
+    return SourceColour(
+        _conversion_profile(profile, False),
+        png_colour_type=colour_type,
+        refusal=_profile_refusal(profile),
+    )
 
 
-def to_srgb(pixels: np.ndarray, profile: bytes, colorspace: str) -> np.ndarray | None:
+def _profile_refusal(profile: bytes | None) -> str | None:
+    """A PNG's profile is inflated one byte past the limit, so that is all that is known."""
+    if profile is None or len(profile) <= MAX_PROFILE_BYTES:
+        return None
+    return (
+        f"its embedded ICC colour profile is larger than the {MAX_PROFILE_BYTES // _MIB} MB limit"
+    )
+
+
+def to_srgb(
+    pixels: np.ndarray, profile: bytes, colorspace: str, out: np.ndarray | None = None
+) -> np.ndarray | None:
     """`pixels` (HxWx3 'rgb' or 'bgr', HxWx4 'cmyk'; 8 or 16 bits) converted to 8-bit sRGB in
-    R, G, B order, perceptual intent. None when lcms2 cannot use the profile (damaged, or of a
-    kind it does not take): the caller renders the values unconverted, as browsers do."""
+    R, G, B order, perceptual intent, into `out` if given (HxWx3 uint8). None when lcms2
+    cannot use the profile (damaged, or of a kind it does not take), found before a pixel is
+    written: the caller renders the values unconverted, as browsers do."""
     try:
         return imagecodecs.cms_transform(
             pixels,
@@ -78,6 +114,7 @@ def to_srgb(pixels: np.ndarray, profile: bytes, colorspace: str) -> np.ndarray |
             colorspace=colorspace,
             outcolorspace="rgb",
             outdtype=np.uint8,
+            out=out,  # type: ignore[arg-type]
         )
     except (imagecodecs.CmsError, ValueError, TypeError):
         return None
@@ -179,7 +216,7 @@ def _png_profile(encoded: memoryview) -> bytes | None:
                 return None
             try:
                 inflater = zlib.decompressobj()
-                profile = inflater.decompress(body[name_end + 2 :], _MAX_PROFILE_BYTES)
+                profile = inflater.decompress(body[name_end + 2 :], MAX_PROFILE_BYTES + 1)
             except zlib.error:
                 return None
             return profile

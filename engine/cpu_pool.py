@@ -15,6 +15,7 @@ import queue
 import resource
 import threading
 import time
+import traceback
 from collections.abc import Callable
 from dataclasses import dataclass
 from multiprocessing import shared_memory
@@ -105,7 +106,14 @@ class RenderTimedOut(Exception):
 
 
 class RenderFailed(RuntimeError):
-    """The render function raised an unexpected exception (a bug, not a bad image)."""
+    """The render function raised an exception of no known kind (none of its steps said the
+    image was unusable: a bug, or a library surprised by this input). The process answered and
+    goes on; the image fails with `description` as its reason (engine.batch)."""
+
+    def __init__(self, description: str, traceback: str = "") -> None:
+        super().__init__(f"render failed in a CPU process: {description}")
+        self.description = description
+        self.traceback = traceback
 
 
 @dataclass(frozen=True)
@@ -242,6 +250,7 @@ class _Failure:
     """An unexpected exception in a CPU process, carried back as text (it may not pickle)."""
 
     description: str
+    traceback: str = ""
 
 
 def _serve(
@@ -274,7 +283,7 @@ def _answer(
     except Exception as exc:  # the node raises it; this process stays usable
         if _out_of_memory(exc):
             return RenderResult(error=OUT_OF_MEMORY_REASON)  # this image's own failure
-        return _Failure(f"{type(exc).__name__}: {exc}")
+        return _Failure(f"{type(exc).__name__}: {exc}", traceback.format_exc())
 
 
 class _BulkThread:
@@ -357,7 +366,7 @@ class _CpuProcess:
         if answer is None:
             raise RenderCrashed(f"the CPU process exited with code {self._exit_code()}")
         if isinstance(answer, _Failure):
-            raise RenderFailed(f"render failed in a CPU process: {answer.description}")
+            raise RenderFailed(answer.description, answer.traceback)
         assert isinstance(answer, RenderResult)
         return answer
 

@@ -23,7 +23,8 @@ unless the caller has called `cv2.setNumThreads(1)`, which worker processes shou
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import contextlib
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 import cv2
@@ -33,14 +34,17 @@ import numpy as np
 from common.decode_budget import over_budget_reason
 from common.formats import CONTENT_TYPE_BY_FORMAT, OUTPUT_FORMATS
 from common.imageinfo import ImageHeader, probe
+from common.renditions import target_size
 from engine.colour import SourceColour, to_srgb
 from engine.pngwrite import encode_png_gray
 
 JPEG_QUALITY = 85
 # The largest reduction the final resize step makes bilinearly (see `_final_interpolation`).
 LINEAR_UP_TO = 4 / 3
-# Rows converted at a time when a PNG is turned to gray inside its own decode buffer.
+# Rows converted at a time when a PNG is turned to gray, or a CMYK JPEG to RGB, inside its own
+# decode buffer.
 _PNG_STRIP_ROWS = 256
+_CMYK_STRIP_ROWS = 128
 WEBP_QUALITY = 85
 AVIF_QUALITY = 60
 JPEGXL_QUALITY = 80
@@ -78,6 +82,21 @@ class ImageRejected(Exception):
     """The input cannot or must not be processed; str(exc) says why in plain words."""
 
 
+@contextlib.contextmanager
+def library_errors_rejected(step: str) -> Iterator[None]:
+    """Turn what a codec, lcms2 or OpenCV raises during `step` (said as "encoding its 'thumb'
+    rendition") into ImageRejected: whatever goes wrong with one image is that image's failure.
+    A refused allocation is left as it is: the CPU pool reports it as the memory cap."""
+    try:
+        yield
+    except cv2.error as exc:
+        if exc.code == cv2.Error.StsNoMem:
+            raise
+        raise ImageRejected(f"{step} failed ({exc.err})") from None
+    except (ValueError, RuntimeError) as exc:
+        raise ImageRejected(f"{step} failed ({exc})") from None
+
+
 @dataclass(frozen=True)
 class RenderedImage:
     """An encoded output image and the displayed size of the source it came from."""
@@ -88,19 +107,6 @@ class RenderedImage:
     content_type: str
     source_width: int
     source_height: int
-
-
-def target_size(width: int, height: int, target_width: int) -> tuple[int, int]:
-    """Return the output size: `target_width` wide with the aspect kept, never upscaled.
-
-    Images narrower than the target keep their size; the height is rounded and never 0.
-    """
-    if width < 1 or height < 1 or target_width < 1:
-        raise ValueError(f"sizes must be positive, got {width}x{height} -> {target_width}")
-    if width <= target_width:
-        return width, height
-    scaled_height = (2 * height * target_width + width) // (2 * width)  # round half up, exact
-    return target_width, max(1, scaled_height)
 
 
 def render_grayscale(
@@ -160,17 +166,20 @@ def read_header(
 def decode_gray(encoded: memoryview, header: ImageHeader, target_width: int) -> np.ndarray:
     """Decode to a 2-D uint8 array in the STORED orientation (EXIF is applied later)."""
     if header.format == "jpeg":
-        return _decode_jpeg_gray(encoded, jpeg_reduction(header.display_size[0], target_width))
+        return _decode_jpeg_gray(encoded, jpeg_reduction(header.display_size, target_width))
     return _decode_png_gray(encoded)
 
 
-def jpeg_reduction(display_width: int, target_width: int) -> int:
-    """Largest DCT scale denominator (8, 4, 2 or 1) whose decoded width still covers the target.
+def jpeg_reduction(display_size: tuple[int, int], target_width: int) -> int:
+    """Largest DCT scale denominator (8, 4, 2 or 1) whose decoded size still covers the output
+    `target_size` gives, on both axes: a strip narrower than the target keeps its height, and
+    a reduction that just covers the width can fall a row short of the height.
 
     libjpeg rounds scaled sizes up, so the decoded width is ceil(width / factor).
     """
+    width, height = target_size(*display_size, target_width)
     for factor, _flag in _JPEG_REDUCED_FLAGS:
-        if -(-display_width // factor) >= target_width:
+        if -(-display_size[0] // factor) >= width and -(-display_size[1] // factor) >= height:
             return factor
     return 1
 
@@ -302,9 +311,9 @@ def decode_colour(
     """Decode to 8-bit sRGB in the STORED orientation, alpha composited onto white: HxWx3 in
     R, G, B order, or 2-D for a gray PNG without a profile to convert."""
     if header.format == "jpeg":
-        if colour.cmyk:
+        if not colour.decoded_by_opencv:
             return _decode_jpeg_cmyk(encoded, colour)
-        factor = jpeg_reduction(header.display_size[0], target_width)
+        factor = jpeg_reduction(header.display_size, target_width)
         bgr = _decode_jpeg_colour(encoded, factor)
         converted = None if colour.profile is None else to_srgb(bgr, colour.profile, "bgr")
         return cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB) if converted is None else converted
@@ -314,6 +323,8 @@ def decode_colour(
 
 
 def _decode_jpeg_colour(encoded: memoryview, factor: int) -> np.ndarray:
+    """RGB, gray or Adobe CMYK JPEGs to BGR at 1/`factor` scale (libjpeg's own scaled IDCT;
+    OpenCV turns CMYK into BGR as it reads each row, in integers)."""
     flag = _JPEG_REDUCED_COLOUR_FLAGS.get(factor, cv2.IMREAD_COLOR)
     try:
         image = cv2.imdecode(np.frombuffer(encoded, np.uint8), flag | cv2.IMREAD_IGNORE_ORIENTATION)
@@ -325,23 +336,50 @@ def _decode_jpeg_colour(encoded: memoryview, factor: int) -> np.ndarray:
 
 
 def _decode_jpeg_cmyk(encoded: memoryview, colour: SourceColour) -> np.ndarray:
-    """CMYK JPEGs (rare: print workflows) decode at full size through libjpeg's own CMYK
-    output, as OpenCV would convert them without their profile."""
+    """CMYK JPEGs that need their profile, or store ink uninverted (rare: print workflows),
+    decode at full size through libjpeg's own CMYK output: 4 bytes a pixel, the decode
+    budget's. The RGB image is then written over the front of that same buffer, so no second
+    full-size image is ever held: lcms2 converts pixel after pixel, each written after it is
+    read and never past it (3 bytes out for 4 in); the naive conversion goes a strip of rows
+    at a time (see `_cmyk_to_rgb_in_place`)."""
     try:
         cmyk = imagecodecs.jpeg8_decode(encoded, outcolorspace="cmyk")  # type: ignore[arg-type]
     except (imagecodecs.Jpeg8Error, ValueError, MemoryError) as exc:
         raise ImageRejected(f"JPEG data could not be decoded ({exc})") from None
-    if cmyk.ndim != 3 or cmyk.shape[2] != 4:
+    if cmyk.ndim != 3 or cmyk.shape[2] != 4 or not cmyk.flags.c_contiguous:
         raise ImageRejected("CMYK JPEG data could not be decoded")
     if colour.adobe_inverted:
         cv2.bitwise_not(cmyk, dst=cmyk)  # Adobe's files store 255 for no ink
-    converted = None if colour.profile is None else to_srgb(cmyk, colour.profile, "cmyk")
-    if converted is not None:
-        return converted
-    # No usable profile: the naive conversion everyone else makes.
-    ink = cmyk.astype(np.float32) / 255
-    rgb = 255 * (1 - ink[:, :, :3]) * (1 - ink[:, :, 3:4])
-    return np.rint(rgb).astype(np.uint8)
+    if colour.profile is not None:
+        converted = to_srgb(cmyk, colour.profile, "cmyk", out=_rgb_over(cmyk))
+        if converted is not None:
+            return converted
+    return _cmyk_to_rgb_in_place(cmyk)
+
+
+def _rgb_over(cmyk: np.ndarray) -> np.ndarray:
+    """An HxWx3 image over the front of an HxWx4 buffer."""
+    height, width = cmyk.shape[:2]
+    return cmyk.reshape(-1)[: height * width * 3].reshape(height, width, 3)
+
+
+def _cmyk_to_rgb_in_place(ink: np.ndarray) -> np.ndarray:
+    """The conversion everyone else makes without a profile, 255 x (1 - c) x (1 - k) for each
+    of C, M, Y, rounded, written over the front of the CMYK buffer a strip of rows at a time:
+    RGB row r ends before byte (r + 1) * width * 3, and the CMYK rows still to convert start at
+    byte (r + 1) * width * 4, so each strip, converted into a small buffer first, only
+    overwrites rows already read (as `_png_pixels_to_gray` does for gray)."""
+    rgb = _rgb_over(ink)
+    for top in range(0, ink.shape[0], _CMYK_STRIP_ROWS):
+        strip = slice(top, min(ink.shape[0], top + _CMYK_STRIP_ROWS))
+        paper = cv2.bitwise_not(ink[strip])  # 255 - ink: what each ink leaves of the white
+        black = cv2.extractChannel(paper, 3)
+        rgb[strip] = cv2.multiply(
+            cv2.cvtColor(paper, cv2.COLOR_RGBA2RGB),
+            cv2.merge((black, black, black)),
+            scale=1 / 255,
+        )
+    return rgb
 
 
 def _decode_png_colour(encoded: memoryview, colour: SourceColour) -> np.ndarray:

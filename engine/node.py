@@ -1,5 +1,6 @@
-"""A worker node: the arenas, the CPU pool, the batch pipeline, the consumer, the sweepers and the
-webhook deliverer, started together and stopped together (SIGTERM drains)."""
+"""A worker node: the arenas, the CPU pool, the batch pipeline, the consumer, the sweepers, the
+webhook deliverer and its retention chore, started together and stopped together (SIGTERM
+drains)."""
 
 from __future__ import annotations
 
@@ -31,7 +32,9 @@ from engine.dead_letters import DeadLetterReaper
 from engine.dependencies import DependencyGate
 from engine.health import HealthReporter, WorkProgress
 from engine.outbox import OutboxSweeper
+from engine.retention import RetentionSweeper
 from engine.slots import SlotArena, sweep_stale_segments
+from engine.webhook_retention import WebhookPruner
 from engine.webhooks import WebhookDeliverer
 
 log = logging.getLogger(__name__)
@@ -132,6 +135,7 @@ class WorkerNode:
             interval_seconds=engine.abandoned_upload_sweep_seconds,
             age_seconds=engine.abandoned_upload_age_seconds,
         )
+        self.retention = RetentionSweeper(self.db, self.store, cache, settings.retention)
         self.health = HealthReporter(
             Path(engine.health_file),
             self.progress,
@@ -139,6 +143,7 @@ class WorkerNode:
             paused=self._paused_reason,
         )
         self.webhooks = WebhookDeliverer(self.db, settings.webhooks)
+        self.webhook_pruner = WebhookPruner(self.db, settings.webhooks.retention_hours)
         self.control = NodeControl(
             cache.client,
             settings.redis_prefix,
@@ -204,7 +209,9 @@ class WorkerNode:
         self.sweeper.start()
         self.reaper.start()
         self.upload_sweeper.start()
+        self.retention.start()
         self.webhooks.start()
+        self.webhook_pruner.start()
         self.control.start()
         try:
             self.consumer.run()
@@ -233,7 +240,9 @@ class WorkerNode:
         self.sweeper.stop()
         self.reaper.stop()
         self.upload_sweeper.stop()
+        self.retention.stop()
         self.webhooks.stop()
+        self.webhook_pruner.stop()
         self.processor.close()
         self.pool.close()
         self.db.close()

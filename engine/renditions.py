@@ -21,7 +21,7 @@ import numpy as np
 from common.decode_budget import over_budget_reason
 from common.formats import CONTENT_TYPE_BY_FORMAT
 from common.imageinfo import ImageHeader
-from common.renditions import Rendition
+from common.renditions import Rendition, oversized_reason, target_size
 from engine.colour import source_colour, srgb_profile
 from engine.kernel import (
     ImageRejected,
@@ -30,10 +30,10 @@ from engine.kernel import (
     encode_avif,
     encode_jxl,
     encoded_view,
+    library_errors_rejected,
     orient,
     read_header,
     resize_stored,
-    target_size,
 )
 from engine.pngwrite import encode_png_gray, encode_png_rgb
 
@@ -71,14 +71,21 @@ def render_renditions(
 ) -> RenderedSet:
     """Decode `data` (a JPEG or PNG file) once and encode every rendition of `renditions`.
 
-    Raises `engine.kernel.ImageRejected` for input that cannot or must not be processed, and
+    Raises `engine.kernel.ImageRejected` for input that cannot or must not be processed (an
+    output past its format's size limit included: refused before decoding; whatever a decoder,
+    colour transform, resize or encoder raises about this image is turned into it), and
     ValueError when `renditions` is empty.
     """
     if not renditions:
         raise ValueError("at least one rendition is needed")
     encoded = encoded_view(data)
     header = read_header(encoded, max_pixels)
+    reason = oversized_reason(*header.display_size, renditions)
+    if reason is not None:
+        raise ImageRejected(reason)
     colour = source_colour(encoded, header)
+    if colour.refusal is not None:
+        raise ImageRejected(colour.refusal)
     largest = max(r.width for r in renditions)
     all_gray = all(r.gray for r in renditions)
     colour_decode = not (all_gray and not colour.needs_colour_decode)
@@ -86,12 +93,13 @@ def render_renditions(
         reason = over_budget_reason(header, max_decode_bytes, colour=colour_decode)
         if reason is not None:
             raise ImageRejected(reason)
-    if not colour_decode:
-        decoded = decode_gray(encoded, header, largest)
-    else:
-        decoded = decode_colour(encoded, header, largest, colour)
-        if all_gray and decoded.ndim == 3:
-            decoded = cv2.cvtColor(decoded, cv2.COLOR_RGB2GRAY)
+    with library_errors_rejected("decoding it"):
+        if not colour_decode:
+            decoded = decode_gray(encoded, header, largest)
+        else:
+            decoded = decode_colour(encoded, header, largest, colour)
+            if all_gray and decoded.ndim == 3:
+                decoded = cv2.cvtColor(decoded, cv2.COLOR_RGB2GRAY)
     made = _fan_out(decoded, header, renditions)
     return RenderedSet(tuple(made), *header.display_size)
 
@@ -112,18 +120,21 @@ def _fan_out(
             (height, width) if header.orientation >= 5 else (width, height)
         )
         image = _made_for(made, rendition.gray, stored_width, stored_height)
-        if image.ndim == 3 and rendition.gray:
-            image = cv2.cvtColor(image, cv2.COLOR_RGB2GRAY)
-            made.append(image)
-        if image.shape[:2] != (stored_height, stored_width):
-            image = _resized(image, header.orientation, width, height)
-            made.append(image)
+        with library_errors_rejected(f"resizing it for its {rendition.name!r} rendition"):
+            if image.ndim == 3 and rendition.gray:
+                image = cv2.cvtColor(image, cv2.COLOR_RGB2GRAY)
+                made.append(image)
+            if image.shape[:2] != (stored_height, stored_width):
+                image = _resized(image, header.orientation, width, height)
+                made.append(image)
+            displayed = orient(image, header.orientation)
+        with library_errors_rejected(
+            f"encoding its {rendition.name!r} rendition ({width}x{height} "
+            f"{rendition.format.upper()})"
+        ):
+            data = encode_rendition(displayed, rendition)
         outputs[rendition.name] = RenditionImage(
-            rendition.name,
-            encode_rendition(orient(image, header.orientation), rendition),
-            width,
-            height,
-            CONTENT_TYPE_BY_FORMAT[rendition.format],
+            rendition.name, data, width, height, CONTENT_TYPE_BY_FORMAT[rendition.format]
         )
     return [outputs[r.name] for r in renditions]
 

@@ -18,6 +18,7 @@ from common.storage import ObjectStore
 from db.pool import Database
 from ingest import errors
 from ingest.auth import TokenVerifier
+from ingest.connection_close import CloseRefusedConnections
 from ingest.intake import ImageIntake
 from ingest.metrics import MetricsMiddleware, MetricsResource
 from ingest.middleware import (
@@ -30,7 +31,7 @@ from ingest.middleware import (
     UploadSlots,
 )
 from ingest.openapi import OpenApiResource, openapi_document
-from ingest.rate_limit import UploadRateLimiter
+from ingest.rate_limit import BatchRateLimiter, InteractiveAllowance, UploadRateLimiter
 from ingest.routes.archive import BatchArchiveResource
 from ingest.routes.batches import (
     BatchCancelResource,
@@ -40,6 +41,7 @@ from ingest.routes.batches import (
     BatchResource,
     BatchRetryResource,
 )
+from ingest.routes.console import CONSOLE_PATH, ConsoleSink
 from ingest.routes.health import HealthResource, ReadinessResource
 from ingest.routes.images import ImageCollectionResource, ImageResource, RenditionResource
 from ingest.routes.upload import BulkUploadResource, UploadResource
@@ -97,8 +99,16 @@ def create_app(settings: Settings, deps: Dependencies) -> falcon.App:
     _configure_multipart(app)
     errors.install(app)
 
+    allowance = InteractiveAllowance(
+        deps.cache.client, settings.redis_prefix, settings.queue.interactive_images_per_minute
+    )
     intake = ImageIntake(
-        deps.db, deps.store, deps.publisher, settings.api.idempotency_ttl_seconds, settings.queue
+        deps.db,
+        deps.store,
+        deps.publisher,
+        settings.api.idempotency_ttl_seconds,
+        settings.queue,
+        allowance.take,
     )
     limiter = UploadRateLimiter(
         deps.cache.client, settings.redis_prefix, settings.api.uploads_per_minute
@@ -135,13 +145,22 @@ def create_app(settings: Settings, deps: Dependencies) -> falcon.App:
         "/api/v1/images/{image_id}/renditions/{name}", RenditionResource(image, deps.store)
     )
     _add_batch_routes(app, settings, deps)
+    app.add_sink(ConsoleSink(settings), CONSOLE_PATH)
     return app
 
 
 def _add_batch_routes(app: falcon.App, settings: Settings, deps: Dependencies) -> None:
     app.add_route(
         "/api/v1/batches",
-        BatchCollectionResource(deps.db, settings.webhooks, settings.engine.renditions),
+        BatchCollectionResource(
+            deps.db,
+            settings.webhooks,
+            settings.engine.renditions,
+            settings.api.max_open_batches_per_user,
+            BatchRateLimiter(
+                deps.cache.client, settings.redis_prefix, settings.api.batches_per_minute
+            ),
+        ),
     )
     app.add_route("/api/v1/batches/{batch_id}", BatchResource(deps.db))
     app.add_route("/api/v1/batches/{batch_id}/images", BatchImagesResource(deps.db))
@@ -165,7 +184,9 @@ def _configure_multipart(app: falcon.App) -> None:
     app.req_options.media_handlers[falcon.MEDIA_MULTIPART] = handler
 
 
-def get_app() -> falcon.App:
-    """Entry point for gunicorn (`ingest.app:get_app()`), called after fork in each worker."""
+def get_app() -> CloseRefusedConnections:
+    """Entry point for gunicorn (`ingest.app:get_app()`), called after fork in each worker.
+    (`pixelmill-api` also sets the hook that makes a refused upload's answer say
+    `Connection: close`; see ingest.connection_close.)"""
     settings = Settings.from_env()
-    return create_app(settings, Dependencies.connect(settings))
+    return CloseRefusedConnections(create_app(settings, Dependencies.connect(settings)))

@@ -3,7 +3,7 @@ the rows alone (every rendition's size and CRC-32 is stored) and streamed from S
 a time, so any byte range of it can be sent and memory does not grow with the batch.
 
 Entry names come from the original filenames: the stem (`archive_stem` in
-`db/migrations/0009_batch_archives.sql`) with `REPLACED_CHARACTERS` turned into `_`, then
+`db/migrations/0011_batch_archives.sql`) with `REPLACED_CHARACTERS` turned into `_`, then
 `~N` for the N-th image of its name group (N >= 2), then `.<rendition>` for any rendition but
 the deployment's first, then the format's extension: `photo.png`, `photo.thumb.webp`,
 `photo~2.png`. A safe stem has no `.` or `~`, so the parts of a name read back unambiguously,

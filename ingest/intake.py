@@ -19,7 +19,7 @@ import logging
 import threading
 import time
 import uuid
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from types import TracebackType
@@ -30,7 +30,7 @@ import psycopg
 from common.broker import JobPublisher
 from common.config import QueueSettings
 from common.errors import Conflict, DependencyUnavailable, NotFound
-from common.jobs import BULK, JobMessage, bulk_shard, choose_lane
+from common.jobs import BULK, INTERACTIVE, JobMessage, bulk_shard, choose_lane
 from common.storage import ObjectStore, original_key
 from db import batches, idempotency, images, upload_intents
 from db.batches import BatchRecord
@@ -110,6 +110,7 @@ class ImageIntake:
         publisher: JobPublisher,
         idempotency_ttl_seconds: int = 24 * 3600,
         lanes: QueueSettings | None = None,
+        interactive_fits: Callable[[str, int], bool] | None = None,
     ) -> None:
         self.db = db
         self.store = store
@@ -117,6 +118,9 @@ class ImageIntake:
         self.ttl = idempotency_ttl_seconds
         # Which lane and bulk shard a request's images get (INTERACTIVE_MAX_PARTS, shards).
         self.lanes = lanes or QueueSettings()
+        # Whether an owner's images may take the interactive lane now (and take them from the
+        # owner's allowance, INTERACTIVE_IMAGES_PER_MINUTE); without one, they always may.
+        self.interactive_fits = interactive_fits or (lambda owner, images: True)
         self._puts = ThreadPoolExecutor(
             max_workers=MAX_PUTS_IN_FLIGHT, thread_name_prefix="intake-put"
         )
@@ -282,9 +286,18 @@ class UploadBatch:
         if not dedupe or not self._staged:
             return {}, list(self._staged)
         with self._intake.db.transaction() as conn:
-            existing = images.find_by_digest(
+            found = images.find_by_digest(
                 conn, self._owner, [s.new.sha256 for s in self._staged], self._batch_id
             )
+            of_batches = {r.batch_id for r in found.values() if r.batch_id is not None}
+            batch_statuses = batches.statuses_of(conn, of_batches)
+        existing = {
+            digest: record
+            for digest, record in found.items()
+            if record.batch_id is None
+            # A batch deleted meanwhile (retention) took its images with it.
+            or self._reusable(record, batch_statuses.get(record.batch_id, "deleted"))
+        }
         fresh: list[StagedUpload] = []
         planned: set[str] = set()
         for item in self._staged:
@@ -294,10 +307,29 @@ class UploadBatch:
                 fresh.append(item)
         return existing, fresh
 
+    def _reusable(self, record: ImageRecord, batch_status: str) -> bool:
+        """Whether an earlier copy in a batch may answer this upload. One of an open batch may
+        (and is asked for the renditions it lacks), as one of no batch may. One of a batch that
+        no longer takes uploads (closed, finished, cancelled) is left as it is: it answers only
+        when it is completed with everything asked for, and otherwise a new image is made, since
+        reopening it would show a finished batch pending images, or have a cancelled one cancel
+        it."""
+        if batch_status == "open":
+            return True
+        return record.status == "completed" and not self._renditions.lacking(record)
+
     def _in_lane(self, fresh: list[StagedUpload], parts: int | None) -> list[StagedUpload]:
-        """`fresh` with the lane of this request (and the owner's bulk shard) set on each image."""
+        """`fresh` with the lane of this request (and the owner's bulk shard) set on each image:
+        a small request is interactive work while its owner's interactive allowance lasts, and
+        bulk work past it."""
         lanes = self._intake.lanes
         lane = choose_lane(parts, lanes.interactive_max_parts)
+        if (
+            lane == INTERACTIVE
+            and fresh
+            and not self._intake.interactive_fits(self._owner, len(fresh))
+        ):
+            lane = BULK
         shard = bulk_shard(self._owner, lanes.bulk_shards) if lane == BULK else 0
         return [
             StagedUpload(dataclasses.replace(s.new, lane=lane, shard=shard), s.stored)

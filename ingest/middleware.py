@@ -17,6 +17,7 @@ import falcon
 from common.config import ApiSettings
 from common.errors import TooManyRequests
 from ingest.auth import TokenVerifier, require_role
+from ingest.connection_close import request_close
 
 _REQUEST_ID = re.compile(r"^[A-Za-z0-9._-]{1,64}$")
 
@@ -197,16 +198,17 @@ class BodyTimeoutMiddleware:
             self._deadlines.release(watch)
         stream = getattr(req.context, "body_stream", None)
         if stream is not None and not stream.fully_read:
-            close_instead_of_draining(stream.inner)
+            # A refused upload: reading the rest of a body the app did not want would let a
+            # trickling client hold the connection (see ingest.connection_close).
+            request_close(req.env, stream.inner)
+        elif _is_chunked(req) and not req_succeeded and "gunicorn.socket" in req.env:
+            # A chunked body has no length to tell whether it was read to its end; one of a
+            # refused request (an upload without Content-Length is 411) is not wanted either.
+            request_close(req.env, req.env["wsgi.input"])
 
 
-def close_instead_of_draining(gunicorn_body: Any) -> None:
-    """Have gunicorn close the connection after the answer rather than read the rest of a body
-    the app did not want (a refused upload): that drain reads until 1 KiB has come, however
-    slowly, so a trickling client would hold the thread for minutes. gunicorn closes instead
-    when it sees the body's `failed` flag, the flag it sets itself when reading a body fails.
-    """
-    gunicorn_body.failed = True
+def _is_chunked(req: falcon.Request) -> bool:
+    return "chunked" in (req.get_header("Transfer-Encoding") or "").lower()
 
 
 class UploadSlots:
@@ -275,8 +277,14 @@ class UploadSlotMiddleware:
 
 
 class SecurityHeadersMiddleware:
+    """The same headers on every answer; a page (the console) names its own, still strict,
+    Content-Security-Policy in `resp.context.content_security_policy`."""
+
     def process_response(
         self, req: falcon.Request, resp: falcon.Response, resource: Any, req_succeeded: bool
     ) -> None:
         for name, value in SECURITY_HEADERS.items():
             resp.set_header(name, value)
+        policy = resp.context.get("content_security_policy")
+        if policy:
+            resp.set_header("Content-Security-Policy", policy)

@@ -203,7 +203,16 @@ IDEMPOTENCY_KEY = {
     "gets the first answer, with another request 409",
     "schema": {"type": "string", "pattern": "^[\\x21-\\x7e]{1,200}$"},
 }
-DEDUPE = {"name": "dedupe", "in": "query", "required": False, "schema": {"type": "boolean"}}
+DEDUPE = {
+    "name": "dedupe",
+    "in": "query",
+    "required": False,
+    "schema": {"type": "boolean"},
+    "description": "answer with your newest earlier image of the same bytes (200) instead of a "
+    "new one (with `batch`: one of that batch). An earlier copy in a batch that is no longer "
+    "open answers only if it is completed with every rendition asked for; otherwise a new "
+    "image is made and the settled batch is left as it was",
+}
 
 
 def _renditions_parameter(settings: Settings) -> dict[str, Any]:
@@ -223,7 +232,9 @@ def _renditions_parameter(settings: Settings) -> dict[str, Any]:
         "description": "make only these renditions (`renditions=a,b`); an unknown name or one "
         "given twice is 400. "
         "Without it, the images get their batch's renditions (`batch`), else every configured "
-        "one. With dedupe, an earlier copy lacking one of them is sent back to make it.",
+        "one. With dedupe, an earlier copy lacking one of them is sent back to make it, unless "
+        "it belongs to a batch that is no longer open: that copy is left as it is, and a new "
+        "image is made.",
     }
 
 
@@ -452,7 +463,13 @@ BATCH = {
         "id": {"type": "string", "format": "uuid"},
         "owner": {"type": "string"},
         "name": {"type": ["string", "null"]},
-        "status": {"type": "string", "enum": list(BATCH_STATUSES)},
+        "status": {
+            "type": "string",
+            "enum": list(BATCH_STATUSES),
+            "description": "open (takes uploads), closed (finishes when its last image is "
+            "terminal), finished; cancelling (cancelled, images already started still running), "
+            "cancelled (settled: nothing in it changes any more)",
+        },
         "callback_url": {"type": ["string", "null"]},
         "events": {"type": "array", "items": {"type": "string", "enum": list(EVENT_KINDS)}},
         "renditions": {
@@ -602,7 +619,9 @@ def _batch_paths() -> dict[str, Any]:
                 },
                 "responses": {
                     "201": _json("CreatedBatch", "created, open"),
-                    **_errors(400, 401, 403, 415, 503),
+                    # 409: MAX_OPEN_BATCHES_PER_USER of yours are open already; 429: past
+                    # BATCHES_PER_MINUTE.
+                    **_errors(400, 401, 403, 409, 415, 429, 503),
                 },
             },
             "get": {
@@ -663,13 +682,15 @@ def _batch_paths() -> dict[str, Any]:
         ),
         "/api/v1/batches/{batch_id}/retry": _batch_action(
             "retry_batch",
-            "Queue the batch's failed images again",
+            "Queue the batch's failed images again, each in its own lane and shard, with a "
+            "fresh count of attempts",
             "RetryAnswer",
             "202",
         ),
         "/api/v1/batches/{batch_id}/cancel": _batch_action(
             "cancel_batch",
-            "Cancel the images not yet started; those in flight finish",
+            "Cancel the images not yet started; those in flight finish. The batch reads "
+            "`cancelling` until they have, then `cancelled`, and `batch.cancelled` is sent",
             "CancelAnswer",
             "202",
         ),

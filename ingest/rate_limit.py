@@ -1,4 +1,5 @@
-"""Per-user upload rate limit: a sliding limit of N images per minute, kept in Redis (GCRA).
+"""Per-user allowances of N per minute, kept in Redis (GCRA): the upload rate limit, how many of
+a user's images may travel in the interactive lane, and how many batches a user may create.
 
 The generic cell rate algorithm keeps one number per user, the time at which their allowance
 would be fully spent again (the "theoretical arrival time"). Each image moves it 60/N seconds
@@ -17,6 +18,7 @@ import logging
 import math
 
 import redis
+from redis.commands.core import Script
 
 from common.errors import TooManyRequests
 
@@ -73,9 +75,8 @@ class UploadRateLimiter:
 
     def _run(self, subject: str, images: int) -> None:
         key = f"{self._prefix}ratelimit:upload:{subject}"
-        interval = WINDOW_SECONDS / self._per_minute
         try:
-            wait = float(self._script(keys=[key], args=[interval, images, WINDOW_SECONDS]))
+            wait = _seconds_to_wait(self._script, key, self._per_minute, images)
         except redis.RedisError as exc:
             log.warning("rate limit not applied, Redis unavailable: %s", exc)
             return
@@ -84,3 +85,60 @@ class UploadRateLimiter:
                 f"upload limit of {self._per_minute} images per minute reached",
                 max(1, math.ceil(wait)),
             )
+
+
+class InteractiveAllowance:
+    """How many images a user may send in the interactive lane per minute: a request whose images
+    do not fit goes to the bulk lane instead (nothing is refused), so one user's stream of small
+    requests cannot take the lane that keeps everyone's single uploads fast."""
+
+    def __init__(self, client: redis.Redis, prefix: str, per_minute: int) -> None:
+        self._prefix = prefix
+        self._per_minute = per_minute
+        self._script = client.register_script(_GCRA)
+
+    def take(self, subject: str, images: int) -> bool:
+        """True, and `images` taken from `subject`'s allowance, if they fit; False (nothing
+        taken) otherwise. Without Redis every request fits, as it did before the allowance."""
+        if self._per_minute <= 0:
+            return True
+        if images > self._per_minute:
+            return False
+        key = f"{self._prefix}ratelimit:interactive:{subject}"
+        try:
+            return _seconds_to_wait(self._script, key, self._per_minute, images) <= 0
+        except redis.RedisError as exc:
+            log.warning("interactive allowance not applied, Redis unavailable: %s", exc)
+            return True
+
+
+class BatchRateLimiter:
+    """Per-user limit on batch creations (`BATCHES_PER_MINUTE`), the same sliding limit on a key
+    of its own: each creation is answered before its body is read."""
+
+    def __init__(self, client: redis.Redis, prefix: str, per_minute: int) -> None:
+        self._prefix = prefix
+        self._per_minute = per_minute
+        self._script = client.register_script(_GCRA)
+
+    def charge(self, subject: str) -> None:
+        """Take one creation from `subject`'s allowance, or raise TooManyRequests."""
+        if self._per_minute <= 0:
+            return
+        key = f"{self._prefix}ratelimit:batches:{subject}"
+        try:
+            wait = _seconds_to_wait(self._script, key, self._per_minute, 1)
+        except redis.RedisError as exc:
+            log.warning("batch creation limit not applied, Redis unavailable: %s", exc)
+            return
+        if wait > 0:
+            raise TooManyRequests(
+                f"limit of {self._per_minute} new batches per minute reached",
+                max(1, math.ceil(wait)),
+            )
+
+
+def _seconds_to_wait(script: Script, key: str, per_minute: int, images: int) -> float:
+    """Run the GCRA script for `images` of `per_minute`: 0 when they fit (and were taken)."""
+    interval = WINDOW_SECONDS / per_minute
+    return float(script(keys=[key], args=[interval, images, WINDOW_SECONDS]))

@@ -13,6 +13,7 @@ from gunicorn.app.base import BaseApplication
 
 from common.config import ConfigError, ServerSettings, Settings
 from common.logs import configure_logging
+from ingest.connection_close import CloseRefusedConnections, expose_close
 from ingest.protocol_errors import use_json_protocol_errors
 
 METRICS_DIR_VARIABLE = "PROMETHEUS_MULTIPROC_DIR"
@@ -33,7 +34,9 @@ class PixelmillGunicorn(BaseApplication):
     def load(self) -> Any:
         from ingest.app import Dependencies, create_app
 
-        return create_app(self._settings, Dependencies.connect(self._settings))
+        return CloseRefusedConnections(
+            create_app(self._settings, Dependencies.connect(self._settings))
+        )
 
 
 def gunicorn_options(server: ServerSettings, access_log: bool) -> dict[str, Any]:
@@ -56,6 +59,8 @@ def gunicorn_options(server: ServerSettings, access_log: bool) -> dict[str, Any]
         # Room for long bearer tokens; a longer header gets 431, in JSON (ingest.protocol_errors).
         "limit_request_field_size": 16384,
         "post_worker_init": use_json_protocol_errors,
+        # A refused upload's answer says `Connection: close` (ingest.connection_close).
+        "pre_request": expose_close,
         "accesslog": "-" if access_log else None,
         "errorlog": "-",
         "proc_name": "pixelmill-api",

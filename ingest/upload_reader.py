@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import re
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 
@@ -23,6 +23,7 @@ from common.errors import (
 )
 from common.formats import UPLOAD_CONTENT_TYPE_BY_FORMAT
 from common.imageinfo import ImageHeader, probe
+from common.renditions import Rendition, oversized_reason
 
 IMAGE_FIELD = "image"
 # For callers that pass no decode budget of their own: MAX_DECODE_MB's default.
@@ -92,16 +93,22 @@ def validate_image(filename: str | None, data: bytes) -> UploadedImage:
 
 
 def check_pixel_limit(
-    header: ImageHeader, max_pixels: int, max_decode_bytes: int = DEFAULT_MAX_DECODE_BYTES
+    header: ImageHeader,
+    max_pixels: int,
+    max_decode_bytes: int = DEFAULT_MAX_DECODE_BYTES,
+    renditions: Sequence[Rendition] = (),
 ) -> None:
     """Refuse (422) an image whose header declares more pixels, or a decode needing more memory,
-    than the engine will process."""
+    than the engine will process, or that one of the `renditions` it gets cannot be made of
+    (an output past its format's size limit)."""
     if header.width * header.height > max_pixels:
         raise UnprocessableImage(
             f"image is {header.width}x{header.height} pixels, above the limit of "
             f"{max_pixels} pixels"
         )
-    reason = over_budget_reason(header, max_decode_bytes)
+    reason = over_budget_reason(header, max_decode_bytes) or oversized_reason(
+        *header.display_size, renditions
+    )
     if reason is not None:
         raise UnprocessableImage(reason)
 
@@ -127,8 +134,10 @@ def read_single_upload(
     max_bytes: int,
     max_pixels: int,
     max_decode_bytes: int = DEFAULT_MAX_DECODE_BYTES,
+    renditions: Sequence[Rendition] = (),
 ) -> UploadedImage:
-    """The one `image` part of a single-image upload; every other field is ignored."""
+    """The one `image` part of a single-image upload, to be made into `renditions`; every
+    other field is ignored."""
     check_declared_length(req, max_bytes)
     found: tuple[str | None, bytes] | None = None
     with malformed_form_is_bad_request():
@@ -143,7 +152,7 @@ def read_single_upload(
     if found is None:
         raise BadRequest("the form has no 'image' file field")
     upload = validate_image(*found)
-    check_pixel_limit(upload.header, max_pixels, max_decode_bytes)
+    check_pixel_limit(upload.header, max_pixels, max_decode_bytes, renditions)
     return upload
 
 
@@ -154,6 +163,8 @@ class BulkLimits:
     max_part_bytes: int
     max_pixels: int
     max_decode_bytes: int = DEFAULT_MAX_DECODE_BYTES
+    # The renditions the request's images get (each must fit its format's size limit).
+    renditions: tuple[Rendition, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -214,7 +225,9 @@ def _judge(
     filename = clean_filename(raw_name)
     try:
         upload = validate_image(raw_name, data)
-        check_pixel_limit(upload.header, limits.max_pixels, limits.max_decode_bytes)
+        check_pixel_limit(
+            upload.header, limits.max_pixels, limits.max_decode_bytes, limits.renditions
+        )
     except PixelmillError as exc:
         return BulkPart(index, filename, error=exc), None
     return BulkPart(index, filename, sha256=upload.sha256), upload

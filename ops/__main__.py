@@ -18,11 +18,22 @@ from common.config import ConfigError, Settings, declare_local
 from common.errors import DependencyUnavailable
 from ops import issuer
 from ops.capacity import capacity_command
+from ops.demo_users import demo_user, demo_users
 from ops.dlq import dlq_command
+from ops.keycloak_server import KeycloakError, password_grant
 from ops.s3server import S3ServerError
 from ops.scale import autoscale_command, override_notice, scale_command
 from ops.services import LOCAL_TEST_POSTGRES_URL, ServicesUnavailable, ensure_services
-from ops.stack import NEXT_STEPS, LocalStack, StackError, StatePaths, project_root
+from ops.stack import (
+    KEYCLOAK_NEXT_STEPS,
+    LOCAL_KEYCLOAK_DB_URL,
+    LOCAL_KEYCLOAK_URL,
+    NEXT_STEPS,
+    LocalStack,
+    StackError,
+    StatePaths,
+    project_root,
+)
 from ops.status import node_check_command, status_command
 
 Command = Callable[[list[str]], int]
@@ -34,19 +45,36 @@ def state_dir() -> Path:
     return Path(override).resolve() if override else project_root() / ".state"
 
 
-def local_stack() -> LocalStack:
+def local_stack(*, keycloak: bool = False) -> LocalStack:
+    """The stack with the local issuer, or with the real Keycloak when asked for or when one
+    that `up --keycloak` started still runs. Keycloak listens where KEYCLOAK_URL says (default
+    LOCAL_KEYCLOAK_URL), its database is KEYCLOAK_DB_URL (default LOCAL_KEYCLOAK_DB_URL)."""
     environ = declare_local(os.environ)
-    return LocalStack(Settings.from_env(environ), StatePaths(state_dir()), child_env=environ)
+    state = StatePaths(state_dir())
+    plain = LocalStack(Settings.from_env(environ), state, child_env=environ)
+    if not keycloak and not plain.keycloak_running():
+        return plain
+    environ["KEYCLOAK_URL"] = environ.get("KEYCLOAK_URL") or LOCAL_KEYCLOAK_URL
+    database = environ.get("KEYCLOAK_DB_URL") or LOCAL_KEYCLOAK_DB_URL
+    return LocalStack(
+        Settings.from_env(environ), state, child_env=environ, keycloak_db_url=database
+    )
 
 
 def up_command(argv: list[str]) -> int:
-    """Start services, SeaweedFS, the issuer, migrations, the API and a worker."""
-    stack = local_stack()
+    """Start services, SeaweedFS, the issuer (--keycloak: Keycloak), migrations, API, worker."""
+    parser = argparse.ArgumentParser(prog="python -m ops up")
+    parser.add_argument(
+        "--keycloak", action="store_true", help="run the real Keycloak instead of the local issuer"
+    )
+    args = parser.parse_args(argv)
+    stack = local_stack(keycloak=args.keycloak)
     stack.up()
     notice = override_notice(stack.settings)
     if notice:
         print(notice)
-    print(f"\n{NEXT_STEPS}")
+    steps = KEYCLOAK_NEXT_STEPS if stack.keycloak_db_url is not None else NEXT_STEPS
+    print(f"\n{steps}")
     return 0
 
 
@@ -59,7 +87,7 @@ def down_command(argv: list[str]) -> int:
 def ps_command(argv: list[str]) -> int:
     """Show each part of the stack, its pid and log file."""
     for name, pid, log in local_stack().status():
-        print(f"{name:<7} {'running, pid ' + str(pid) if pid else 'stopped':<22} {log}")
+        print(f"{name:<8} {'running, pid ' + str(pid) if pid else 'stopped':<22} {log}")
     return 0
 
 
@@ -100,8 +128,31 @@ def issuer_command(argv: list[str]) -> int:
 
 
 def token_command(argv: list[str]) -> int:
-    """Print an access token from the local issuer (--user, --roles, --expires-in)."""
-    return issuer.token_command(with_state_dir(argv))
+    """Print an access token from the local issuer (--user, --roles, --expires-in) or Keycloak."""
+    stack = local_stack()
+    if stack.keycloak_db_url is None:
+        return issuer.token_command(with_state_dir(argv))
+    return keycloak_token(stack, argv)
+
+
+def keycloak_token(stack: LocalStack, argv: list[str]) -> int:
+    """A password-grant token of a demo user from the running Keycloak; the realm decides its
+    roles, so --roles and --expires-in are not used."""
+    parser = argparse.ArgumentParser(prog="python -m ops token")
+    names = [user.username for user in demo_users()]
+    parser.add_argument("--user", default="user", help=f"a demo user: {', '.join(names)}")
+    parser.add_argument("--roles", help="ignored: Keycloak's realm gives the roles")
+    parser.add_argument("--expires-in", help="ignored: the realm sets the lifetime")
+    args = parser.parse_args(argv)
+    user = demo_user(args.user)
+    if user is None:
+        raise KeycloakError(f"{args.user!r} is not a demo user of the local Keycloak {names}")
+    auth = stack.settings.auth
+    answer = password_grant(
+        auth.keycloak_url, auth.realm, auth.client_id, user.username, user.password
+    )
+    print(answer["access_token"])
+    return 0
 
 
 COMMANDS: dict[str, Command] = {
@@ -139,6 +190,7 @@ def main(argv: list[str] | None = None) -> int:
         ServicesUnavailable,
         S3ServerError,
         StackError,
+        KeycloakError,
         S3Error,
         DependencyUnavailable,  # the object store's wrapper refusing or not answering
     ) as exc:

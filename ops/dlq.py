@@ -2,10 +2,10 @@
 
 Messages are read with `basic_get` and held unacknowledged on one channel; whatever is not
 acknowledged goes back to the dead-letter queue when the channel closes, so `list` leaves the queue
-as it was. `requeue` resets the images to `pending` before publishing (a worker must find them
-claimable) to the lane and shard stored with each image (wherever the message died), and acks
-each message only after the broker confirmed its copy on that queue;
-`fail` records the dead-letter reason on the images and acks.
+as it was. `requeue` resets the images to `pending`, their attempts counted afresh (a worker must
+find them claimable and render them), before publishing to the lane and shard stored with each
+image (wherever the message died), and acks each message only after the broker confirmed its copy
+on that queue; `fail` records the dead-letter reason on the images and acks.
 """
 
 from __future__ import annotations

@@ -25,18 +25,33 @@ from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
+from urllib.parse import parse_qsl, urlsplit
 
 import jwt
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import rsa
 
 from common.config import Settings, declare_local
+from ops.issuer_flows import (
+    CONSOLE_CLIENT_ID,
+    CONSOLE_REDIRECT_URIS,
+    REFRESH_SECONDS,
+    AuthorizationRequest,
+    GrantError,
+    PublicClient,
+    SignInFlows,
+    TokenGrant,
+    error_page,
+    login_page,
+    redirect_with,
+)
 
 log = logging.getLogger(__name__)
 
 SIGNING_ALGORITHM = "RS256"
 KEY_FILE_NAME = "signing-key.pem"
 DEFAULT_SCOPE = "openid profile email"
+MAX_FORM_BYTES = 64 * 1024
 
 
 @dataclass(frozen=True)
@@ -122,10 +137,19 @@ class LocalIssuer:
         base_url: str,
         realm: str = "ImageProcessor",
         client_id: str = "api-gateway-client",
+        *,
+        public_clients: tuple[PublicClient, ...] | None = None,
+        access_token_seconds: int = 300,
     ) -> None:
         self.base_url = base_url.rstrip("/")
         self.realm = realm
         self.client_id = client_id
+        self.access_token_seconds = access_token_seconds
+        # Browser sign-in for the demo users; tokens name the API's client in `aud`, as the
+        # Keycloak realm's audience mapper makes them.
+        self.flows = SignInFlows(
+            public_clients or (PublicClient(CONSOLE_CLIENT_ID, CONSOLE_REDIRECT_URIS),)
+        )
         self._key_path = Path(state_dir) / "issuer" / KEY_FILE_NAME
         self._lock = threading.Lock()
         self._signing_key: SigningKey | None = None
@@ -148,6 +172,14 @@ class LocalIssuer:
     @property
     def jwks_path(self) -> str:
         return f"/realms/{self.realm}/protocol/openid-connect/certs"
+
+    @property
+    def authorization_path(self) -> str:
+        return f"/realms/{self.realm}/protocol/openid-connect/auth"
+
+    @property
+    def token_path(self) -> str:
+        return f"/realms/{self.realm}/protocol/openid-connect/token"
 
     @property
     def jwks_requests(self) -> int:
@@ -223,8 +255,11 @@ class LocalIssuer:
             "token_endpoint": f"{protocol}/token",
             "userinfo_endpoint": f"{protocol}/userinfo",
             "jwks_uri": self.jwks_uri,
-            "grant_types_supported": ["password", "client_credentials", "refresh_token"],
+            "grant_types_supported": ["authorization_code", "refresh_token"],
             "response_types_supported": ["code"],
+            "code_challenge_methods_supported": ["S256"],
+            "token_endpoint_auth_methods_supported": ["none"],
+            "authorization_response_iss_parameter_supported": True,
             "subject_types_supported": ["public"],
             "id_token_signing_alg_values_supported": [SIGNING_ALGORITHM],
             "scopes_supported": DEFAULT_SCOPE.split(),
@@ -282,6 +317,34 @@ class LocalIssuer:
         claims.update(claims_override)
         return self.sign({name: value for name, value in claims.items() if value is not None})
 
+    def token_response(self, grant: TokenGrant) -> dict[str, Any]:
+        """The token endpoint's answer for a code or refresh grant of a demo user."""
+        token = self.mint_token(
+            grant.user.username,
+            grant.user.roles,
+            expires_in=self.access_token_seconds,
+            azp=grant.client_id,
+            aud=[self.client_id, "account"],
+            scope=grant.scope,
+        )
+        return {
+            "access_token": token,
+            "token_type": "Bearer",
+            "expires_in": self.access_token_seconds,
+            "refresh_token": grant.refresh_token,
+            "refresh_expires_in": REFRESH_SECONDS,
+            "scope": grant.scope,
+        }
+
+    def grant(self, form: dict[str, str]) -> dict[str, Any]:
+        """POST to the token endpoint: the answer, or GrantError."""
+        grant_type = form.get("grant_type")
+        if grant_type == "authorization_code":
+            return self.token_response(self.flows.redeem_code(form))
+        if grant_type == "refresh_token":
+            return self.token_response(self.flows.refresh(form))
+        raise GrantError("unsupported_grant_type", "authorization_code or refresh_token")
+
     def document_for(self, path: str) -> dict[str, Any] | None:
         """The JSON document served at `path`, counting the request; None when there is none."""
         if path == self.discovery_path:
@@ -296,17 +359,125 @@ class LocalIssuer:
 
 
 class _IssuerRequestHandler(BaseHTTPRequestHandler):
-    """Answers GET for the discovery document and JWKS; 404 for anything else."""
+    """GET: discovery, JWKS and the login form; POST: the login form and the token endpoint;
+    OPTIONS: CORS preflights. 404 for anything else."""
 
     server: IssuerHTTPServer
 
     def do_GET(self) -> None:
         issuer = self.server.issuer
-        document = issuer.document_for(self.path.split("?", 1)[0]) if issuer else None
+        path, _, query = self.path.partition("?")
+        if issuer is not None and path == issuer.authorization_path:
+            self._authorization_form(issuer, dict(parse_qsl(query)))
+            return
+        document = issuer.document_for(path) if issuer else None
         if document is None:
             self._send(HTTPStatus.NOT_FOUND, {"error": "not_found"})
         else:
             self._send(HTTPStatus.OK, document)
+
+    def do_POST(self) -> None:
+        issuer = self.server.issuer
+        path = self.path.split("?", 1)[0]
+        form = self._form()
+        if issuer is None or form is None:
+            self._send(HTTPStatus.NOT_FOUND, {"error": "not_found"})
+        elif path == issuer.authorization_path:
+            self._signed_in(issuer, form)
+        elif path == issuer.token_path:
+            try:
+                self._send(HTTPStatus.OK, issuer.grant(form))
+            except GrantError as exc:
+                self._send(HTTPStatus(exc.status), exc.document())
+        else:
+            self._send(HTTPStatus.NOT_FOUND, {"error": "not_found"})
+
+    def do_OPTIONS(self) -> None:
+        self.send_response(HTTPStatus.NO_CONTENT)
+        self._cors_headers()
+        self.send_header("Access-Control-Allow-Methods", "GET, POST")
+        self.send_header("Access-Control-Allow-Headers", "Content-Type")
+        self.send_header("Access-Control-Max-Age", "600")
+        self.send_header("Content-Length", "0")
+        self.end_headers()
+
+    def _authorization_form(self, issuer: LocalIssuer, query: dict[str, str]) -> None:
+        request = self._checked_request(issuer, query)
+        if request is not None:
+            self._send_page(HTTPStatus.OK, login_page(request, issuer.realm), request)
+
+    def _signed_in(self, issuer: LocalIssuer, form: dict[str, str]) -> None:
+        request = self._checked_request(issuer, form)
+        if request is None:
+            return
+        code = issuer.flows.sign_in(request, form.get("username", ""), form.get("password", ""))
+        if code is None:
+            page = login_page(request, issuer.realm, failed=True)
+            self._send_page(HTTPStatus.OK, page, request)
+            return
+        answer = {"code": code, "state": request.state, "iss": issuer.issuer}
+        self.send_response(HTTPStatus.FOUND)
+        self.send_header("Location", redirect_with(request.redirect_uri, answer))
+        self.send_header("Cache-Control", "no-store")
+        self.send_header("Content-Length", "0")
+        self.end_headers()
+
+    def _checked_request(
+        self, issuer: LocalIssuer, fields: dict[str, str]
+    ) -> AuthorizationRequest | None:
+        """The authorization request, or None once an error page or redirect was sent."""
+        try:
+            return issuer.flows.authorization_request(fields)
+        except GrantError as exc:
+            client = issuer.flows.client(fields.get("client_id", ""))
+            redirect_uri = fields.get("redirect_uri", "")
+            if client is None or not client.allows(redirect_uri):
+                self._send_page(HTTPStatus.BAD_REQUEST, error_page(exc), None)
+                return None
+            answer = {"error": exc.error, "error_description": exc.description}
+            self.send_response(HTTPStatus.FOUND)
+            location = redirect_with(redirect_uri, {**answer, "state": fields.get("state", "")})
+            self.send_header("Location", location)
+            self.send_header("Content-Length", "0")
+            self.end_headers()
+            return None
+
+    def _form(self) -> dict[str, str] | None:
+        """The urlencoded body, or None when it is missing, too large or another type."""
+        content_type = (self.headers.get("Content-Type") or "").split(";")[0].strip().lower()
+        try:
+            length = int(self.headers.get("Content-Length") or "0")
+        except ValueError:
+            return None
+        if content_type != "application/x-www-form-urlencoded" or not 0 < length <= MAX_FORM_BYTES:
+            return None
+        return dict(parse_qsl(self.rfile.read(length).decode("utf-8", "replace")))
+
+    def _cors_headers(self) -> None:
+        """Pages of a registered client may read the answers (discovery, JWKS, tokens)."""
+        issuer, origin = self.server.issuer, self.headers.get("Origin")
+        if issuer is not None and origin and issuer.flows.allows_origin(origin):
+            self.send_header("Access-Control-Allow-Origin", origin)
+            self.send_header("Vary", "Origin")
+
+    def _send_page(
+        self, status: HTTPStatus, page: str, request: AuthorizationRequest | None
+    ) -> None:
+        body = page.encode("utf-8")
+        # The form posts here, then is redirected to the client: both are allowed targets.
+        targets = "'self'" + (f" {_origin_of(request.redirect_uri)}" if request else "")
+        self.send_response(status)
+        self.send_header("Content-Type", "text/html; charset=utf-8")
+        self.send_header("Content-Length", str(len(body)))
+        self.send_header("Cache-Control", "no-store")
+        self.send_header(
+            "Content-Security-Policy",
+            f"default-src 'none'; form-action {targets}; frame-ancestors 'none'",
+        )
+        self.send_header("X-Frame-Options", "DENY")
+        self.send_header("Referrer-Policy", "no-referrer")
+        self.end_headers()
+        self.wfile.write(body)
 
     def _send(self, status: HTTPStatus, document: Mapping[str, Any]) -> None:
         body = json.dumps(document).encode("utf-8")
@@ -314,11 +485,17 @@ class _IssuerRequestHandler(BaseHTTPRequestHandler):
         self.send_header("Content-Type", "application/json")
         self.send_header("Content-Length", str(len(body)))
         self.send_header("Cache-Control", "no-store")
+        self._cors_headers()
         self.end_headers()
         self.wfile.write(body)
 
     def log_message(self, format: str, *args: Any) -> None:
         log.debug("issuer %s - " + format, self.address_string(), *args)
+
+
+def _origin_of(url: str) -> str:
+    parts = urlsplit(url)
+    return f"{parts.scheme}://{parts.netloc}"
 
 
 class IssuerHTTPServer(ThreadingHTTPServer):
@@ -368,11 +545,18 @@ def running(
     port: int = 0,
     realm: str = "ImageProcessor",
     client_id: str = "api-gateway-client",
+    access_token_seconds: int = 300,
 ) -> Iterator[LocalIssuer]:
     """A served LocalIssuer whose base URL is the bound address; stopped on exit."""
     server, thread = serve(None, host, port)
     try:
-        server.issuer = LocalIssuer(state_dir, server.base_url, realm, client_id)
+        server.issuer = LocalIssuer(
+            state_dir,
+            server.base_url,
+            realm,
+            client_id,
+            access_token_seconds=access_token_seconds,
+        )
         yield server.issuer
     finally:
         stop(server, thread)
@@ -382,7 +566,8 @@ def _serve_arguments(argv: list[str]) -> argparse.Namespace:
     auth = Settings.from_env(declare_local(os.environ)).auth
     parser = argparse.ArgumentParser(
         prog="python -m ops issuer",
-        description="Serve a local development OIDC issuer (discovery + JWKS).",
+        description="Serve a local development OIDC issuer (discovery, JWKS, and sign-in of "
+        "the demo users with the authorization code flow).",
     )
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, default=8180)
@@ -394,13 +579,24 @@ def _serve_arguments(argv: list[str]) -> argparse.Namespace:
         default=auth.keycloak_url,
         help="URL clients and the API reach the issuer at (default: KEYCLOAK_URL)",
     )
+    parser.add_argument("--console-client-id", default=auth.console_client_id)
+    parser.add_argument(
+        "--redirect-uri",
+        action="append",
+        default=list(CONSOLE_REDIRECT_URIS),
+        help="another redirect URI of the console client (repeatable; loopback ones match on "
+        "any port)",
+    )
     return parser.parse_args(argv)
 
 
 def serve_command(argv: list[str]) -> int:
     """Serve discovery and JWKS until SIGTERM or SIGINT; return the exit status."""
     args = _serve_arguments(argv)
-    issuer = LocalIssuer(args.state_dir, args.base_url, args.realm, args.client_id)
+    console = PublicClient(args.console_client_id, tuple(args.redirect_uri))
+    issuer = LocalIssuer(
+        args.state_dir, args.base_url, args.realm, args.client_id, public_clients=(console,)
+    )
     server, thread = serve(issuer, args.host, args.port)
     stop_requested = threading.Event()
     for signal_number in (signal.SIGTERM, signal.SIGINT):

@@ -1,4 +1,5 @@
-"""The local development stack: SeaweedFS, the local OIDC issuer, migrations, the API and a worker.
+"""The local development stack: SeaweedFS, the local OIDC issuer (or the real Keycloak, given a
+`keycloak_db_url`), migrations, the API and a worker.
 
 Each long-running part is a `BackgroundProcess` with `<state>/run/<name>.pid` and
 `<state>/logs/<name>.log`; `up` starts what is not running yet and `down` stops exactly those.
@@ -19,6 +20,11 @@ from urllib.parse import urlsplit
 from common.config import Settings
 from common.storage import ObjectStore
 from ops.background import BackgroundProcess, Stopped, log_tail
+from ops.keycloak_server import (
+    KeycloakDistribution,
+    KeycloakOptions,
+    KeycloakServer,
+)
 from ops.s3server import LocalS3Server, ReadOnlyKey
 from ops.services import ensure_services
 
@@ -26,11 +32,19 @@ API_BIND = "127.0.0.1:3000"
 HEALTH_URL = f"http://{API_BIND}/health"
 DEFAULT_S3_PORT = 8333
 DEFAULT_ISSUER_PORT = 8180
+# The real Keycloak of `make up KEYCLOAK=1`: the port the README's token request names, and its
+# own database on the local PostgreSQL (created like pixelmill's, see ops.services).
+LOCAL_KEYCLOAK_URL = "http://localhost:8080"
+LOCAL_KEYCLOAK_MANAGEMENT_PORT = 9000
+LOCAL_KEYCLOAK_DB_URL = "postgresql://keycloak:keycloak@127.0.0.1:5432/keycloak"
+LOCAL_KEYCLOAK_ADMIN_PASSWORD = "admin"
 _LOOPBACK = ("127.0.0.1", "localhost")
 _POLL_SECONDS = 0.25
 
 NEXT_STEPS = """\
 pixelmill is up: API http://localhost:3000  (follow logs: make logs; stop: make down)
+
+Console: http://localhost:3000/console/  (sign in as user/password or admin/admin)
 
 Try it:
   TOKEN=$(make -s token)
@@ -38,6 +52,20 @@ Try it:
        -F "image=@test.png"
   # the answer carries the image id; then:
   curl http://localhost:3000/api/v1/images/$ID -H "Authorization: Bearer $TOKEN"
+"""
+
+KEYCLOAK_NEXT_STEPS = """\
+pixelmill is up with Keycloak: API http://localhost:3000, Keycloak http://localhost:8080
+(admin console: admin/admin; follow logs: make logs; stop: make down)
+
+Try it (the demo users are user/password and admin/admin):
+  TOKEN=$(curl -s -X POST \\
+    http://localhost:8080/realms/ImageProcessor/protocol/openid-connect/token \\
+    -d grant_type=password -d client_id=api-gateway-client -d username=user -d password=password \\
+    | python3 -c 'import json,sys; print(json.load(sys.stdin)["access_token"])')
+  curl -X POST http://localhost:3000/api/v1/upload -H "Authorization: Bearer $TOKEN" \\
+       -F "image=@test.png"
+  # or TOKEN=$(make -s token), the same request
 """
 
 
@@ -67,6 +95,11 @@ class StatePaths:
     def logs(self) -> Path:
         return self.root / "logs"
 
+    @property
+    def keycloak(self) -> Path:
+        """The Keycloak distribution (downloaded once) and the local server's instance."""
+        return self.root / "keycloak"
+
     def pid_file(self, name: str) -> Path:
         return self.root / "run" / f"{name}.pid"
 
@@ -87,12 +120,17 @@ class LocalStack:
         state: StatePaths,
         child_env: Mapping[str, str],
         python: str = sys.executable,
+        *,
+        keycloak_db_url: str | None = None,
     ) -> None:
+        """`keycloak_db_url` given: run the real Keycloak, on that database, where
+        `settings.auth.keycloak_url` says, instead of the local issuer."""
         self.settings = settings
         self.state = state
         self.child_env = dict(child_env)
         self.python = python
         self.cwd = project_root()
+        self.keycloak_db_url = keycloak_db_url
 
     def storage(self) -> LocalS3Server | None:
         """SeaweedFS for a loopback MINIO_ENDPOINT; None when storage lives elsewhere."""
@@ -105,9 +143,21 @@ class LocalStack:
     def issuer(self) -> BackgroundProcess | None:
         """The local issuer for a loopback KEYCLOAK_URL; None when a real Keycloak is used."""
         url = urlsplit(self.settings.auth.keycloak_url)
-        if not is_loopback(url.hostname) or url.port is None:
+        if self.keycloak_db_url is not None or not is_loopback(url.hostname) or url.port is None:
             return None
         return self._issuer_process(url.port)
+
+    def keycloak(self) -> KeycloakServer | None:
+        """The real Keycloak when the stack runs one; None with the local issuer."""
+        if self.keycloak_db_url is None:
+            return None
+        url = urlsplit(self.settings.auth.keycloak_url)
+        if not is_loopback(url.hostname) or url.port is None:
+            raise StackError(
+                f"KEYCLOAK_URL={self.settings.auth.keycloak_url} is not a loopback URL with a "
+                "port: the local Keycloak cannot listen there"
+            )
+        return self._keycloak_server(self.keycloak_db_url)
 
     def api(self) -> BackgroundProcess:
         script = Path(self.python).parent / "pixelmill-api"
@@ -122,11 +172,15 @@ class LocalStack:
     def app_processes(self) -> list[BackgroundProcess]:
         """The pixelmill processes in start order (stopped in reverse)."""
         issuer = self.issuer()
-        return [*([issuer] if issuer else []), self.api(), self.worker()]
+        keycloak = self.keycloak()
+        identity = [issuer] if issuer else [keycloak.background_process()] if keycloak else []
+        return [*identity, self.api(), self.worker()]
 
     def up(self, timeout: float = 60.0) -> None:
         """Start everything that is not running yet and wait until the API is healthy."""
-        ensure_services(self.settings)
+        self._refuse_switching_to_keycloak()
+        extra = [self.keycloak_db_url] if self.keycloak_db_url is not None else []
+        ensure_services(self.settings, extra_databases=extra)
         storage = self.storage()
         if storage is not None:
             already = storage.is_running()
@@ -137,6 +191,9 @@ class LocalStack:
         if issuer is not None:
             self._start(issuer)
             self._wait_issuer(issuer, timeout)
+        keycloak = self.keycloak()
+        if keycloak is not None:
+            self._start_keycloak(keycloak)
         self._migrate()
         api, worker = self.api(), self.worker()
         self._start(api)
@@ -162,12 +219,34 @@ class LocalStack:
         others = sorted(set(self.state.logs.glob("*.log")) - set(known))
         return known + others
 
+    def keycloak_running(self) -> bool:
+        """Whether a Keycloak that `up` started runs (found by pid file, like `down` finds it)."""
+        return self._keycloak_server(LOCAL_KEYCLOAK_DB_URL).is_running()
+
     def _every_app_process(self) -> list[BackgroundProcess]:
         return [
             self.issuer() or self._issuer_process(DEFAULT_ISSUER_PORT),
+            self._keycloak_server(LOCAL_KEYCLOAK_DB_URL).background_process(),
             self.api(),
             self.worker(),
         ]
+
+    def _keycloak_server(self, database_url: str) -> KeycloakServer:
+        # Ownership is recognised by the instance directory, whatever the options say now.
+        options = KeycloakOptions(
+            url=self.settings.auth.keycloak_url,
+            management_port=LOCAL_KEYCLOAK_MANAGEMENT_PORT,
+            database_url=database_url,
+            admin_password=LOCAL_KEYCLOAK_ADMIN_PASSWORD,
+        )
+        return KeycloakServer(
+            KeycloakDistribution(self.state.keycloak),
+            self.state.keycloak / "server",
+            options,
+            base_env=self.child_env,
+            log_path=self.state.log_file("keycloak"),
+            pid_path=self.state.pid_file("keycloak"),
+        )
 
     def _s3_server(self, port: int = DEFAULT_S3_PORT) -> LocalS3Server:
         # Ownership is recognised by the data directory, so any port finds a running server.
@@ -213,6 +292,22 @@ class LocalStack:
         pid = already if already is not None else process.start()
         _report(process.name, pid, process.log_path, started=already is None)
 
+    def _refuse_switching_to_keycloak(self) -> None:
+        # The running API and worker would keep trusting the issuer they were started with.
+        if self.keycloak_db_url is not None and self._issuer_process(DEFAULT_ISSUER_PORT).pid():
+            raise StackError(
+                "the stack is running with the local issuer; stop it first (make down), then "
+                "make up KEYCLOAK=1"
+            )
+
+    def _start_keycloak(self, keycloak: KeycloakServer) -> None:
+        already = keycloak.pid()
+        if already is None:
+            print(f"keycloak starting on {keycloak.url} (the first start takes a minute)")
+        keycloak.start()
+        _report("keycloak", keycloak.pid(), keycloak.log_path, started=already is None)
+        keycloak.add_demo_users(self.child_env)
+
     def _migrate(self) -> None:
         command = [self.python, "-m", "db.migrate"]
         result = subprocess.run(command, env=self.child_env, cwd=self.cwd, check=False)
@@ -256,8 +351,8 @@ def _died(name: str, process: BackgroundProcess) -> str:
 
 def _report(name: str, pid: int | None, log: Path, *, started: bool = True) -> None:
     verb = "started" if started else "already running"
-    print(f"{name:<7} {verb} (pid {pid}, log {log})", flush=True)
+    print(f"{name:<8} {verb} (pid {pid}, log {log})", flush=True)
 
 
 def _report_stop(name: str, outcome: Stopped) -> None:
-    print(f"{name:<7} {outcome.value}", flush=True)
+    print(f"{name:<8} {outcome.value}", flush=True)

@@ -5,6 +5,7 @@ test its own user, so tests never see each other's data."""
 from __future__ import annotations
 
 import dataclasses
+import os
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -19,16 +20,25 @@ from db.migrate import apply_migrations
 from db.pool import Database
 from db.schemas import throwaway_schema, with_search_path
 from ops.issuer import LocalIssuer, running
+from ops.keycloak_server import (
+    KeycloakDistribution,
+    KeycloakOptions,
+    KeycloakServer,
+    missing_tools,
+)
 from ops.s3server import LocalS3Server, pick_free_s3_port
 from tests.support import (
     BASE_POSTGRES_URL,
+    KEYCLOAK_TEST_ADMIN_PASSWORD,
     RABBITMQ_URL,
     REDIS_URL,
+    ROOT,
     S3_ACCESS_KEY,
     S3_SECRET_KEY,
     ApiClient,
     OwnStack,
     StackProbe,
+    free_port,
     renditions_stack,
     start_worker,
     stop_worker,
@@ -57,6 +67,33 @@ def s3_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalS3Serve
 def issuer(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalIssuer]:
     with running(tmp_path_factory.mktemp("issuer")) as served:
         yield served
+
+
+@pytest.fixture(scope="session")
+def keycloak(run_id: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[KeycloakServer]:
+    """The real Keycloak, started once per session as `make up KEYCLOAK=1` starts it (the
+    realm file compose imports, then demo_users.sh), on free ports, its tables in a schema of
+    its own. The distribution is fetched once into .state/keycloak, like the local stack's."""
+    reason = missing_tools()
+    if reason is not None:
+        pytest.skip(reason)
+    with throwaway_schema(BASE_POSTGRES_URL, f"kc_test_{run_id}") as kc_schema:
+        options = KeycloakOptions(
+            url=f"http://127.0.0.1:{free_port()}",
+            management_port=free_port(),
+            database_url=BASE_POSTGRES_URL,
+            admin_password=KEYCLOAK_TEST_ADMIN_PASSWORD,
+            database_schema=kc_schema,
+        )
+        instance = tmp_path_factory.mktemp("keycloak")
+        distribution = KeycloakDistribution(ROOT / ".state" / "keycloak")
+        server = KeycloakServer(distribution, instance, options, base_env=os.environ)
+        try:
+            server.start()
+            server.add_demo_users(os.environ)
+            yield server
+        finally:
+            server.stop()
 
 
 @pytest.fixture(scope="session")

@@ -10,11 +10,17 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import hashlib
+import http.server
+import itertools
+import json
 import os
 import signal
+import socket
 import subprocess
 import sys
+import threading
 import time
+import urllib.error
 import urllib.request
 import uuid
 from collections.abc import Iterator
@@ -35,7 +41,9 @@ from common.waiting import wait_for as wait_for
 from db import images
 from db.images import NewImage
 from db.pool import Database
+from engine.webhooks import WebhookDeliverer
 from ingest.client import FormPart, encode_multipart
+from ops.keycloak_server import ADMIN_USER, DEMO_FILE, REALM_FILE, password_grant
 from ops.services import LOCAL_TEST_POSTGRES_URL
 from ops.tcp_proxy import free_port as free_port
 from ops.worker_process import start_worker as start_worker
@@ -108,6 +116,21 @@ def png(width: int, height: int, *, alpha: bool = False, seed: int = 1) -> bytes
     return encoded.tobytes()
 
 
+def tall_strip_png(width: int = 200, height: int = 20000) -> bytes:
+    """A small gray PNG (under 50 KB) of a very tall strip: a 200 px wide rendition of it is 20000
+    px tall, past WebP's size limit."""
+    rows = np.linspace(0, 255, height, dtype=np.float32).astype(np.uint8)
+    ok, encoded = cv2.imencode(".png", np.repeat(rows[:, None], width, axis=1))
+    assert ok
+    return encoded.tobytes()
+
+
+def without_adobe_marker(data: bytes) -> bytes:
+    """The JPEG without its APP14 Adobe segment: its CMYK values then read as ink, uninverted."""
+    at = data.index(b"\xff\xee")
+    return data[:at] + data[at + 2 + int.from_bytes(data[at + 2 : at + 4], "big") :]
+
+
 class ApiClient:
     """The Falcon app driven through falcon.testing, with a bearer token."""
 
@@ -148,6 +171,13 @@ class StackProbe:
             return conn.execute(
                 "SELECT id, status, error, result_key FROM images WHERE owner = %s", (owner,)
             ).fetchall()
+
+    def attempts(self, image_id: str | uuid.UUID) -> int:
+        """How many times a worker claimed the image (a requeued batch claims it again)."""
+        with psycopg.connect(self.settings.postgres_url) as conn:
+            row = conn.execute("SELECT attempts FROM images WHERE id = %s", (image_id,)).fetchone()
+        assert row is not None, f"no image {image_id}"
+        return int(row[0])
 
     def status(self, image_id: str | uuid.UUID) -> str | None:
         with psycopg.connect(self.settings.postgres_url) as conn:
@@ -359,6 +389,29 @@ def render_or_misbehave(task: Any) -> Any:
     return render_slot(task)
 
 
+@contextlib.contextmanager
+def running_node(settings: Settings, tmp_path: Path, **engine: object) -> Iterator[Any]:
+    """A worker node in this process whose CPU processes misbehave on marked inputs (see
+    `render_or_misbehave`), with engine settings `engine` overlaid; stopped on exit."""
+    from engine.node import WorkerNode
+
+    tuned = dataclasses.replace(
+        settings,
+        engine=dataclasses.replace(
+            settings.engine, processes=2, health_file=str(tmp_path / "health.json"), **engine
+        ),
+    )
+    node = WorkerNode(tuned, render=render_or_misbehave)
+    thread = threading.Thread(target=node.run, name="node-under-test", daemon=True)
+    thread.start()
+    try:
+        yield node
+    finally:
+        node.stop()
+        thread.join(timeout=120)
+        assert not thread.is_alive(), "the node did not stop"
+
+
 class PendingJobs:
     """Pending images as the API leaves them (row and original, whatever the bytes), and the
     job messages that start their processing, on `settings`' queue."""
@@ -460,3 +513,202 @@ def kill_tree(process: subprocess.Popen[bytes]) -> None:
     for child in children:
         with contextlib.suppress(ProcessLookupError):
             os.kill(int(child), signal.SIGKILL)
+
+
+# The bootstrap admin password of the tests' Keycloak (a throwaway server on loopback).
+KEYCLOAK_TEST_ADMIN_PASSWORD = "keycloak-test-admin"
+
+
+class KeycloakAdmin:
+    """Keycloak's admin REST API as the bootstrap admin of the master realm, for tests that
+    change realms, clients, users and keys."""
+
+    def __init__(self, base_url: str, password: str = KEYCLOAK_TEST_ADMIN_PASSWORD) -> None:
+        self.base_url = base_url.rstrip("/")
+        self.password = password
+
+    def call(self, method: str, path: str, body: Any = None) -> Any:
+        """`method` on /admin/realms`path`; the parsed JSON answer, or None when it has none."""
+        token = password_grant(self.base_url, "master", "admin-cli", ADMIN_USER, self.password)
+        request = urllib.request.Request(
+            f"{self.base_url}/admin/realms{path}",
+            method=method,
+            data=None if body is None else json.dumps(body).encode(),
+            headers={
+                "Authorization": f"Bearer {token['access_token']}",
+                "Content-Type": "application/json",
+            },
+        )
+        try:
+            with urllib.request.urlopen(request, timeout=30) as response:
+                answer = response.read()
+        except urllib.error.HTTPError as exc:
+            raise AssertionError(f"{method} {path}: {exc.code} {exc.read()[:500]!r}") from exc
+        return json.loads(answer) if answer else None
+
+    def client_uuid(self, realm: str, client_id: str) -> str:
+        [client] = self.call("GET", f"/{realm}/clients?clientId={client_id}")
+        return str(client["id"])
+
+    def update_client(self, realm: str, client_id: str, changes: dict[str, Any]) -> None:
+        uuid_ = self.client_uuid(realm, client_id)
+        client = self.call("GET", f"/{realm}/clients/{uuid_}")
+        merged = {**client, **changes, "attributes": {**client.get("attributes", {})}}
+        merged["attributes"].update(changes.get("attributes", {}))
+        self.call("PUT", f"/{realm}/clients/{uuid_}", merged)
+
+    def add_user(self, realm: str, username: str, password: str, roles: list[str]) -> None:
+        user = {
+            "username": username,
+            "enabled": True,
+            "emailVerified": True,
+            "firstName": username,
+            "lastName": "Test",
+            "email": f"{username}@pixelmill.invalid",
+            "credentials": [{"type": "password", "value": password, "temporary": False}],
+        }
+        self.call("POST", f"/{realm}/users", user)
+        if roles:
+            [found] = self.call("GET", f"/{realm}/users?username={username}&exact=true")
+            mappings = [self.call("GET", f"/{realm}/roles/{role}") for role in roles]
+            self.call("POST", f"/{realm}/users/{found['id']}/role-mappings/realm", mappings)
+
+    def copy_of_realm_file(self, name: str, *, demo: bool) -> str:
+        """A new realm `name` from the realm file compose imports, as an import would make it;
+        with `demo`, also its demo users and password logins on the API's client, as
+        demo_users.sh adds them."""
+        realm = {**json.loads(REALM_FILE.read_text()), "realm": name}
+        if demo:
+            realm["users"] = json.loads(DEMO_FILE.read_text())["users"]
+            realm["clients"] = [{**c, "directAccessGrantsEnabled": True} for c in realm["clients"]]
+        self.call("POST", "", realm)
+        return name
+
+
+# --- Webhook receivers and the deliverer, for tests of webhook deliveries --------------------
+
+
+@dataclasses.dataclass
+class Received:
+    path: str
+    headers: dict[str, str]
+    body: bytes
+
+
+class Receiver:
+    """An HTTP endpoint answering each POST with the next of `answers` (the last one repeats)."""
+
+    def __init__(self, answers: list[tuple[int, dict[str, str]]] | None = None) -> None:
+        self.requests: list[Received] = []
+        self.answers = answers or [(204, {})]
+        receiver = self
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def do_POST(self) -> None:
+                body = self.rfile.read(int(self.headers.get("Content-Length", 0)))
+                receiver.requests.append(Received(self.path, dict(self.headers), body))
+                turn = min(len(receiver.requests), len(receiver.answers)) - 1
+                status, headers = receiver.answers[turn]
+                self.send_response(status)
+                for name, value in headers.items():
+                    self.send_header(name, value)
+                self.send_header("Content-Length", "0")
+                self.end_headers()
+
+            def log_message(self, *args: Any) -> None:
+                pass
+
+        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.port = self.server.server_address[1]
+        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+
+    def url(self, host: str = "127.0.0.1", path: str = "/hook") -> str:
+        return f"http://{host}:{self.port}{path}"
+
+    def events(self) -> list[dict[str, Any]]:
+        return [json.loads(r.body) for r in self.requests]
+
+
+class TricklingReceiver:
+    """A hostile endpoint: reads each request, then answers one byte every `interval` s of a
+    response head that never ends, until the test lets go (`release`) or the sender hangs up.
+    Counts the connections it holds and those the sender closed."""
+
+    def __init__(self, interval: float) -> None:
+        self.interval = interval
+        self.accepted = 0
+        self.hung_up = 0
+        self._released = threading.Event()
+        self._lock = threading.Lock()
+        self._listener = socket.create_server(("127.0.0.1", 0))
+        self.port = self._listener.getsockname()[1]
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def url(self, path: str = "/hook") -> str:
+        return f"http://127.0.0.1:{self.port}{path}"
+
+    @property
+    def held(self) -> int:
+        """Connections open now: accepted, not hung up on by the sender."""
+        with self._lock:
+            return self.accepted - self.hung_up
+
+    def release(self) -> None:
+        """Stop trickling: every connection is closed from this side."""
+        self._released.set()
+        self._listener.close()
+
+    def _accept(self) -> None:
+        while not self._released.is_set():
+            try:
+                conn, _ = self._listener.accept()
+            except OSError:
+                return
+            with self._lock:
+                self.accepted += 1
+            threading.Thread(target=self._trickle, args=(conn,), daemon=True).start()
+
+    def _trickle(self, conn: socket.socket) -> None:
+        head = b"HTTP/1.1 200 OK\r\nX-Pad: "
+        with conn:
+            conn.recv(65536)
+            conn.setblocking(False)
+            for sent in itertools.count():
+                if self._released.wait(self.interval):
+                    return
+                if self._sender_hung_up(conn):
+                    with self._lock:
+                        self.hung_up += 1
+                    return
+                with contextlib.suppress(BlockingIOError):
+                    conn.send(head[sent : sent + 1] or b"a")
+
+    @staticmethod
+    def _sender_hung_up(conn: socket.socket) -> bool:
+        try:
+            return conn.recv(1) == b""
+        except BlockingIOError:
+            return False
+        except OSError:
+            return True
+
+
+def create_batch(api: ApiClient, **fields: Any) -> dict[str, Any]:
+    response = api.client.simulate_post("/api/v1/batches", json=fields, headers=api.headers())
+    assert response.status_code == 201, response.text
+    return response.json
+
+
+def close_batch(api: ApiClient, batch_id: str) -> None:
+    response = api.client.simulate_post(f"/api/v1/batches/{batch_id}/close", headers=api.headers())
+    assert response.status_code == 200, response.text
+
+
+@contextlib.contextmanager
+def deliverer_on(settings: Settings, **options: Any) -> Iterator[WebhookDeliverer]:
+    """A deliverer as worker nodes run it, driven round by round by the test."""
+    db = Database(settings.postgres_url)
+    try:
+        yield WebhookDeliverer(db, settings.webhooks, **options)
+    finally:
+        db.close()

@@ -20,12 +20,27 @@ from common.storage import ObjectStore, original_key
 from db import images
 from db.images import NewImage
 from db.pool import Database
-from engine.batch import CRASH_REASON, MISSING_REASON, BatchProcessor, BatchReport, Delivery
+from engine.batch import (
+    CRASH_REASON,
+    MISSING_REASON,
+    RENDER_FAILED_REASON,
+    BatchProcessor,
+    BatchReport,
+    Delivery,
+)
 from engine.cpu_pool import KernelOptions, KernelPool
 from engine.lane_priority import InteractiveFirst
 from engine.slots import SlotArena
 from tests.faults import FailingS3Proxy
-from tests.support import CRASH_MARKER, StackProbe, jpeg, paused, render_or_misbehave, wait_for
+from tests.support import (
+    CRASH_MARKER,
+    FAIL_MARKER,
+    StackProbe,
+    jpeg,
+    paused,
+    render_or_misbehave,
+    wait_for,
+)
 
 MIB = 1024 * 1024
 DELIVERY_LIMIT = 3
@@ -174,6 +189,26 @@ def test_a_truncated_jpeg_fails_with_the_decoders_reason(
     assert report.verdict.failed == 1
     assert rows(probe, user_id) == {image_id: ("failed", "JPEG data could not be decoded", None)}
     assert results_of(probe, image_id) == []
+
+
+def test_an_image_whose_render_raises_an_unknown_error_fails_alone_and_nothing_is_requeued(
+    pipeline: Pipeline, probe: StackProbe, user_id: str
+) -> None:
+    broken = pipeline.pending_image(user_id, FAIL_MARKER + jpeg(900, 600, seed=1))
+    others = [pipeline.pending_image(user_id, jpeg(900, 600, seed=s)) for s in (2, 3)]
+    deliveries = [pipeline.delivery(i) for i in (others[0], broken, others[1])]
+
+    report = pipeline.processor.process(deliveries)
+
+    assert sorted(report.verdict.ack) == sorted(d.tag for d in deliveries)
+    assert report.verdict.requeue == []
+    assert (report.verdict.completed, report.verdict.failed) == (2, 1)
+    outcome = rows(probe, user_id)
+    status, error, result = outcome.pop(broken)
+    assert (status, result) == ("failed", None)
+    assert error == f"{RENDER_FAILED_REASON} (RuntimeError: a bug in the render function)"
+    assert set(outcome.values()) == {("completed", None, f"results/{i}.png") for i in others}
+    assert results_of(probe, broken) == []
 
 
 def test_a_storage_outage_on_one_image_requeues_it_and_completes_the_other(

@@ -78,6 +78,26 @@ def test_generated_jpeg_size_is_in_the_range_of_real_photos(class_name: str) -> 
     assert is_photo_like(bpp), f"{class_name}: {bpp:.2f} bits/pixel"
 
 
+def test_the_cmyk_rotated_and_progressive_classes_are_what_they_say() -> None:
+    from common.imageinfo import probe
+    from engine.colour import source_colour
+
+    made = {
+        name: generate_image_bytes(replace(IMAGE_CLASSES[name], width=320, height=240), 5, 0)
+        for name in ("jpeg-cmyk-12mp", "jpeg-exif-rotated-12mp", "jpeg-progressive-12mp")
+    }
+    headers = {name: probe(data) for name, data in made.items()}
+    cmyk = headers["jpeg-cmyk-12mp"]
+    assert cmyk is not None and cmyk.channels == 4
+    colour = source_colour(memoryview(made["jpeg-cmyk-12mp"]), cmyk)
+    assert colour.cmyk and colour.adobe_inverted and colour.profile is None
+    rotated = headers["jpeg-exif-rotated-12mp"]
+    assert rotated is not None and rotated.orientation == 6 and rotated.display_size == (240, 320)
+    assert b"\xff\xc2" in made["jpeg-progressive-12mp"]
+    for name, data in made.items():
+        assert is_photo_like(len(data) * 8 / (320 * 240)), name
+
+
 def test_flat_colour_and_pure_noise_are_not_photo_like() -> None:
     spec = IMAGE_CLASSES["jpeg-small"]
     flat = np.full((spec.height, spec.width, 3), 128, dtype=np.uint8)

@@ -17,6 +17,7 @@ import yaml
 
 from common.decode_budget import MIB, decode_bytes, jpeg_coefficient_bytes
 from common.imageinfo import probe
+from common.renditions import parse_renditions
 from engine.cpu_pool import (
     OUT_OF_MEMORY_REASON,
     KernelOptions,
@@ -24,7 +25,15 @@ from engine.cpu_pool import (
     RenderTask,
 )
 from engine.kernel import ImageRejected, decode_gray, read_header, render_grayscale
-from tests.support import ROOT, ApiClient, PoolUnderTest, StackProbe, jpeg, multipart
+from tests.support import (
+    ROOT,
+    ApiClient,
+    PoolUnderTest,
+    StackProbe,
+    jpeg,
+    multipart,
+    without_adobe_marker,
+)
 
 BUDGET = 384 * MIB
 HOG_MARKER = b"PIXELMILL-TEST-HOG"
@@ -324,3 +333,63 @@ def test_the_worker_manifest_holds_every_cpu_process_at_its_cap_within_the_memor
     per_process = engine.max_decode_mb + MEMORY_CAP_HEADROOM_BYTES // MIB + CPU_PROCESS_START_MIB
     needed = engine.memory_mb + NODE_PROCESS_MIB + engine.processes * per_process
     assert needed <= int(limit[:-2]) * 1024
+
+
+# --- CMYK JPEGs within their budget ---------------------------------------------------------
+
+CMYK_BUDGET = 64 * MIB
+
+
+def cmyk_jpeg_12_mp(adobe: bool) -> tuple[bytes, np.ndarray]:
+    """A 4000x3000 CMYK JPEG (48 MB decoded: inside CMYK_BUDGET) of smooth ink ramps, as Adobe
+    stores it (inverted) or as ink; and its naive RGB conversion's gray at 800x600."""
+    ramp = np.tile(np.arange(250, dtype=np.uint8), (3000, 16))
+    ink = cv2.merge([ramp, np.ascontiguousarray(np.flipud(ramp)), ramp // 2, ramp // 3])
+    stored = 255 - ink if adobe else ink
+    data = bytes(
+        imagecodecs.jpeg8_encode(stored, level=85, colorspace="CMYK", outcolorspace="CMYK")
+    )
+    assert b"Adobe" in data
+    paper = (255 - ink).astype(np.float32) / 255
+    rgb = np.rint(255 * paper[:, :, :3] * paper[:, :, 3:]).astype(np.uint8)
+    gray = cv2.resize(
+        cv2.cvtColor(rgb, cv2.COLOR_RGB2GRAY), (800, 600), interpolation=cv2.INTER_AREA
+    )
+    return (data if adobe else without_adobe_marker(data)), gray
+
+
+@pytest.fixture(scope="module")
+def cmyk_pool() -> Iterator[PoolUnderTest]:
+    """One CPU process under a 64 MiB decode budget (its cap: 192 MiB more than at start),
+    making a gray and a colour rendition."""
+    options = KernelOptions(
+        800,
+        "png",
+        100_000_000,
+        max_decode_bytes=CMYK_BUDGET,
+        renditions=parse_renditions("default:800:gray:png, thumb:200:color:webp:80"),
+    )
+    pool = PoolUnderTest(options, render_or_hog, processes=1, slots=1, input_slot_bytes=8 * MIB)
+    yield pool
+    pool.close()
+
+
+@pytest.mark.parametrize("adobe", [True, False], ids=["adobe-inverted", "ink"])
+def test_a_cmyk_jpeg_without_a_profile_inside_the_budget_renders_under_the_memory_cap(
+    cmyk_pool: PoolUnderTest, adobe: bool
+) -> None:
+    data, expected = cmyk_jpeg_12_mp(adobe)
+    header = probe(data)
+    assert header is not None and decode_bytes(header, colour=True) <= CMYK_BUDGET
+
+    result, output = cmyk_pool.render(data)
+
+    assert result.error is None, result.error
+    assert [(o.name, o.width, o.height) for o in result.outputs] == [
+        ("default", 800, 600),
+        ("thumb", 200, 150),
+    ]
+    rendered = cv2.imdecode(np.frombuffer(output, np.uint8), cv2.IMREAD_UNCHANGED)
+    assert np.abs(rendered.astype(int) - expected).mean() < 3
+    [pid] = cmyk_pool.pool.pids()
+    assert proc_field(pid, "VmHWM") < data_limit(pid)

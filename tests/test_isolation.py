@@ -4,9 +4,6 @@ own batch and in any other batch in flight, and the node goes on."""
 
 from __future__ import annotations
 
-import contextlib
-import dataclasses
-import threading
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -14,8 +11,8 @@ from pathlib import Path
 import pytest
 
 from common.config import Settings
+from common.renditions import parse_renditions
 from engine.batch import CRASH_REASON
-from engine.node import WorkerNode
 from tests.support import (
     CRASH_MARKER,
     HANG_MARKER,
@@ -23,9 +20,13 @@ from tests.support import (
     StackProbe,
     jpeg,
     paused,
-    render_or_misbehave,
+    running_node,
+    tall_strip_png,
     wait_for,
 )
+
+# The README's example: a gray PNG and a colour WebP thumbnail.
+WEBP_THUMB_RENDITIONS = parse_renditions("default:800:gray:png, thumb:200:color:webp:80")
 
 pytestmark = pytest.mark.slow
 
@@ -35,26 +36,6 @@ def jobs(private_queue: Settings, user_id: str) -> Iterator[PendingJobs]:
     made = PendingJobs(private_queue, user_id)
     yield made
     made.close()
-
-
-@contextlib.contextmanager
-def running_node(settings: Settings, tmp_path: Path, **engine: object) -> Iterator[WorkerNode]:
-    """A worker node in this process whose CPU processes misbehave on marked inputs."""
-    tuned = dataclasses.replace(
-        settings,
-        engine=dataclasses.replace(
-            settings.engine, processes=2, health_file=str(tmp_path / "health.json"), **engine
-        ),
-    )
-    node = WorkerNode(tuned, render=render_or_misbehave)
-    thread = threading.Thread(target=node.run, name="node-under-test", daemon=True)
-    thread.start()
-    try:
-        yield node
-    finally:
-        node.stop()
-        thread.join(timeout=120)
-        assert not thread.is_alive(), "the node did not stop"
 
 
 def statuses(probe: StackProbe, owner: str) -> dict[uuid.UUID, tuple[str, str | None]]:
@@ -117,3 +98,35 @@ def test_a_render_past_max_render_seconds_fails_that_image_and_the_node_goes_on(
     assert outcome.pop(endless) == ("failed", "took longer than 2 s to render")
     assert set(outcome.values()) == {("completed", None)} and len(outcome) == 3
     assert not any(str(endless) in key for key in probe.results())
+
+
+def test_an_image_whose_webp_thumb_cannot_be_made_fails_alone_and_another_users_images_complete(
+    private_queue: Settings, jobs: PendingJobs, probe: StackProbe, tmp_path: Path
+) -> None:
+    # Accepted before the deployment named the WebP rendition: the engine meets it.
+    hostile_owner = PendingJobs(private_queue, f"{jobs.owner}-hostile")
+    try:
+        hostile = [hostile_owner.pending(tall_strip_png()) for _ in range(2)]
+        ordinary = [jobs.pending(jpeg(900, 600, seed=s)) for s in range(1, 7)]
+        with running_node(private_queue, tmp_path, renditions=WEBP_THUMB_RENDITIONS) as node:
+            # One publish: the images arrive together and share batches.
+            jobs.publish([ordinary[0], hostile[0], *ordinary[1:4], hostile[1], *ordinary[4:]])
+            wait_for(
+                lambda: (
+                    terminal(probe, jobs.owner, ordinary)
+                    and terminal(probe, hostile_owner.owner, hostile)
+                ),
+                timeout=120,
+                what="every image",
+            )
+            assert len(node.pool.pids()) == 2
+        for image_id in hostile:
+            status, error = statuses(probe, hostile_owner.owner)[image_id]
+            assert status == "failed"
+            assert "'thumb' rendition would be 200x20000 pixels" in (error or "")
+            assert not any(str(image_id) in key for key in probe.results())
+        assert set(statuses(probe, jobs.owner).values()) == {("completed", None)}
+        # Claimed once each: no batch was requeued, so the node never paused on them.
+        assert [probe.attempts(i) for i in (*hostile, *ordinary)] == [1] * 8
+    finally:
+        hostile_owner.close()

@@ -138,14 +138,28 @@ def test_target_size_rejects_non_positive_sizes() -> None:
 
 
 @pytest.mark.parametrize(
-    ("display_width", "factor"),
-    [(800, 1), (1598, 1), (1599, 2), (3196, 2), (3199, 4), (6392, 4), (6393, 8), (500, 1)],
+    ("display_size", "factor"),
+    [
+        ((800, 600), 1),
+        ((1598, 1198), 1),
+        ((1599, 1199), 2),
+        ((3196, 2397), 2),
+        ((3199, 2399), 4),
+        ((6392, 4794), 4),
+        ((6393, 4794), 8),
+        ((500, 375), 1),
+        # Found by the render fuzz: narrower than the target, so the height is kept whole;
+        # and 1/2 covers the width (800 of 1599) but not the height (1599 of 3198 for 1600).
+        ((1, 1000), 1),
+        ((1599, 3198), 1),
+    ],
 )
-def test_jpeg_reduction_keeps_decoded_width_at_least_target(
-    display_width: int, factor: int
+def test_jpeg_reduction_keeps_the_decoded_size_covering_the_output(
+    display_size: tuple[int, int], factor: int
 ) -> None:
-    assert jpeg_reduction(display_width, 800) == factor
-    assert -(-display_width // factor) >= min(800, display_width)
+    assert jpeg_reduction(display_size, 800) == factor
+    width, height = target_size(*display_size, 800)
+    assert -(-display_size[0] // factor) >= width and -(-display_size[1] // factor) >= height
 
 
 # --- JPEG inputs ------------------------------------------------------------------------------

@@ -20,6 +20,7 @@ from minio import Minio
 from minio.error import S3Error
 
 from common.config import QueueSettings, Settings, StorageSettings
+from ops.__main__ import local_stack
 from ops.__main__ import main as ops_main
 from ops.background import BackgroundProcess, Stopped, command_line
 from ops.s3server import LocalS3Server, WeedPorts, pick_free_s3_port, port_is_open
@@ -30,7 +31,13 @@ from ops.services import (
     ensure_services,
     provision_postgres,
 )
-from ops.stack import LocalStack, StatePaths
+from ops.stack import (
+    LOCAL_KEYCLOAK_DB_URL,
+    LOCAL_KEYCLOAK_URL,
+    LocalStack,
+    StackError,
+    StatePaths,
+)
 from tests.support import COMPOSE_SECRETS, free_port, wait_for
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -369,6 +376,91 @@ def test_stack_runs_local_storage_and_issuer_on_the_configured_ports(tmp_path: P
     assert storage is not None and storage.endpoint == "127.0.0.1:18444"
     assert issuer is not None and "--port 8180" in " ".join(issuer.argv)
     assert storage.data_dir == (tmp_path / "s3").resolve()
+
+
+def test_the_keycloak_stack_runs_keycloak_where_keycloak_url_says_and_no_issuer(
+    tmp_path: Path,
+) -> None:
+    environ = {"PIXELMILL_ENV": "local", "KEYCLOAK_URL": "http://localhost:18080"}
+    stack = LocalStack(
+        Settings.from_env(environ),
+        StatePaths(tmp_path),
+        child_env=environ,
+        keycloak_db_url=LOCAL_KEYCLOAK_DB_URL,
+    )
+
+    keycloak = stack.keycloak()
+
+    assert stack.issuer() is None
+    assert keycloak is not None and keycloak.url == "http://localhost:18080"
+    assert keycloak.options.environment()["KC_HTTP_PORT"] == "18080"
+    assert keycloak.options.environment()["KC_DB_URL"] == (
+        "jdbc:postgresql://127.0.0.1:5432/keycloak"
+    )
+    assert [p.name for p in stack.app_processes()] == ["keycloak", "api", "worker"]
+
+
+def test_a_keycloak_that_up_started_makes_token_and_ps_use_it_until_down_stops_it(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys
+) -> None:
+    monkeypatch.setenv("PIXELMILL_STATE_DIR", str(tmp_path))
+    monkeypatch.delenv("KEYCLOAK_URL", raising=False)
+    state = StatePaths(tmp_path)
+    # Stands in for Keycloak: recognised, like the real one, by its instance's kc.sh.
+    kc = state.keycloak / "server" / "bin" / "kc.sh"
+    kc.parent.mkdir(parents=True)
+    kc.write_text("trap 'exit 0' TERM\nsleep 300 & wait\n")
+    standin = BackgroundProcess(
+        "keycloak", [], pid_path=state.pid_file("keycloak"), log_path=tmp_path, marker=str(kc)
+    )
+    assert local_stack().keycloak_db_url is None
+    # Started as `up` leaves it: in a session of its own, no longer a child of this process.
+    pid_file = state.pid_file("keycloak")
+    pid_file.parent.mkdir(parents=True)
+    subprocess.run(
+        ["bash", "-c", f"setsid /bin/sh {kc} >/dev/null 2>&1 & echo $! > {pid_file}"], check=True
+    )
+    wait_for(standin.is_running, timeout=10)
+
+    stack = local_stack()
+    assert stack.keycloak_db_url == LOCAL_KEYCLOAK_DB_URL
+    assert stack.settings.auth.keycloak_url == LOCAL_KEYCLOAK_URL
+    assert ops_main(["ps"]) == 0
+    assert f"keycloak running, pid {standin.pid()}" in capsys.readouterr().out
+
+    assert ops_main(["down"]) == 0
+    assert "keycloak stopped" in capsys.readouterr().out
+    assert not standin.is_running()
+    assert local_stack().keycloak_db_url is None
+
+
+def test_up_with_keycloak_refuses_while_the_stack_runs_with_the_local_issuer(
+    tmp_path: Path,
+) -> None:
+    state = StatePaths(tmp_path)
+    issuer = BackgroundProcess(
+        "issuer",
+        [sys.executable, "-c", "import time; time.sleep(300)", "-m", "ops", "issuer"],
+        pid_path=state.pid_file("issuer"),
+        log_path=state.log_file("issuer"),
+        marker="-m ops issuer",
+    )
+    issuer.start()
+    # Were it not refused, up would stop at a database nobody runs (192.0.2.0/24 is unroutable).
+    environ = {
+        "PIXELMILL_ENV": "local",
+        "KEYCLOAK_URL": LOCAL_KEYCLOAK_URL,
+        "POSTGRES_URL": "postgresql://nobody:nothing@192.0.2.1:5432/none",
+        "MINIO_ENDPOINT": "minio:9000",
+    }
+    stack = LocalStack(
+        Settings.from_env(environ), state, child_env=environ, keycloak_db_url=LOCAL_KEYCLOAK_DB_URL
+    )
+    try:
+        with pytest.raises(StackError, match="make down"):
+            stack.up()
+    finally:
+        issuer.stop()
 
 
 def test_unknown_command_prints_usage_and_fails(capsys) -> None:

@@ -421,6 +421,29 @@ def test_dlq_requeue_moves_chosen_messages_back_and_resets_their_images(
     assert bodies == {processing, failed}
 
 
+def test_dlq_requeue_of_an_image_that_ran_out_of_attempts_gives_it_a_fresh_count(
+    ops_settings: Settings, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Requeueing is what an operator does once the dependency that used up the attempts is
+    back: with the old count the next claim would fail the image again without rendering it."""
+    limit = ops_settings.queue.delivery_limit
+    spent = _insert_image(
+        ops_settings, "failed", f"gave up after {limit} attempts: a dependency kept failing"
+    )
+    with psycopg.connect(ops_settings.postgres_url, autocommit=True) as conn:
+        conn.execute("UPDATE images SET attempts = %s WHERE id = %s", (limit, spent))
+    _dead_letter(ops_settings, [spent])
+
+    assert dlq_command(["requeue", str(spent)], ops_settings) == 0
+
+    assert "requeued 1 messages; 1 images reset to pending" in capsys.readouterr().out
+    with psycopg.connect(ops_settings.postgres_url) as conn:
+        row = conn.execute(
+            "SELECT status, error, attempts FROM images WHERE id = %s", (spent,)
+        ).fetchone()
+    assert row == ("pending", None, 0)
+
+
 def test_dlq_requeue_all_keeps_malformed_messages_and_completed_images(
     ops_settings: Settings, capsys: pytest.CaptureFixture[str]
 ) -> None:

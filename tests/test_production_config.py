@@ -15,6 +15,15 @@ import pytest
 import yaml
 
 from common.config import ConfigError, Settings, declare_local
+from ops.issuer_flows import CONSOLE_REDIRECT_URIS
+from ops.keycloak_server import (
+    BUILD_OPTIONS,
+    DEMO_FILE,
+    DEMO_USERS_SCRIPT,
+    KEYCLOAK_VERSION,
+    REALM_FILE,
+    START_ARGS,
+)
 from tests.support import COMPOSE_SECRETS, free_port
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -282,13 +291,41 @@ def test_compose_keycloak_runs_in_production_mode_with_demo_users_only_in_dev() 
     assert all(user["attributes"]["demo_only"] == ["true"] for user in demo_file["users"])
 
 
-def test_realm_client_allows_only_browser_logins_with_pkce() -> None:
-    [client] = json.loads((KEYCLOAK / "realm-ImageProcessor.json").read_text())["clients"]
+@needs_compose
+def test_compose_keycloak_is_the_version_command_database_and_realm_the_tests_prove() -> None:
+    services = _compose_services()
+    keycloak, demo = services["keycloak"], services["keycloak-demo-users"]
+    major_minor = ".".join(KEYCLOAK_VERSION.split(".")[:2])
+    environment = keycloak["environment"]
+    mounted = dict(volume.split(":")[:2][::-1] for volume in keycloak["volumes"])
+    demo_mounted = dict(volume.split(":")[:2][::-1] for volume in demo["volumes"])
 
-    assert client["publicClient"] and client["standardFlowEnabled"]
-    assert not client["directAccessGrantsEnabled"] and not client["implicitFlowEnabled"]
-    assert client["attributes"]["pkce.code.challenge.method"] == "S256"
-    assert client["redirectUris"] == []  # each deployment adds its own
+    assert keycloak["image"] == demo["image"] == f"quay.io/keycloak/keycloak:{major_minor}"
+    # The tests' server is built ahead (`kc.sh build`), so it starts --optimized.
+    assert keycloak["command"] == [arg for arg in START_ARGS if arg != "--optimized"]
+    assert environment["KC_DB"] == "postgres"
+    assert environment["KC_DB_URL"] == "jdbc:postgresql://postgres:5432/keycloak"
+    assert {"KC_DB_USERNAME", "KC_DB_PASSWORD"} <= set(environment)
+    assert f"--health-enabled={environment['KC_HEALTH_ENABLED']}" in BUILD_OPTIONS
+    assert Path(mounted["/opt/keycloak/data/import/realm-ImageProcessor.json"]) == REALM_FILE
+    assert Path(demo_mounted["/opt/pixelmill/demo_users.sh"]) == DEMO_USERS_SCRIPT
+    assert Path(demo_mounted["/opt/pixelmill/demo-ImageProcessor.json"]) == DEMO_FILE
+
+
+def test_realm_clients_allow_only_browser_logins_with_pkce() -> None:
+    clients = json.loads((KEYCLOAK / "realm-ImageProcessor.json").read_text())["clients"]
+    api, console = clients
+
+    for client in clients:
+        assert client["publicClient"] and client["standardFlowEnabled"]
+        assert not client["directAccessGrantsEnabled"] and not client["implicitFlowEnabled"]
+        assert client["attributes"]["pkce.code.challenge.method"] == "S256"
+        [mapper] = client["protocolMappers"]
+        assert mapper["config"]["included.client.audience"] == "api-gateway-client"
+    assert api["redirectUris"] == []  # each deployment adds its own
+    # The console's callback on the API that `make up` serves; another deployment adds its own.
+    assert console["clientId"] == "pixelmill-console"
+    assert console["redirectUris"] == list(CONSOLE_REDIRECT_URIS)
 
 
 @pytest.mark.parametrize("value", [None, "pixelmill-local-webhook-key"])

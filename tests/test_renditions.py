@@ -42,7 +42,11 @@ from tests.support import (
     ApiClient,
     StackProbe,
     completed_image,
+    jpeg,
+    multipart,
     renditions_once_made,
+    tall_strip_png,
+    without_adobe_marker,
 )
 from tests.test_imageinfo import exif_app1, with_segment
 from tests.test_kernel import jpeg_of, photo_rgb, pillow_bytes
@@ -210,6 +214,7 @@ def test_renditions_setting_reads_name_width_mode_format_and_quality() -> None:
         ("a:800:gray:jpeg:101", "quality must be 1-100"),
         ("a:800:gray:png, a:200:color:png", "names a more than once"),
         ("A b:800:gray:png", "name must be"),
+        ("a:20000:color:webp", "webp images are at most 16382 pixels wide"),
     ],
 )
 def test_a_malformed_renditions_setting_is_refused_naming_the_variable(
@@ -333,6 +338,55 @@ def test_cmyk_jpeg_with_its_profile_matches_pillow_imagecms() -> None:
 
     for output, rendition in zip(rendered.images, wanted, strict=True):
         assert_matches(output, data, rendition)
+
+
+@pytest.mark.parametrize("adobe", [True, False], ids=["adobe-inverted", "ink"])
+def test_cmyk_jpeg_without_a_profile_matches_pillows_naive_conversion(adobe: bool) -> None:
+    rgb = photo_rgb(900, 600)
+    pillows = pillow_bytes(Image.fromarray(rgb).convert("CMYK"), "JPEG", quality=95)
+    # Pillow stores Adobe's inverted values, and reads every CMYK JPEG so; without the Adobe
+    # marker the values are ink (libjpeg's and libvips' reading too): the same picture.
+    ink = np.dstack([255 - rgb, np.zeros(rgb.shape[:2], np.uint8)])
+    encoded = imagecodecs.jpeg8_encode(ink, level=95, colorspace="CMYK", outcolorspace="CMYK")
+    data = pillows if adobe else without_adobe_marker(bytes(encoded))
+    wanted = (Rendition("colour", 450, "color", "png"), Rendition("gray", 300, "gray", "png"))
+
+    rendered = render_renditions(data, wanted)
+
+    for output, rendition in zip(rendered.images, wanted, strict=True):
+        assert_matches(output, pillows, rendition)
+
+
+def icc_segments(profile: bytes) -> bytes:
+    """`profile` in as many APP2 ICC_PROFILE segments as it needs (65519 bytes each)."""
+    chunks = [profile[at : at + 65519] for at in range(0, len(profile), 65519)]
+    segments = b""
+    for number, chunk in enumerate(chunks, 1):
+        body = b"ICC_PROFILE\x00" + bytes([number, len(chunks)]) + chunk
+        segments += b"\xff\xe2" + struct.pack(">H", len(body) + 2) + body
+    return segments
+
+
+def huge_profile(size: int) -> bytes:
+    """An RGB display profile header padded to `size` bytes."""
+    return _icc(b"mntr", b"RGB ", b"XYZ ", {b"pad ": b"\0" * (size - 144)})
+
+
+def test_a_jpeg_or_png_whose_icc_profile_is_over_4_mb_is_refused_with_the_reason() -> None:
+    small = jpeg_of(photo_rgb(64, 48))
+    over = 4 * 1024 * 1024 + 1024
+    tagged_jpeg_file = small[:2] + icc_segments(huge_profile(over)) + small[2:]
+    iccp = b"srgb\x00\x00" + zlib.compress(huge_profile(over))
+    plain_png = pillow_bytes(Image.fromarray(photo_rgb(64, 48)), "PNG")
+    chunk = struct.pack(">I", len(iccp)) + b"iCCP" + iccp
+    chunk += struct.pack(">I", zlib.crc32(b"iCCP" + iccp))
+    tagged_png_file = plain_png[:33] + chunk + plain_png[33:]
+    near = small[:2] + icc_segments(huge_profile(4 * 1024 * 1024 - 4096)) + small[2:]
+
+    for data in (tagged_jpeg_file, tagged_png_file):
+        with pytest.raises(ImageRejected, match="ICC colour profile is larger than the 4 MB limit"):
+            render_renditions(data, BOTH)
+    assert len(render_renditions(near, BOTH).images) == 2  # under the cap: rendered
 
 
 def test_colour_outputs_are_tagged_srgb_in_each_formats_own_way() -> None:
@@ -598,8 +652,6 @@ def test_results_completed_before_renditions_become_the_default_rendition() -> N
 
 
 def upload(api: ApiClient, data: bytes, query: str = "") -> Any:
-    from tests.support import multipart
-
     body, content_type = multipart([("image", "photo.jpg", data, "image/jpeg")])
     return api.post_raw(f"/api/v1/upload{query}", body, content_type)
 
@@ -683,3 +735,40 @@ def test_the_openapi_document_lists_the_configured_rendition_names() -> None:
     [parameter] = [p for p in upload_parameters if p["name"] == "renditions"]
     assert parameter["schema"]["items"]["enum"] == ["default", "thumb", "preview"]
     assert new_batch["renditions"]["items"]["enum"] == ["default", "thumb", "preview"]
+
+
+def test_an_upload_whose_webp_rendition_would_be_past_webps_size_limit_is_422_and_others_complete(
+    renditions_service: ApiClient, issuer: Any, probe: StackProbe, user_id: str
+) -> None:
+    hostile = renditions_service
+    other_user = f"other-{uuid.uuid4()}"
+    other = ApiClient(hostile.client.app, issuer.mint_token(other_user, ("user",)))
+    strip = tall_strip_png()  # its 200 px WebP thumb would be 200x20000
+
+    refused = upload(hostile, strip)
+    body, content_type = multipart(
+        [("image", "strip.png", strip, ""), ("image", "ok.jpg", jpeg(640, 480), "")]
+    )
+    bulk = hostile.post_raw("/api/v1/uploads", body, content_type)
+    ordinary = [upload(other, jpeg(900, 600, seed=seed)).json["id"] for seed in (1, 2, 3)]
+
+    assert refused.status_code == 422, refused.text
+    message = refused.json["error"]["message"]
+    assert "'thumb' rendition would be 200x20000 pixels" in message
+    assert "over the WEBP limit of 16382 pixels per side" in message
+    assert bulk.status_code == 207
+    strip_part, ok_part = bulk.json["items"]
+    assert strip_part["status"] == 422 and "WEBP limit" in strip_part["error"]["message"]
+    assert [str(row[0]) for row in probe.rows_for(user_id)] == [ok_part["id"]]
+    for image_id in (*ordinary, ok_part["id"]):
+        client = hostile if image_id == ok_part["id"] else other
+        assert [r["name"] for r in completed_image(client, image_id)["renditions"]] == [
+            "default",
+            "thumb",
+            "preview",
+        ]
+        assert probe.attempts(image_id) == 1  # never requeued with a failing batch
+    # Without the WebP rendition the same file is accepted and made.
+    subset = upload(hostile, strip, "?renditions=default,preview").json["id"]
+    made = {r["name"]: r for r in completed_image(hostile, subset)["renditions"]}
+    assert (made["default"]["width"], made["default"]["height"]) == (200, 20000)

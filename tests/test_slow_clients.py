@@ -38,8 +38,15 @@ class SlowUpload:
         content_type: str,
         piece: int = 1,
         interval: float = TRICKLE_SECONDS,
+        chunked: bool = False,
     ) -> None:
         host, port = base.removeprefix("http://").split(":")
+        # A chunked body trickles as one chunk, announced whole and sent a byte at a time.
+        framing = (
+            f"Transfer-Encoding: chunked\r\n\r\n{len(body):x}\r\n"
+            if chunked
+            else f"Content-Length: {len(body)}\r\n\r\n"
+        )
         self.body = body
         self.piece = piece
         self.interval = interval
@@ -47,7 +54,7 @@ class SlowUpload:
         self.sock.sendall(
             b"POST /api/v1/upload HTTP/1.1\r\nHost: x\r\n"
             + f"Authorization: Bearer {token}\r\nContent-Type: {content_type}\r\n".encode()
-            + f"Content-Length: {len(body)}\r\n\r\n".encode()
+            + framing.encode()
             + body[:100]
         )
         self.sent = 100
@@ -221,3 +228,50 @@ def test_one_user_gets_429_past_their_share_and_others_still_upload(
         # Her finished upload gave her slot back.
         assert post_upload(base, alice_token, seed=3)[0] == 201
         assert len(probe.rows_for(alice)) == 2 and len(probe.rows_for(bob)) == 1
+
+
+def closed_by_server(upload: SlowUpload) -> bool:
+    """Whether the server has closed the connection (an end of stream or a reset after the
+    answer); False while it is still open."""
+    try:
+        upload.sock.settimeout(0.2)
+        return upload.sock.recv(1) == b""
+    except TimeoutError:
+        return False
+    except ConnectionResetError:
+        return True
+
+
+def test_uploads_refused_unread_are_answered_connection_close_and_closed_while_they_trickle(
+    env, settings, issuer, tmp_path: Path, slow_uploads: list[SlowUpload]
+) -> None:
+    overrides = {"MAX_UPLOADS_PER_USER": "1", "BODY_MIN_BYTES_PER_SECOND": "10"}
+    with served_api(env, tmp_path / "api.log", *ONE_PROCESS, **overrides) as (base, _):
+        _, token = new_user(issuer)
+        body, content_type = upload_body()
+        too_long = body + b"\0" * (2 * settings.api.max_upload_bytes)
+        # One user's uploads past their share (429), a bad token (401), a declared length over
+        # MAX_UPLOAD_BYTES (413), then a chunked body (411): each refused before its body is
+        # read, each trickling on.
+        for _ in range(7):
+            slow_uploads.append(SlowUpload(base, token, body, content_type))
+        slow_uploads.append(SlowUpload(base, "not-a-token", body, content_type))
+        slow_uploads.append(SlowUpload(base, new_user(issuer)[1], too_long, content_type))
+
+        def answered() -> list[tuple[SlowUpload, int, dict[str, str]]]:
+            return [(u, a[0], a[1]) for u in slow_uploads if (a := u.answer()) is not None]
+
+        wait_for(lambda: len(answered()) >= 8, timeout=60)
+        slow_uploads.append(SlowUpload(base, new_user(issuer)[1], body, content_type, chunked=True))
+        refused = wait_for(lambda: len(answered()) >= 9 and answered(), timeout=60)
+        statuses = sorted(status for _, status, _ in refused)
+        assert statuses == [401, 411, 413, *[429] * 6], statuses
+        for _, status, headers in refused:
+            assert headers["connection"] == "close", (status, headers)
+        closed = [upload for upload, _, _ in refused]
+        wait_for(lambda: all(closed_by_server(u) for u in closed), timeout=60)
+        # Closed unread: none had sent its body, and each is still trickling meanwhile.
+        assert all(u.sent < len(u.body) for u in slow_uploads)
+        assert get(f"{base}/health") == (200, b'{"status": "ok"}')
+        [reading] = [u for u in slow_uploads if u not in closed]
+        assert reading.answer() is None and not closed_by_server(reading)

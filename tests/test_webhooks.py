@@ -4,12 +4,9 @@ allowed. A receiver on 127.0.0.1 plays the user's endpoint."""
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
-import http.server
 import json
 import random
-import threading
 from collections.abc import Iterator
 from typing import Any
 
@@ -19,52 +16,22 @@ from standardwebhooks import Webhook
 from standardwebhooks.webhooks import WebhookVerificationError
 
 from common.config import Settings
-from common.webhooks import TargetRefused, check_target
-from db.pool import Database
-from engine.webhooks import MAX_RETRY_SECONDS, WebhookDeliverer, retry_delay
+from common.webhooks import Deadline, TargetRefused, check_callback_url, resolve_target
+from engine.webhooks import MAX_RETRY_SECONDS, retry_delay
 from ops.status import status_command
-from tests.support import ApiClient, OwnStack, api_for, jpeg, multipart, wait_for
-
-
-@dataclasses.dataclass
-class Received:
-    path: str
-    headers: dict[str, str]
-    body: bytes
-
-
-class Receiver:
-    """An HTTP endpoint answering each POST with the next of `answers` (the last one repeats)."""
-
-    def __init__(self, answers: list[tuple[int, dict[str, str]]] | None = None) -> None:
-        self.requests: list[Received] = []
-        self.answers = answers or [(204, {})]
-        receiver = self
-
-        class Handler(http.server.BaseHTTPRequestHandler):
-            def do_POST(self) -> None:
-                body = self.rfile.read(int(self.headers.get("Content-Length", 0)))
-                receiver.requests.append(Received(self.path, dict(self.headers), body))
-                turn = min(len(receiver.requests), len(receiver.answers)) - 1
-                status, headers = receiver.answers[turn]
-                self.send_response(status)
-                for name, value in headers.items():
-                    self.send_header(name, value)
-                self.send_header("Content-Length", "0")
-                self.end_headers()
-
-            def log_message(self, *args: Any) -> None:
-                pass
-
-        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.port = self.server.server_address[1]
-        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
-
-    def url(self, host: str = "127.0.0.1", path: str = "/hook") -> str:
-        return f"http://{host}:{self.port}{path}"
-
-    def events(self) -> list[dict[str, Any]]:
-        return [json.loads(r.body) for r in self.requests]
+from tests.support import (
+    ApiClient,
+    OwnStack,
+    Received,
+    Receiver,
+    api_for,
+    close_batch,
+    create_batch,
+    deliverer_on,
+    jpeg,
+    multipart,
+    wait_for,
+)
 
 
 @pytest.fixture
@@ -74,12 +41,6 @@ def receiver() -> Iterator[Receiver]:
     yield served
     served.server.shutdown()
     served.server.server_close()
-
-
-def create_batch(api: ApiClient, **fields: Any) -> dict[str, Any]:
-    response = api.client.simulate_post("/api/v1/batches", json=fields, headers=api.headers())
-    assert response.status_code == 201, response.text
-    return response.json
 
 
 def upload_into(api: ApiClient, batch_id: str, data: bytes, name: str = "a.jpg") -> str:
@@ -122,16 +83,6 @@ def test_batch_and_image_events_are_delivered_signed_by_the_standard_webhooks_sc
     assert "webhook_secret" not in finished
 
 
-@contextlib.contextmanager
-def deliverer_on(settings: Settings, **options: Any) -> Iterator[WebhookDeliverer]:
-    """A deliverer as worker nodes run it, driven round by round by the test."""
-    db = Database(settings.postgres_url)
-    try:
-        yield WebhookDeliverer(db, settings.webhooks, **options)
-    finally:
-        db.close()
-
-
 def delivery_rows(settings: Settings) -> list[tuple[Any, ...]]:
     with psycopg.connect(settings.postgres_url) as conn:
         return conn.execute(
@@ -146,17 +97,12 @@ def make_due(settings: Settings) -> None:
         conn.execute("UPDATE webhook_deliveries SET next_attempt_at = now()")
 
 
-def close(api: ApiClient, batch_id: str) -> None:
-    response = api.client.simulate_post(f"/api/v1/batches/{batch_id}/close", headers=api.headers())
-    assert response.status_code == 200, response.text
-
-
 def test_a_tampered_delivery_fails_verification(
     own_database: Settings, receiver: Receiver, issuer: Any, user_id: str
 ) -> None:
     with api_for(own_database, issuer.mint_token(user_id)) as api, deliverer_on(own_database) as d:
         batch = create_batch(api, callback_url=receiver.url())
-        close(api, batch["id"])
+        close_batch(api, batch["id"])
         assert d.deliver_once() == 1
     [request] = receiver.requests
     assert verified(batch["webhook_secret"], request)["type"] == "batch.finished"
@@ -184,7 +130,7 @@ def test_a_failed_delivery_is_retried_later_with_the_same_id_and_body(
     receiver.answers = [(500, {}), (204, {})]
     with api_for(own_database, issuer.mint_token(user_id)) as api, deliverer_on(own_database) as d:
         batch = create_batch(api, callback_url=receiver.url())
-        close(api, batch["id"])
+        close_batch(api, batch["id"])
         d.deliver_once()
         [(_, attempts, delivered, _, error, later)] = delivery_rows(own_database)
         assert (attempts, delivered, error, later) == (1, False, "HTTP 500", True)
@@ -202,7 +148,7 @@ def test_a_redirect_is_not_followed_and_counts_as_a_failure(
 ) -> None:
     receiver.answers = [(302, {"Location": receiver.url(path="/elsewhere")})]
     with api_for(own_database, issuer.mint_token(user_id)) as api, deliverer_on(own_database) as d:
-        close(api, create_batch(api, callback_url=receiver.url())["id"])
+        close_batch(api, create_batch(api, callback_url=receiver.url())["id"])
         d.deliver_once()
     assert [r.path for r in receiver.requests] == ["/hook"]
     [(_, _, delivered, _, error, _)] = delivery_rows(own_database)
@@ -214,7 +160,7 @@ def test_a_delivery_failing_past_the_retry_window_is_abandoned(
 ) -> None:
     receiver.answers = [(503, {})]
     with api_for(own_database, issuer.mint_token(user_id)) as api, deliverer_on(own_database) as d:
-        close(api, create_batch(api, callback_url=receiver.url())["id"])
+        close_batch(api, create_batch(api, callback_url=receiver.url())["id"])
         with psycopg.connect(own_database.postgres_url) as conn:
             conn.execute("UPDATE webhook_deliveries SET created_at = now() - interval '25 hours'")
         d.deliver_once()
@@ -262,7 +208,7 @@ def test_delivery_checks_the_target_again_so_a_name_rebound_to_a_private_address
     )
     url = f"https://hooks.example.invalid:{receiver.port}/hook"
     with api_for(strict, issuer.mint_token(user_id)) as api:
-        close(api, create_batch(api, callback_url=url)["id"])
+        close_batch(api, create_batch(api, callback_url=url)["id"])
     # By delivery time the name points at this machine.
     with deliverer_on(strict, resolve=lambda host, port: ["127.0.0.1"]) as deliverer:
         deliverer.deliver_once()
@@ -273,12 +219,16 @@ def test_delivery_checks_the_target_again_so_a_name_rebound_to_a_private_address
 
 
 def test_a_host_with_any_private_address_is_refused_and_a_public_one_is_pinned() -> None:
+    strict = dataclasses.replace(Settings().webhooks, allowed_ports=frozenset({443, 8443}))
+
     def mixed(host: str, port: int) -> list[str]:
         return ["93.184.216.34", "10.0.0.8"]
 
     with pytest.raises(TargetRefused, match="private"):
-        check_target("https://example.test/hook", False, mixed)
-    target = check_target("https://example.test:8443/h?x=1", False, lambda h, p: ["93.184.216.34"])
+        callback = check_callback_url("https://example.test/hook", strict)
+        resolve_target(callback, strict, mixed, Deadline(5))
+    callback = check_callback_url("https://example.test:8443/h?x=1", strict)
+    target = resolve_target(callback, strict, lambda h, p: ["93.184.216.34"], Deadline(5))
     assert (target.address, target.port, target.path) == ("93.184.216.34", 8443, "/h?x=1")
 
 
@@ -297,7 +247,7 @@ def test_ops_status_shows_the_webhook_backlog_and_its_oldest_event(
     receiver.answers = [(500, {})]
     with api_for(own_database, issuer.mint_token(user_id)) as api:
         for _ in range(2):
-            close(api, create_batch(api, callback_url=receiver.url())["id"])
+            close_batch(api, create_batch(api, callback_url=receiver.url())["id"])
     with psycopg.connect(own_database.postgres_url) as conn:
         conn.execute("UPDATE webhook_deliveries SET created_at = now() - interval '90 seconds'")
 
@@ -320,7 +270,7 @@ def test_a_finished_event_describes_the_batch_as_it_finished_even_if_a_retry_reo
                 "UPDATE images SET status = 'failed', error = 'decoder said no' WHERE id = %s",
                 (image_id,),
             )
-        close(api, batch["id"])
+        close_batch(api, batch["id"])
         retried = api.client.simulate_post(
             f"/api/v1/batches/{batch['id']}/retry", headers=api.headers()
         )

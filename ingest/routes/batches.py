@@ -17,14 +17,17 @@ from common.config import WebhookSettings
 from common.errors import BadRequest, Conflict, NotFound
 from common.jobs import JobMessage
 from common.renditions import Rendition
-from common.webhooks import SecretBox, TargetRefused, TargetUnresolved, check_target, new_secret
+from common.webhooks import SecretBox, TargetRefused, check_callback_url, new_secret
 from db import batches, images
 from db.batches import BatchRecord, NewBatch, batch_document
 from db.pool import Database
 from ingest.documents import image_document
+from ingest.rate_limit import BatchRateLimiter
 from ingest.routes.images import MAX_PAGE, decode_cursor, encode_cursor
 from ingest.routes.upload import UPLOAD_ROLE, chosen_renditions
 
+# A batch being cancelled or cancelled: no upload, close or retry changes it any more.
+CANCELLED = ("cancelling", "cancelled")
 MAX_NAME = 200
 MAX_URL = 2000
 EVENT_CHOICES = (["batch"], ["batch", "image"])
@@ -50,23 +53,32 @@ class BatchCollectionResource:
     required_role_post = UPLOAD_ROLE
 
     def __init__(
-        self, db: Database, webhooks: WebhookSettings, renditions: Sequence[Rendition]
+        self,
+        db: Database,
+        webhooks: WebhookSettings,
+        renditions: Sequence[Rendition],
+        max_open_batches: int = 0,
+        limiter: BatchRateLimiter | None = None,
     ) -> None:
         self._db = db
         self._webhooks = webhooks
         self._box = SecretBox(webhooks.encryption_key)
         self._renditions = renditions
+        self._max_open = max_open_batches
+        self._limiter = limiter
 
     def on_post(self, req: falcon.Request, resp: falcon.Response) -> None:
+        if self._limiter is not None:
+            # Charged before the body is read, as uploads are.
+            self._limiter.charge(req.context.principal.subject)
         body = req.get_media(default_when_empty={})
         name, callback_url, events, renditions = _creation_fields(body, self._renditions)
         secret = None
         if callback_url is not None:
             try:
-                check_target(callback_url, self._webhooks.allow_private)
-            except TargetUnresolved:
-                # Nothing to vet yet; every delivery resolves and checks the host again.
-                pass
+                # The literal form only: no DNS in a request. Every delivery resolves the host
+                # within its deadline and checks each address.
+                check_callback_url(callback_url, self._webhooks)
             except TargetRefused as exc:
                 raise BadRequest(str(exc)) from None
             secret = new_secret()
@@ -80,6 +92,7 @@ class BatchCollectionResource:
             renditions=renditions,
         )
         with self._db.transaction() as conn:
+            _ensure_room_for_a_batch(conn, new.owner, self._max_open)
             record = batches.create_batch(conn, new)
         resp.status = falcon.HTTP_201
         resp.location = f"/api/v1/batches/{record.id}"
@@ -96,6 +109,16 @@ class BatchCollectionResource:
             encode_cursor(rows[-1].created_at, rows[-1].id) if len(rows) == limit else None
         )
         resp.media = {"items": [batch_document(r) for r in rows], "next_cursor": next_cursor}
+
+
+def _ensure_room_for_a_batch(conn: Any, owner: str, max_open: int) -> None:
+    """Conflict if `owner` already has `max_open` open batches (0: no limit). Closed, finished
+    and cancelled batches do not count: closing one makes room."""
+    if max_open and batches.count_open_batches(conn, owner) >= max_open:
+        raise Conflict(
+            f"you have {max_open} open batches, the most allowed (MAX_OPEN_BATCHES_PER_USER); "
+            "close or cancel one before creating another"
+        )
 
 
 def _creation_fields(
@@ -171,7 +194,7 @@ class BatchCloseResource:
 
     def on_post(self, req: falcon.Request, resp: falcon.Response, batch_id: str) -> None:
         record = load_visible(self._db, batch_id, req.context.principal)
-        if record.status == "cancelled":
+        if record.status in CANCELLED:
             raise Conflict("the batch was cancelled")
         with self._db.transaction() as conn:
             batches.close_batch(conn, record.id)
@@ -181,7 +204,8 @@ class BatchCloseResource:
 
 
 class BatchRetryResource:
-    """The batch's failed images go back to `pending` and are queued again (idempotent)."""
+    """The batch's failed images go back to `pending`, with a fresh count of attempts, and are
+    queued again in the lane and shard stored with each (idempotent)."""
 
     def __init__(self, db: Database, publisher: JobPublisher, cache: ImageCache) -> None:
         self._db = db
@@ -190,23 +214,27 @@ class BatchRetryResource:
 
     def on_post(self, req: falcon.Request, resp: falcon.Response, batch_id: str) -> None:
         record = load_visible(self._db, batch_id, req.context.principal)
-        if record.status == "cancelled":
+        if record.status in CANCELLED:
             raise Conflict("a cancelled batch cannot be retried")
         with self._db.transaction() as conn:
             requeued = batches.retry_batch(conn, record.id)
-        self._cache.invalidate(requeued)
+        ids = [image.id for image in requeued]
+        self._cache.invalidate(ids)
         if requeued:
             # If this publish fails, the rows stay pending without `enqueued_at` and the outbox
             # sweeper queues them.
-            self._publisher.publish([JobMessage(i, req.context.request_id) for i in requeued])
+            self._publisher.publish(
+                [JobMessage(i.id, req.context.request_id, i.lane, i.shard) for i in requeued]
+            )
             with self._db.transaction() as conn:
-                images.mark_enqueued(conn, requeued)
+                images.mark_enqueued(conn, ids)
         resp.status = falcon.HTTP_202
         resp.media = {"requeued": len(requeued)}
 
 
 class BatchCancelResource:
-    """Images not yet started end `cancelled`; those in flight finish."""
+    """Images not yet started end `cancelled`; those in flight finish. The batch reads
+    `cancelling` until the last of them has, then `cancelled` (and its event is sent)."""
 
     def __init__(self, db: Database, cache: ImageCache) -> None:
         self._db = db

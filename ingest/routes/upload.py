@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import logging
 import re
@@ -86,6 +87,10 @@ class _UploadRoute:
         configured = tuple(r.name for r in self._renditions)
         return RenditionRequest(asked, configured), None if batch is None else batch.id
 
+    def _made(self, renditions: RenditionRequest) -> tuple[Rendition, ...]:
+        """The configured renditions the request's images get (every one for None)."""
+        return select(self._renditions, renditions.names)
+
     def _asked_renditions(self, req: falcon.Request) -> tuple[str, ...] | None:
         """`?renditions=a,b` (or `renditions=a&renditions=b`): a subset of the configured
         renditions; an unknown name is a 400 that lists the known ones."""
@@ -146,7 +151,11 @@ class UploadResource(_UploadRoute):
         self._limiter.charge(principal.subject)
         renditions, batch_id = self.renditions_and_batch(req)
         upload = read_single_upload(
-            req, self._limits.max_part_bytes, self._limits.max_pixels, self._limits.max_decode_bytes
+            req,
+            self._limits.max_part_bytes,
+            self._limits.max_pixels,
+            self._limits.max_decode_bytes,
+            self._made(renditions),
         )
         dedupe = req.get_param_as_bool("dedupe", default=False)
         claim = idempotency_claim(
@@ -177,7 +186,8 @@ class BulkUploadResource(_UploadRoute):
         with self._intake.begin(principal.subject, renditions, batch_id) as batch:
             # Each valid image is stored as soon as it is read (its bytes are then let go).
             parts: list[BulkPart] = []
-            for part, upload in iter_bulk_upload(req, self._limits):
+            limits = dataclasses.replace(self._limits, renditions=self._made(renditions))
+            for part, upload in iter_bulk_upload(req, limits):
                 if upload is not None:
                     batch.stage(upload)
                 parts.append(part)

@@ -1,17 +1,24 @@
 #!/usr/bin/env bash
-# Development profile only (`docker compose --profile dev up -d`): adds the demo users user/user
-# and admin/admin and the password-login client pixelmill-dev-cli from demo-ImageProcessor.json to
-# the realm. Keycloak's partial import skips what exists, so running it twice changes nothing.
-# Runs in the Keycloak image, whose kcadm.sh talks to the admin REST API.
+# Development only (compose's `dev` profile, `make up KEYCLOAK=1`): adds the demo users user/password
+# and admin/admin from demo-ImageProcessor.json to the realm, and lets the API's client
+# api-gateway-client take password logins, so the README's token request works as it stands.
+# The realm file itself keeps password logins off: production never gets them. Keycloak's partial
+# import skips users that exist and the client update sets one flag, so running it twice changes
+# nothing. Talks to the admin REST API through kcadm.sh (the Keycloak image's, unless KCADM says).
 set -euo pipefail
 
 : "${KEYCLOAK_ADMIN_PASSWORD:?set KEYCLOAK_ADMIN_PASSWORD to the Keycloak admin password}"
 KEYCLOAK_URL="${KEYCLOAK_URL:-http://keycloak:8080}"
 DEMO_FILE="${DEMO_FILE:-/opt/pixelmill/demo-ImageProcessor.json}"
-KCADM=(/opt/keycloak/bin/kcadm.sh)
-CONFIG=(--config /tmp/kcadm.config)
+REALM=ImageProcessor
+CLIENT_ID=api-gateway-client
+CONFIG_FILE="$(mktemp)"
+trap 'rm -f "$CONFIG_FILE"' EXIT
+kcadm() { "${KCADM:-/opt/keycloak/bin/kcadm.sh}" "$@" --config "$CONFIG_FILE"; }
 
-"${KCADM[@]}" config credentials "${CONFIG[@]}" --server "$KEYCLOAK_URL" --realm master \
+kcadm config credentials --server "$KEYCLOAK_URL" --realm master \
     --user "${KEYCLOAK_ADMIN:-admin}" --password "$KEYCLOAK_ADMIN_PASSWORD"
-"${KCADM[@]}" create partialImport "${CONFIG[@]}" -r ImageProcessor -f "$DEMO_FILE" -o
-echo "demo_users: demo users and pixelmill-dev-cli present in realm ImageProcessor" >&2
+kcadm create partialImport -r "$REALM" -f "$DEMO_FILE" >/dev/null
+client="$(kcadm get clients -r "$REALM" -q clientId="$CLIENT_ID" --fields id --format csv --noquotes)"
+kcadm update "clients/${client}" -r "$REALM" -s directAccessGrantsEnabled=true
+echo "demo_users: demo users present and password logins on ${CLIENT_ID} in realm ${REALM}" >&2

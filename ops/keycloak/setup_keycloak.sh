@@ -5,14 +5,15 @@
 # next to this script, the same file `kc.sh start --import-realm` reads.
 #
 #   setup_keycloak.sh                    # realm, roles, the API's client: fit for production
-#   setup_keycloak.sh --with-demo-users  # also demo-ImageProcessor.json: user/user, admin/admin
-#                                        # and a password-login client (development only)
+#   setup_keycloak.sh --with-demo-users  # also demo-ImageProcessor.json: user/password, admin/admin,
+#                                        # and password logins on the API's client (development)
 #
-# Environment: KEYCLOAK_URL (default http://127.0.0.1:8180), KEYCLOAK_ADMIN (default admin),
-# KEYCLOAK_ADMIN_PASSWORD (required). Needs curl and jq.
+# Environment: KEYCLOAK_URL (default http://localhost:8080), KEYCLOAK_ADMIN (default admin),
+# KEYCLOAK_ADMIN_PASSWORD (required), KEYCLOAK_REALM (default: the realm file's name, the same
+# definitions under another name). Needs curl and jq.
 set -euo pipefail
 
-KEYCLOAK_URL="${KEYCLOAK_URL:-http://127.0.0.1:8180}"
+KEYCLOAK_URL="${KEYCLOAK_URL:-http://localhost:8080}"
 KEYCLOAK_URL="${KEYCLOAK_URL%/}"
 KEYCLOAK_ADMIN="${KEYCLOAK_ADMIN:-admin}"
 : "${KEYCLOAK_ADMIN_PASSWORD:?set KEYCLOAK_ADMIN_PASSWORD to the Keycloak admin password}"
@@ -31,7 +32,7 @@ esac
 HERE="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 REALM_FILE="${HERE}/realm-ImageProcessor.json"
 DEMO_FILE="${HERE}/demo-ImageProcessor.json"
-REALM="$(jq -r '.realm' "$REALM_FILE")"
+REALM="${KEYCLOAK_REALM:-$(jq -r '.realm' "$REALM_FILE")}"
 CLIENT_ID="$(jq -r '.clients[0].clientId' "$REALM_FILE")"
 RESPONSE_BODY="$(mktemp)"
 trap 'rm -f "$RESPONSE_BODY"' EXIT
@@ -73,7 +74,8 @@ ensure_realm() {
     api GET "/${REALM}"
     if [[ "$STATUS" == 404 ]]; then
         log "creating realm ${REALM}"
-        api POST "" "$(jq -c 'del(.clients, .roles, .components)' "$REALM_FILE")"
+        api POST "" "$(jq -c --arg realm "$REALM" 'del(.clients, .roles, .components)
+            | .realm = $realm' "$REALM_FILE")"
     else
         log "realm ${REALM} exists"
     fi
@@ -143,10 +145,13 @@ ensure_client() {
     done < <(jq -c '.protocolMappers[]' <<<"$client")
 }
 
-# Keycloak's partial import skips users and clients that already exist.
+# Keycloak's partial import skips users that already exist. Password logins on the API's client
+# are for the demo users only: the realm file (production) keeps them off.
 ensure_demo_users() {
-    log "importing demo users and the password-login client (development only)"
+    log "importing demo users, allowing password logins on ${CLIENT_ID} (development only)"
     api POST "/${REALM}/partialImport" "$(jq -c '.ifResourceExists = "SKIP"' "$DEMO_FILE")"
+    client_uuid
+    api PUT "/${REALM}/clients/${FOUND_ID}" '{"directAccessGrantsEnabled": true}'
 }
 
 TOKEN="$(admin_token)"
