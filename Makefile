@@ -20,7 +20,7 @@ export PIXELMILL_ENV ?= local
 # Batch webhooks may call receivers on this machine (refused in production).
 export WEBHOOK_ALLOW_PRIVATE ?= true
 
-.PHONY: up down logs ps token scale test lint bench clean compose-tool promtool jq-tool chromium unzip-tool
+.PHONY: up down logs ps token scale test lint bench clean test-tools
 
 $(STAMP): pyproject.toml
 	@test -x $(PY) || python3 -m venv $(VENV) >&2
@@ -48,7 +48,7 @@ token: $(STAMP)
 scale: $(STAMP)
 	$(PY) -m ops scale --processes '$(N)'
 
-test: $(STAMP) compose-tool promtool jq-tool chromium unzip-tool
+test: $(STAMP) test-tools
 	$(PY) -m ops services --test-database
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
@@ -69,56 +69,8 @@ clean: $(STAMP)
 	rm -rf .state .pytest_cache .mypy_cache .ruff_cache build
 	find . -path ./$(VENV) -prune -o -name __pycache__ -type d -exec rm -rf {} +
 
-# docker-compose validates compose.yaml in the tests; on Debian as root it is installed here so
-# that CI runs that test instead of skipping it.
-compose-tool:
-	@if ! command -v docker-compose >/dev/null 2>&1 \
-	    && [ -f /etc/debian_version ] && [ "$$(id -u)" = 0 ]; then \
-	  echo "installing docker-compose (apt-get)" >&2; \
-	  apt-get update -q >&2 && DEBIAN_FRONTEND=noninteractive \
-	    apt-get install -y -q --no-install-recommends docker-compose >&2; \
-	fi
-
-# Info-ZIP's `unzip -t` checks the batch archives in the tests, beside Python's zipfile.
-unzip-tool:
-	@if ! command -v unzip >/dev/null 2>&1 \
-	    && [ -f /etc/debian_version ] && [ "$$(id -u)" = 0 ]; then \
-	  echo "installing unzip (apt-get)" >&2; \
-	  apt-get update -q >&2 && DEBIAN_FRONTEND=noninteractive \
-	    apt-get install -y -q --no-install-recommends unzip >&2; \
-	fi
-
-# jq: ops/keycloak/setup_keycloak.sh reads the realm file with it, and the tests run that script.
-jq-tool:
-	@if ! command -v jq >/dev/null 2>&1 \
-	    && [ -f /etc/debian_version ] && [ "$$(id -u)" = 0 ]; then \
-	  echo "installing jq (apt-get)" >&2; \
-	  apt-get update -q >&2 && DEBIAN_FRONTEND=noninteractive \
-	    apt-get install -y -q --no-install-recommends jq >&2; \
-	fi
-
-# promtool checks the Prometheus config and the dashboards' queries in the tests; Debian ships it
-# in the `prometheus` package, whose install may start and enable a Prometheus server: the tests
-# need only the tool, so the server is stopped and disabled again.
-promtool:
-	@if ! command -v promtool >/dev/null 2>&1 \
-	    && [ -f /etc/debian_version ] && [ "$$(id -u)" = 0 ]; then \
-	  echo "installing promtool (apt-get prometheus)" >&2; \
-	  apt-get update -q >&2 && DEBIAN_FRONTEND=noninteractive \
-	    apt-get install -y -q --no-install-recommends prometheus >&2; \
-	  if [ -d /run/systemd/system ]; then \
-	    systemctl disable --now prometheus >&2 || true; \
-	  else \
-	    service prometheus stop >&2 || true; update-rc.d prometheus disable >&2 || true; \
-	  fi; \
-	fi
-
-# The console's browser tests drive Debian's Chromium through its chromedriver (Selenium is told
-# where both are, so nothing is downloaded at test time).
-chromium:
-	@if { [ ! -x /usr/bin/chromium ] || [ ! -x /usr/bin/chromedriver ]; } \
-	    && [ -f /etc/debian_version ] && [ "$$(id -u)" = 0 ]; then \
-	  echo "installing chromium and chromium-driver (apt-get)" >&2; \
-	  apt-get update -q >&2 && DEBIAN_FRONTEND=noninteractive \
-	    apt-get install -y -q --no-install-recommends chromium chromium-driver >&2; \
-	fi
+# The programs some tests call (docker-compose, promtool, jq, unzip, chromium and chromedriver;
+# ops/test_tools.py says why each), installed in one apt-get run on Debian as root, as in CI, so
+# those tests run instead of skipping.
+test-tools: $(STAMP)
+	@$(PY) -m ops test-tools

@@ -35,6 +35,7 @@ from ops.stack import (
     project_root,
 )
 from ops.status import node_check_command, status_command
+from ops.test_tools import install_test_tools
 
 Command = Callable[[list[str]], int]
 
@@ -115,6 +116,14 @@ def services_command(argv: list[str]) -> int:
     return 0
 
 
+def test_tools_command(argv: list[str]) -> int:
+    """Install the programs some tests call (Debian as root); list those still missing."""
+    argparse.ArgumentParser(prog="python -m ops test-tools").parse_args(argv)
+    for line in install_test_tools():
+        print(f"missing, its tests will skip: {line}")
+    return 0
+
+
 def with_state_dir(argv: list[str]) -> list[str]:
     """The issuer's arguments, pointed at our state directory unless the caller chose one."""
     if any(arg == "--state-dir" or arg.startswith("--state-dir=") for arg in argv):
@@ -162,6 +171,7 @@ COMMANDS: dict[str, Command] = {
     "status": status_command,
     "logs": logs_command,
     "services": services_command,
+    "test-tools": test_tools_command,
     "issuer": issuer_command,
     "token": token_command,
     "scale": scale_command,
@@ -174,7 +184,7 @@ COMMANDS: dict[str, Command] = {
 
 def usage() -> str:
     lines = ["usage: python -m ops <command> [args]", "", "commands:"]
-    lines += [f"  {name:<9} {(fn.__doc__ or '').strip()}" for name, fn in COMMANDS.items()]
+    lines += [f"  {name:<10} {(fn.__doc__ or '').strip()}" for name, fn in COMMANDS.items()]
     return "\n".join(lines)
 
 

@@ -154,7 +154,7 @@ def _set_up(service: Service) -> str | None:
 def _install_and_start(service: Service) -> None:
     if not service.installed():
         _say(service, f"not installed; installing the Debian package {service.apt_package}")
-        _apt_install(service.apt_package)
+        apt_install(service.apt_package)
     # A package's own install script may already have started it.
     if tcp_open(service):
         return
@@ -163,11 +163,12 @@ def _install_and_start(service: Service) -> None:
         subprocess.run(command, check=True, stdin=subprocess.DEVNULL)
 
 
-def _apt_install(package: str) -> None:
+def apt_install(*packages: str) -> None:
+    """Install Debian packages (and update the package lists first), without questions."""
     env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
     subprocess.run(["apt-get", "update", "-q"], check=True, env=env, stdin=subprocess.DEVNULL)
     subprocess.run(
-        ["apt-get", "install", "-y", "-q", "--no-install-recommends", package],
+        ["apt-get", "install", "-y", "-q", "--no-install-recommends", *packages],
         check=True,
         env=env,
         stdin=subprocess.DEVNULL,

@@ -51,7 +51,7 @@ pytestmark = [pytest.mark.slow, pytest.mark.timeout(900)]
 REALM = "ImageProcessor"
 CLIENT = "api-gateway-client"
 needs_jq = pytest.mark.skipif(
-    shutil.which("jq") is None, reason="jq not installed (setup_keycloak.sh needs it: make jq-tool)"
+    shutil.which("jq") is None, reason="jq is missing (setup_keycloak.sh needs it): make test-tools"
 )
 
 

@@ -520,3 +520,26 @@ def test_compose_worker_publishes_no_ports_so_it_can_scale() -> None:
         assert "condition: service_completed_successfully" in block
         assert "condition: service_healthy" in block
         assert "healthcheck:" in block
+
+
+def test_test_tools_names_each_missing_program_with_its_package_and_use(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    import ops.test_tools
+
+    absent = ops.test_tools.Tool("pm-no-such-program", "pm-no-such-package", "proving this")
+    monkeypatch.setattr(ops.test_tools, "TEST_TOOLS", (absent,))
+    monkeypatch.setattr(ops.test_tools, "can_manage_packages", lambda: False)
+
+    assert ops.test_tools.install_test_tools() == [
+        "pm-no-such-program (Debian package pm-no-such-package): proving this"
+    ]
+
+
+def test_every_program_the_tests_call_is_installed_where_make_test_may_install_it() -> None:
+    """On Debian as root (CI), `make test` installed every tool, so no such test skips there."""
+    from ops.test_tools import missing_tools
+
+    if not can_manage_packages():
+        pytest.skip("only Debian as root installs the tools")
+    assert missing_tools() == []

@@ -166,7 +166,7 @@ def test_api_and_worker_refuse_to_start_with_a_default_secret(command: list[str]
 
 # --- compose: the production stack ------------------------------------------------------------
 # Docker cannot run here: compose.yaml is checked through `docker-compose config` (installed by
-# `make compose-tool`) and the files it mounts, the application's part through Settings.
+# `make test-tools`) and the files it mounts, the application's part through Settings.
 
 COMPOSE = shutil.which("docker-compose")
 needs_compose = pytest.mark.skipif(COMPOSE is None, reason="docker-compose is not installed")
