@@ -1,12 +1,13 @@
 """Headless Chromium for the console's browser tests: Debian's `chromium` driven through its
 `chromium-driver` with Selenium (no browser or driver is downloaded), and the steps the tests
-take through the console's pages (signing in through the issuer's login form)."""
+take through the console's pages (signing in through an issuer's login form, picking files)."""
 
 from __future__ import annotations
 
 import contextlib
 import shutil
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -92,9 +93,31 @@ def wait_for_text(driver: Any, element_id: str, expected: str, timeout: float = 
     return found
 
 
-def sign_in(driver: Any, username: str, password: str) -> None:
-    """Click "Sign in", log in through the issuer's form in the pop-up, and wait until the
-    console says who is signed in."""
+@dataclass(frozen=True)
+class LoginForm:
+    """An issuer's login page as the sign-in pop-up shows it: the ids of its two fields and of
+    its submit button."""
+
+    username: str = "username"
+    password: str = "password"
+    submit: str = "kc-login"
+
+
+# The local issuer's form (ops/issuer_flows.py) uses the ids of Keycloak's own login page.
+LOCAL_ISSUER_LOGIN = LoginForm()
+KEYCLOAK_LOGIN = LoginForm(username="username", password="password", submit="kc-login")
+
+
+def sign_in(
+    driver: Any,
+    username: str,
+    password: str,
+    form: LoginForm = LOCAL_ISSUER_LOGIN,
+    login_shot: Path | None = None,
+) -> None:
+    """Click "Sign in", log in through the issuer's `form` in the pop-up (its screenshot, filled
+    in, saved as `login_shot`), and wait until the console says who is signed in. A timeout
+    names what the pop-up and the console showed."""
     from selenium.webdriver.common.by import By
 
     wait_for(lambda: driver.find_element(By.ID, "sign-in").is_enabled(), timeout=30)
@@ -104,12 +127,57 @@ def sign_in(driver: Any, username: str, password: str) -> None:
         lambda: next((h for h in driver.window_handles if h != console), None), timeout=30
     )
     driver.switch_to.window(popup)
-    wait_for(lambda: driver.find_elements(By.ID, "username"), timeout=30)
-    driver.find_element(By.ID, "username").send_keys(username)
-    driver.find_element(By.ID, "password").send_keys(password)
-    driver.find_element(By.ID, "kc-login").click()
-    driver.switch_to.window(console)
-    wait_for_text(driver, "who", f"Signed in as {username}")
+    wait_for(
+        lambda: driver.find_elements(By.ID, form.username),
+        timeout=60,
+        what=lambda: f"the login form; the pop-up shows {page_state(driver)}",
+    )
+    driver.find_element(By.ID, form.username).send_keys(username)
+    driver.find_element(By.ID, form.password).send_keys(password)
+    if login_shot is not None:
+        driver.save_screenshot(str(login_shot))
+    driver.find_element(By.ID, form.submit).click()
+
+    def signed_in() -> bool:
+        driver.switch_to.window(console)
+        return f"Signed in as {username}" in text_of(driver, "who")
+
+    def seen() -> str:
+        left = [h for h in driver.window_handles if h != console]
+        shown = f"the console shows {page_state(driver)}"
+        if left:
+            driver.switch_to.window(left[0])
+            shown += f"; the pop-up is still open at {page_state(driver)}"
+            driver.switch_to.window(console)
+        return f"'Signed in as {username}': {shown}"
+
+    wait_for(signed_in, timeout=60, interval=0.25, what=seen)
+
+
+def page_state(driver: Any) -> str:
+    """The current window's URL and the start of its text, for a failure message."""
+    body = str(driver.execute_script("return document.body ? document.body.innerText : ''"))
+    return f"{driver.current_url}: {' '.join(body.split())[:400]!r}"
+
+
+def shot(driver: Any, folder: Path, name: str) -> None:
+    driver.save_screenshot(str(folder / f"{name}.png"))
+
+
+def find(driver: Any, css: str) -> list[Any]:
+    from selenium.webdriver.common.by import By
+
+    return list(driver.find_elements(By.CSS_SELECTOR, css))
+
+
+def pick_folder(driver: Any, folder: Path) -> None:
+    """What the folder picker hands the page (`webkitdirectory`); a drop goes the same way."""
+    find(driver, "#pick-folder")[0].send_keys(str(folder))
+
+
+def count(driver: Any, name: str) -> int:
+    """The number the batch view shows for `name` (completed, failed, ...)."""
+    return int(text_of(driver, f"count-{name}") or 0)
 
 
 def page_errors(driver: Any) -> list[str]:

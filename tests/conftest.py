@@ -27,6 +27,7 @@ from ops.keycloak_server import (
     missing_tools,
 )
 from ops.s3server import LocalS3Server, pick_free_s3_port
+from tests.browser import chromium
 from tests.support import (
     BASE_POSTGRES_URL,
     KEYCLOAK_TEST_ADMIN_PASSWORD,
@@ -244,3 +245,14 @@ def renditions_service(
     (`tests.support.API_RENDITIONS`), on a private queue."""
     with renditions_stack(env, private_queue, tmp_path, issuer, user_id) as api:
         yield api
+
+
+@pytest.fixture
+def browser(tmp_path: Path) -> Iterator[Any]:
+    """A headless Chromium of this test (tests/browser.py), saving downloads into
+    `browser.downloads`."""
+    downloads = tmp_path / "downloads"
+    downloads.mkdir()
+    with chromium(tmp_path / "profile", downloads) as driver:
+        driver.downloads = downloads
+        yield driver

@@ -36,11 +36,13 @@ from ingest.routes.console import CONSOLE_DIRECTORY, CONTENT_TYPES
 from ops.issuer import LocalIssuer, running
 from tests.browser import (
     artifacts,
-    chromium,
+    count,
+    find,
     page_errors,
+    pick_folder,
     require_chromium,
+    shot,
     sign_in,
-    text_of,
     texts,
     wait_for_text,
 )
@@ -100,15 +102,6 @@ def console_stack(
                     stop_worker(stack.worker)
 
 
-@pytest.fixture
-def browser(tmp_path: Path) -> Iterator[Any]:
-    downloads = tmp_path / "downloads"
-    downloads.mkdir()
-    with chromium(tmp_path / "profile", downloads) as driver:
-        driver.downloads = downloads
-        yield driver
-
-
 def photo_folder(root: Path) -> Path:
     """20 files: 17 images, one JPEG cut in half (accepted, then failed by the worker) and two
     files that are not images (refused at upload)."""
@@ -124,25 +117,6 @@ def photo_folder(root: Path) -> Path:
     (folder / "summer" / "animation.gif").write_bytes(GIF)
     (folder / ".DS_Store").write_bytes(b"hidden: never sent")
     return folder
-
-
-def shot(driver: Any, folder: Path, name: str) -> None:
-    driver.save_screenshot(str(folder / f"{name}.png"))
-
-
-def find(driver: Any, css: str) -> list[Any]:
-    from selenium.webdriver.common.by import By
-
-    return list(driver.find_elements(By.CSS_SELECTOR, css))
-
-
-def pick_folder(driver: Any, folder: Path) -> None:
-    """What the folder picker hands the page (`webkitdirectory`); a drop goes the same way."""
-    find(driver, "#pick-folder")[0].send_keys(str(folder))
-
-
-def count(driver: Any, name: str) -> int:
-    return int(text_of(driver, f"count-{name}") or 0)
 
 
 def loaded_gallery(driver: Any) -> int:
