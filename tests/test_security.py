@@ -167,6 +167,7 @@ ROLE_MATRIX: dict[tuple[str, str], dict[str, int]] = {
     ("GET", "/api/v1/batches"): protected(user=200, admin=200, client_user=200),
     ("GET", BATCH): protected(user=200, admin=200, client_user=404),
     ("GET", f"{BATCH}/images"): protected(user=200, admin=200, client_user=404),
+    ("GET", f"{BATCH}/archive"): protected(user=200, admin=200, client_user=404),
     ("POST", f"{BATCH}/close"): protected(user=200, admin=200, client_user=404),
     ("POST", f"{BATCH}/retry"): protected(user=202, admin=202, client_user=404),
     ("POST", f"{BATCH}/cancel"): protected(user=202, admin=202, client_user=404),
