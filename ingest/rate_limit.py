@@ -18,7 +18,6 @@ import logging
 import math
 
 import redis
-from redis.commands.core import Script
 
 from common.errors import TooManyRequests
 
@@ -48,11 +47,34 @@ return '0'
 """
 
 
+class Allowance:
+    """One kind of per-user allowance of `per_minute` on its own Redis keys (`kind`)."""
+
+    def __init__(self, client: redis.Redis, prefix: str, kind: str, per_minute: int) -> None:
+        self.per_minute = per_minute
+        self._key_prefix = f"{prefix}ratelimit:{kind}:"
+        self._kind = kind
+        self._script = client.register_script(_GCRA)
+
+    def seconds_to_wait(self, subject: str, count: int) -> float:
+        """0 when `count` more fit (and are taken; 0 only checks that one more would), else how
+        long until they would. Without Redis everything fits (fails open)."""
+        interval = WINDOW_SECONDS / self.per_minute
+        try:
+            return float(
+                self._script(
+                    keys=[self._key_prefix + subject], args=[interval, count, WINDOW_SECONDS]
+                )
+            )
+        except redis.RedisError as exc:
+            log.warning("%s allowance not applied, Redis unavailable: %s", self._kind, exc)
+            return 0.0
+
+
 class UploadRateLimiter:
     def __init__(self, client: redis.Redis, prefix: str, per_minute: int) -> None:
-        self._prefix = prefix
         self._per_minute = per_minute
-        self._script = client.register_script(_GCRA)
+        self._allowance = Allowance(client, prefix, "upload", per_minute)
 
     def charge(self, subject: str, images: int = 1) -> None:
         """Take `images` uploads from `subject`'s allowance; raise TooManyRequests (and take
@@ -74,12 +96,7 @@ class UploadRateLimiter:
             self._run(subject, 0)
 
     def _run(self, subject: str, images: int) -> None:
-        key = f"{self._prefix}ratelimit:upload:{subject}"
-        try:
-            wait = _seconds_to_wait(self._script, key, self._per_minute, images)
-        except redis.RedisError as exc:
-            log.warning("rate limit not applied, Redis unavailable: %s", exc)
-            return
+        wait = self._allowance.seconds_to_wait(subject, images)
         if wait > 0:
             raise TooManyRequests(
                 f"upload limit of {self._per_minute} images per minute reached",
@@ -93,23 +110,17 @@ class InteractiveAllowance:
     requests cannot take the lane that keeps everyone's single uploads fast."""
 
     def __init__(self, client: redis.Redis, prefix: str, per_minute: int) -> None:
-        self._prefix = prefix
         self._per_minute = per_minute
-        self._script = client.register_script(_GCRA)
+        self._allowance = Allowance(client, prefix, "interactive", per_minute)
 
     def take(self, subject: str, images: int) -> bool:
         """True, and `images` taken from `subject`'s allowance, if they fit; False (nothing
-        taken) otherwise. Without Redis every request fits, as it did before the allowance."""
+        taken) otherwise. Without Redis every request fits."""
         if self._per_minute <= 0:
             return True
         if images > self._per_minute:
             return False
-        key = f"{self._prefix}ratelimit:interactive:{subject}"
-        try:
-            return _seconds_to_wait(self._script, key, self._per_minute, images) <= 0
-        except redis.RedisError as exc:
-            log.warning("interactive allowance not applied, Redis unavailable: %s", exc)
-            return True
+        return self._allowance.seconds_to_wait(subject, images) <= 0
 
 
 class BatchRateLimiter:
@@ -117,28 +128,16 @@ class BatchRateLimiter:
     of its own: each creation is answered before its body is read."""
 
     def __init__(self, client: redis.Redis, prefix: str, per_minute: int) -> None:
-        self._prefix = prefix
         self._per_minute = per_minute
-        self._script = client.register_script(_GCRA)
+        self._allowance = Allowance(client, prefix, "batches", per_minute)
 
     def charge(self, subject: str) -> None:
         """Take one creation from `subject`'s allowance, or raise TooManyRequests."""
         if self._per_minute <= 0:
             return
-        key = f"{self._prefix}ratelimit:batches:{subject}"
-        try:
-            wait = _seconds_to_wait(self._script, key, self._per_minute, 1)
-        except redis.RedisError as exc:
-            log.warning("batch creation limit not applied, Redis unavailable: %s", exc)
-            return
+        wait = self._allowance.seconds_to_wait(subject, 1)
         if wait > 0:
             raise TooManyRequests(
                 f"limit of {self._per_minute} new batches per minute reached",
                 max(1, math.ceil(wait)),
             )
-
-
-def _seconds_to_wait(script: Script, key: str, per_minute: int, images: int) -> float:
-    """Run the GCRA script for `images` of `per_minute`: 0 when they fit (and were taken)."""
-    interval = WINDOW_SECONDS / per_minute
-    return float(script(keys=[key], args=[interval, images, WINDOW_SECONDS]))
