@@ -14,6 +14,7 @@ import http.server
 import itertools
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -31,6 +32,7 @@ import cv2
 import falcon.testing
 import numpy as np
 import psycopg
+import pytest
 from minio import Minio
 
 from common.broker import JobPublisher, ensure_topology
@@ -712,3 +714,14 @@ def deliverer_on(settings: Settings, **options: Any) -> Iterator[WebhookDelivere
         yield WebhookDeliverer(db, settings.webhooks, **options)
     finally:
         db.close()
+
+
+def unzip_accepts(archive: bytes, tmp_path: Path) -> None:
+    """Info-ZIP's `unzip -t` finds no error in `archive` (skips where unzip is missing)."""
+    if shutil.which("unzip") is None:
+        pytest.skip("unzip is not installed (make test installs it)")
+    path = tmp_path / "archive.zip"
+    path.write_bytes(archive)
+    result = subprocess.run(["unzip", "-t", str(path)], capture_output=True, text=True)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "No errors detected" in result.stdout

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import csv
 import io
-import shutil
 import subprocess
 import uuid
 import zipfile
@@ -34,6 +33,7 @@ from tests.support import (
     jpeg,
     multipart,
     served_api,
+    unzip_accepts,
     wait_for,
 )
 
@@ -81,15 +81,6 @@ def opened(body: bytes) -> zipfile.ZipFile:
     archive = zipfile.ZipFile(io.BytesIO(body))
     assert archive.testzip() is None
     return archive
-
-
-def unzip_accepts(body: bytes, tmp_path: Path) -> None:
-    if shutil.which("unzip") is None:
-        pytest.skip("unzip is not installed (make test installs it)")
-    path = tmp_path / "archive.zip"
-    path.write_bytes(body)
-    result = subprocess.run(["unzip", "-t", str(path)], capture_output=True, text=True)
-    assert result.returncode == 0, result.stdout + result.stderr
 
 
 def failed_rows(archive: zipfile.ZipFile) -> list[dict[str, str]]:
