@@ -11,7 +11,7 @@ import pytest
 
 from common.broker import queue_depth
 from db.batches import COUNTED_STATUSES
-from tests.support import ApiClient, OwnStack, StackProbe, jpeg, multipart, wait_for
+from tests.support import ApiClient, OwnStack, StackProbe, create_batch, jpeg, multipart, wait_for
 
 pytestmark = pytest.mark.slow
 
@@ -19,12 +19,6 @@ pytestmark = pytest.mark.slow
 # while work is still queued whatever the CPU's speed.
 HOLD = {"WORKER_TEST_HOLD_BATCH_SECONDS": "0.3"}
 NODE_FLAGS = ("--processes", "2", "--batch-size", "4", "--prefetch", "8")
-
-
-def create_batch(api: ApiClient) -> str:
-    response = api.client.simulate_post("/api/v1/batches", json={}, headers=api.headers())
-    assert response.status_code == 201, response.text
-    return str(response.json["id"])
 
 
 def upload(api: ApiClient, batch_id: str, good: int, truncated: int, seed: int) -> list[str]:
@@ -90,7 +84,7 @@ def test_counters_equal_the_rows_after_failures_a_killed_node_a_retry_a_cancel_a
     own_stack: OwnStack, probe: StackProbe, issuer: Any
 ) -> None:
     api, settings = own_stack.api, own_stack.settings
-    first = create_batch(api)
+    first = str(create_batch(api)["id"])
     first_ids = upload(api, first, good=24, truncated=8, seed=100)
     post(api, f"/api/v1/batches/{first}/close")
 
@@ -115,7 +109,7 @@ def test_counters_equal_the_rows_after_failures_a_killed_node_a_retry_a_cancel_a
     # A cancel while a slow node is part-way through the second batch.
     own_stack.stop_nodes()
     assert survivor.poll() is not None
-    second = create_batch(api)
+    second = str(create_batch(api)["id"])
     second_ids = upload(api, second, good=24, truncated=0, seed=300)
     own_stack.start_node(*NODE_FLAGS, **HOLD)
     wait_for(lambda: status(api, second)["counts"]["completed"] >= 1, timeout=90)

@@ -19,6 +19,7 @@ from tests.support import (
     StackProbe,
     api_for,
     completed_image,
+    create_batch,
     jpeg,
     multipart,
     renditions_once_made,
@@ -26,12 +27,6 @@ from tests.support import (
 )
 
 pytestmark = pytest.mark.slow
-
-
-def create_batch(api: ApiClient, **fields: Any) -> dict[str, Any]:
-    response = api.client.simulate_post("/api/v1/batches", json=fields, headers=api.headers())
-    assert response.status_code == 201, response.text
-    return response.json
 
 
 def upload_into(
